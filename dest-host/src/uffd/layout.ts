@@ -1,0 +1,111 @@
+/**
+ * Field indices of the emulated userfaultfd's shared control buffer (an
+ * Int32Array over a SharedArrayBuffer every thread attaches to). Every index
+ * used anywhere is named here.
+ *
+ *   [header][thread slots × maxThreads][context slots × maxContexts]
+ */
+
+export const HEADER = {
+  MAX_THREADS: 0,
+  MAX_CONTEXTS: 1,
+  CONTEXTS_OPEN: 2,
+  PAGE_SIZE: 3,
+  TOTAL_PAGES: 4,
+  // Counters, bumped with Atomics.add by whichever thread does the thing.
+  FAULTS: 5,
+  COPIES: 6,
+  ZEROPAGES: 7,
+  EEXIST: 8,
+  WAKE_CALLS: 9,
+  THREADS_WOKEN: 10,
+  LENGTH: 16,
+} as const;
+
+/**
+ * One slot per thread that can fault (vCPU, I/O thread, test thread).
+ *
+ * SEQ is the thread's wait word: even = running, odd = blocked on a fault.
+ * A waker moves it from odd `s` to `s + 1` with compareExchange, so a stale
+ * waker that read an older `s` can never wake a later fault (no ABA unless
+ * 2^31 faults pass between its load and its CAS).
+ */
+export const THREAD = {
+  SEQ: 0,
+  /** Context the pending fault was queued on (valid while SEQ is odd). */
+  WAIT_CTX: 1,
+  /** Page the pending fault is on (valid while SEQ is odd). */
+  WAIT_PAGE: 2,
+  /** Context bound to this thread (per-thread userfaultfd), or -1. */
+  BOUND_CTX: 3,
+  STRIDE: 4,
+} as const;
+
+/** Registered ranges a context may hold. */
+export const MAX_RANGES = 8;
+/** Pending messages a context can hold before a faulting thread has to wait for room. */
+export const QUEUE_CAPACITY = 1024;
+
+/** One message: struct uffd_msg's pagefault part. */
+export const MSG = {
+  ADDRESS_LO: 0,
+  ADDRESS_HI: 1,
+  FLAGS: 2,
+  TID: 3,
+  /** The faulting thread's SEQ when it queued this message: stale once the thread left the fault. */
+  SEQ: 4,
+  STRIDE: 5,
+} as const;
+
+export const CONTEXT = {
+  /** 1 while open; 0 after close (readers return null, faults are refused). */
+  OPEN: 0,
+  /** Thread id this context belongs to (per-thread userfaultfd), or -1 for process-wide. */
+  BOUND_TID: 1,
+  /** Spin lock around HEAD/TAIL/COUNT and the ring: 0 free, 1 held. */
+  LOCK: 2,
+  HEAD: 3,
+  TAIL: 4,
+  /** Messages pending; readers Atomics.wait on it while it is 0. */
+  COUNT: 5,
+  RANGE_COUNT: 6,
+  /** Pages [start, end) per range, MAX_RANGES pairs. */
+  RANGES: 7,
+  RING: 7 + 2 * MAX_RANGES,
+  STRIDE: 7 + 2 * MAX_RANGES + QUEUE_CAPACITY * MSG.STRIDE,
+} as const;
+
+/** uffd_msg.pagefault.flags (include/uapi/linux/userfaultfd.h). */
+export const UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0;
+
+/** UFFDIO_COPY_MODE_DONTWAKE / UFFDIO_ZEROPAGE_MODE_DONTWAKE. */
+export const MODE_DONTWAKE = 1 << 0;
+
+/** errno values as the ioctls report them (negated in results). */
+export const ERRNO = {
+  ENOENT: 2,
+  EAGAIN: 11,
+  EEXIST: 17,
+  EINVAL: 22,
+  ESRCH: 3,
+} as const;
+
+/** pte states in the page table array. */
+export const PTE = {
+  NONE: 0,
+  PRESENT: 1,
+  /** A COPY holds the page: data is being written; faults still see it missing. */
+  INSTALLING: 2,
+} as const;
+
+export function controlLength(maxThreads: number, maxContexts: number): number {
+  return HEADER.LENGTH + maxThreads * THREAD.STRIDE + maxContexts * CONTEXT.STRIDE;
+}
+
+export function threadBase(tid: number): number {
+  return HEADER.LENGTH + tid * THREAD.STRIDE;
+}
+
+export function contextBase(maxThreads: number, ctx: number): number {
+  return HEADER.LENGTH + maxThreads * THREAD.STRIDE + ctx * CONTEXT.STRIDE;
+}

@@ -1,0 +1,450 @@
+/**
+ * An emulated userfaultfd in shared memory, faithful to the Linux semantics
+ * listed in DESIGN.md ("Emulated userfaultfd: the semantics to match"). Every
+ * thread (vCPU, I/O thread, resolver, test thread) attaches to the same
+ * buffers; faulting threads block with Atomics.wait on their own wait word and
+ * are woken with Atomics.notify, so a blocked vCPU is really a blocked thread.
+ *
+ * The API follows the ioctls: open (userfaultfd(2) + UFFDIO_API), register
+ * (UFFDIO_REGISTER, missing mode), read (read(2) of struct uffd_msg), copy
+ * (UFFDIO_COPY), zeropage (UFFDIO_ZEROPAGE), wake (UFFDIO_WAKE). Results are
+ * errno-style: what the kernel writes to `uffdio_copy.copy` — bytes copied, or
+ * a negated errno when nothing was copied.
+ *
+ * References: Linux fs/userfaultfd.c (handle_userfault, userfaultfd_must_wait,
+ * __wake_userfault, userfaultfd_release) and mm/userfaultfd.c (mfill_atomic).
+ */
+import type { GuestMemory } from '../memory/guest-memory.js';
+import {
+  CONTEXT,
+  ERRNO,
+  HEADER,
+  MAX_RANGES,
+  MODE_DONTWAKE,
+  MSG,
+  PTE,
+  QUEUE_CAPACITY,
+  THREAD,
+  UFFD_PAGEFAULT_FLAG_WRITE,
+  contextBase,
+  controlLength,
+  threadBase,
+} from './layout.js';
+
+export { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE } from './layout.js';
+
+/** struct uffd_msg (UFFD_EVENT_PAGEFAULT): filled in place by read, never allocated per read. */
+export class UffdMessage {
+  /** Page-aligned fault address (no UFFD_FEATURE_EXACT_ADDRESS). */
+  address = 0;
+  /** UFFD_PAGEFAULT_FLAG_WRITE or 0. */
+  flags = 0;
+  /** Faulting thread's id (UFFD_FEATURE_THREAD_ID). */
+  tid = 0;
+}
+
+export interface UffdBuffers {
+  control: SharedArrayBuffer;
+  ptes: SharedArrayBuffer;
+}
+
+export interface UffdCounters {
+  faults: number;
+  copies: number;
+  zeropages: number;
+  eexist: number;
+  wakeCalls: number;
+  threadsWoken: number;
+}
+
+/** Thrown to a faulting thread when no open context covers the address (the kernel's SIGBUS). */
+export class UnhandledFaultError extends Error {
+  readonly code = 'ERR_POSTCOPY_SIGBUS';
+}
+
+export class Userfaultfd {
+  readonly memory: GuestMemory;
+  private readonly ctl: Int32Array;
+  /** Page table: one entry a page (PTE.NONE / INSTALLING / PRESENT). */
+  readonly ptes: Int32Array;
+  private readonly maxThreads: number;
+  private readonly maxContexts: number;
+  private readonly pageSize: number;
+  private readonly totalPages: number;
+
+  /** Creates the shared state ("the kernel") for `maxThreads` faulting threads and `maxContexts` contexts. */
+  static create(memory: GuestMemory, maxThreads: number, maxContexts: number): Userfaultfd {
+    const control = new SharedArrayBuffer(controlLength(maxThreads, maxContexts) * 4);
+    const ptes = new SharedArrayBuffer(memory.layout.totalPages * 4);
+    const ctl = new Int32Array(control);
+    ctl[HEADER.MAX_THREADS] = maxThreads;
+    ctl[HEADER.MAX_CONTEXTS] = maxContexts;
+    ctl[HEADER.PAGE_SIZE] = memory.layout.pageSize;
+    ctl[HEADER.TOTAL_PAGES] = memory.layout.totalPages;
+    for (let tid = 0; tid < maxThreads; tid++) ctl[threadBase(tid) + THREAD.BOUND_CTX] = -1;
+    return new Userfaultfd({ control, ptes }, memory);
+  }
+
+  /** Attaches to state created by {@link create} (in a worker). */
+  constructor(buffers: UffdBuffers, memory: GuestMemory) {
+    this.memory = memory;
+    this.ctl = new Int32Array(buffers.control);
+    this.ptes = new Int32Array(buffers.ptes);
+    this.maxThreads = this.ctl[HEADER.MAX_THREADS]!;
+    this.maxContexts = this.ctl[HEADER.MAX_CONTEXTS]!;
+    this.pageSize = this.ctl[HEADER.PAGE_SIZE]!;
+    this.totalPages = this.ctl[HEADER.TOTAL_PAGES]!;
+  }
+
+  toBuffers(): UffdBuffers {
+    return { control: this.ctl.buffer as SharedArrayBuffer, ptes: this.ptes.buffer as SharedArrayBuffer };
+  }
+
+  // ---------------------------------------------------------------- contexts
+
+  /**
+   * userfaultfd(2): a new context. With `thread`, the context is that thread's
+   * own (the proposed per-thread userfaultfd): faults of that thread in ranges
+   * the context registers go to it; everyone else's go to a process-wide one.
+   */
+  open(thread?: number): number {
+    const ctx = Atomics.add(this.ctl, HEADER.CONTEXTS_OPEN, 1);
+    if (ctx >= this.maxContexts) throw new RangeError(`expected at most ${this.maxContexts} userfaultfd contexts, got ${ctx + 1}`);
+    const base = contextBase(this.maxThreads, ctx);
+    this.ctl[base + CONTEXT.BOUND_TID] = thread ?? -1;
+    if (thread !== undefined) {
+      this.checkThread(thread);
+      Atomics.store(this.ctl, threadBase(thread) + THREAD.BOUND_CTX, ctx);
+    }
+    Atomics.store(this.ctl, base + CONTEXT.OPEN, 1);
+    return ctx;
+  }
+
+  /** UFFDIO_REGISTER (UFFDIO_REGISTER_MODE_MISSING). Returns 0 or -EINVAL. */
+  register(ctx: number, start: number, len: number): number {
+    if (!this.aligned(start, len)) return -ERRNO.EINVAL;
+    const base = this.contextBaseChecked(ctx);
+    const n = this.ctl[base + CONTEXT.RANGE_COUNT]!;
+    if (n >= MAX_RANGES) return -ERRNO.EINVAL;
+    const first = start / this.pageSize;
+    const end = first + len / this.pageSize;
+    if (end > this.totalPages) return -ERRNO.EINVAL;
+    this.ctl[base + CONTEXT.RANGES + 2 * n] = first;
+    this.ctl[base + CONTEXT.RANGES + 2 * n + 1] = end;
+    Atomics.store(this.ctl, base + CONTEXT.RANGE_COUNT, n + 1);
+    return 0;
+  }
+
+  /**
+   * close(2) of the context: readers get end-of-file, and every thread blocked
+   * on it is woken (userfaultfd_release wakes the whole range).
+   */
+  close(ctx: number): void {
+    const base = this.contextBaseChecked(ctx);
+    Atomics.store(this.ctl, base + CONTEXT.OPEN, 0);
+    Atomics.notify(this.ctl, base + CONTEXT.COUNT);
+    this.wakeRange(ctx, 0, this.totalPages);
+  }
+
+  isOpen(ctx: number): boolean {
+    return Atomics.load(this.ctl, this.contextBaseChecked(ctx) + CONTEXT.OPEN) === 1;
+  }
+
+  // ---------------------------------------------------------------- reading
+
+  /**
+   * Non-blocking read(2): fills `msg` and returns true, or returns false
+   * (EAGAIN) when nothing is pending. A message whose thread has already left
+   * the fault (woken, or the page appeared before it slept) is not delivered:
+   * in the kernel the message is the thread's wait-queue entry, and the thread
+   * removes it on its way out of handle_userfault().
+   */
+  tryRead(ctx: number, msg: UffdMessage): boolean {
+    const base = this.contextBaseChecked(ctx);
+    const ctl = this.ctl;
+    for (;;) {
+      if (Atomics.load(ctl, base + CONTEXT.COUNT) === 0) return false;
+      this.lock(base);
+      const count = ctl[base + CONTEXT.COUNT]!;
+      if (count === 0) {
+        this.unlock(base);
+        return false;
+      }
+      const head = ctl[base + CONTEXT.HEAD]!;
+      const slot = base + CONTEXT.RING + head * MSG.STRIDE;
+      const lo = ctl[slot + MSG.ADDRESS_LO]! >>> 0;
+      const hi = ctl[slot + MSG.ADDRESS_HI]!;
+      const flags = ctl[slot + MSG.FLAGS]!;
+      const tid = ctl[slot + MSG.TID]!;
+      const seq = ctl[slot + MSG.SEQ]!;
+      ctl[base + CONTEXT.HEAD] = (head + 1) % QUEUE_CAPACITY;
+      Atomics.store(ctl, base + CONTEXT.COUNT, count - 1);
+      this.unlock(base);
+      // Room for a producer that waited on a full queue.
+      if (count === QUEUE_CAPACITY) Atomics.notify(ctl, base + CONTEXT.COUNT);
+      if (Atomics.load(ctl, threadBase(tid) + THREAD.SEQ) !== seq) continue; // withdrawn
+      msg.address = hi * 4294967296 + lo;
+      msg.flags = flags;
+      msg.tid = tid;
+      return true;
+    }
+  }
+
+  /** Blocking read(2). Returns false at end-of-file (context closed) or after `timeoutMs`. */
+  read(ctx: number, msg: UffdMessage, timeoutMs = Infinity): boolean {
+    const base = this.contextBaseChecked(ctx);
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      if (this.tryRead(ctx, msg)) return true;
+      if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      Atomics.wait(this.ctl, base + CONTEXT.COUNT, 0, left);
+    }
+  }
+
+  /** read(2) from an event loop (poll + read): resolves false at end-of-file. */
+  async readAsync(ctx: number, msg: UffdMessage): Promise<boolean> {
+    const base = this.contextBaseChecked(ctx);
+    for (;;) {
+      if (this.tryRead(ctx, msg)) return true;
+      if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
+      const wait = Atomics.waitAsync(this.ctl, base + CONTEXT.COUNT, 0);
+      if (wait.async) await wait.value;
+    }
+  }
+
+  // ---------------------------------------------------------------- ioctls
+
+  /**
+   * UFFDIO_COPY: installs `len` bytes from `src` at `dst`, page by page.
+   * - into a missing page: copies, then wakes this context's waiters on the
+   *   copied range (unless MODE_DONTWAKE);
+   * - into an installed page: nothing copied, -EEXIST, nobody woken;
+   * - stopping at an installed page after copying some: returns the bytes
+   *   copied (the kernel fails with EAGAIN and sets copy to them) and wakes
+   *   the copied range;
+   * - outside this context's registered ranges: -ENOENT; misaligned: -EINVAL.
+   */
+  copy(ctx: number, dst: number, src: Uint8Array, len: number, mode = 0): number {
+    return this.fill(ctx, dst, src, len, mode, false);
+  }
+
+  /**
+   * UFFDIO_ZEROPAGE: like COPY with zeros. hugetlb has no zero page, so on
+   * huge-page memory it fails with -EINVAL (mm/userfaultfd.c,
+   * mfill_atomic_hugetlb); callers COPY a zeroed page there, as QEMU does.
+   */
+  zeropage(ctx: number, dst: number, len: number, mode = 0): number {
+    if (this.pageSize !== 4096) return -ERRNO.EINVAL;
+    return this.fill(ctx, dst, undefined, len, mode, true);
+  }
+
+  /**
+   * UFFDIO_WAKE: wakes this context's threads blocked on [start, start+len).
+   * Succeeds (0) even when nobody waits; -EINVAL when misaligned.
+   */
+  wake(ctx: number, start: number, len: number): number {
+    if (!this.aligned(start, len)) return -ERRNO.EINVAL;
+    this.contextBaseChecked(ctx);
+    Atomics.add(this.ctl, HEADER.WAKE_CALLS, 1);
+    const first = start / this.pageSize;
+    this.wakeRange(ctx, first, first + len / this.pageSize);
+    return 0;
+  }
+
+  private fill(ctx: number, dst: number, src: Uint8Array | undefined, len: number, mode: number, zero: boolean): number {
+    if (!this.aligned(dst, len)) return -ERRNO.EINVAL;
+    const first = dst / this.pageSize;
+    const end = first + len / this.pageSize;
+    if (end > this.totalPages || !this.covers(ctx, first, end)) return -ERRNO.ENOENT;
+    if (src !== undefined && src.length < len) return -ERRNO.EINVAL;
+    let page = first;
+    for (; page < end; page++) {
+      // The page table lock: only one installer can move a pte off NONE.
+      // INSTALLING still reads as missing to faulting threads, which block;
+      // they are woken below once the data is in and the pte PRESENT.
+      if (Atomics.compareExchange(this.ptes, page, PTE.NONE, PTE.INSTALLING) !== PTE.NONE) break;
+      if (zero) this.memory.zeroPage(page);
+      else this.memory.writePage(page, src!, (page - first) * this.pageSize);
+      // Seq-cst store: whoever sees PRESENT also sees the data written above.
+      Atomics.store(this.ptes, page, PTE.PRESENT);
+    }
+    const copiedPages = page - first;
+    if (copiedPages > 0) {
+      Atomics.add(this.ctl, zero ? HEADER.ZEROPAGES : HEADER.COPIES, copiedPages);
+      if ((mode & MODE_DONTWAKE) === 0) this.wakeRange(ctx, first, page);
+    }
+    if (copiedPages === 0) {
+      Atomics.add(this.ctl, HEADER.EEXIST, 1);
+      return -ERRNO.EEXIST;
+    }
+    return copiedPages * this.pageSize;
+  }
+
+  // ---------------------------------------------------------------- faulting side
+
+  isPresent(page: number): boolean {
+    return Atomics.load(this.ptes, page) === PTE.PRESENT;
+  }
+
+  /**
+   * handle_userfault() for thread `tid` touching `page`: queues a message on
+   * the context that covers the page for this thread and blocks until a COPY,
+   * ZEROPAGE or WAKE on this context wakes it. Returns when woken; the caller
+   * retries the access and faults again if the page is still missing (which
+   * delivers a new message), exactly as the kernel's retry does.
+   */
+  handleFault(tid: number, page: number, write: boolean): void {
+    const ctl = this.ctl;
+    const tb = threadBase(tid);
+    const ctx = this.route(tid, page);
+    if (ctx < 0) throw new UnhandledFaultError(`thread ${tid} faulted on page ${page}, which no open userfaultfd context registers`);
+    const seq = Atomics.load(ctl, tb + THREAD.SEQ);
+    const waiting = seq + 1;
+    Atomics.store(ctl, tb + THREAD.WAIT_CTX, ctx);
+    Atomics.store(ctl, tb + THREAD.WAIT_PAGE, page);
+    // Publishing the odd sequence number puts the thread on the wait queue.
+    // A waker that loads it odd reads WAIT_CTX/WAIT_PAGE stored before it.
+    Atomics.store(ctl, tb + THREAD.SEQ, waiting);
+    this.enqueue(ctx, page * this.pageSize, write ? UFFD_PAGEFAULT_FLAG_WRITE : 0, tid, waiting);
+    Atomics.add(ctl, HEADER.FAULTS, 1);
+    // userfaultfd_must_wait(): after queueing, look at the pte again. An
+    // installer stores PRESENT before it scans for waiters, and we stored our
+    // odd SEQ before this load, so (all seq-cst) either we see PRESENT here
+    // or the installer sees us waiting and wakes us: no lost wake-up.
+    if (Atomics.load(this.ptes, page) === PTE.PRESENT) {
+      Atomics.compareExchange(ctl, tb + THREAD.SEQ, waiting, waiting + 1);
+      return;
+    }
+    while (Atomics.load(ctl, tb + THREAD.SEQ) === waiting) {
+      Atomics.wait(ctl, tb + THREAD.SEQ, waiting);
+    }
+  }
+
+  /** Whether thread `tid` is blocked in a fault now, and on which page (diagnostics, watchdog). */
+  blockedPage(tid: number): number {
+    const tb = threadBase(tid);
+    return (Atomics.load(this.ctl, tb + THREAD.SEQ) & 1) === 1 ? Atomics.load(this.ctl, tb + THREAD.WAIT_PAGE) : -1;
+  }
+
+  counters(): UffdCounters {
+    const c = this.ctl;
+    return {
+      faults: Atomics.load(c, HEADER.FAULTS),
+      copies: Atomics.load(c, HEADER.COPIES),
+      zeropages: Atomics.load(c, HEADER.ZEROPAGES),
+      eexist: Atomics.load(c, HEADER.EEXIST),
+      wakeCalls: Atomics.load(c, HEADER.WAKE_CALLS),
+      threadsWoken: Atomics.load(c, HEADER.THREADS_WOKEN),
+    };
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  private aligned(start: number, len: number): boolean {
+    return Number.isSafeInteger(start) && Number.isSafeInteger(len) && start >= 0 && len > 0 && start % this.pageSize === 0 && len % this.pageSize === 0;
+  }
+
+  private checkThread(tid: number): void {
+    if (!Number.isInteger(tid) || tid < 0 || tid >= this.maxThreads) {
+      throw new RangeError(`expected a thread id from 0 to ${this.maxThreads - 1}, got ${tid}`);
+    }
+  }
+
+  private contextBaseChecked(ctx: number): number {
+    if (!Number.isInteger(ctx) || ctx < 0 || ctx >= Math.min(this.maxContexts, Atomics.load(this.ctl, HEADER.CONTEXTS_OPEN))) {
+      throw new RangeError(`expected an open userfaultfd context, got ${ctx}`);
+    }
+    return contextBase(this.maxThreads, ctx);
+  }
+
+  private covers(ctx: number, first: number, end: number): boolean {
+    const base = contextBase(this.maxThreads, ctx);
+    const n = Atomics.load(this.ctl, base + CONTEXT.RANGE_COUNT);
+    for (let i = 0; i < n; i++) {
+      const s = this.ctl[base + CONTEXT.RANGES + 2 * i]!;
+      const e = this.ctl[base + CONTEXT.RANGES + 2 * i + 1]!;
+      if (first >= s && end <= e) return true;
+    }
+    return false;
+  }
+
+  /** Which context a fault of `tid` on `page` goes to: its own, else a process-wide one; -1 if none. */
+  private route(tid: number, page: number): number {
+    const bound = Atomics.load(this.ctl, threadBase(tid) + THREAD.BOUND_CTX);
+    if (bound >= 0 && this.isOpenRaw(bound) && this.covers(bound, page, page + 1)) return bound;
+    const open = Math.min(this.maxContexts, Atomics.load(this.ctl, HEADER.CONTEXTS_OPEN));
+    for (let ctx = 0; ctx < open; ctx++) {
+      const base = contextBase(this.maxThreads, ctx);
+      if (this.ctl[base + CONTEXT.BOUND_TID] !== -1) continue;
+      if (this.isOpenRaw(ctx) && this.covers(ctx, page, page + 1)) return ctx;
+    }
+    return -1;
+  }
+
+  private isOpenRaw(ctx: number): boolean {
+    return Atomics.load(this.ctl, contextBase(this.maxThreads, ctx) + CONTEXT.OPEN) === 1;
+  }
+
+  /** __wake_userfault(): wakes `ctx`'s threads blocked on pages [first, end). */
+  private wakeRange(ctx: number, first: number, end: number): void {
+    const ctl = this.ctl;
+    let woken = 0;
+    for (let tid = 0; tid < this.maxThreads; tid++) {
+      const tb = threadBase(tid);
+      const seq = Atomics.load(ctl, tb + THREAD.SEQ);
+      if ((seq & 1) === 0) continue;
+      if (Atomics.load(ctl, tb + THREAD.WAIT_CTX) !== ctx) continue;
+      const page = Atomics.load(ctl, tb + THREAD.WAIT_PAGE);
+      if (page < first || page >= end) continue;
+      // If the thread moved on since we loaded `seq`, the CAS fails and we
+      // leave its newer fault alone.
+      if (Atomics.compareExchange(ctl, tb + THREAD.SEQ, seq, seq + 1) === seq) {
+        Atomics.notify(ctl, tb + THREAD.SEQ);
+        woken++;
+      }
+    }
+    if (woken > 0) Atomics.add(ctl, HEADER.THREADS_WOKEN, woken);
+  }
+
+  private enqueue(ctx: number, address: number, flags: number, tid: number, seq: number): void {
+    const ctl = this.ctl;
+    const base = contextBase(this.maxThreads, ctx);
+    for (;;) {
+      this.lock(base);
+      const count = ctl[base + CONTEXT.COUNT]!;
+      if (count < QUEUE_CAPACITY) {
+        const tail = ctl[base + CONTEXT.TAIL]!;
+        const slot = base + CONTEXT.RING + tail * MSG.STRIDE;
+        ctl[slot + MSG.ADDRESS_LO] = address % 4294967296 | 0;
+        ctl[slot + MSG.ADDRESS_HI] = Math.floor(address / 4294967296);
+        ctl[slot + MSG.FLAGS] = flags;
+        ctl[slot + MSG.TID] = tid;
+        ctl[slot + MSG.SEQ] = seq;
+        ctl[base + CONTEXT.TAIL] = (tail + 1) % QUEUE_CAPACITY;
+        Atomics.store(ctl, base + CONTEXT.COUNT, count + 1);
+        this.unlock(base);
+        // wake_up_poll(&ctx->fd_wqh, EPOLLIN): every reader polling wakes.
+        Atomics.notify(ctl, base + CONTEXT.COUNT);
+        return;
+      }
+      this.unlock(base);
+      // Full: wait for a reader to make room.
+      Atomics.wait(ctl, base + CONTEXT.COUNT, QUEUE_CAPACITY, 10);
+    }
+  }
+
+  private lock(base: number): void {
+    const ctl = this.ctl;
+    let spins = 0;
+    while (Atomics.compareExchange(ctl, base + CONTEXT.LOCK, 0, 1) !== 0) {
+      if (++spins > 64) Atomics.wait(ctl, base + CONTEXT.LOCK, 1, 1);
+    }
+  }
+
+  private unlock(base: number): void {
+    Atomics.store(this.ctl, base + CONTEXT.LOCK, 0);
+    Atomics.notify(this.ctl, base + CONTEXT.LOCK, 1);
+  }
+}

@@ -1,0 +1,266 @@
+import { Packr, Unpackr } from 'msgpackr';
+import { ProtocolError, describe } from './errors.js';
+import type { GuestLayout } from './layout.js';
+import {
+  ChannelRole,
+  MessageType,
+  type Message,
+  type SourceSummary,
+} from './protocol.js';
+
+const packr = new Packr({ useRecords: false, moreTypes: false });
+const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number' });
+
+const SUMMARY_FIELDS = [
+  'requests',
+  'replies',
+  'repliesPage',
+  'repliesZero',
+  'repliesAlreadySent',
+  'pagesSent',
+  'pagesPushed',
+  'pagesZero',
+  'pagesSentTwice',
+  'sentNotReceived',
+  'receivedNotSent',
+] as const satisfies readonly (keyof SourceSummary)[];
+
+/** Encodes one message into one frame. */
+export function encode(message: Message): Buffer {
+  switch (message.type) {
+    case 'hello':
+      return packr.pack([
+        MessageType.Hello,
+        message.protocolVersion,
+        message.token,
+        message.role,
+        message.guestBytes,
+        message.pageSize,
+        message.channel,
+      ]);
+    case 'welcome':
+      return packr.pack([
+        MessageType.Welcome,
+        message.protocolVersion,
+        message.guestBytes,
+        message.pageSize,
+        message.totalPages,
+        message.imageDigest,
+        message.imageSeed,
+        message.zeroFraction,
+      ]);
+    case 'start':
+      return packr.pack([MessageType.Start, message.push]);
+    case 'request':
+      return packr.pack([MessageType.Request, message.id, message.page]);
+    case 'page':
+      return packr.pack([MessageType.Page, message.id, message.page, message.data]);
+    case 'zero-page':
+      return packr.pack([MessageType.ZeroPage, message.id, message.page]);
+    case 'already-sent':
+      return packr.pack([MessageType.AlreadySent, message.id, message.page]);
+    case 'pushed':
+      return packr.pack([MessageType.Pushed, message.page, message.data]);
+    case 'pushed-zero':
+      return packr.pack([MessageType.PushedZero, message.page]);
+    case 'complete':
+      return packr.pack([MessageType.Complete, message.pagesSent]);
+    case 'finish':
+      return packr.pack([MessageType.Finish, message.receivedmap]);
+    case 'summary': {
+      const fields: Record<string, number | string> = { digestOfReceived: message.digestOfReceived };
+      for (const f of SUMMARY_FIELDS) fields[f] = message[f];
+      return packr.pack([MessageType.Summary, fields]);
+    }
+    case 'error':
+      return packr.pack([MessageType.Error, message.code, message.message]);
+  }
+}
+
+/**
+ * What the decoder needs to know to validate page indices and sizes. Before
+ * the handshake the layout is unknown and only handshake-safe bounds apply.
+ */
+export interface DecodeLimits {
+  layout?: GuestLayout;
+}
+
+const MAX_U32 = 0xffffffff;
+const MAX_TEXT = 256;
+
+function field(frame: unknown[], index: number, name: string): unknown {
+  return frame[index];
+}
+
+function expectUint(frame: unknown[], index: number, name: string, max = Number.MAX_SAFE_INTEGER): number {
+  const value = field(frame, index, name);
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > max) {
+    throw new ProtocolError(`${typeName(frame)}.${name}: expected a whole number from 0 to ${max}, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function expectString(frame: unknown[], index: number, name: string, max = MAX_TEXT): string {
+  const value = field(frame, index, name);
+  if (typeof value !== 'string' || value.length > max) {
+    throw new ProtocolError(`${typeName(frame)}.${name}: expected a string of at most ${max} characters, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function expectBytes(frame: unknown[], index: number, name: string, length: number): Uint8Array {
+  const value = field(frame, index, name);
+  if (!(value instanceof Uint8Array) || value.length !== length) {
+    throw new ProtocolError(`${typeName(frame)}.${name}: expected ${length} bytes, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function expectPage(frame: unknown[], index: number, limits: DecodeLimits): number {
+  const layout = requireLayout(frame, limits);
+  return expectUint(frame, index, 'page', layout.totalPages - 1);
+}
+
+function requireLayout(frame: unknown[], limits: DecodeLimits): GuestLayout {
+  if (!limits.layout) throw new ProtocolError(`${typeName(frame)}: not allowed before the handshake`);
+  return limits.layout;
+}
+
+function expectLength(frame: unknown[], length: number): void {
+  if (frame.length !== length) {
+    throw new ProtocolError(`${typeName(frame)}: expected ${length - 1} fields, got ${frame.length - 1}`);
+  }
+}
+
+const TYPE_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(MessageType).map(([name, code]) => [code, name.replace(/[A-Z]/g, (c, i: number) => (i ? '-' : '') + c.toLowerCase())]),
+);
+
+function typeName(frame: unknown[]): string {
+  const t = frame[0];
+  return typeof t === 'number' ? (TYPE_NAMES[t] ?? `type ${t}`) : 'message';
+}
+
+/**
+ * Decodes and validates one frame. Throws {@link ProtocolError} (and only
+ * that) for anything that is not a valid message: bad msgpack, wrong shape,
+ * unknown type, out-of-range page, wrong data size.
+ */
+export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
+  let value: unknown;
+  try {
+    value = unpackr.unpack(frame);
+  } catch (err) {
+    throw new ProtocolError(`expected a msgpack frame, got ${frame.length} bytes that do not decode (${(err as Error).message})`);
+  }
+  if (!Array.isArray(value) || value.length === 0) {
+    throw new ProtocolError(`expected a message array [type, ...fields], got ${describe(value)}`);
+  }
+  const f = value as unknown[];
+  const type = f[0];
+  switch (type) {
+    case MessageType.Hello: {
+      expectLength(f, 7);
+      const role = expectUint(f, 3, 'role', 1);
+      return {
+        type: 'hello',
+        protocolVersion: expectUint(f, 1, 'protocolVersion', MAX_U32),
+        token: expectString(f, 2, 'token'),
+        role: role === ChannelRole.Main ? ChannelRole.Main : ChannelRole.Fault,
+        guestBytes: expectUint(f, 4, 'guestBytes'),
+        pageSize: expectUint(f, 5, 'pageSize', MAX_U32),
+        channel: expectString(f, 6, 'channel', 64),
+      };
+    }
+    case MessageType.Welcome: {
+      expectLength(f, 8);
+      const zeroFraction = f[7];
+      if (typeof zeroFraction !== 'number' || !(zeroFraction >= 0 && zeroFraction <= 1)) {
+        throw new ProtocolError(`welcome.zeroFraction: expected a number from 0 to 1, got ${describe(zeroFraction)}`);
+      }
+      const imageDigest = expectString(f, 5, 'imageDigest', 64);
+      if (!/^[0-9a-f]{64}$/.test(imageDigest)) {
+        throw new ProtocolError(`welcome.imageDigest: expected 64 hex digits, got ${describe(imageDigest)}`);
+      }
+      return {
+        type: 'welcome',
+        protocolVersion: expectUint(f, 1, 'protocolVersion', MAX_U32),
+        guestBytes: expectUint(f, 2, 'guestBytes'),
+        pageSize: expectUint(f, 3, 'pageSize', MAX_U32),
+        totalPages: expectUint(f, 4, 'totalPages', MAX_U32),
+        imageDigest,
+        imageSeed: expectUint(f, 6, 'imageSeed', MAX_U32),
+        zeroFraction,
+      };
+    }
+    case MessageType.Start: {
+      expectLength(f, 2);
+      if (typeof f[1] !== 'boolean') throw new ProtocolError(`start.push: expected a boolean, got ${describe(f[1])}`);
+      return { type: 'start', push: f[1] };
+    }
+    case MessageType.Request:
+      expectLength(f, 3);
+      return { type: 'request', id: expectUint(f, 1, 'id', MAX_U32), page: expectPage(f, 2, limits) };
+    case MessageType.Page: {
+      expectLength(f, 4);
+      const layout = requireLayout(f, limits);
+      return {
+        type: 'page',
+        id: expectUint(f, 1, 'id', MAX_U32),
+        page: expectPage(f, 2, limits),
+        data: expectBytes(f, 3, 'data', layout.pageSize),
+      };
+    }
+    case MessageType.ZeroPage:
+      expectLength(f, 3);
+      return { type: 'zero-page', id: expectUint(f, 1, 'id', MAX_U32), page: expectPage(f, 2, limits) };
+    case MessageType.AlreadySent:
+      expectLength(f, 3);
+      return { type: 'already-sent', id: expectUint(f, 1, 'id', MAX_U32), page: expectPage(f, 2, limits) };
+    case MessageType.Pushed: {
+      expectLength(f, 3);
+      const layout = requireLayout(f, limits);
+      return { type: 'pushed', page: expectPage(f, 1, limits), data: expectBytes(f, 2, 'data', layout.pageSize) };
+    }
+    case MessageType.PushedZero:
+      expectLength(f, 2);
+      return { type: 'pushed-zero', page: expectPage(f, 1, limits) };
+    case MessageType.Complete: {
+      expectLength(f, 2);
+      const layout = requireLayout(f, limits);
+      return { type: 'complete', pagesSent: expectUint(f, 1, 'pagesSent', layout.totalPages) };
+    }
+    case MessageType.Finish: {
+      expectLength(f, 2);
+      const layout = requireLayout(f, limits);
+      return { type: 'finish', receivedmap: expectBytes(f, 1, 'receivedmap', Math.ceil(layout.totalPages / 8)) };
+    }
+    case MessageType.Summary: {
+      expectLength(f, 2);
+      const body = f[1];
+      if (typeof body !== 'object' || body === null || Array.isArray(body) || body instanceof Uint8Array) {
+        throw new ProtocolError(`summary: expected an object of counters, got ${describe(body)}`);
+      }
+      const fields = body as Record<string, unknown>;
+      const summary = { type: 'summary' } as Record<string, unknown>;
+      for (const name of SUMMARY_FIELDS) {
+        const v = fields[name];
+        if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+          throw new ProtocolError(`summary.${name}: expected a whole number >= 0, got ${describe(v)}`);
+        }
+        summary[name] = v;
+      }
+      const digest = fields.digestOfReceived;
+      if (typeof digest !== 'string' || !/^[0-9a-f]{64}$/.test(digest)) {
+        throw new ProtocolError(`summary.digestOfReceived: expected 64 hex digits, got ${describe(digest)}`);
+      }
+      summary.digestOfReceived = digest;
+      return summary as unknown as Message;
+    }
+    case MessageType.Error:
+      expectLength(f, 3);
+      return { type: 'error', code: expectString(f, 1, 'code', 64), message: expectString(f, 2, 'message', 4096) };
+    default:
+      throw new ProtocolError(`expected a message type from 1 to 13, got ${describe(type)}`);
+  }
+}

@@ -1,0 +1,68 @@
+/**
+ * Every error the tool raises on purpose, each with a stable `code` (the `ws`
+ * and undici convention). Messages say what was expected and what came.
+ */
+export class PostcopyError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/** A bad command-line value. Hosts exit with {@link USAGE_EXIT_CODE}. */
+export class UsageError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_USAGE', message);
+  }
+}
+
+/** An incoming frame that is not a valid message of this protocol. */
+export class ProtocolError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_PROTOCOL', message);
+  }
+}
+
+/** The peers disagree on version, layout or token. */
+export class HandshakeError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_HANDSHAKE', message);
+  }
+}
+
+/** The source could not be reached or the connection was lost. */
+export class ConnectionError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_CONNECTION', message);
+  }
+}
+
+/** A run-time check of the migration failed (content, digest, exactly-once, ...). */
+export class CheckError extends PostcopyError {
+  readonly check: string;
+  constructor(check: string, message: string) {
+    super('ERR_POSTCOPY_CHECK', `check ${check} failed: ${message}`);
+    this.check = check;
+  }
+}
+
+/** vCPUs stayed blocked with no progress: the watchdog stopped the run. */
+export class WatchdogError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_WATCHDOG', message);
+  }
+}
+
+export const USAGE_EXIT_CODE = 2;
+
+/** Describes a value for an error message: `70000 (number)`, `"x" (string)`. */
+export function describe(value: unknown): string {
+  if (typeof value === 'string') return `${JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value)} (string)`;
+  if (value === null) return 'null';
+  if (value instanceof Uint8Array) return `${value.length} bytes`;
+  if (Array.isArray(value)) return `array of ${value.length}`;
+  if (typeof value === 'object') return 'object';
+  return `${String(value)} (${typeof value})`;
+}

@@ -1,0 +1,167 @@
+/**
+ * The wire protocol between destination and source. Each WebSocket frame is
+ * one msgpack array whose first element is the message type. Hot messages
+ * (request, page, pushed) are small positional arrays; nothing is sent as text.
+ *
+ * Planned extensions keep their type numbers reserved so that old peers reject
+ * them cleanly: a precopy phase with dirty tracking and discard of re-dirtied
+ * pages, a separate urgent channel (QEMU's postcopy-preempt), and recovery
+ * after a lost connection, where the destination sends its receivedmap and
+ * re-sends its pending requests.
+ */
+
+export const PROTOCOL_VERSION = 1;
+
+export const MessageType = {
+  Hello: 1,
+  Welcome: 2,
+  Start: 3,
+  Request: 4,
+  Page: 5,
+  ZeroPage: 6,
+  AlreadySent: 7,
+  Pushed: 8,
+  PushedZero: 9,
+  Complete: 10,
+  Finish: 11,
+  Summary: 12,
+  Error: 13,
+  // Reserved for what comes next (decoders reject them as unknown today):
+  // 20 Discard (precopy re-dirtied pages), 21 Resume (recovery: receivedmap +
+  // pending requests), 22 PreemptHello (urgent channel).
+} as const;
+export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
+
+/** What a connection is for: the main channel (push, control) or a fault channel (requests of one resolver or vCPU). */
+export const ChannelRole = { Main: 0, Fault: 1 } as const;
+export type ChannelRoleCode = (typeof ChannelRole)[keyof typeof ChannelRole];
+
+export interface Hello {
+  type: 'hello';
+  protocolVersion: number;
+  token: string;
+  role: ChannelRoleCode;
+  guestBytes: number;
+  pageSize: number;
+  /** Free-form label of the channel's owner, e.g. `vcpu3`, `resolver0` (for error messages and stats). */
+  channel: string;
+}
+
+export interface Welcome {
+  type: 'welcome';
+  protocolVersion: number;
+  guestBytes: number;
+  pageSize: number;
+  totalPages: number;
+  /** SHA-256 of the whole source image. */
+  imageDigest: string;
+  /** Generator parameters, so the destination can verify content at first touch. */
+  imageSeed: number;
+  zeroFraction: number;
+}
+
+export interface Start {
+  type: 'start';
+  /** Whether the source pushes pages that were not requested. */
+  push: boolean;
+}
+
+export interface Request {
+  type: 'request';
+  /** Per-connection request id, chosen by the destination, echoed in the reply. */
+  id: number;
+  page: number;
+}
+
+export interface PageReply {
+  type: 'page';
+  id: number;
+  page: number;
+  data: Uint8Array;
+}
+
+export interface ZeroPageReply {
+  type: 'zero-page';
+  id: number;
+  page: number;
+}
+
+export interface AlreadySentReply {
+  type: 'already-sent';
+  id: number;
+  page: number;
+}
+
+export interface Pushed {
+  type: 'pushed';
+  page: number;
+  data: Uint8Array;
+}
+
+export interface PushedZero {
+  type: 'pushed-zero';
+  page: number;
+}
+
+export interface Complete {
+  type: 'complete';
+  /** Pages whose content (or zero notice) the source has sent: all of them. */
+  pagesSent: number;
+}
+
+export interface Finish {
+  type: 'finish';
+  /** The destination's receivedmap, one bit a page. */
+  receivedmap: Uint8Array;
+}
+
+/** The source's side of the accounting, sent in answer to `finish`. */
+export interface SourceSummary {
+  requests: number;
+  replies: number;
+  repliesPage: number;
+  repliesZero: number;
+  repliesAlreadySent: number;
+  pagesSent: number;
+  pagesPushed: number;
+  pagesZero: number;
+  /** Pages the source sent twice (must be 0). */
+  pagesSentTwice: number;
+  /** SHA-256 over the pages in the destination's receivedmap, from the source image. */
+  digestOfReceived: string;
+  /** Pages in the sentmap that the receivedmap lacks, and the reverse. */
+  sentNotReceived: number;
+  receivedNotSent: number;
+}
+
+export interface Summary extends SourceSummary {
+  type: 'summary';
+}
+
+export interface ErrorMessage {
+  type: 'error';
+  code: string;
+  message: string;
+}
+
+export type Message =
+  | Hello
+  | Welcome
+  | Start
+  | Request
+  | PageReply
+  | ZeroPageReply
+  | AlreadySentReply
+  | Pushed
+  | PushedZero
+  | Complete
+  | Finish
+  | Summary
+  | ErrorMessage;
+
+export type Reply = PageReply | ZeroPageReply | AlreadySentReply;
+
+/** Largest legal frame: a page plus a small header, or a receivedmap. */
+export function maxFrameBytes(pageSize: number, totalPages: number): number {
+  return Math.max(pageSize, Math.ceil(totalPages / 8)) + 1024;
+}

@@ -1,0 +1,133 @@
+import type { LatencySummary } from './stats.js';
+import { formatBytes } from './sizes.js';
+
+export const STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'kvm-exit'] as const;
+export type StrategyName = (typeof STRATEGIES)[number];
+
+export const WORKLOADS = ['sequential', 'random', 'shared-hot'] as const;
+export type WorkloadName = (typeof WORKLOADS)[number];
+
+export interface CheckResult {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+export interface Counters {
+  faults: number;
+  requests: number;
+  replies: number;
+  duplicateRequestsSuppressed: number;
+  pagesDemand: number;
+  pagesPushed: number;
+  pagesZero: number;
+  pagesSentBySource: number;
+  totalPages: number;
+  eexist: number;
+  wakes: number;
+  /** Replies telling that the page had already gone out (on another channel). */
+  alreadySent: number;
+  /** Faults taken by non-vCPU (I/O) threads. */
+  nonVcpuFaults: number;
+  /** Pages installed by this run (received + zero). */
+  pagesInstalled: number;
+}
+
+export interface PerVcpu {
+  vcpu: number;
+  faults: number;
+  blocktimeMs: number;
+  accesses: number;
+  runtimeMs: number;
+  latencyUs: LatencySummary;
+}
+
+/** Figures under QEMU's own names and units (query-migrate on the destination). */
+export interface QemuFigures {
+  'postcopy-blocktime': number;
+  'postcopy-vcpu-blocktime': number[];
+  'postcopy-latency': number;
+  'postcopy-vcpu-latency': number[];
+  'postcopy-non-vcpu-latency': number;
+  'postcopy-latency-dist': number[];
+}
+
+export interface Report {
+  strategy: StrategyName;
+  workload: WorkloadName;
+  vcpus: number;
+  readers: number;
+  ioThreads: number;
+  pageSize: number;
+  guestBytes: number;
+  memslots: number;
+  push: boolean;
+  seed: number;
+  elapsedMs: number;
+  verified: boolean;
+  checks: CheckResult[];
+  digest: { source: string; dest: string; scope: 'all-pages' | 'received-pages' };
+  counters: Counters;
+  perVcpu: PerVcpu[];
+  latencyUs: LatencySummary;
+  nonVcpuLatencyUs: LatencySummary;
+  demandPagingRate: { overall: number; perVcpu: number[] };
+  blocktimeMs: { total: number; perVcpu: number[] };
+  qemu: QemuFigures;
+}
+
+function pad(cells: string[][]): string {
+  const widths: number[] = [];
+  for (const row of cells) row.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
+  return cells.map((row) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')).join('\n');
+}
+
+const fmt = (x: number, digits = 1): string => (Number.isInteger(x) ? String(x) : x.toFixed(digits));
+
+/** The readable report `npm start` prints. */
+export function formatReport(r: Report): string {
+  const lines: string[] = [];
+  lines.push(
+    `postcopy migration: ${r.strategy}, ${r.vcpus} vCPU${r.vcpus > 1 ? 's' : ''}, workload ${r.workload}, ` +
+      `${formatBytes(r.guestBytes)} guest in ${r.memslots} memslot${r.memslots > 1 ? 's' : ''}, ${formatBytes(r.pageSize)} pages, ` +
+      `push ${r.push ? 'on' : 'off'}${r.strategy === 'shared-uffd' ? `, ${r.readers} reader${r.readers > 1 ? 's' : ''}` : ''}` +
+      `${r.ioThreads ? `, ${r.ioThreads} I/O thread${r.ioThreads > 1 ? 's' : ''}` : ''}`,
+  );
+  lines.push('');
+  const c = r.counters;
+  lines.push(
+    pad([
+      ['elapsed', `${fmt(r.elapsedMs)} ms`],
+      ['faults (vCPU / non-vCPU)', `${c.faults - c.nonVcpuFaults} / ${c.nonVcpuFaults}`],
+      ['requests / replies', `${c.requests} / ${c.replies}`],
+      ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],
+      ['already-sent replies', String(c.alreadySent)],
+      ['pages demand / pushed / zero', `${c.pagesDemand} / ${c.pagesPushed} / ${c.pagesZero}`],
+      ['pages sent by source / total', `${c.pagesSentBySource} / ${c.totalPages}`],
+      ['EEXIST / WAKE', `${c.eexist} / ${c.wakes}`],
+      ['fault latency p50 / p90 / p99 / p99.9 / max (µs)', [r.latencyUs.p50, r.latencyUs.p90, r.latencyUs.p99, r.latencyUs.p999, r.latencyUs.max].map((x) => fmt(x)).join(' / ')],
+      ['fault latency mean (µs)', fmt(r.latencyUs.mean)],
+      ['demand paging rate (pages/s)', fmt(r.demandPagingRate.overall, 0)],
+      ['total blocktime, all vCPUs blocked (ms)', fmt(r.blocktimeMs.total, 3)],
+    ]),
+  );
+  lines.push('');
+  lines.push(
+    pad([
+      ['vCPU', 'faults', 'blocktime ms', 'p50 µs', 'p99 µs', 'pages/s'],
+      ...r.perVcpu.map((v, i) => [
+        String(v.vcpu),
+        String(v.faults),
+        fmt(v.blocktimeMs, 3),
+        fmt(v.latencyUs.p50),
+        fmt(v.latencyUs.p99),
+        fmt(r.demandPagingRate.perVcpu[i] ?? 0, 0),
+      ]),
+    ]),
+  );
+  lines.push('');
+  lines.push(`digest (${r.digest.scope}): source ${r.digest.source.slice(0, 16)}…  dest ${r.digest.dest.slice(0, 16)}…`);
+  for (const check of r.checks) lines.push(`${check.ok ? 'ok  ' : 'FAIL'} ${check.name}: ${check.detail}`);
+  lines.push(r.verified ? 'verified: true' : 'verified: false');
+  return lines.join('\n');
+}
