@@ -1,0 +1,301 @@
+import type { Worker } from 'node:worker_threads';
+import {
+  ChannelRole,
+  CheckError,
+  ConnectionError,
+  PostcopyError,
+  ProtocolError,
+  bitmapBytes,
+  bitmapSet,
+  digestPages,
+  startWorker,
+  type GuestLayout,
+  type Report,
+  type SourceSummary,
+  type StrategyName,
+  type WorkloadName,
+} from '@postcopy/shared';
+import { GuestMemory } from './memory/guest-memory.js';
+import { PageClient } from './net/page-client.js';
+import { buildReport } from './report-builder.js';
+import { STRATEGY_BY_NAME, type ThreadPlan } from './strategies/index.js';
+import { ERRNO, Userfaultfd } from './uffd/userfaultfd.js';
+import { PageInstaller } from './vmm/page-installer.js';
+import { COUNTER, PAGE, VmmState } from './vmm/state.js';
+import { Watchdog, type WatchedThread } from './watchdog.js';
+import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from './workers/protocol.js';
+
+export interface DestinationOptions {
+  source: string;
+  token: string;
+  layout: GuestLayout;
+  memslotBytes: number;
+  strategy: StrategyName;
+  vcpus: number;
+  readers: number;
+  ioThreads: number;
+  ioAccesses: number;
+  workload: WorkloadName;
+  /** Accesses per vCPU; 0 = the workload's default. */
+  accesses: number;
+  writeFraction: number;
+  seed: number;
+  push: boolean;
+  watchdogMs: number;
+  /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
+  skipOwedWake: boolean;
+  /** Called about every 200 ms with pages installed so far. */
+  onProgress?: (installed: number, total: number, faults: number) => void;
+}
+
+/** A failure that stops the run: the first one wins. */
+class Abort {
+  error: Error | undefined;
+  readonly promise: Promise<never>;
+  private rejectFn!: (err: Error) => void;
+  constructor() {
+    this.promise = new Promise<never>((_, reject) => (this.rejectFn = reject));
+    this.promise.catch(() => {});
+  }
+  fail(err: Error): void {
+    if (this.error) return;
+    this.error = err;
+    this.rejectFn(err);
+  }
+  /** Waits for `p` unless the run fails first. */
+  race<T>(p: Promise<T>): Promise<T> {
+    return Promise.race([p, this.promise]);
+  }
+}
+
+/** Waits for one report of a given type from a worker (fails the run if the worker exits first). */
+function expectReport<T extends WorkerReport['type']>(worker: Worker, type: T, label: string, abort: Abort): Promise<Extract<WorkerReport, { type: T }>> {
+  return abort.race(
+    new Promise((resolve) => {
+      const onMessage = (m: WorkerReport): void => {
+        if (m.type !== type) return;
+        worker.off('message', onMessage);
+        worker.off('exit', onExit);
+        resolve(m as Extract<WorkerReport, { type: T }>);
+      };
+      const onExit = (code: number): void => abort.fail(new Error(`${label} exited (code ${code}) before reporting ${type}`));
+      worker.on('message', onMessage);
+      worker.on('exit', onExit);
+    }),
+  );
+}
+
+/**
+ * Runs the destination side of one postcopy migration: connects to the
+ * source, maps empty guest memory, starts the strategy's resolvers and the
+ * vCPU threads, installs pushed pages, and returns the report once every
+ * check has run.
+ */
+export async function runDestination(options: DestinationOptions): Promise<Report> {
+  const { layout } = options;
+  const abort = new Abort();
+  const workers: Worker[] = [];
+  let main: PageClient | undefined;
+  let watchdog: Watchdog | undefined;
+  let progressTimer: NodeJS.Timeout | undefined;
+  try {
+    const endpoint: SourceEndpoint = { url: options.source, token: options.token, guestBytes: layout.guestBytes, pageSize: layout.pageSize };
+    main = await PageClient.connect({ ...endpoint, role: ChannelRole.Main, channel: 'main' });
+    const welcome = main.welcome;
+
+    const memory = GuestMemory.create(layout, options.memslotBytes);
+    const threads: ThreadPlan = {
+      vcpus: options.vcpus,
+      ioThreads: options.ioThreads,
+      readers: options.readers,
+      vcpuTid: (v) => v,
+      ioTid: (i) => options.vcpus + i,
+    };
+    const threadCount = options.vcpus + options.ioThreads;
+    const uffd = Userfaultfd.create(memory, threadCount, options.vcpus + 2);
+    const vmm = VmmState.create(layout.totalPages, threadCount);
+    const strategy = STRATEGY_BY_NAME[options.strategy];
+    const setup = strategy.setup(uffd, threads, layout.guestBytes);
+    if (options.skipOwedWake) for (const r of setup.resolvers) r.owesWake = false;
+    const installer = new PageInstaller(uffd, vmm);
+    const epochOrigin = performance.timeOrigin;
+    const epochNow = (): number => performance.now();
+    const state: SharedState = {
+      memory: memory.toBuffers(),
+      uffd: uffd.toBuffers(),
+      vmm: vmm.buffers,
+      image: { seed: welcome.imageSeed, zeroFraction: welcome.zeroFraction },
+      epochOrigin,
+    };
+
+    // ---- the main channel: pushed pages, completion, summary
+    let complete = false;
+    let allInstalled!: () => void;
+    const installedAll = new Promise<void>((resolve) => (allInstalled = resolve));
+    let gotSummary!: (s: SourceSummary) => void;
+    const summaryArrived = new Promise<SourceSummary>((resolve) => (gotSummary = resolve));
+    let finishing = false;
+    const checkInstalled = (): void => {
+      if (complete && vmm.counter(COUNTER.INSTALLED) === layout.totalPages) allInstalled();
+    };
+    main.onMessage = (m) => {
+      switch (m.type) {
+        case 'pushed':
+        case 'pushed-zero': {
+          const result = installer.install(setup.pushCtx, m.page, m.type === 'pushed' ? m.data : undefined, 0);
+          if (result === layout.pageSize) {
+            vmm.count(COUNTER.PAGES_PUSHED);
+            if (m.type === 'pushed-zero') vmm.count(COUNTER.PAGES_ZERO);
+            vmm.markReceived(m.page);
+          } else if (result === -ERRNO.EEXIST) {
+            vmm.count(COUNTER.DUPLICATE_DATA);
+          } else {
+            abort.fail(new Error(`installing pushed page ${m.page} failed with errno ${-result}`));
+          }
+          if (complete) checkInstalled();
+          return;
+        }
+        case 'complete':
+          complete = true;
+          checkInstalled();
+          return;
+        case 'summary': {
+          const { type: _type, ...summary } = m;
+          gotSummary(summary);
+          return;
+        }
+        case 'error':
+          abort.fail(new PostcopyError(m.code, `the source reported: ${m.message}`));
+          return;
+        default:
+          abort.fail(new ProtocolError(`expected pushed, complete, summary or error on the main channel, got ${m.type}`));
+      }
+    };
+    main.onClose = (err) => {
+      if (!finishing) abort.fail(err ?? new ConnectionError('the main channel to the source closed'));
+    };
+
+    // ---- threads
+    const watch = (worker: Worker, label: string): Worker => {
+      workers.push(worker);
+      worker.on('message', (m: WorkerReport) => {
+        if (m.type === 'error') abort.fail(new Error(`${label}: ${m.message}`));
+      });
+      worker.on('error', (err) => abort.fail(new Error(`${label}: ${err.message}`)));
+      return worker;
+    };
+    const resolverWorkers = setup.resolvers.map((spec) => {
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state, source: endpoint };
+      return { spec, worker: watch(startWorker(import.meta.url, 'workers/resolver-worker', { workerData: data }), spec.label) };
+    });
+    const guestThread = (kind: 'vcpu' | 'io', index: number): { worker: Worker; label: string } => {
+      const label = kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`;
+      const data: GuestThreadData = {
+        kind,
+        index,
+        tid: kind === 'vcpu' ? threads.vcpuTid(index) : threads.ioTid(index),
+        strategy: options.strategy,
+        delivery: kind === 'vcpu' ? strategy.vcpuFaultDelivery : 'userfaultfd',
+        state,
+        workload: {
+          name: options.workload,
+          totalPages: layout.totalPages,
+          vcpus: options.vcpus,
+          seed: options.seed,
+          accesses: options.accesses,
+          writeFraction: options.writeFraction,
+        },
+        ioAccesses: options.ioAccesses,
+        source: endpoint,
+        copyCtx: setup.vcpuCopyCtx,
+      };
+      return { worker: watch(startWorker(import.meta.url, 'workers/guest-thread-worker', { workerData: data }), label), label };
+    };
+    const vcpus = Array.from({ length: options.vcpus }, (_, v) => guestThread('vcpu', v));
+    const ios = Array.from({ length: options.ioThreads }, (_, i) => guestThread('io', i));
+    const everyone = [...resolverWorkers.map((r) => ({ worker: r.worker, label: r.spec.label })), ...vcpus, ...ios];
+    await Promise.all(everyone.map((t) => expectReport(t.worker, 'ready', t.label, abort)));
+
+    const watched: WatchedThread[] = [
+      ...vcpus.map((_, v) => ({ tid: threads.vcpuTid(v), name: `vCPU ${v}` })),
+      ...ios.map((_, i) => ({ tid: threads.ioTid(i), name: `I/O thread ${i}` })),
+    ];
+    watchdog = new Watchdog(vmm, uffd, watched, options.watchdogMs, epochNow, (err) => abort.fail(err));
+
+    // ---- postcopy starts: the guest runs on the destination from here
+    const started = epochNow();
+    main.send({ type: 'start', push: options.push });
+    watchdog.start();
+    if (options.onProgress) {
+      const onProgress = options.onProgress;
+      progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, uffd.counters().faults), 200);
+      progressTimer.unref();
+    }
+    const guestDone = [...vcpus, ...ios].map((t) => expectReport(t.worker, 'done', t.label, abort));
+    for (const t of [...vcpus, ...ios]) t.worker.postMessage({ type: 'go' });
+    const results = (await Promise.all(guestDone)).map((r) => r.result);
+    const vcpuResults: GuestThreadResult[] = results.slice(0, vcpus.length);
+    const ioResults: GuestThreadResult[] = results.slice(vcpus.length);
+    if (options.push) await abort.race(installedAll);
+    const elapsedMs = epochNow() - started;
+
+    // ---- wind down: resolvers finish their in-flight requests, then exit
+    const resolverDone = resolverWorkers.map((r) => expectReport(r.worker, 'resolver-done', r.spec.label, abort));
+    for (const ctx of new Set(setup.resolvers.map((r) => r.ctx))) uffd.close(ctx);
+    await Promise.all(resolverDone);
+    watchdog.stop();
+    const blocked = watchdog.blocked();
+
+    // ---- exactly-once accounting with the source
+    const receivedmap = new Uint8Array(bitmapBytes(layout.totalPages));
+    let received = 0;
+    for (let page = 0; page < layout.totalPages; page++) {
+      if (Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED) {
+        bitmapSet(receivedmap, page);
+        received++;
+      }
+    }
+    main.send({ type: 'finish', receivedmap });
+    const summaryTimeout = new Promise<never>((_, reject) =>
+      setTimeout(() => reject(new ConnectionError('the source did not answer finish within 30 s')), 30_000).unref(),
+    );
+    const summary = await abort.race(Promise.race([summaryArrived, summaryTimeout]));
+    finishing = true;
+    const destDigest = digestPages(memory, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+
+    return buildReport({
+      strategy: options.strategy,
+      workload: options.workload,
+      vcpus: options.vcpus,
+      readers: options.strategy === 'shared-uffd' ? options.readers : 0,
+      ioThreads: options.ioThreads,
+      pageSize: layout.pageSize,
+      guestBytes: layout.guestBytes,
+      totalPages: layout.totalPages,
+      memslots: memory.memslots.count,
+      push: options.push,
+      seed: options.seed,
+      elapsedMs,
+      vcpuResults,
+      ioResults,
+      vmm,
+      kernel: uffd.counters(),
+      summary,
+      imageDigest: welcome.imageDigest,
+      destDigest,
+      allReceived: received === layout.totalPages,
+      blocked,
+    });
+  } finally {
+    watchdog?.stop();
+    clearInterval(progressTimer);
+    main?.close();
+    await Promise.all(workers.map((w) => w.terminate()));
+  }
+}
+
+/** Throws a {@link CheckError} naming the first failed check of a report. */
+export function assertVerified(report: Report): void {
+  const failed = report.checks.find((c) => !c.ok);
+  if (failed) throw new CheckError(failed.name, failed.detail);
+}

@@ -1,0 +1,92 @@
+import { Command, Option } from 'commander';
+import {
+  STRATEGIES,
+  WORKLOADS,
+  UsageError,
+  makeLayout,
+  parseChoice,
+  parseFraction,
+  parseIntOption,
+  parseSize,
+  type StrategyName,
+  type WorkloadName,
+} from '@postcopy/shared';
+import type { DestinationOptions } from './destination.js';
+
+/** Option defaults in one literal. */
+export const DEST_DEFAULTS = {
+  memory: '64MiB',
+  pageSize: '4KiB',
+  memslotSize: '1GiB',
+  strategy: 'shared-uffd' as StrategyName,
+  vcpus: '4',
+  readers: '1',
+  ioThreads: '0',
+  ioAccesses: '256',
+  workload: 'sequential' as WorkloadName,
+  accesses: '0',
+  writeFraction: '0.5',
+  seed: '1',
+  watchdogMs: '5000',
+} as const;
+
+/** Options of the run (the destination's, and the launcher's too). */
+export function addRunOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--strategy <name>', 'fault-delivery strategy').choices(STRATEGIES).default(DEST_DEFAULTS.strategy))
+    .option('--vcpus <n>', 'vCPU threads', DEST_DEFAULTS.vcpus)
+    .option('--readers <n>', 'reader threads of the shared context (shared-uffd)', DEST_DEFAULTS.readers)
+    .option('--io-threads <n>', 'non-vCPU threads that also touch guest memory (always fault through the userfaultfd)', DEST_DEFAULTS.ioThreads)
+    .option('--io-accesses <n>', 'accesses each I/O thread makes (random pages)', DEST_DEFAULTS.ioAccesses)
+    .addOption(new Option('--workload <name>', 'what the vCPUs touch').choices(WORKLOADS).default(DEST_DEFAULTS.workload))
+    .option('--accesses <n>', 'accesses per vCPU (0 = the workload default: its partition, or guest pages / vCPUs, or the hot set)', DEST_DEFAULTS.accesses)
+    .option('--write-fraction <f>', 'share of accesses that are writes', DEST_DEFAULTS.writeFraction)
+    .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
+    .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
+    .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
+    .option('--json <path>', 'also write the report as JSON to this file')
+    .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
+}
+
+export function destCommand(): Command {
+  const cmd = new Command('dest')
+    .description('postcopy destination host: runs the guest\'s vCPUs over empty memory and demand-fetches pages from the source')
+    .requiredOption('--source <url>', 'source URL, as the source printed it (ws://HOST:PORT)')
+    .addOption(new Option('--token <token>', 'access token (default: $POSTCOPY_TOKEN)'))
+    .option('--memory <size>', 'guest memory size; must match the source', DEST_DEFAULTS.memory)
+    .option('--page-size <size>', 'guest page size: 4KiB or 2MiB; must match the source', DEST_DEFAULTS.pageSize)
+    .option('--seed <n>', 'seed of the workload', DEST_DEFAULTS.seed);
+  return addRunOptions(cmd);
+}
+
+export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout'>;
+
+/** Parses the run options shared by the destination and the launcher (throws UsageError). */
+export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
+  const str = (k: string): string => String(raw[k]);
+  const vcpus = parseIntOption('--vcpus', str('vcpus'), 1, 256);
+  const ioThreads = parseIntOption('--io-threads', str('ioThreads'), 0, 64);
+  return {
+    memslotBytes: parseSize('--memslot-size', str('memslotSize')),
+    strategy: parseChoice('--strategy', str('strategy'), STRATEGIES),
+    vcpus,
+    readers: parseIntOption('--readers', str('readers'), 1, 64),
+    ioThreads,
+    ioAccesses: parseIntOption('--io-accesses', str('ioAccesses'), 1),
+    workload: parseChoice('--workload', str('workload'), WORKLOADS),
+    accesses: parseIntOption('--accesses', str('accesses'), 0),
+    writeFraction: parseFraction('--write-fraction', str('writeFraction')),
+    seed: parseIntOption('--seed', str('seed'), 0, 0xffffffff),
+    push: raw.push !== false,
+    watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
+    skipOwedWake: raw.unsafeSkipOwedWake === true,
+  };
+}
+
+export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined } {
+  const token = (raw.token as string | undefined) ?? process.env.POSTCOPY_TOKEN;
+  if (!token) throw new UsageError('--token: expected an access token (or $POSTCOPY_TOKEN), got none');
+  const layout = makeLayout(parseSize('--memory', String(raw.memory)), parseSize('--page-size', String(raw.pageSize)));
+  const run = parseRunOptions(raw);
+  return { ...run, source: String(raw.source), token, layout, json: raw.json as string | undefined };
+}

@@ -1,0 +1,193 @@
+import {
+  LATENCY_DIST_BUCKETS,
+  allBlockedMs,
+  blockedMs,
+  createLatencyHistogram,
+  latencyBucket,
+  recordNs,
+  summarize,
+  type CheckResult,
+  type Counters,
+  type Report,
+  type SourceSummary,
+  type StrategyName,
+  type WorkloadName,
+} from '@postcopy/shared';
+import type { UffdCounters } from './uffd/userfaultfd.js';
+import type { GuestThreadResult } from './workers/protocol.js';
+import { COUNTER, type VmmState } from './vmm/state.js';
+
+export interface ReportInputs {
+  strategy: StrategyName;
+  workload: WorkloadName;
+  vcpus: number;
+  readers: number;
+  ioThreads: number;
+  pageSize: number;
+  guestBytes: number;
+  totalPages: number;
+  memslots: number;
+  push: boolean;
+  seed: number;
+  elapsedMs: number;
+  vcpuResults: GuestThreadResult[];
+  ioResults: GuestThreadResult[];
+  vmm: VmmState;
+  kernel: UffdCounters;
+  summary: SourceSummary;
+  imageDigest: string;
+  destDigest: string;
+  allReceived: boolean;
+  /** Threads still blocked at the end (must be none). */
+  blocked: string[];
+}
+
+const round = (x: number, digits = 3): number => Math.round(x * 10 ** digits) / 10 ** digits;
+
+export function buildReport(inp: ReportInputs): Report {
+  const vmm = inp.vmm;
+  const c = (k: number): number => vmm.counter(k);
+  const all = createLatencyHistogram();
+  const nonVcpu = createLatencyHistogram();
+  const dist = new Array<number>(LATENCY_DIST_BUCKETS).fill(0);
+  const perVcpu = inp.vcpuResults.map((r, vcpu) => {
+    const own = createLatencyHistogram();
+    for (let i = 0; i + 1 < r.intervals.length; i += 2) {
+      const ns = (r.intervals[i + 1]! - r.intervals[i]!) * 1e6;
+      recordNs(own, ns);
+      recordNs(all, ns);
+      dist[latencyBucket(ns)]!++;
+    }
+    return {
+      vcpu,
+      faults: r.faults,
+      blocktimeMs: round(blockedMs(r.intervals)),
+      accesses: r.accesses,
+      runtimeMs: round(r.endMs - r.startMs),
+      latencyUs: summarize(own),
+    };
+  });
+  let nonVcpuBlocked = 0;
+  let nonVcpuFaults = 0;
+  for (const r of inp.ioResults) {
+    for (let i = 0; i + 1 < r.intervals.length; i += 2) recordNs(nonVcpu, (r.intervals[i + 1]! - r.intervals[i]!) * 1e6);
+    nonVcpuBlocked += blockedMs(r.intervals);
+    nonVcpuFaults += r.faults;
+  }
+  const vcpuFaults = perVcpu.reduce((s, v) => s + v.faults, 0);
+  const totalBlocked = allBlockedMs(inp.vcpuResults.map((r) => r.intervals));
+  const vcpuBlockedSum = perVcpu.reduce((s, v) => s + v.blocktimeMs, 0);
+  // demand_paging_test: pages faulted / wall time from the start of all vCPUs to the end of the last.
+  const firstStart = Math.min(...inp.vcpuResults.map((r) => r.startMs));
+  const lastEnd = Math.max(...inp.vcpuResults.map((r) => r.endMs));
+  const wallS = Math.max(1e-9, (lastEnd - firstStart) / 1000);
+  const counters: Counters = {
+    faults: vcpuFaults + nonVcpuFaults,
+    requests: c(COUNTER.REQUESTS),
+    replies: c(COUNTER.REPLIES),
+    duplicateRequestsSuppressed: c(COUNTER.SUPPRESSED),
+    pagesDemand: c(COUNTER.PAGES_DEMAND),
+    pagesPushed: c(COUNTER.PAGES_PUSHED),
+    pagesZero: c(COUNTER.PAGES_ZERO),
+    pagesSentBySource: inp.summary.pagesSent,
+    totalPages: inp.totalPages,
+    eexist: inp.kernel.eexist,
+    wakes: inp.kernel.wakeCalls,
+    alreadySent: c(COUNTER.ALREADY_SENT),
+    nonVcpuFaults,
+    pagesInstalled: c(COUNTER.INSTALLED),
+  };
+  const checks = runChecks(inp, counters);
+  const nsPerFault = (ms: number, faults: number): number => (faults > 0 ? Math.round((ms * 1e6) / faults) : 0);
+  return {
+    strategy: inp.strategy,
+    workload: inp.workload,
+    vcpus: inp.vcpus,
+    readers: inp.readers,
+    ioThreads: inp.ioThreads,
+    pageSize: inp.pageSize,
+    guestBytes: inp.guestBytes,
+    memslots: inp.memslots,
+    push: inp.push,
+    seed: inp.seed,
+    elapsedMs: round(inp.elapsedMs),
+    verified: checks.every((x) => x.ok),
+    checks,
+    digest: { source: inp.summary.digestOfReceived, dest: inp.destDigest, scope: inp.allReceived ? 'all-pages' : 'received-pages' },
+    counters,
+    perVcpu,
+    latencyUs: summarize(all),
+    nonVcpuLatencyUs: summarize(nonVcpu),
+    demandPagingRate: {
+      overall: round(vcpuFaults / wallS, 1),
+      perVcpu: inp.vcpuResults.map((r) => round(r.faults / Math.max(1e-9, (r.endMs - r.startMs) / 1000), 1)),
+    },
+    blocktimeMs: { total: round(totalBlocked), perVcpu: perVcpu.map((v) => v.blocktimeMs) },
+    qemu: {
+      'postcopy-blocktime': Math.round(totalBlocked),
+      'postcopy-vcpu-blocktime': perVcpu.map((v) => Math.round(v.blocktimeMs)),
+      'postcopy-latency': nsPerFault(vcpuBlockedSum, vcpuFaults),
+      'postcopy-vcpu-latency': perVcpu.map((v) => nsPerFault(v.blocktimeMs, v.faults)),
+      'postcopy-non-vcpu-latency': nsPerFault(nonVcpuBlocked, nonVcpuFaults),
+      'postcopy-latency-dist': dist,
+    },
+  };
+}
+
+function runChecks(inp: ReportInputs, counters: Counters): CheckResult[] {
+  const vmm = inp.vmm;
+  const s = inp.summary;
+  const checks: CheckResult[] = [];
+  const add = (name: string, ok: boolean, detail: string): void => void checks.push({ name, ok, detail });
+
+  const bad = vmm.counter(COUNTER.VERIFY_FAILURES);
+  add(
+    'content',
+    bad === 0,
+    bad === 0
+      ? 'every page matched the generator at first touch'
+      : `${bad} page(s) differed from the generator at first touch, first page ${vmm.counter(COUNTER.FIRST_BAD_PAGE) - 1}`,
+  );
+  const digestOk = inp.destDigest === s.digestOfReceived && (!inp.allReceived || inp.destDigest === inp.imageDigest);
+  add(
+    'digest',
+    digestOk,
+    digestOk
+      ? `destination memory equals the source's over ${inp.allReceived ? 'all pages' : 'the received pages'}`
+      : `destination ${inp.destDigest.slice(0, 16)}… differs from source ${s.digestOfReceived.slice(0, 16)}…${inp.allReceived ? ` (image ${inp.imageDigest.slice(0, 16)}…)` : ''}`,
+  );
+  const repliesOk = counters.requests === counters.replies && s.requests === counters.requests && s.replies === s.requests;
+  add(
+    'replies-equal-requests',
+    repliesOk,
+    `destination sent ${counters.requests} requests and got ${counters.replies} replies; source got ${s.requests} and answered ${s.replies}`,
+  );
+  const duplicateData = vmm.counter(COUNTER.DUPLICATE_DATA);
+  const onceOk = s.pagesSentTwice === 0 && duplicateData === 0 && s.sentNotReceived === 0 && s.receivedNotSent === 0;
+  add(
+    'no-page-sent-twice',
+    onceOk,
+    onceOk
+      ? `${s.pagesSent} pages sent once each; sentmap equals receivedmap`
+      : `source sent ${s.pagesSentTwice} page(s) twice, ${duplicateData} arrived already installed; ${s.sentNotReceived} sent but not received, ${s.receivedNotSent} received but not sent`,
+  );
+  add(
+    'no-vcpu-blocked',
+    inp.blocked.length === 0,
+    inp.blocked.length === 0 ? 'every vCPU and I/O thread finished its accesses' : `still blocked: ${inp.blocked.join('; ')}`,
+  );
+  if (inp.push) {
+    add(
+      'all-pages-received',
+      counters.pagesInstalled === inp.totalPages,
+      `${counters.pagesInstalled} of ${inp.totalPages} pages installed`,
+    );
+  }
+  const installedOk = counters.pagesInstalled === counters.pagesDemand + counters.pagesPushed && counters.pagesInstalled === s.pagesSent;
+  add(
+    'installed-equals-sent',
+    installedOk,
+    `${counters.pagesInstalled} installed (${counters.pagesDemand} demand + ${counters.pagesPushed} pushed), source sent ${s.pagesSent}`,
+  );
+  return checks;
+}

@@ -1,0 +1,13 @@
+import type { StrategyName } from '@postcopy/shared';
+import { kvmExit } from './kvm-exit.js';
+import { perThreadUffd } from './per-thread-uffd.js';
+import { sharedUffd } from './shared-uffd.js';
+import type { FaultStrategy } from './strategy.js';
+
+export type { FaultStrategy, ResolverSpec, StrategySetup, ThreadPlan } from './strategy.js';
+
+export const STRATEGY_BY_NAME: Record<StrategyName, FaultStrategy> = {
+  'shared-uffd': sharedUffd,
+  'per-thread-uffd': perThreadUffd,
+  'kvm-exit': kvmExit,
+};

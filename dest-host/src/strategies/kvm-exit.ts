@@ -1,0 +1,23 @@
+import type { FaultStrategy, ResolverSpec } from './strategy.js';
+
+/**
+ * kvm-exit: the vCPU checks the userfault bitmap (the receivedmap) before each
+ * access, as KVM does with memory-fault exits (KVM_EXIT_MEMORY_FAULT); on a
+ * missing page it leaves its run loop, fetches the page on its own connection,
+ * installs it with COPY in DONTWAKE mode and goes on, also after EEXIST.
+ *
+ * Accesses that are not a vCPU's (I/O threads) still fault through a
+ * process-wide userfaultfd. A vCPU's DONTWAKE COPY wakes none of them, so
+ * their resolver owes a WAKE whenever a page got in some other way.
+ */
+export const kvmExit: FaultStrategy = {
+  name: 'kvm-exit',
+  vcpuFaultDelivery: 'memory-fault-exit',
+  setup(uffd, threads, guestBytes) {
+    const shared = uffd.open();
+    uffd.register(shared, 0, guestBytes);
+    const resolvers: ResolverSpec[] = [];
+    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+    return { resolvers, pushCtx: shared, vcpuCopyCtx: shared };
+  },
+};

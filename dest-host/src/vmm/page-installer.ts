@@ -1,0 +1,104 @@
+import type { Reply } from '@postcopy/shared';
+import type { PageClient } from '../net/page-client.js';
+import { ERRNO, type Userfaultfd } from '../uffd/userfaultfd.js';
+import { COUNTER, type VmmState } from './state.js';
+
+/** How a resolution ended (for the caller's accounting; never allocated). */
+export const Resolution = {
+  /** This resolver installed the page. */
+  INSTALLED: 0,
+  /** The page was (or became) installed by someone else; any owed WAKE was issued. */
+  ELSEWHERE: 1,
+  /** Our COPY found the page present: EEXIST (and the owed WAKE, if any). */
+  EEXIST: 2,
+} as const;
+
+export interface ResolveOptions {
+  /** Context the COPY is issued on (its waiters are woken, unless dontWake). */
+  ctx: number;
+  /** UFFDIO_COPY_MODE_DONTWAKE (kvm-exit installs without waking anyone). */
+  dontWake: boolean;
+  /**
+   * Whether this resolver must UFFDIO_WAKE its context when the page was
+   * installed by someone else (EEXIST, a duplicate fault, an already-sent
+   * page): true whenever that someone may have used another context or
+   * DONTWAKE, i.e. per-thread userfaultfd and the I/O-thread resolver. The
+   * kernel wakes nobody on EEXIST, so a resolver that owes this WAKE and skips
+   * it leaves the faulting thread blocked for ever.
+   */
+  owesWake: boolean;
+}
+
+/**
+ * Installs pages on the destination: fetches a missing page from the source
+ * (once per page destination-wide: the in-flight set), COPYs or ZEROPAGEs it,
+ * marks it in the receivedmap, and pays the WAKE the strategy owes.
+ */
+export class PageInstaller {
+  private readonly pageSize: number;
+  private readonly zeros: Uint8Array;
+
+  constructor(
+    readonly uffd: Userfaultfd,
+    readonly vmm: VmmState,
+  ) {
+    this.pageSize = uffd.memory.layout.pageSize;
+    this.zeros = new Uint8Array(this.pageSize);
+  }
+
+  /** Resolves a fault on `page`: returns a {@link Resolution}. */
+  async resolve(client: PageClient, page: number, options: ResolveOptions): Promise<number> {
+    const vmm = this.vmm;
+    if (vmm.isReceived(page)) return this.elsewhere(page, options);
+    if (!vmm.claim(page)) {
+      // Another thread already asked for this page: do not ask twice.
+      vmm.count(COUNTER.SUPPRESSED);
+      await vmm.untilReceived(page);
+      return this.elsewhere(page, options);
+    }
+    vmm.count(COUNTER.REQUESTS);
+    const reply = await client.request(page);
+    vmm.count(COUNTER.REPLIES);
+    return this.installReply(reply, options);
+  }
+
+  private async installReply(reply: Reply, options: ResolveOptions): Promise<number> {
+    const page = reply.page;
+    if (reply.type === 'already-sent') {
+      // The source sent it already, on another channel (a push in flight).
+      this.vmm.count(COUNTER.ALREADY_SENT);
+      await this.vmm.untilReceived(page);
+      return this.elsewhere(page, options);
+    }
+    const result = this.install(options.ctx, page, reply.type === 'page' ? reply.data : undefined, options.dontWake ? 1 : 0);
+    if (result === this.pageSize) {
+      this.vmm.count(COUNTER.PAGES_DEMAND);
+      if (reply.type === 'zero-page') this.vmm.count(COUNTER.PAGES_ZERO);
+      this.vmm.markReceived(page);
+      return Resolution.INSTALLED;
+    }
+    if (result === -ERRNO.EEXIST) {
+      // Present already: the source sent this page's content twice.
+      this.vmm.count(COUNTER.DUPLICATE_DATA);
+      if (options.owesWake) this.uffd.wake(options.ctx, page * this.pageSize, this.pageSize);
+      return Resolution.EEXIST;
+    }
+    throw new Error(`UFFDIO_COPY of page ${page} failed with errno ${-result}`);
+  }
+
+  /**
+   * Installs pushed or replied data with COPY (or ZEROPAGE; a zeroed COPY on
+   * huge pages, as QEMU's postcopy_place_page_zero does). Returns the ioctl result.
+   */
+  install(ctx: number, page: number, data: Uint8Array | undefined, mode: number): number {
+    const address = page * this.pageSize;
+    if (data) return this.uffd.copy(ctx, address, data, this.pageSize, mode);
+    if (this.pageSize === 4096) return this.uffd.zeropage(ctx, address, this.pageSize, mode);
+    return this.uffd.copy(ctx, address, this.zeros, this.pageSize, mode);
+  }
+
+  private elsewhere(page: number, options: ResolveOptions): number {
+    if (options.owesWake) this.uffd.wake(options.ctx, page * this.pageSize, this.pageSize);
+    return Resolution.ELSEWHERE;
+  }
+}

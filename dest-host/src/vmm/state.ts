@@ -1,0 +1,172 @@
+/**
+ * The destination VMM's own shared state (not the kernel's): the receivedmap
+ * with its in-flight marks, first-touch marks, counters, and one fault queue
+ * per vCPU. Every index is named here; every thread attaches to the same
+ * buffers.
+ */
+
+/** pageStatus values: the receivedmap (RECEIVED) and the in-flight set (REQUESTED). */
+export const PAGE = {
+  MISSING: 0,
+  /** Somebody on the destination asked the source for it; nobody else may ask. */
+  REQUESTED: 1,
+  /** Installed in guest memory (set only after a successful COPY/ZEROPAGE). */
+  RECEIVED: 2,
+} as const;
+
+export const COUNTER = {
+  REQUESTS: 0,
+  REPLIES: 1,
+  SUPPRESSED: 2,
+  PAGES_DEMAND: 3,
+  PAGES_PUSHED: 4,
+  PAGES_ZERO: 5,
+  ALREADY_SENT: 6,
+  INSTALLED: 7,
+  VERIFIED: 8,
+  VERIFY_FAILURES: 9,
+  /** First page whose content was wrong, plus one (0 = none). */
+  FIRST_BAD_PAGE: 10,
+  NON_VCPU_FAULTS: 11,
+  /** Pages the source sent whose install found them already present (source sent twice). */
+  DUPLICATE_DATA: 12,
+  /** Guest accesses completed, all threads: the watchdog's progress signal. */
+  ACCESSES: 13,
+  LENGTH: 16,
+} as const;
+
+/**
+ * Per-vCPU (and per-I/O-thread) fault queue, as shared Int32 fields:
+ * outstanding faults of that thread, oldest first. A thread blocks on one
+ * fault at a time, so the queue holds at most one entry in practice; it has
+ * room for more so that asynchronous-fault extensions keep the same shape.
+ */
+export const FAULT_QUEUE = {
+  COUNT: 0,
+  FAULTS: 1,
+  /** Pages of outstanding faults, CAPACITY slots. */
+  PAGES: 2,
+  CAPACITY: 4,
+  STRIDE: 6,
+} as const;
+
+export interface VmmBuffers {
+  pageStatus: SharedArrayBuffer;
+  firstTouch: SharedArrayBuffer;
+  counters: SharedArrayBuffer;
+  faultQueues: SharedArrayBuffer;
+  /** Fault start times (ms since the run's epoch), CAPACITY per thread. */
+  faultStarts: SharedArrayBuffer;
+}
+
+export class VmmState {
+  readonly pageStatus: Int32Array;
+  readonly firstTouch: Uint8Array;
+  readonly counters: Int32Array;
+  readonly faultQueues: Int32Array;
+  readonly faultStarts: Float64Array;
+
+  static create(totalPages: number, threads: number): VmmState {
+    return new VmmState({
+      pageStatus: new SharedArrayBuffer(totalPages * 4),
+      firstTouch: new SharedArrayBuffer(totalPages),
+      counters: new SharedArrayBuffer(COUNTER.LENGTH * 4),
+      faultQueues: new SharedArrayBuffer(threads * FAULT_QUEUE.STRIDE * 4),
+      faultStarts: new SharedArrayBuffer(threads * FAULT_QUEUE.CAPACITY * 8),
+    });
+  }
+
+  constructor(readonly buffers: VmmBuffers) {
+    this.pageStatus = new Int32Array(buffers.pageStatus);
+    this.firstTouch = new Uint8Array(buffers.firstTouch);
+    this.counters = new Int32Array(buffers.counters);
+    this.faultQueues = new Int32Array(buffers.faultQueues);
+    this.faultStarts = new Float64Array(buffers.faultStarts);
+  }
+
+  count(counter: number, by = 1): void {
+    Atomics.add(this.counters, counter, by);
+  }
+
+  counter(counter: number): number {
+    return Atomics.load(this.counters, counter);
+  }
+
+  isReceived(page: number): boolean {
+    return Atomics.load(this.pageStatus, page) === PAGE.RECEIVED;
+  }
+
+  /** Claims the right to request `page`: true for the first asker only (the in-flight set). */
+  claim(page: number): boolean {
+    return Atomics.compareExchange(this.pageStatus, page, PAGE.MISSING, PAGE.REQUESTED) === PAGE.MISSING;
+  }
+
+  /** Marks `page` received after its install and wakes whoever awaits it. */
+  markReceived(page: number): void {
+    Atomics.store(this.pageStatus, page, PAGE.RECEIVED);
+    Atomics.add(this.counters, COUNTER.INSTALLED, 1);
+    Atomics.notify(this.pageStatus, page);
+  }
+
+  /** Resolves once `page` is in the receivedmap (installed by whoever got it). */
+  async untilReceived(page: number): Promise<void> {
+    for (;;) {
+      const status = Atomics.load(this.pageStatus, page);
+      if (status === PAGE.RECEIVED) return;
+      const wait = Atomics.waitAsync(this.pageStatus, page, status);
+      if (wait.async) await wait.value;
+    }
+  }
+
+  /** Synchronous variant for a thread that has nothing else to do meanwhile. */
+  waitReceived(page: number): void {
+    for (;;) {
+      const status = Atomics.load(this.pageStatus, page);
+      if (status === PAGE.RECEIVED) return;
+      Atomics.wait(this.pageStatus, page, status);
+    }
+  }
+
+  /** True for the one thread that touches `page` first (it verifies the content). */
+  firstToTouch(page: number): boolean {
+    return this.firstTouch[page] === 0 && Atomics.compareExchange(this.firstTouch, page, 0, 1) === 0;
+  }
+
+  recordBadPage(page: number): void {
+    Atomics.add(this.counters, COUNTER.VERIFY_FAILURES, 1);
+    Atomics.compareExchange(this.counters, COUNTER.FIRST_BAD_PAGE, 0, page + 1);
+  }
+
+  // ---- fault queues (one per faulting thread; index = thread id)
+
+  pushFault(thread: number, page: number, startMs: number): void {
+    const base = thread * FAULT_QUEUE.STRIDE;
+    const count = this.faultQueues[base + FAULT_QUEUE.COUNT]!;
+    if (count < FAULT_QUEUE.CAPACITY) {
+      this.faultQueues[base + FAULT_QUEUE.PAGES + count] = page;
+      this.faultStarts[thread * FAULT_QUEUE.CAPACITY + count] = startMs;
+    }
+    Atomics.store(this.faultQueues, base + FAULT_QUEUE.COUNT, count + 1);
+    Atomics.add(this.faultQueues, base + FAULT_QUEUE.FAULTS, 1);
+  }
+
+  popFault(thread: number): void {
+    const base = thread * FAULT_QUEUE.STRIDE;
+    Atomics.sub(this.faultQueues, base + FAULT_QUEUE.COUNT, 1);
+  }
+
+  /** Outstanding faults of `thread`: pages and start times (for the watchdog). */
+  outstanding(thread: number): { page: number; startMs: number }[] {
+    const base = thread * FAULT_QUEUE.STRIDE;
+    const count = Math.min(FAULT_QUEUE.CAPACITY, Atomics.load(this.faultQueues, base + FAULT_QUEUE.COUNT));
+    const list: { page: number; startMs: number }[] = [];
+    for (let i = 0; i < count; i++) {
+      list.push({ page: this.faultQueues[base + FAULT_QUEUE.PAGES + i]!, startMs: this.faultStarts[thread * FAULT_QUEUE.CAPACITY + i]! });
+    }
+    return list;
+  }
+
+  faultsOf(thread: number): number {
+    return Atomics.load(this.faultQueues, thread * FAULT_QUEUE.STRIDE + FAULT_QUEUE.FAULTS);
+  }
+}

@@ -1,0 +1,51 @@
+/**
+ * A guest thread: a vCPU (kind 'vcpu') or a non-vCPU I/O thread (kind 'io').
+ * Waits for 'go' (all threads start together, like demand_paging_test's
+ * barrier), runs its access pattern, reports its faults and blocked intervals.
+ */
+import { workerData } from 'node:worker_threads';
+import { ChannelRole } from '@postcopy/shared';
+import { PageClient } from '../net/page-client.js';
+import { PageInstaller } from '../vmm/page-installer.js';
+import { COUNTER } from '../vmm/state.js';
+import { accessPattern, ioPattern } from '../workload/workloads.js';
+import { attach, nextCommand, report, runWorker } from './attach.js';
+import { runGuestLoop } from './guest-loop.js';
+import type { GuestThreadData } from './protocol.js';
+
+runWorker(async () => {
+  const data = workerData as GuestThreadData;
+  const { memory, uffd, vmm, clockOffset } = attach(data.state);
+  let client: PageClient | undefined;
+  let exitOnMissing: ((page: number) => Promise<unknown>) | undefined;
+  if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
+    // kvm-exit: the vCPU thread fetches its own pages on its own connection.
+    const source = data.source!;
+    const vcpuClient = await PageClient.connect({ ...source, role: ChannelRole.Fault, channel: `vcpu${data.index}` });
+    client = vcpuClient;
+    const installer = new PageInstaller(uffd, vmm);
+    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false };
+    exitOnMissing = (page) => installer.resolve(vcpuClient, page, options);
+  }
+  report({ type: 'ready' });
+  await nextCommand();
+  const pattern =
+    data.kind === 'vcpu'
+      ? accessPattern(data.workload, data.index)
+      : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
+  const result = await runGuestLoop({
+    tid: data.tid,
+    memory,
+    uffd,
+    vmm,
+    image: data.state.image,
+    pattern,
+    writeFraction: data.workload.writeFraction,
+    seed: data.workload.seed,
+    clockOffset,
+    ...(exitOnMissing ? { exitOnMissing } : {}),
+  });
+  if (data.kind === 'io') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
+  client?.close();
+  report({ type: 'done', result }, [result.intervals.buffer as ArrayBuffer]);
+});

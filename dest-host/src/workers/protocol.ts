@@ -1,0 +1,66 @@
+import type { ImageSpec, StrategyName } from '@postcopy/shared';
+import type { GuestMemoryBuffers } from '../memory/guest-memory.js';
+import type { UffdBuffers } from '../uffd/userfaultfd.js';
+import type { VmmBuffers } from '../vmm/state.js';
+import type { WorkloadSpec } from '../workload/workloads.js';
+
+/** Where a worker's own connection goes (kvm-exit vCPUs, resolvers). */
+export interface SourceEndpoint {
+  url: string;
+  token: string;
+  guestBytes: number;
+  pageSize: number;
+}
+
+/** Everything a worker needs to attach to the destination's shared state. */
+export interface SharedState {
+  memory: GuestMemoryBuffers;
+  uffd: UffdBuffers;
+  vmm: VmmBuffers;
+  image: ImageSpec;
+  /** The main thread's performance.timeOrigin: workers report times relative to it. */
+  epochOrigin: number;
+}
+
+export interface GuestThreadData {
+  kind: 'vcpu' | 'io';
+  /** vCPU index, or I/O thread index. */
+  index: number;
+  tid: number;
+  strategy: StrategyName;
+  delivery: 'userfaultfd' | 'memory-fault-exit';
+  state: SharedState;
+  workload: WorkloadSpec;
+  /** I/O threads: accesses to make. */
+  ioAccesses: number;
+  source?: SourceEndpoint;
+  /** kvm-exit: context of the vCPU's DONTWAKE COPY. */
+  copyCtx: number;
+}
+
+export interface ResolverData {
+  label: string;
+  ctx: number;
+  owesWake: boolean;
+  state: SharedState;
+  source: SourceEndpoint;
+}
+
+export interface GuestThreadResult {
+  faults: number;
+  accesses: number;
+  /** Blocked intervals, [start, end, ...] in ms since the epoch. */
+  intervals: Float64Array;
+  startMs: number;
+  endMs: number;
+}
+
+/** Messages workers post to the main thread. */
+export type WorkerReport =
+  | { type: 'ready' }
+  | { type: 'done'; result: GuestThreadResult }
+  | { type: 'resolver-done'; messages: number }
+  | { type: 'error'; message: string; stack?: string };
+
+/** Messages the main thread posts to workers. */
+export type WorkerCommand = { type: 'go' } | { type: 'stop' };

@@ -1,0 +1,47 @@
+#!/usr/bin/env node
+import { USAGE_EXIT_CODE, UsageError } from '@postcopy/shared';
+import { GuestImage } from './image.js';
+import { parseSourceOptions, sourceCommand } from './options.js';
+import { SourceServer, generateToken } from './server.js';
+
+async function main(): Promise<number> {
+  const cmd = sourceCommand().exitOverride((err) => {
+    process.exit(err.exitCode === 0 ? 0 : USAGE_EXIT_CODE);
+  });
+  cmd.parse(process.argv);
+  const options = parseSourceOptions(cmd.opts());
+  let token = options.token ?? process.env.POSTCOPY_TOKEN;
+  if (!token) {
+    token = generateToken();
+    process.stdout.write(`token ${token}\n`);
+  }
+  const image = new GuestImage(options.layout, options.image);
+  const server = await SourceServer.listen(image, { host: options.host, port: options.port, token });
+  process.stdout.write(`listening ${server.url}\n`);
+
+  server.on('rejected', (label: string, err: Error) => {
+    process.stderr.write(`source: rejected ${label}: ${err.message}\n`);
+  });
+  return await new Promise<number>((resolve) => {
+    server.once('finished', () => {
+      // Give the summary frame time to leave before the process goes.
+      setTimeout(() => void server.close().then(() => resolve(0)), 50);
+    });
+    server.once('destination-lost', (reason: string) => {
+      process.stderr.write(`source: destination lost: ${reason}\n`);
+      void server.close().then(() => resolve(1));
+    });
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+      process.once(signal, () => void server.close().then(() => resolve(130)));
+    }
+  });
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    const e = err as Error;
+    process.stderr.write(`source: ${e.message}\n`);
+    process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
+  },
+);

@@ -1,0 +1,188 @@
+import { bitmapHas, digestPages, encode, type SourceSummary } from '@postcopy/shared';
+import type { GuestImage } from './image.js';
+import { Scheduler } from './scheduler.js';
+import { Sentmap } from './sentmap.js';
+
+/** A connection to the destination as the migration sees it (a WebSocket, or a fake in tests). */
+export interface Channel {
+  readonly label: string;
+  readonly isOpen: boolean;
+  /** Bytes queued for sending and not yet handed to the kernel. */
+  readonly bufferedAmount: number;
+  send(frame: Uint8Array, sent?: (err?: Error) => void): void;
+}
+
+export interface MigrationOptions {
+  /** Pages a background task pushes before it yields to the event loop. */
+  pushBatchBytes: number;
+  /** Pushing pauses while the main channel holds more than this many unsent bytes. */
+  pushHighWaterBytes: number;
+}
+
+export const MIGRATION_DEFAULTS: MigrationOptions = {
+  pushBatchBytes: 64 * 1024,
+  pushHighWaterBytes: 512 * 1024,
+};
+
+export interface SourceStats {
+  requests: number;
+  replies: number;
+  repliesPage: number;
+  repliesZero: number;
+  repliesAlreadySent: number;
+  pagesPushed: number;
+  pagesZero: number;
+  /** Requests whose channel closed before the answer could go out. */
+  repliesUndeliverable: number;
+}
+
+/**
+ * The source's side of one postcopy migration: answers every request exactly
+ * once (page, zero-page notice, or already-sent), sends each page's content at
+ * most once (sentmap), and pushes the rest in the background when asked,
+ * always behind requested pages.
+ */
+export class SourceMigration {
+  readonly sentmap: Sentmap;
+  readonly stats: SourceStats = {
+    requests: 0,
+    replies: 0,
+    repliesPage: 0,
+    repliesZero: 0,
+    repliesAlreadySent: 0,
+    pagesPushed: 0,
+    pagesZero: 0,
+    repliesUndeliverable: 0,
+  };
+  private readonly scheduler = new Scheduler();
+  private readonly options: MigrationOptions;
+  private pushCursor = 0;
+  private pushing = false;
+  private pushChannel: Channel | undefined;
+  private completeSent = false;
+
+  constructor(
+    readonly image: GuestImage,
+    options: Partial<MigrationOptions> = {},
+  ) {
+    this.sentmap = new Sentmap(image.layout.totalPages);
+    this.options = { ...MIGRATION_DEFAULTS, ...options };
+  }
+
+  /** A request from the destination: queued ahead of every push. */
+  request(channel: Channel, id: number, page: number): Promise<void> {
+    this.stats.requests++;
+    return this.scheduler.urgent(() => this.answer(channel, id, page));
+  }
+
+  private answer(channel: Channel, id: number, page: number): void {
+    if (!channel.isOpen) {
+      this.stats.repliesUndeliverable++;
+      return;
+    }
+    if (this.sentmap.isSent(page)) {
+      channel.send(encode({ type: 'already-sent', id, page }));
+      this.stats.repliesAlreadySent++;
+    } else if (this.image.isZero(page)) {
+      channel.send(encode({ type: 'zero-page', id, page }));
+      this.sentmap.mark(page);
+      this.stats.repliesZero++;
+      this.stats.pagesZero++;
+    } else {
+      channel.send(encode({ type: 'page', id, page, data: this.image.pageBytes(page) }));
+      this.sentmap.mark(page);
+      this.stats.repliesPage++;
+    }
+    this.stats.replies++;
+    this.maybeComplete();
+  }
+
+  /** Starts pushing every page not yet sent on `channel`, in the background. */
+  startPush(channel: Channel): void {
+    if (this.pushing) return;
+    this.pushing = true;
+    this.pushChannel = channel;
+    void this.scheduler.background(() => this.pushBatch());
+  }
+
+  private async pushBatch(): Promise<void> {
+    const channel = this.pushChannel!;
+    if (!this.pushing || !channel.isOpen) return;
+    const { pageSize, totalPages } = this.image.layout;
+    const perBatch = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
+    let pushed = 0;
+    let lastSent: Promise<void> | undefined;
+    while (pushed < perBatch && this.pushCursor < totalPages) {
+      const page = this.pushCursor++;
+      if (this.sentmap.isSent(page)) continue;
+      const frame = this.image.isZero(page)
+        ? encode({ type: 'pushed-zero', page })
+        : encode({ type: 'pushed', page, data: this.image.pageBytes(page) });
+      if (this.image.isZero(page)) this.stats.pagesZero++;
+      this.sentmap.mark(page);
+      this.stats.pagesPushed++;
+      pushed++;
+      if (pushed === perBatch || this.pushCursor === totalPages) {
+        lastSent = new Promise((resolve) => channel.send(frame, () => resolve()));
+      } else {
+        channel.send(frame);
+      }
+    }
+    this.maybeComplete();
+    if (this.pushCursor < totalPages) {
+      // Back-pressure: let the socket drain before queueing more, so an urgent
+      // page never waits behind more than the high-water mark of pushed bytes.
+      if (lastSent && channel.bufferedAmount > this.options.pushHighWaterBytes) await lastSent;
+      void this.scheduler.background(() => this.pushBatch());
+    }
+  }
+
+  private maybeComplete(): void {
+    if (this.completeSent || !this.pushing || !this.sentmap.complete) return;
+    const channel = this.pushChannel;
+    if (!channel?.isOpen) return;
+    this.completeSent = true;
+    channel.send(encode({ type: 'complete', pagesSent: this.sentmap.sent }));
+  }
+
+  /** The destination is done: compare its receivedmap with the sentmap and digest what it received. */
+  summarize(receivedmap: Uint8Array): SourceSummary {
+    const total = this.image.layout.totalPages;
+    let sentNotReceived = 0;
+    let receivedNotSent = 0;
+    for (let page = 0; page < total; page++) {
+      const received = bitmapHas(receivedmap, page);
+      const sent = this.sentmap.isSent(page);
+      if (sent && !received) sentNotReceived++;
+      if (received && !sent) receivedNotSent++;
+    }
+    return {
+      requests: this.stats.requests,
+      replies: this.stats.replies,
+      repliesPage: this.stats.repliesPage,
+      repliesZero: this.stats.repliesZero,
+      repliesAlreadySent: this.stats.repliesAlreadySent,
+      pagesSent: this.sentmap.sent,
+      pagesPushed: this.stats.pagesPushed,
+      pagesZero: this.stats.pagesZero,
+      pagesSentTwice: this.sentmap.pagesSentTwice,
+      digestOfReceived: digestPages(this.image, total, (page) => bitmapHas(receivedmap, page)),
+      sentNotReceived,
+      receivedNotSent,
+    };
+  }
+
+  /** Stops pushing; answers already queued still go out. */
+  stopPush(): void {
+    this.pushing = false;
+  }
+
+  stop(): void {
+    this.pushing = false;
+    this.scheduler.clear();
+  }
+
+  onIdle(): Promise<void> {
+    return this.scheduler.onIdle();
+  }
+}

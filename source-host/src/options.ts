@@ -1,0 +1,53 @@
+import { Command, Option } from 'commander';
+import { makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
+
+/** Option defaults in one literal (the `ws` convention). */
+export const SOURCE_DEFAULTS = {
+  memory: '64MiB',
+  pageSize: '4KiB',
+  seed: '1',
+  zeroFraction: '0.1',
+  host: '127.0.0.1',
+  port: '0',
+} as const;
+
+export interface SourceOptions {
+  layout: GuestLayout;
+  image: ImageSpec;
+  host: string;
+  port: number;
+  token: string | undefined;
+}
+
+/** Options that describe the guest image; the launcher shares them. */
+export function addImageOptions(cmd: Command): Command {
+  return cmd
+    .option('--memory <size>', 'guest memory size (B, KiB, MiB, GiB)', SOURCE_DEFAULTS.memory)
+    .option('--page-size <size>', 'guest page size: 4KiB or 2MiB', SOURCE_DEFAULTS.pageSize)
+    .option('--seed <n>', 'seed of the page-content generator and the workload', SOURCE_DEFAULTS.seed)
+    .option('--zero-fraction <f>', 'share of guest pages that are all zero (sent as zero-page notices)', SOURCE_DEFAULTS.zeroFraction);
+}
+
+export function sourceCommand(): Command {
+  const cmd = new Command('source')
+    .description('postcopy source host: owns the guest image, answers page requests, pushes the rest')
+    .option('--host <addr>', 'address to listen on', SOURCE_DEFAULTS.host)
+    .option('--port <n>', 'port to listen on (0 = any free port)', SOURCE_DEFAULTS.port)
+    .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'));
+  return addImageOptions(cmd);
+}
+
+export function parseImageOptions(raw: Record<string, string>): { layout: GuestLayout; image: ImageSpec } {
+  const layout = makeLayout(parseSize('--memory', raw.memory!), parseSize('--page-size', raw.pageSize!));
+  const image = { seed: parseIntOption('--seed', raw.seed!, 0, 0xffffffff), zeroFraction: parseFraction('--zero-fraction', raw.zeroFraction!) };
+  return { layout, image };
+}
+
+export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
+  return {
+    ...parseImageOptions(raw),
+    host: raw.host!,
+    port: parseIntOption('--port', raw.port!, 0, 65535),
+    token: raw.token,
+  };
+}

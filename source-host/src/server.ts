@@ -1,0 +1,200 @@
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import type { AddressInfo } from 'node:net';
+import { WebSocketServer, type WebSocket } from 'ws';
+import {
+  ChannelRole,
+  HandshakeError,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  decode,
+  encode,
+  formatBytes,
+  maxFrameBytes,
+  type Message,
+  type SourceSummary,
+} from '@postcopy/shared';
+import type { GuestImage } from './image.js';
+import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
+
+export interface SourceServerOptions {
+  host: string;
+  port: number;
+  token: string;
+  migration?: Partial<MigrationOptions>;
+}
+
+/** One WebSocket connection from the destination, after (or before) its hello. */
+class WsChannel implements Channel {
+  label = 'unidentified';
+  role: number | undefined;
+  constructor(readonly ws: WebSocket) {}
+  get isOpen(): boolean {
+    return this.ws.readyState === this.ws.OPEN;
+  }
+  get bufferedAmount(): number {
+    return this.ws.bufferedAmount;
+  }
+  send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+    this.ws.send(frame, { binary: true }, sent);
+  }
+}
+
+function tokenDigest(token: string): Buffer {
+  return createHash('sha256').update(token).digest();
+}
+
+/** Constant-time token comparison (hashing first makes lengths equal). */
+export function tokensEqual(expected: string, given: string): boolean {
+  return timingSafeEqual(tokenDigest(expected), tokenDigest(given));
+}
+
+export function generateToken(): string {
+  return randomBytes(18).toString('base64url');
+}
+
+/**
+ * The source host's WebSocket server for one migration. Events:
+ * - `finished` (summary): the destination sent `finish` and got its summary;
+ * - `destination-lost` (reason): the main channel closed before `finish`;
+ * - `rejected` (label, error): a peer was sent an error and disconnected.
+ */
+export class SourceServer extends EventEmitter {
+  readonly migration: SourceMigration;
+  private readonly wss: WebSocketServer;
+  private main: WsChannel | undefined;
+  private finished = false;
+
+  private constructor(
+    readonly image: GuestImage,
+    private readonly options: SourceServerOptions,
+    wss: WebSocketServer,
+  ) {
+    super();
+    this.migration = new SourceMigration(image, options.migration);
+    this.wss = wss;
+    wss.on('connection', (ws) => this.accept(ws));
+  }
+
+  static async listen(image: GuestImage, options: SourceServerOptions): Promise<SourceServer> {
+    const wss = new WebSocketServer({
+      host: options.host,
+      port: options.port,
+      perMessageDeflate: false,
+      maxPayload: maxFrameBytes(image.layout.pageSize, image.layout.totalPages),
+    });
+    await new Promise<void>((resolve, reject) => {
+      wss.once('listening', resolve);
+      wss.once('error', reject);
+    });
+    return new SourceServer(image, options, wss);
+  }
+
+  get url(): string {
+    const address = this.wss.address() as AddressInfo;
+    const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+    return `ws://${host}:${address.port}`;
+  }
+
+  close(): Promise<void> {
+    this.migration.stop();
+    for (const ws of this.wss.clients) ws.terminate();
+    return new Promise((resolve) => this.wss.close(() => resolve()));
+  }
+
+  private accept(ws: WebSocket): void {
+    const channel = new WsChannel(ws);
+    ws.binaryType = 'nodebuffer';
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      try {
+        if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
+        const message = decode(data, channel.role === undefined ? {} : { layout: this.image.layout });
+        this.dispatch(channel, message);
+      } catch (err) {
+        this.reject(channel, err as Error);
+      }
+    });
+    ws.on('error', (err) => this.reject(channel, err));
+    ws.on('close', () => {
+      if (channel === this.main && !this.finished) {
+        this.main = undefined;
+        this.migration.stop();
+        this.emit('destination-lost', `the destination's main channel closed before the migration finished`);
+      }
+    });
+  }
+
+  private reject(channel: WsChannel, err: Error): void {
+    const code = (err as { code?: string }).code ?? 'ERR_POSTCOPY';
+    if (channel.isOpen) {
+      channel.send(encode({ type: 'error', code, message: err.message }));
+      // Policy violation (1008) for handshake problems, protocol error (1002) otherwise.
+      channel.ws.close(err instanceof HandshakeError ? 1008 : 1002, err.message.slice(0, 120));
+    }
+    this.emit('rejected', channel.label, err);
+  }
+
+  private dispatch(channel: WsChannel, message: Message): void {
+    if (channel.role === undefined) {
+      if (message.type !== 'hello') throw new ProtocolError(`expected hello first, got ${message.type}`);
+      this.handshake(channel, message);
+      return;
+    }
+    switch (message.type) {
+      case 'request':
+        void this.migration.request(channel, message.id, message.page);
+        return;
+      case 'start':
+        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected start on the main channel, got it on ${channel.label}`);
+        if (message.push) this.migration.startPush(channel);
+        return;
+      case 'finish': {
+        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected finish on the main channel, got it on ${channel.label}`);
+        // Let queued answers go out first, so the summary counts every reply.
+        this.migration.stopPush();
+        void this.migration.onIdle().then(() => {
+          const summary: SourceSummary = this.migration.summarize(message.receivedmap);
+          this.finished = true;
+          channel.send(encode({ type: 'summary', ...summary }));
+          this.emit('finished', summary);
+        });
+        return;
+      }
+      default:
+        throw new ProtocolError(`expected request, start or finish, got ${message.type}`);
+    }
+  }
+
+  private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
+    channel.label = hello.channel || 'unnamed';
+    if (hello.protocolVersion !== PROTOCOL_VERSION) {
+      throw new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, got ${hello.protocolVersion}`);
+    }
+    if (!tokensEqual(this.options.token, hello.token)) {
+      throw new HandshakeError(`expected a valid access token, got ${hello.token === '' ? 'none' : 'a wrong one'}`);
+    }
+    const { guestBytes, pageSize, totalPages } = this.image.layout;
+    if (hello.guestBytes !== guestBytes || hello.pageSize !== pageSize) {
+      throw new HandshakeError(
+        `expected guest layout ${formatBytes(guestBytes)} in ${formatBytes(pageSize)} pages, got ${formatBytes(hello.guestBytes)} in ${formatBytes(hello.pageSize)} pages`,
+      );
+    }
+    if (hello.role === ChannelRole.Main) {
+      if (this.main) throw new HandshakeError(`expected one main channel, got a second one (${channel.label})`);
+      this.main = channel;
+    }
+    channel.role = hello.role;
+    channel.send(
+      encode({
+        type: 'welcome',
+        protocolVersion: PROTOCOL_VERSION,
+        guestBytes,
+        pageSize,
+        totalPages,
+        imageDigest: this.image.digest,
+        imageSeed: this.image.spec.seed,
+        zeroFraction: this.image.spec.zeroFraction,
+      }),
+    );
+  }
+}
