@@ -1,0 +1,41 @@
+import { Command } from 'commander';
+import { addImageOptions, parseImageOptions } from '@postcopy/source-host';
+import { addRunOptions, parseRunOptions } from '@postcopy/dest-host';
+
+/** `npm start`'s options: the image's (source) and the run's (destination). */
+export function launcherCommand(): Command {
+  const cmd = new Command('postcopy')
+    .description('Runs a two-process local postcopy migration (source host + destination host on 127.0.0.1) and prints its report.');
+  addImageOptions(cmd);
+  addRunOptions(cmd);
+  return cmd;
+}
+
+const IMAGE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction'] as const;
+
+function flag(name: string): string {
+  return '--' + name.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
+}
+
+/**
+ * Validates every option (throws UsageError before anything starts) and
+ * splits them into the two hosts' argument lists.
+ */
+export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[] } {
+  parseImageOptions(raw as Record<string, string>);
+  parseRunOptions(raw);
+  const sourceArgs: string[] = [];
+  for (const k of IMAGE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
+  const destArgs: string[] = ['--memory', String(raw.memory), '--page-size', String(raw.pageSize), '--seed', String(raw.seed)];
+  for (const [k, v] of Object.entries(raw)) {
+    if ((IMAGE_FLAGS as readonly string[]).includes(k)) continue;
+    if (k === 'push') {
+      if (v === false) destArgs.push('--no-push');
+    } else if (v === true) {
+      destArgs.push(flag(k));
+    } else if (v !== false && v !== undefined) {
+      destArgs.push(flag(k), String(v));
+    }
+  }
+  return { sourceArgs, destArgs };
+}
