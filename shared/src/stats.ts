@@ -34,12 +34,15 @@ export function summarize(histogram: Histogram): LatencySummary {
   const count = histogram.totalCount;
   if (count === 0) return { count: 0, p50: 0, p90: 0, p99: 0, p999: 0, max: 0, mean: 0 };
   const us = (ns: number): number => round3(ns / 1000);
+  // A percentile is reported as the highest value equivalent to its bucket,
+  // which can exceed the largest value recorded: clamp so p99.9 <= max.
+  const at = (p: number): number => us(Math.min(histogram.getValueAtPercentile(p), histogram.maxValue));
   return {
     count,
-    p50: us(histogram.getValueAtPercentile(50)),
-    p90: us(histogram.getValueAtPercentile(90)),
-    p99: us(histogram.getValueAtPercentile(99)),
-    p999: us(histogram.getValueAtPercentile(99.9)),
+    p50: at(50),
+    p90: at(90),
+    p99: at(99),
+    p999: at(99.9),
     max: us(histogram.maxValue),
     mean: us(histogram.mean),
   };
@@ -70,18 +73,30 @@ export function allBlockedMs(intervals: readonly Float64Array[]): number {
   if (vcpus === 0) return 0;
   const events: { t: number; d: number }[] = [];
   for (const list of intervals) {
+    // Merge this vCPU's own intervals first: if they overlapped, a plain depth
+    // count would let one vCPU stand in for another that is not blocked.
+    const own: [number, number][] = [];
     for (let i = 0; i + 1 < list.length; i += 2) {
       const start = list[i]!;
       const end = list[i + 1]!;
-      if (end > start) {
-        events.push({ t: start, d: +1 }, { t: end, d: -1 });
+      if (end > start) own.push([start, end]);
+    }
+    own.sort((a, b) => a[0] - b[0]);
+    let current: [number, number] | undefined;
+    for (const interval of own) {
+      if (current && interval[0] < current[1]) {
+        current[1] = Math.max(current[1], interval[1]);
+      } else {
+        if (current) events.push({ t: current[0], d: +1 }, { t: current[1], d: -1 });
+        current = [interval[0], interval[1]];
       }
     }
+    if (current) events.push({ t: current[0], d: +1 }, { t: current[1], d: -1 });
   }
   // Ends before starts at equal times: touching intervals do not overlap.
   events.sort((a, b) => a.t - b.t || a.d - b.d);
-  // Per-vCPU overlap would double-count; vCPUs block on one fault at a time, so
-  // their own intervals never overlap and a plain depth count is exact.
+  // Each vCPU now contributes at most 1 to the depth at any time, so depth ===
+  // vcpus exactly when every vCPU is blocked.
   let depth = 0;
   let since = 0;
   let total = 0;

@@ -1,0 +1,130 @@
+import { describe, expect, it } from 'vitest';
+import { STRATEGIES, WORKLOADS, type Report } from '@postcopy/shared';
+import { failedChecks, migrate } from './run.js';
+
+/** What every verified run must show, whatever the strategy and workload. */
+function expectVerified(result: Awaited<ReturnType<typeof migrate>>): Report {
+  expect(result.stderr).not.toMatch(/failed|error/i);
+  expect(result.code, result.stderr + result.stdout).toBe(0);
+  const report = result.report!;
+  expect(report).toBeDefined();
+  expect(failedChecks(report)).toEqual([]);
+  expect(report.verified).toBe(true);
+  expect(report.digest.dest).toBe(report.digest.source);
+  expect(report.counters.replies).toBe(report.counters.requests);
+  expect(report.counters.pagesInstalled).toBe(report.counters.pagesSentBySource);
+  expect(result.stdout).toContain('verified: true');
+  return report;
+}
+
+describe('two-process migration: every strategy with every workload', () => {
+  for (const strategy of STRATEGIES) {
+    for (const workload of WORKLOADS) {
+      const push = workload !== 'shared-hot';
+      it(`${strategy} × ${workload}${push ? '' : ' (no push)'}`, async () => {
+        const result = await migrate([
+          '--strategy', strategy,
+          '--workload', workload,
+          '--vcpus', '2',
+          '--memory', '8MiB',
+          ...(push ? [] : ['--no-push']),
+        ]);
+        const report = expectVerified(result);
+        expect(report.strategy).toBe(strategy);
+        expect(report.workload).toBe(workload);
+        expect(report.perVcpu).toHaveLength(2);
+        expect(report.counters.faults).toBeGreaterThan(0);
+        expect(report.counters.faults).toBe(report.perVcpu.reduce((s, v) => s + v.faults, 0));
+        expect(report.latencyUs.p50).toBeGreaterThan(0);
+        expect(report.demandPagingRate.overall).toBeGreaterThan(0);
+        if (push) {
+          expect(report.digest.scope).toBe('all-pages');
+          expect(report.counters.pagesSentBySource).toBe(report.counters.totalPages);
+          expect(report.counters.pagesInstalled).toBe(2048);
+        } else {
+          expect(report.counters.pagesPushed).toBe(0);
+          expect(report.digest.scope).toBe('received-pages');
+          expect(report.counters.pagesDemand).toBe(report.counters.requests - report.counters.alreadySent);
+        }
+      });
+    }
+  }
+});
+
+describe('concurrent faults on one page (shared-hot)', () => {
+  for (const strategy of STRATEGIES) {
+    it(`${strategy}: faults collide and every vCPU finishes`, async () => {
+      const report = expectVerified(
+        await migrate(['--strategy', strategy, '--workload', 'shared-hot', '--vcpus', '4', '--memory', '8MiB', '--no-push']),
+      );
+      // Every vCPU walks the same hot set in the same order: more faults than pages fetched.
+      expect(report.counters.faults).toBeGreaterThan(report.counters.requests);
+      expect(report.counters.duplicateRequestsSuppressed + report.counters.eexist).toBeGreaterThan(0);
+      for (const v of report.perVcpu) expect(v.faults).toBeGreaterThan(0);
+      if (strategy === 'per-thread-uffd') {
+        // Pages installed through another vCPU's context: the owed WAKEs were paid.
+        expect(report.counters.wakes).toBeGreaterThan(0);
+      }
+    });
+  }
+
+  it('per-thread-uffd without the owed WAKE leaves a vCPU blocked and the watchdog names it', async () => {
+    const result = await migrate([
+      '--strategy', 'per-thread-uffd',
+      '--workload', 'shared-hot',
+      '--vcpus', '4',
+      '--memory', '8MiB',
+      '--no-push',
+      '--unsafe-skip-owed-wake',
+      '--watchdog-ms', '1500',
+    ]);
+    expect(result.code).not.toBe(0);
+    expect(result.report).toBeUndefined();
+    expect(result.stderr).toMatch(/watchdog: no progress for \d+ ms; blocked: vCPU \d on page \d+/);
+    expect(result.stderr).toContain('(blocked in userfaultfd)');
+  });
+});
+
+describe('guest layouts', () => {
+  it('several memslots', async () => {
+    const report = expectVerified(await migrate(['--memory', '8MiB', '--memslot-size', '1MiB', '--vcpus', '2', '--workload', 'random']));
+    expect(report.memslots).toBe(8);
+  });
+
+  it('2 MiB pages, with zero pages installed by a zeroed COPY', async () => {
+    const report = expectVerified(
+      await migrate(['--memory', '32MiB', '--page-size', '2MiB', '--memslot-size', '8MiB', '--vcpus', '2', '--zero-fraction', '0.5', '--no-push']),
+    );
+    expect(report.pageSize).toBe(2 * 1024 * 1024);
+    expect(report.counters.totalPages).toBe(16);
+    expect(report.counters.pagesZero).toBeGreaterThan(0);
+  });
+
+  it('zero pages travel as notices and are verified', async () => {
+    const report = expectVerified(await migrate(['--memory', '8MiB', '--zero-fraction', '0.5', '--vcpus', '2']));
+    expect(report.counters.pagesZero).toBeGreaterThan(512);
+    expect(report.counters.pagesZero).toBeLessThan(1536);
+  });
+
+  it('I/O threads fault through the userfaultfd under kvm-exit', async () => {
+    const report = expectVerified(
+      await migrate(['--strategy', 'kvm-exit', '--io-threads', '2', '--io-accesses', '300', '--vcpus', '2', '--memory', '8MiB', '--no-push']),
+    );
+    expect(report.counters.nonVcpuFaults).toBeGreaterThan(0);
+    expect(report.nonVcpuLatencyUs.count).toBe(report.counters.nonVcpuFaults);
+    expect(report.qemu['postcopy-non-vcpu-latency']).toBeGreaterThan(0);
+  });
+
+  it('shared-uffd with two reader threads', async () => {
+    const report = expectVerified(await migrate(['--strategy', 'shared-uffd', '--readers', '2', '--vcpus', '2', '--memory', '8MiB', '--workload', 'random', '--no-push']));
+    expect(report.readers).toBe(2);
+  });
+
+  it('reports QEMU figures with QEMU names', async () => {
+    const report = expectVerified(await migrate(['--vcpus', '2', '--memory', '4MiB', '--no-push']));
+    expect(report.qemu['postcopy-latency-dist']).toHaveLength(24);
+    expect(report.qemu['postcopy-latency-dist'].reduce((a, b) => a + b, 0)).toBe(report.counters.faults);
+    expect(report.qemu['postcopy-vcpu-blocktime']).toHaveLength(2);
+    expect(report.qemu['postcopy-latency']).toBeGreaterThan(0);
+  });
+});

@@ -1,0 +1,61 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Report } from '@postcopy/shared';
+
+export const LAUNCHER = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
+export const SOURCE = fileURLToPath(new URL('../../source-host/dist/cli.js', import.meta.url));
+export const DEST = fileURLToPath(new URL('../../dest-host/dist/cli.js', import.meta.url));
+
+export interface ProcessResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a built CLI as a real process; kills it (and fails) after `timeoutMs`. */
+export function runNode(script: string, args: string[], options: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<ProcessResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [script, ...args], {
+      env: { ...process.env, ...options.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${script} ${args.join(' ')} did not finish within ${options.timeoutMs ?? 45_000} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, options.timeoutMs ?? 45_000);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+export interface MigrationResult extends ProcessResult {
+  report: Report | undefined;
+}
+
+/** `npm start -- ARGS --json FILE`: a full two-process migration; returns its exit and report. */
+export async function migrate(args: string[], timeoutMs = 45_000): Promise<MigrationResult> {
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-e2e-'));
+  const json = join(dir, 'report.json');
+  try {
+    const result = await runNode(LAUNCHER, [...args, '--json', json], { timeoutMs });
+    const report = existsSync(json) ? (JSON.parse(readFileSync(json, 'utf8')) as Report) : undefined;
+    return { ...result, report };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The checks every successful run must pass, asserted one by one for a readable failure. */
+export function failedChecks(report: Report): string[] {
+  return report.checks.filter((c) => !c.ok).map((c) => `${c.name}: ${c.detail}`);
+}
