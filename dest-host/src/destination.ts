@@ -42,6 +42,7 @@ export interface DestinationOptions {
   seed: number;
   push: boolean;
   watchdogMs: number;
+  connectTimeoutMs: number;
   /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
   skipOwedWake: boolean;
   /** Called about every 200 ms with pages installed so far. */
@@ -99,7 +100,13 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
   let watchdog: Watchdog | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
   try {
-    const endpoint: SourceEndpoint = { url: options.source, token: options.token, guestBytes: layout.guestBytes, pageSize: layout.pageSize };
+    const endpoint: SourceEndpoint = {
+      url: options.source,
+      token: options.token,
+      guestBytes: layout.guestBytes,
+      pageSize: layout.pageSize,
+      connectTimeoutMs: options.connectTimeoutMs,
+    };
     main = await PageClient.connect({ ...endpoint, role: ChannelRole.Main, channel: 'main' });
     const welcome = main.welcome;
 

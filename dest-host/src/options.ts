@@ -28,6 +28,7 @@ export const DEST_DEFAULTS = {
   writeFraction: '0.5',
   seed: '1',
   watchdogMs: '5000',
+  connectTimeoutMs: '10000',
 } as const;
 
 /** Options of the run (the destination's, and the launcher's too). */
@@ -44,6 +45,7 @@ export function addRunOptions(cmd: Command): Command {
     .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
     .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
+    .option('--connect-timeout-ms <ms>', 'give up on a source that does not complete the handshake within this time', DEST_DEFAULTS.connectTimeoutMs)
     .option('--json <path>', 'also write the report as JSON to this file')
     .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
 }
@@ -79,6 +81,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     seed: parseIntOption('--seed', str('seed'), 0, 0xffffffff),
     push: raw.push !== false,
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
+    connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),
     skipOwedWake: raw.unsafeSkipOwedWake === true,
   };
 }

@@ -10,6 +10,7 @@ export interface SourceEndpoint {
   token: string;
   guestBytes: number;
   pageSize: number;
+  connectTimeoutMs: number;
 }
 
 /** Everything a worker needs to attach to the destination's shared state. */
