@@ -122,7 +122,10 @@ function expectPage(frame: unknown[], index: number, limits: DecodeLimits): numb
 }
 
 function requireLayout(frame: unknown[], limits: DecodeLimits): GuestLayout {
-  if (!limits.layout) throw new ProtocolError(`${typeName(frame)}: not allowed before the handshake`);
+  if (!limits.layout) {
+    const name = typeName(frame);
+    throw new ProtocolError(`${name}: expected the handshake (hello, welcome) first, got ${name} before it`);
+  }
   return limits.layout;
 }
 

@@ -16,18 +16,20 @@ const UNITS: Record<string, number> = {
   tib: 1024 ** 4,
 };
 
+const ACCEPTED_SIZES = 'such as 4096, 4KiB, 64MiB or 1GiB (units B, KiB, MiB, GiB, TiB, KB, MB, GB)';
+
 /** Parses `4096`, `4KiB`, `64MiB`, `2M`, `1GiB` into bytes. */
 export function parseSize(option: string, text: string): number {
   const match = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
   const unit = match ? UNITS[match[2]!.toLowerCase()] : undefined;
   if (!match || unit === undefined) {
     throw new UsageError(
-      `${option}: expected a size such as 4096, 4KiB, 64MiB or 1GiB (units B, KiB, MiB, GiB, TiB, KB, MB, GB), got ${JSON.stringify(text)}`,
+      `${option}: expected a size ${ACCEPTED_SIZES}, got ${JSON.stringify(text)}`,
     );
   }
   const bytes = Number(match[1]) * unit;
   if (!Number.isSafeInteger(bytes) || bytes <= 0) {
-    throw new UsageError(`${option}: expected a positive whole number of bytes, got ${JSON.stringify(text)}`);
+    throw new UsageError(`${option}: expected a positive whole number of bytes, ${ACCEPTED_SIZES}, got ${JSON.stringify(text)}`);
   }
   return bytes;
 }

@@ -105,7 +105,7 @@ export class SourceMigration {
     void this.scheduler.background(() => this.pushBatch());
   }
 
-  private async pushBatch(): Promise<void> {
+  private pushBatch(): void {
     const channel = this.pushChannel!;
     if (!this.pushing || !channel.isOpen) return;
     const { pageSize, totalPages } = this.image.layout;
@@ -130,10 +130,13 @@ export class SourceMigration {
     }
     this.maybeComplete();
     if (this.pushCursor < totalPages) {
-      // Back-pressure: let the socket drain before queueing more, so an urgent
-      // page never waits behind more than the high-water mark of pushed bytes.
-      if (lastSent && channel.bufferedAmount > this.options.pushHighWaterBytes) await lastSent;
-      void this.scheduler.background(() => this.pushBatch());
+      const next = (): void => void this.scheduler.background(() => this.pushBatch());
+      // Back-pressure: while the socket holds more than the high-water mark,
+      // queue the next batch only once this one has drained, so an urgent page
+      // never waits behind more pushed bytes than that. The wait happens
+      // outside the queue: answers to requests keep going out meanwhile.
+      if (lastSent && channel.bufferedAmount > this.options.pushHighWaterBytes) void lastSent.then(next);
+      else next();
     }
   }
 

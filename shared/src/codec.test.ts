@@ -1,0 +1,431 @@
+/**
+ * The codec against the protocol: every message survives a round trip, every
+ * malformed frame is rejected with a ProtocolError that says what was expected
+ * and what came, and nothing (random bytes, mutated frames) makes decode throw
+ * anything else.
+ */
+import { pack } from 'msgpackr';
+import { describe, expect, it } from 'vitest';
+import { decode, encode, type DecodeLimits } from './codec.js';
+import { ProtocolError } from './errors.js';
+import { makeLayout } from './layout.js';
+import { ChannelRole, MessageType, PROTOCOL_VERSION, type Message, type Summary } from './protocol.js';
+
+const PAGE = 4096;
+const layout = makeLayout(64 * PAGE, PAGE);
+const limits: DecodeLimits = { layout };
+const DIGEST = 'ab'.repeat(32);
+
+/** Deterministic PRNG (mulberry32), so the fuzz cases are the same on every run. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function pageData(fill: number): Uint8Array {
+  const data = new Uint8Array(PAGE);
+  for (let i = 0; i < PAGE; i++) data[i] = (i * 31 + fill) & 0xff;
+  return data;
+}
+
+/** msgpackr hands back Buffers; compare bytes as plain Uint8Arrays. */
+function normalize(message: Message): unknown {
+  const out: Record<string, unknown> = { ...message };
+  for (const [key, value] of Object.entries(out)) {
+    if (value instanceof Uint8Array) out[key] = Uint8Array.from(value);
+  }
+  return out;
+}
+
+const summary: Summary = {
+  type: 'summary',
+  requests: 10,
+  replies: 10,
+  repliesPage: 6,
+  repliesZero: 3,
+  repliesAlreadySent: 1,
+  pagesSent: 64,
+  pagesPushed: 55,
+  pagesZero: 9,
+  pagesSentTwice: 0,
+  digestOfReceived: DIGEST,
+  sentNotReceived: 0,
+  receivedNotSent: 0,
+};
+
+const receivedmap = new Uint8Array(8);
+receivedmap[0] = 0b1010_0101;
+receivedmap[7] = 0xff;
+
+const samples: Message[] = [
+  {
+    type: 'hello',
+    protocolVersion: PROTOCOL_VERSION,
+    token: 'secret-token',
+    role: ChannelRole.Fault,
+    guestBytes: layout.guestBytes,
+    pageSize: PAGE,
+    channel: 'vcpu3',
+  },
+  {
+    type: 'hello',
+    protocolVersion: PROTOCOL_VERSION,
+    token: '',
+    role: ChannelRole.Main,
+    guestBytes: layout.guestBytes,
+    pageSize: PAGE,
+    channel: 'main',
+  },
+  {
+    type: 'welcome',
+    protocolVersion: PROTOCOL_VERSION,
+    guestBytes: layout.guestBytes,
+    pageSize: PAGE,
+    totalPages: layout.totalPages,
+    imageDigest: DIGEST,
+    imageSeed: 0xdeadbeef,
+    zeroFraction: 0.1,
+  },
+  { type: 'start', push: true },
+  { type: 'start', push: false },
+  { type: 'request', id: 0xffffffff, page: 63 },
+  { type: 'request', id: 0, page: 0 },
+  { type: 'page', id: 7, page: 12, data: pageData(12) },
+  { type: 'zero-page', id: 8, page: 13 },
+  { type: 'already-sent', id: 9, page: 14 },
+  { type: 'pushed', page: 63, data: pageData(63) },
+  { type: 'pushed-zero', page: 0 },
+  { type: 'complete', pagesSent: 64 },
+  { type: 'finish', receivedmap },
+  summary,
+  { type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'request.page: expected a whole number from 0 to 63, got 64 (number)' },
+];
+
+describe('round trip', () => {
+  it('covers every message type of the protocol', () => {
+    const types = new Set(samples.map((m) => m.type));
+    expect(types.size).toBe(Object.keys(MessageType).length);
+  });
+
+  samples.forEach((message, i) => {
+    it(`${message.type} (sample ${i})`, () => {
+      const frame = encode(message);
+      expect(frame).toBeInstanceOf(Uint8Array);
+      const decoded = decode(frame, limits);
+      expect(normalize(decoded)).toEqual(normalize(message));
+      if ('data' in message) {
+        const data = (decoded as { data: Uint8Array }).data;
+        expect(data.length).toBe(PAGE);
+        expect(Buffer.compare(Buffer.from(data), Buffer.from(message.data))).toBe(0);
+      }
+    });
+  });
+
+  it('handshake messages decode without a layout', () => {
+    for (const message of samples.filter((m) => ['hello', 'welcome', 'start', 'summary', 'error'].includes(m.type))) {
+      expect(normalize(decode(encode(message)))).toEqual(normalize(message));
+    }
+  });
+});
+
+/** Decodes `frame` expecting a ProtocolError; returns its message. */
+function rejection(frame: Uint8Array, decodeLimits: DecodeLimits = limits): string {
+  let caught: unknown;
+  try {
+    decode(frame, decodeLimits);
+  } catch (err) {
+    caught = err;
+  }
+  expect(caught, 'decode should have thrown').toBeInstanceOf(ProtocolError);
+  const err = caught as ProtocolError;
+  expect(err.code).toBe('ERR_POSTCOPY_PROTOCOL');
+  expect(err.name).toBe('ProtocolError');
+  return err.message;
+}
+
+/** A rejection whose message says what was expected and names what came. */
+function expectRejected(frame: Uint8Array, ...mentions: string[]): string {
+  const message = rejection(frame);
+  expect(message).toContain('expected');
+  for (const m of mentions) expect(message).toContain(m);
+  return message;
+}
+
+const goodSummaryFields = (): Record<string, unknown> => {
+  const { type: _type, ...fields } = summary;
+  return fields;
+};
+
+describe('rejects malformed frames with ProtocolError', () => {
+  it('bytes that are not msgpack', () => {
+    // [0x93, 0x01] is an array of 3 cut after 1; 0xd9 0x05 a str8 of 5 with 2 bytes.
+    expectRejected(Uint8Array.of(0x93, 0x01), 'msgpack', '2 bytes');
+    expectRejected(Uint8Array.of(0xd9, 0x05, 0x61, 0x62), 'msgpack', '4 bytes');
+    expectRejected(Uint8Array.of(), 'msgpack', '0 bytes');
+    // A valid value followed by garbage is not one frame either.
+    expectRejected(Uint8Array.of(0x91, 0x04, 0x00), 'msgpack', '3 bytes');
+  });
+
+  it('valid msgpack that is not an array', () => {
+    expectRejected(pack({ type: 4, id: 1, page: 2 }), 'message array', 'object');
+    expectRejected(pack('request'), 'message array', '"request" (string)');
+    expectRejected(pack(42), 'message array', '42 (number)');
+    expectRejected(pack(null), 'message array', 'null');
+    // 0xc1, the byte msgpack never uses: msgpackr reads it as a marker object.
+    expectRejected(Uint8Array.of(0xc1), 'message array', 'object');
+    expectRejected(pack(Buffer.from([4, 1, 2])), 'message array', '3 bytes');
+  });
+
+  it('an empty array', () => {
+    expectRejected(pack([]), 'message array', 'array of 0');
+  });
+
+  it('an unknown or non-number type', () => {
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 13', '99 (number)');
+    expectRejected(pack([0]), 'message type', '0 (number)');
+    expectRejected(pack([20, 1]), 'message type', '20 (number)');
+    expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');
+    expectRejected(pack([4.5, 1, 2]), 'message type', '4.5 (number)');
+    expectRejected(pack([null, 1, 2]), 'message type', 'null');
+  });
+
+  it('a wrong field count', () => {
+    expectRejected(pack([MessageType.Request, 1, 2, 3]), 'request', 'expected 2 fields, got 3');
+    expectRejected(pack([MessageType.Request, 1]), 'request', 'expected 2 fields, got 1');
+    expectRejected(pack([MessageType.Start]), 'start', 'expected 1 fields, got 0');
+    expectRejected(pack([MessageType.Pushed, 1]), 'pushed', 'expected 2 fields, got 1');
+    expectRejected(pack([MessageType.Summary]), 'summary', 'expected 1 fields, got 0');
+    expectRejected(pack([MessageType.Hello, 1, 't', 0, PAGE, PAGE]), 'hello', 'expected 6 fields, got 5');
+  });
+
+  it('a page index out of range', () => {
+    for (const type of [MessageType.Request, MessageType.ZeroPage, MessageType.AlreadySent]) {
+      expectRejected(pack([type, 1, 64]), 'page', 'from 0 to 63', '64 (number)');
+      expectRejected(pack([type, 1, -1]), 'page', '-1 (number)');
+      expectRejected(pack([type, 1, 1.5]), 'page', '1.5 (number)');
+      expectRejected(pack([type, 1, '3']), 'page', '"3" (string)');
+      expectRejected(pack([type, 1, null]), 'page', 'null');
+    }
+    expectRejected(pack([MessageType.Page, 1, layout.totalPages, pageData(0)]), 'page.page', '64 (number)');
+    expectRejected(pack([MessageType.Pushed, -1, pageData(0)]), 'pushed.page', '-1 (number)');
+    expectRejected(pack([MessageType.PushedZero, 1.5]), 'pushed-zero.page', '1.5 (number)');
+    expectRejected(pack([MessageType.PushedZero, 2 ** 40]), 'pushed-zero.page', `${2 ** 40} (number)`);
+    // The last page is fine.
+    expect(decode(pack([MessageType.Request, 1, 63]), limits)).toEqual({ type: 'request', id: 1, page: 63 });
+  });
+
+  it('page data of the wrong size', () => {
+    expectRejected(pack([MessageType.Page, 1, 2, new Uint8Array(PAGE - 1)]), 'page.data', `expected ${PAGE} bytes`, `${PAGE - 1} bytes`);
+    expectRejected(pack([MessageType.Pushed, 2, new Uint8Array(PAGE + 1)]), 'pushed.data', `${PAGE + 1} bytes`);
+    expectRejected(pack([MessageType.Pushed, 2, new Uint8Array(0)]), 'pushed.data', '0 bytes');
+    expectRejected(pack([MessageType.Pushed, 2, 'x'.repeat(PAGE)]), 'pushed.data', '(string)');
+    expectRejected(pack([MessageType.Page, 1, 2, Array.from({ length: 8 }, () => 0)]), 'page.data', 'array of 8');
+    expectRejected(pack([MessageType.Finish, new Uint8Array(9)]), 'finish.receivedmap', 'expected 8 bytes', '9 bytes');
+  });
+
+  it('page messages before the handshake (no layout yet)', () => {
+    const frames = [
+      encode({ type: 'request', id: 1, page: 2 }),
+      encode({ type: 'page', id: 1, page: 2, data: pageData(2) }),
+      encode({ type: 'zero-page', id: 1, page: 2 }),
+      encode({ type: 'already-sent', id: 1, page: 2 }),
+      encode({ type: 'pushed', page: 2, data: pageData(2) }),
+      encode({ type: 'pushed-zero', page: 2 }),
+      encode({ type: 'complete', pagesSent: 64 }),
+      encode({ type: 'finish', receivedmap }),
+    ];
+    const names = ['request', 'page', 'zero-page', 'already-sent', 'pushed', 'pushed-zero', 'complete', 'finish'];
+    frames.forEach((frame, i) => {
+      const message = rejection(frame, {});
+      expect(message).toContain('handshake');
+      expect(message).toContain('expected');
+      expect(message.startsWith(`${names[i]}:`)).toBe(true);
+    });
+  });
+
+  it('an id above 2^32-1', () => {
+    expectRejected(pack([MessageType.Request, 2 ** 32, 1]), 'request.id', 'from 0 to 4294967295', '4294967296 (number)');
+    expectRejected(pack([MessageType.ZeroPage, -1, 1]), 'zero-page.id', '-1 (number)');
+    expectRejected(pack([MessageType.AlreadySent, 0.5, 1]), 'already-sent.id', '0.5 (number)');
+    expectRejected(pack([MessageType.Page, 'a', 1, pageData(1)]), 'page.id', '"a" (string)');
+  });
+
+  it('a hello whose token is longer than 256 characters', () => {
+    const hello = (token: unknown): Uint8Array => pack([MessageType.Hello, PROTOCOL_VERSION, token, 0, layout.guestBytes, PAGE, 'main']);
+    expect(decode(hello('t'.repeat(256)))).toMatchObject({ type: 'hello', token: 't'.repeat(256) });
+    expectRejected(hello('t'.repeat(257)), 'hello.token', 'at most 256 characters', '"tttt', '(string)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 2, layout.guestBytes, PAGE, 'main']), 'hello.role', 'from 0 to 1', '2 (number)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, 'c'.repeat(65)]), 'hello.channel', 'at most 64');
+  });
+
+  it('a welcome with a bad digest', () => {
+    const welcome = (digest: unknown, zeroFraction: unknown = 0): Uint8Array =>
+      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction]);
+    expect(decode(welcome(DIGEST))).toMatchObject({ type: 'welcome', imageDigest: DIGEST });
+    expectRejected(welcome('not-a-digest'), 'welcome.imageDigest', '64 hex digits', '"not-a-digest" (string)');
+    expectRejected(welcome('AB'.repeat(32)), 'welcome.imageDigest', '64 hex digits', '"ABAB');
+    expectRejected(welcome('a'.repeat(63)), 'welcome.imageDigest', '64 hex digits');
+    expectRejected(welcome('z'.repeat(64)), 'welcome.imageDigest', '64 hex digits', '"zzzz');
+    expectRejected(welcome(12), 'welcome.imageDigest', '12 (number)');
+    expectRejected(welcome(DIGEST, 1.5), 'welcome.zeroFraction', 'from 0 to 1', '1.5 (number)');
+    expectRejected(welcome(DIGEST, Number.NaN), 'welcome.zeroFraction', 'NaN (number)');
+  });
+
+  it('a summary missing a field or with a negative counter', () => {
+    expect(decode(pack([MessageType.Summary, goodSummaryFields()]))).toEqual(summary);
+
+    const missing = goodSummaryFields();
+    delete missing.replies;
+    expectRejected(pack([MessageType.Summary, missing]), 'summary.replies', 'whole number >= 0', 'undefined');
+
+    const negative = { ...goodSummaryFields(), pagesSentTwice: -1 };
+    expectRejected(pack([MessageType.Summary, negative]), 'summary.pagesSentTwice', '-1 (number)');
+
+    const fractional = { ...goodSummaryFields(), requests: 2.5 };
+    expectRejected(pack([MessageType.Summary, fractional]), 'summary.requests', '2.5 (number)');
+
+    const noDigest = goodSummaryFields();
+    delete noDigest.digestOfReceived;
+    expectRejected(pack([MessageType.Summary, noDigest]), 'summary.digestOfReceived', '64 hex digits', 'undefined');
+
+    expectRejected(pack([MessageType.Summary, [1, 2, 3]]), 'summary', 'object of counters', 'array of 3');
+    expectRejected(pack([MessageType.Summary, 7]), 'summary', 'object of counters', '7 (number)');
+  });
+
+  it('a text field of the wrong type', () => {
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 12345, 0, layout.guestBytes, PAGE, 'main']), 'hello.token', 'string', '12345 (number)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, null]), 'hello.channel', 'string', 'null');
+    expectRejected(pack([MessageType.Error, 42, 'boom']), 'error.code', 'string', '42 (number)');
+    expectRejected(pack([MessageType.Error, 'E', new Uint8Array(3)]), 'error.message', 'string', '3 bytes');
+    expectRejected(pack([MessageType.Start, 'yes']), 'start.push', 'boolean', '"yes" (string)');
+    expectRejected(pack([MessageType.Start, 1]), 'start.push', 'boolean', '1 (number)');
+  });
+});
+
+/** Checks the invariants a successfully decoded message must hold. */
+function checkDecoded(message: Message): void {
+  if ('page' in message) {
+    expect(Number.isInteger(message.page) && message.page >= 0 && message.page < layout.totalPages).toBe(true);
+  }
+  if ('id' in message) expect(Number.isInteger(message.id) && message.id >= 0 && message.id <= 0xffffffff).toBe(true);
+  if ('data' in message) expect(message.data.length).toBe(PAGE);
+  if (message.type === 'finish') expect(message.receivedmap.length).toBe(8);
+}
+
+/** Runs decode on `frame` with and without a layout; returns a description of anything thrown that is not a ProtocolError. */
+function fuzzOne(frame: Uint8Array): string | undefined {
+  for (const decodeLimits of [limits, {}]) {
+    try {
+      checkDecoded(decode(frame, decodeLimits));
+    } catch (err) {
+      if (!(err instanceof ProtocolError) || err.code !== 'ERR_POSTCOPY_PROTOCOL') {
+        return `${Buffer.from(frame).toString('hex').slice(0, 200)}: ${String(err)}`;
+      }
+    }
+  }
+  return undefined;
+}
+
+describe('decode throws nothing but ProtocolError', () => {
+  it('for 2,000 random byte arrays of length 0..64', () => {
+    const random = prng(0x5eed);
+    const failures: string[] = [];
+    let pastMsgpack = 0;
+    for (let n = 0; n < 2000; n++) {
+      const length = Math.floor(random() * 65);
+      const bytes = new Uint8Array(length);
+      for (let i = 0; i < length; i++) bytes[i] = Math.floor(random() * 256);
+      // Half of them are shaped like a message array [type 0..15, ...] of mostly
+      // one-byte values, so that many get past msgpack into the validation code.
+      if (n % 2 === 0 && length > 1) {
+        bytes[0] = 0x90 | Math.min(15, length - 1);
+        bytes[1] = bytes[1]! % 16;
+        const oneByte = [0x00, 0x01, 0x3f, 0x40, 0x7f, 0xff, 0xe0, 0xc0, 0xc2, 0xc3];
+        for (let i = 2; i < length; i++) if (random() < 0.9) bytes[i] = oneByte[bytes[i]! % oneByte.length]!;
+      }
+      const failure = fuzzOne(bytes);
+      if (failure) failures.push(failure);
+      try {
+        decode(bytes, limits);
+        pastMsgpack++;
+      } catch (err) {
+        if (!(err as Error).message.startsWith('expected a msgpack frame')) pastMsgpack++;
+      }
+    }
+    expect(failures.slice(0, 5), `${failures.length} failures`).toEqual([]);
+    // The corpus reaches the validation code, not only msgpack's own errors.
+    expect(pastMsgpack).toBeGreaterThan(200);
+  });
+
+  it('for 2,000 random msgpack arrays [type, ...random fields]', () => {
+    const random = prng(0xabc);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(random() * xs.length)]!;
+    const value = (depth: number): unknown => {
+      switch (Math.floor(random() * 10)) {
+        case 0:
+          return pick([0, 1, 63, 64, -1, 1.5, 2 ** 32, 2 ** 53, -(2 ** 40), Number.NaN, Infinity]);
+        case 1:
+          return Math.floor(random() * 100);
+        case 2:
+          return pick(['', 'x', 'a'.repeat(64), DIGEST, 'é'.repeat(300)]);
+        case 3:
+          return pick([true, false, null]);
+        case 4:
+          return new Uint8Array(pick([0, 1, 8, PAGE - 1, PAGE, PAGE + 1]));
+        case 5:
+          return depth > 2 ? 0 : Array.from({ length: Math.floor(random() * 4) }, () => value(depth + 1));
+        case 6:
+          return depth > 2 ? {} : { ...goodSummaryFields(), [pick(['requests', 'digestOfReceived', 'extra'])]: value(depth + 1) };
+        default:
+          return Math.floor(random() * 70);
+      }
+    };
+    const failures: string[] = [];
+    const seen = new Set<string>();
+    for (let n = 0; n < 2000; n++) {
+      const fields = Array.from({ length: Math.floor(random() * 9) }, () => value(0));
+      const frame = pack([Math.floor(random() * 16), ...fields]);
+      const failure = fuzzOne(frame);
+      if (failure) failures.push(failure);
+      try {
+        seen.add(decode(frame, limits).type);
+      } catch {
+        // rejected
+      }
+    }
+    expect(failures.slice(0, 5), `${failures.length} failures`).toEqual([]);
+    // Some random frames are valid messages: the corpus exercises the accepting paths too.
+    expect(seen.size).toBeGreaterThan(3);
+  });
+
+  it('for 2,000 random mutations of valid frames', () => {
+    const random = prng(0xf1ee);
+    const frames = samples.map((m) => Uint8Array.from(encode(m)));
+    const failures: string[] = [];
+    for (let n = 0; n < 2000; n++) {
+      const source = frames[n % frames.length]!;
+      let mutated: Uint8Array;
+      if (n % 10 === 9) {
+        // Truncate.
+        mutated = source.slice(0, Math.floor(random() * source.length));
+      } else {
+        mutated = Uint8Array.from(source);
+        const flips = 1 + Math.floor(random() * 3);
+        for (let k = 0; k < flips; k++) {
+          // Headers are where the structure is: bias flips toward the first bytes.
+          const at = random() < 0.7 ? Math.floor(random() * Math.min(16, mutated.length)) : Math.floor(random() * mutated.length);
+          mutated[at] = mutated[at]! ^ (1 + Math.floor(random() * 255));
+        }
+      }
+      const failure = fuzzOne(mutated);
+      if (failure) failures.push(failure);
+    }
+    expect(failures.slice(0, 5), `${failures.length} failures`).toEqual([]);
+  });
+});

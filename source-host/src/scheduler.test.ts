@@ -1,0 +1,401 @@
+/**
+ * The source's send scheduler (urgent before background, background yields to
+ * the event loop) and the migration built on it (exactly-once replies, each
+ * page sent at most once, requested pages ahead of pushed ones), with fake
+ * channels that decode every frame they are given.
+ */
+import { decode, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
+import { describe, expect, it } from 'vitest';
+import { GuestImage } from './image.js';
+import { SourceMigration, type Channel } from './migration.js';
+import { Scheduler } from './scheduler.js';
+
+const PAGE = 4096;
+
+describe('Scheduler', () => {
+  it('runs an urgent task ahead of 10,000 queued background tasks', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    for (let i = 0; i < 10_000; i++) void scheduler.background(() => void ran.push(`b${i}`));
+    expect(scheduler.waiting).toBeGreaterThanOrEqual(9_999);
+    void scheduler.urgent(() => void ran.push('urgent'));
+    await scheduler.onIdle();
+    expect(ran).toHaveLength(10_001);
+    // The first background task may already be running when the urgent one is queued.
+    expect(ran.indexOf('urgent')).toBeLessThanOrEqual(1);
+    // Background tasks keep their order.
+    const background = ran.filter((id) => id !== 'urgent');
+    expect(background.every((id, i) => id === `b${i}`)).toBe(true);
+  });
+
+  it('runs urgent tasks in order and ahead of background tasks queued before them', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    for (let i = 0; i < 5; i++) void scheduler.background(() => void ran.push(`b${i}`));
+    for (let i = 0; i < 3; i++) void scheduler.urgent(() => void ran.push(`u${i}`));
+    await scheduler.onIdle();
+    expect(ran).toEqual(['b0', 'u0', 'u1', 'u2', 'b1', 'b2', 'b3', 'b4']);
+  });
+
+  it('lets the event loop run between background tasks', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    const TASKS = 100;
+    for (let i = 0; i < TASKS; i++) void scheduler.background(() => void ran.push(`b${i}`));
+    // Stands for a socket read: a macrotask scheduled after the pushes were queued.
+    setImmediate(() => ran.push('immediate'));
+    await scheduler.onIdle();
+    const at = ran.indexOf('immediate');
+    expect(at).toBeGreaterThanOrEqual(0);
+    expect(at).toBeLessThan(ran.indexOf(`b${TASKS - 1}`));
+    // Not just before the last: after at most a couple of pushes.
+    expect(at).toBeLessThanOrEqual(3);
+  });
+
+  it('an urgent task queued from a macrotask while pushes run goes ahead of the rest', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    for (let i = 0; i < 1000; i++) void scheduler.background(() => void ran.push(`b${i}`));
+    setImmediate(() => void scheduler.urgent(() => void ran.push('urgent')));
+    await scheduler.onIdle();
+    expect(ran).toHaveLength(1001);
+    expect(ran.indexOf('urgent')).toBeLessThanOrEqual(4);
+  });
+
+  it('clear drops waiting tasks', async () => {
+    const scheduler = new Scheduler();
+    const ran: number[] = [];
+    for (let i = 0; i < 100; i++) void scheduler.background(() => void ran.push(i));
+    scheduler.clear();
+    expect(scheduler.waiting).toBe(0);
+    await scheduler.onIdle();
+    expect(ran).toEqual([0]);
+  });
+});
+
+interface Sent {
+  channel: string;
+  message: Message;
+  bytes: number;
+}
+
+/** A channel that decodes every frame it is given, as the destination would. */
+class FakeChannel implements Channel {
+  isOpen = true;
+  bufferedAmount = 0;
+  constructor(
+    readonly label: string,
+    private readonly layout: GuestLayout,
+    private readonly wire: Sent[],
+  ) {}
+  send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+    this.wire.push({ channel: this.label, message: decode(frame, { layout: this.layout }), bytes: frame.length });
+    sent?.();
+  }
+}
+
+/** The page a message carries (any kind of send), or undefined. */
+function pageOf(message: Message): number | undefined {
+  return 'page' in message ? message.page : undefined;
+}
+
+/** Messages that carry a page's content (or zero notice), as opposed to already-sent. */
+const SENDS = new Set(['page', 'zero-page', 'pushed', 'pushed-zero']);
+const REPLIES = new Set(['page', 'zero-page', 'already-sent']);
+
+/** How many times each page's content (or zero notice) went out. */
+function sendCounts(wire: Sent[], totalPages: number): Uint32Array {
+  const counts = new Uint32Array(totalPages);
+  for (const { message } of wire) {
+    if (SENDS.has(message.type)) counts[pageOf(message)!]!++;
+  }
+  return counts;
+}
+
+/** Replies on `channel`, by request id. */
+function repliesById(wire: Sent[], channel: string): Map<number, Message[]> {
+  const byId = new Map<number, Message[]>();
+  for (const s of wire) {
+    if (s.channel !== channel || !REPLIES.has(s.message.type)) continue;
+    const id = (s.message as { id: number }).id;
+    byId.set(id, [...(byId.get(id) ?? []), s.message]);
+  }
+  return byId;
+}
+
+const allReceived = (totalPages: number): Uint8Array => {
+  const map = new Uint8Array(Math.ceil(totalPages / 8)).fill(0xff);
+  return map;
+};
+
+const imageCache = new Map<string, GuestImage>();
+/** Images are read-only to the migration; build each shape once. */
+function image(pages: number, spec: ImageSpec): GuestImage {
+  const key = `${pages}/${spec.seed}/${spec.zeroFraction}`;
+  let img = imageCache.get(key);
+  if (!img) {
+    img = new GuestImage(makeLayout(pages * PAGE, PAGE), spec);
+    imageCache.set(key, img);
+  }
+  return img;
+}
+
+describe('SourceMigration', () => {
+  it('answers a request ahead of 10,000 queued pushes, and sends every page exactly once', async () => {
+    const PAGES = 10_240;
+    const REQUESTED = 10_200;
+    const spec: ImageSpec = { seed: 7, zeroFraction: 0.1 };
+    const img = image(PAGES, spec);
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    // One page per background task: 10,240 push tasks.
+    const migration = new SourceMigration(img, { pushBatchBytes: PAGE });
+
+    migration.startPush(main);
+    void migration.request(fault, 1, REQUESTED);
+    await migration.onIdle();
+
+    const replyAt = wire.findIndex((s) => s.channel === 'vcpu0');
+    expect(replyAt).toBeGreaterThanOrEqual(0);
+    expect(replyAt).toBeLessThan(5);
+    // In fact right after the push that was running when the request came (FIFO would put a queued push first).
+    expect(replyAt).toBeLessThanOrEqual(1);
+    const reply = wire[replyAt]!.message;
+    expect(['page', 'zero-page']).toContain(reply.type);
+    expect(reply).toMatchObject({ id: 1, page: REQUESTED });
+    expect(reply.type).toBe(img.isZero(REQUESTED) ? 'zero-page' : 'page');
+    if (reply.type === 'page') {
+      expect(Buffer.compare(Buffer.from(reply.data), Buffer.from(img.pageBytes(REQUESTED)))).toBe(0);
+    }
+
+    // Only one message on the fault channel; everything else went to main.
+    expect(wire.filter((s) => s.channel === 'vcpu0')).toHaveLength(1);
+    // The requested page is not pushed again.
+    expect(wire.some((s) => s.message.type.startsWith('pushed') && pageOf(s.message) === REQUESTED)).toBe(false);
+
+    // Every page exactly once across page/zero-page/pushed/pushed-zero.
+    const counts = sendCounts(wire, PAGES);
+    expect(counts.every((c) => c === 1)).toBe(true);
+    expect(wire).toHaveLength(PAGES + 1);
+
+    // Pushed pages are pushed in order and carry the right content; zero pages carry none.
+    const words = new Uint32Array(PAGE / 4);
+    let checked = 0;
+    let previous = -1;
+    let zeroFrames = 0;
+    for (const { message, bytes } of wire) {
+      if (message.type === 'pushed') {
+        expect(message.page).toBeGreaterThan(previous);
+        previous = message.page;
+        // Copy: the data is an unaligned view into the frame.
+        new Uint8Array(words.buffer).set(message.data);
+        if (verifyPage(spec, message.page, words) !== -1) throw new Error(`pushed page ${message.page} has wrong content`);
+        checked++;
+      } else if (message.type === 'pushed-zero') {
+        expect(message.page).toBeGreaterThan(previous);
+        previous = message.page;
+        expect(img.isZero(message.page)).toBe(true);
+        expect(bytes).toBeLessThan(16);
+        zeroFrames++;
+      }
+    }
+    expect(zeroFrames).toBeGreaterThan(0);
+    expect(checked + zeroFrames).toBe(PAGES - 1);
+
+    // 'complete' comes last, once, on the main channel, with every page counted.
+    expect(wire.filter((s) => s.message.type === 'complete')).toHaveLength(1);
+    expect(wire.at(-1)).toMatchObject({ channel: 'main', message: { type: 'complete', pagesSent: PAGES } });
+
+    const summary = migration.summarize(allReceived(PAGES));
+    expect(summary).toMatchObject({
+      requests: 1,
+      replies: 1,
+      repliesAlreadySent: 0,
+      pagesSent: PAGES,
+      pagesPushed: PAGES - 1,
+      pagesZero: img.zeroPages,
+      pagesSentTwice: 0,
+      sentNotReceived: 0,
+      receivedNotSent: 0,
+      digestOfReceived: img.digest,
+    });
+    expect(summary.repliesPage + summary.repliesZero).toBe(1);
+  });
+
+  it('answers two requests for the same page on two channels once with the page, once with already-sent', async () => {
+    const img = image(64, { seed: 3, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const a = new FakeChannel('vcpu0', img.layout, wire);
+    const b = new FakeChannel('vcpu1', img.layout, wire);
+    const migration = new SourceMigration(img);
+    void migration.request(a, 10, 5);
+    void migration.request(b, 10, 5);
+    await migration.onIdle();
+
+    expect(wire.map((s) => [s.channel, s.message.type])).toEqual([
+      ['vcpu0', 'page'],
+      ['vcpu1', 'already-sent'],
+    ]);
+    expect(wire[1]!.message).toEqual({ type: 'already-sent', id: 10, page: 5 });
+    expect(migration.stats).toMatchObject({ requests: 2, replies: 2, repliesPage: 1, repliesAlreadySent: 1 });
+    expect(migration.sentmap.pagesSentTwice).toBe(0);
+    expect(migration.sentmap.sent).toBe(1);
+  });
+
+  it('answers already-sent for a page that was pushed', async () => {
+    const img = image(64, { seed: 3, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    const migration = new SourceMigration(img, { pushBatchBytes: PAGE });
+    migration.startPush(main);
+    // Page 0 goes out as soon as the push starts.
+    expect(wire[0]!.message).toMatchObject({ type: 'pushed', page: 0 });
+    void migration.request(fault, 1, 0);
+    await migration.onIdle();
+    // After the push finished, every page is already sent.
+    void migration.request(fault, 2, 40);
+    void migration.request(fault, 3, 63);
+    await migration.onIdle();
+
+    const replies = wire.filter((s) => s.channel === 'vcpu0').map((s) => s.message);
+    expect(replies).toEqual([
+      { type: 'already-sent', id: 1, page: 0 },
+      { type: 'already-sent', id: 2, page: 40 },
+      { type: 'already-sent', id: 3, page: 63 },
+    ]);
+    expect(sendCounts(wire, 64).every((c) => c === 1)).toBe(true);
+    expect(migration.summarize(allReceived(64))).toMatchObject({ requests: 3, replies: 3, repliesAlreadySent: 3, pagesSentTwice: 0 });
+  });
+
+  it('gives every request exactly one reply while pushing, and sends every page once', async () => {
+    const PAGES = 512;
+    const img = image(PAGES, { seed: 11, zeroFraction: 0.2 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const channels = [0, 1, 2].map((v) => new FakeChannel(`vcpu${v}`, img.layout, wire));
+    const migration = new SourceMigration(img, { pushBatchBytes: 2 * PAGE });
+    migration.startPush(main);
+
+    // Requests arrive in bursts between pushes, hitting the same pages from several channels.
+    let seed = 12345;
+    const next = (): number => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+    const sentIds = new Map<string, number[]>(channels.map((c) => [c.label, []]));
+    for (let burst = 0; burst < 20; burst++) {
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      for (let k = 0; k < 10; k++) {
+        const channel = channels[next() % channels.length]!;
+        const id = burst * 100 + k;
+        const page = next() % 64 < 32 ? next() % 16 : next() % PAGES;
+        sentIds.get(channel.label)!.push(id);
+        void migration.request(channel, id, page);
+      }
+    }
+    await migration.onIdle();
+
+    for (const channel of channels) {
+      const byId = repliesById(wire, channel.label);
+      const ids = sentIds.get(channel.label)!;
+      expect([...byId.keys()].sort((x, y) => x - y)).toEqual([...ids].sort((x, y) => x - y));
+      for (const replies of byId.values()) expect(replies).toHaveLength(1);
+    }
+    expect(sendCounts(wire, PAGES).every((c) => c === 1)).toBe(true);
+    const summary = migration.summarize(allReceived(PAGES));
+    expect(summary).toMatchObject({ requests: 200, replies: 200, pagesSent: PAGES, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+    expect(summary.repliesPage + summary.repliesZero + summary.repliesAlreadySent).toBe(200);
+    expect(summary.repliesAlreadySent).toBeGreaterThan(0);
+    expect(wire.at(-1)!.message.type).toBe('complete');
+  });
+
+  it('replies zero-page, with no data on the wire, for zero pages', async () => {
+    const img = image(64, { seed: 1, zeroFraction: 1 });
+    expect(img.zeroPages).toBe(64);
+    const wire: Sent[] = [];
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    const main = new FakeChannel('main', img.layout, wire);
+    const migration = new SourceMigration(img);
+    for (let page = 0; page < 64; page += 7) void migration.request(fault, page, page);
+    await migration.onIdle();
+    const replies = wire.map((s) => s.message);
+    expect(replies.length).toBe(10);
+    for (const [i, { message, bytes }] of wire.entries()) {
+      expect(message).toEqual({ type: 'zero-page', id: i * 7, page: i * 7 });
+      expect(bytes).toBeLessThan(16);
+    }
+    // Pushing the rest sends zero notices only.
+    migration.startPush(main);
+    await migration.onIdle();
+    const pushed = wire.filter((s) => s.channel === 'main').map((s) => s.message.type);
+    expect(pushed.filter((t) => t === 'pushed-zero')).toHaveLength(64 - 10);
+    expect(pushed.includes('pushed')).toBe(false);
+    expect(pushed.at(-1)).toBe('complete');
+    expect(migration.summarize(allReceived(64))).toMatchObject({ repliesZero: 10, repliesPage: 0, pagesZero: 64, pagesSent: 64 });
+  });
+
+  it('does not answer a request on a closed channel, nor mark its page sent', async () => {
+    const img = image(64, { seed: 3, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const closed = new FakeChannel('vcpu0', img.layout, wire);
+    closed.isOpen = false;
+    const open = new FakeChannel('vcpu1', img.layout, wire);
+    const migration = new SourceMigration(img);
+    void migration.request(closed, 1, 9);
+    await migration.onIdle();
+    expect(wire).toEqual([]);
+    expect(migration.sentmap.isSent(9)).toBe(false);
+    expect(migration.stats).toMatchObject({ requests: 1, replies: 0, repliesUndeliverable: 1 });
+
+    void migration.request(open, 2, 9);
+    await migration.onIdle();
+    expect(wire).toHaveLength(1);
+    expect(wire[0]).toMatchObject({ channel: 'vcpu1', message: { type: 'page', id: 2, page: 9 } });
+    const expected = new Uint32Array(PAGE / 4);
+    fillPage(img.spec, 9, expected);
+    const data = (wire[0]!.message as { data: Uint8Array }).data;
+    expect(Buffer.compare(Buffer.from(data), Buffer.from(expected.buffer))).toBe(0);
+    expect(migration.sentmap.isSent(9)).toBe(true);
+  });
+});
+
+describe('SourceMigration back-pressure', () => {
+  it('pauses pushing while the push channel is over its high-water mark, and keeps answering requests meanwhile', async () => {
+    const img = image(256, { seed: 5, zeroFraction: 0 });
+    const layout = img.layout;
+    const wire: Sent[] = [];
+    /** A push channel whose socket never drains until told to. */
+    class StuckChannel extends FakeChannel {
+      readonly held: (() => void)[] = [];
+      override send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+        super.send(frame);
+        this.bufferedAmount += frame.length;
+        if (sent) this.held.push(sent);
+      }
+    }
+    const main = new StuckChannel('main', layout, wire);
+    const fault = new FakeChannel('fault', layout, wire);
+    const migration = new SourceMigration(img, { pushBatchBytes: 4 * PAGE, pushHighWaterBytes: 8 * PAGE });
+    migration.startPush(main);
+    await new Promise((r) => setTimeout(r, 20));
+    const pushedBefore = wire.filter((s) => s.message.type === 'pushed').length;
+    // Over the mark after a few batches, the push stops...
+    expect(pushedBefore).toBeGreaterThan(0);
+    expect(pushedBefore).toBeLessThan(256);
+    // ...while a request on another channel is answered at once.
+    await migration.request(fault, 7, 200);
+    const reply = wire.find((s) => s.channel === 'fault');
+    expect(reply?.message).toMatchObject({ type: 'page', id: 7, page: 200 });
+    expect(wire.filter((s) => s.message.type === 'pushed').length).toBe(pushedBefore);
+    // Once the socket drains, pushing resumes and finishes.
+    main.bufferedAmount = 0;
+    const drain = (): void => {
+      main.bufferedAmount = 0;
+      for (const cb of main.held.splice(0)) cb();
+    };
+    while (!wire.some((s) => s.message.type === 'complete')) {
+      drain();
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    expect(sendCounts(wire, 256).every((n) => n === 1)).toBe(true);
+  });
+});
