@@ -66,13 +66,19 @@ export const CONTEXT = {
   LOCK: 2,
   HEAD: 3,
   TAIL: 4,
-  /** Messages pending; readers Atomics.wait on it while it is 0. */
+  /** Messages pending; a producer facing a full queue Atomics.waits on it. */
   COUNT: 5,
   RANGE_COUNT: 6,
+  /**
+   * Poll word: bumped after every enqueue and by close. Readers load it before
+   * looking at COUNT and OPEN and Atomics.wait on that value, so neither a new
+   * message nor a close can slip in between their check and their sleep.
+   */
+  EVENTS: 7,
   /** Pages [start, end) per range, MAX_RANGES pairs. */
-  RANGES: 7,
-  RING: 7 + 2 * MAX_RANGES,
-  STRIDE: 7 + 2 * MAX_RANGES + QUEUE_CAPACITY * MSG.STRIDE,
+  RANGES: 8,
+  RING: 8 + 2 * MAX_RANGES,
+  STRIDE: 8 + 2 * MAX_RANGES + QUEUE_CAPACITY * MSG.STRIDE,
 } as const;
 
 /** uffd_msg.pagefault.flags (include/uapi/linux/userfaultfd.h). */
@@ -87,6 +93,7 @@ export const ERRNO = {
   EAGAIN: 11,
   EEXIST: 17,
   EINVAL: 22,
+  EFAULT: 14,
   ESRCH: 3,
 } as const;
 

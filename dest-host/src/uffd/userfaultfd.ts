@@ -108,12 +108,12 @@ export class Userfaultfd {
    * the context registers go to it; everyone else's go to a process-wide one.
    */
   open(thread?: number): number {
+    if (thread !== undefined) this.checkThread(thread);
     const ctx = Atomics.add(this.ctl, HEADER.CONTEXTS_OPEN, 1);
     if (ctx >= this.maxContexts) throw new RangeError(`expected at most ${this.maxContexts} userfaultfd contexts, got ${ctx + 1}`);
     const base = contextBase(this.maxThreads, ctx);
     this.ctl[base + CONTEXT.BOUND_TID] = thread ?? -1;
     if (thread !== undefined) {
-      this.checkThread(thread);
       Atomics.store(this.ctl, threadBase(thread) + THREAD.BOUND_CTX, ctx);
     }
     Atomics.store(this.ctl, base + CONTEXT.OPEN, 1);
@@ -142,6 +142,11 @@ export class Userfaultfd {
   close(ctx: number): void {
     const base = this.contextBaseChecked(ctx);
     Atomics.store(this.ctl, base + CONTEXT.OPEN, 0);
+    // Readers sleep on EVENTS: bumping it means a reader that saw OPEN = 1
+    // just before this cannot go to sleep on a value that will never change.
+    Atomics.add(this.ctl, base + CONTEXT.EVENTS, 1);
+    Atomics.notify(this.ctl, base + CONTEXT.EVENTS);
+    // Producers waiting for room in a full queue give up on a closed context.
     Atomics.notify(this.ctl, base + CONTEXT.COUNT);
     this.wakeRange(ctx, 0, this.totalPages);
   }
@@ -195,11 +200,13 @@ export class Userfaultfd {
     const base = this.contextBaseChecked(ctx);
     const deadline = performance.now() + timeoutMs;
     for (;;) {
+      // Load the poll word first: an enqueue or close after this load changes it.
+      const events = Atomics.load(this.ctl, base + CONTEXT.EVENTS);
       if (this.tryRead(ctx, msg)) return true;
       if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
       const left = deadline - performance.now();
       if (left <= 0) return false;
-      Atomics.wait(this.ctl, base + CONTEXT.COUNT, 0, left);
+      Atomics.wait(this.ctl, base + CONTEXT.EVENTS, events, left);
     }
   }
 
@@ -207,9 +214,10 @@ export class Userfaultfd {
   async readAsync(ctx: number, msg: UffdMessage): Promise<boolean> {
     const base = this.contextBaseChecked(ctx);
     for (;;) {
+      const events = Atomics.load(this.ctl, base + CONTEXT.EVENTS);
       if (this.tryRead(ctx, msg)) return true;
       if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
-      const wait = Atomics.waitAsync(this.ctl, base + CONTEXT.COUNT, 0);
+      const wait = Atomics.waitAsync(this.ctl, base + CONTEXT.EVENTS, events);
       if (wait.async) await wait.value;
     }
   }
@@ -258,7 +266,7 @@ export class Userfaultfd {
     const first = dst / this.pageSize;
     const end = first + len / this.pageSize;
     if (end > this.totalPages || !this.covers(ctx, first, end)) return -ERRNO.ENOENT;
-    if (src !== undefined && src.length < len) return -ERRNO.EINVAL;
+    if (src !== undefined && src.length < len) return -ERRNO.EFAULT;
     let page = first;
     for (; page < end; page++) {
       // The page table lock: only one installer can move a pte off NONE.
@@ -313,7 +321,10 @@ export class Userfaultfd {
     // installer stores PRESENT before it scans for waiters, and we stored our
     // odd SEQ before this load, so (all seq-cst) either we see PRESENT here
     // or the installer sees us waiting and wakes us: no lost wake-up.
-    if (Atomics.load(this.ptes, page) === PTE.PRESENT) {
+    // The same goes for close (the kernel's ctx->released check after
+    // queueing): close stores OPEN = 0 before it scans, so either we see the
+    // context closed here, or close sees us waiting and wakes us.
+    if (Atomics.load(this.ptes, page) === PTE.PRESENT || !this.isOpenRaw(ctx)) {
       Atomics.compareExchange(ctl, tb + THREAD.SEQ, waiting, waiting + 1);
       return;
     }
@@ -426,10 +437,14 @@ export class Userfaultfd {
         Atomics.store(ctl, base + CONTEXT.COUNT, count + 1);
         this.unlock(base);
         // wake_up_poll(&ctx->fd_wqh, EPOLLIN): every reader polling wakes.
-        Atomics.notify(ctl, base + CONTEXT.COUNT);
+        Atomics.add(ctl, base + CONTEXT.EVENTS, 1);
+        Atomics.notify(ctl, base + CONTEXT.EVENTS);
         return;
       }
       this.unlock(base);
+      // Closed while full: nobody will read; the caller sees the context
+      // closed after queueing and leaves the fault.
+      if (Atomics.load(ctl, base + CONTEXT.OPEN) === 0) return;
       // Full: wait for a reader to make room.
       Atomics.wait(ctl, base + CONTEXT.COUNT, QUEUE_CAPACITY, 10);
     }
