@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { decode, encode, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout } from './layout.js';
+import { rng } from './random.js';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, type Message, type Summary } from './protocol.js';
 
 const PAGE = 4096;
@@ -16,17 +17,8 @@ const layout = makeLayout(64 * PAGE, PAGE);
 const limits: DecodeLimits = { layout };
 const DIGEST = 'ab'.repeat(32);
 
-/** Deterministic PRNG (mulberry32), so the fuzz cases are the same on every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic PRNG, so the fuzz cases are the same on every run. */
+const prng = rng;
 
 function pageData(fill: number): Uint8Array {
   const data = new Uint8Array(PAGE);

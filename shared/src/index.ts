@@ -8,3 +8,4 @@ export * from './codec.js';
 export * from './stats.js';
 export * from './report.js';
 export * from './worker.js';
+export * from './random.js';

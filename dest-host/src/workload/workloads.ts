@@ -1,4 +1,6 @@
-import type { WorkloadName } from '@postcopy/shared';
+import { rng, type WorkloadName } from '@postcopy/shared';
+
+export { rng };
 
 /** What a vCPU (or I/O thread) does: which pages it touches, in which order. */
 export interface WorkloadSpec {
@@ -15,18 +17,6 @@ export interface WorkloadSpec {
 export interface AccessPattern {
   readonly length: number;
   next(): number;
-}
-
-/** mulberry32: small, fast, seedable. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Pages in shared-hot's hot set: small, but enough for every vCPU to keep colliding. */
