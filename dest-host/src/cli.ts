@@ -10,13 +10,15 @@ async function main(): Promise<number> {
   cmd.parse(process.argv);
   const options = parseDestOptions(cmd.opts());
   const showProgress = process.stderr.isTTY === true;
-  const report = await runDestination({
+  const { report, hgrm } = await runDestination({
     ...options,
+    onStatusUrl: (url) => process.stderr.write(`status ${url}\n`),
     ...(showProgress ? { onProgress: (installed: number, total: number, faults: number) => process.stderr.write(progressLine(installed, total, faults)) } : {}),
   });
   if (showProgress) process.stderr.write('\r\x1b[K');
   process.stdout.write(formatReport(report) + '\n');
   if (options.json) writeFileSync(options.json, JSON.stringify(report, null, 2) + '\n');
+  if (options.hgrm) writeFileSync(options.hgrm, hgrm);
   assertVerified(report);
   return 0;
 }

@@ -1,3 +1,4 @@
+import type { Server } from 'node:http';
 import type { Worker } from 'node:worker_threads';
 import {
   ChannelRole,
@@ -17,7 +18,8 @@ import {
 } from '@postcopy/shared';
 import { GuestMemory } from './memory/guest-memory.js';
 import { PageClient } from './net/page-client.js';
-import { buildReport } from './report-builder.js';
+import { buildReportWithHistogram } from './report-builder.js';
+import { startStatusServer, type MigrationState } from './status-server.js';
 import { STRATEGY_BY_NAME, type ThreadPlan } from './strategies/index.js';
 import { ERRNO, Userfaultfd } from './uffd/userfaultfd.js';
 import { PageInstaller } from './vmm/page-installer.js';
@@ -41,12 +43,24 @@ export interface DestinationOptions {
   writeFraction: number;
   seed: number;
   push: boolean;
+  /** QEMU's postcopy-preempt: requested pages come back on their own channels, apart from pushed pages. */
+  preempt: boolean;
   watchdogMs: number;
   connectTimeoutMs: number;
   /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
   skipOwedWake: boolean;
   /** Called about every 200 ms with pages installed so far. */
   onProgress?: (installed: number, total: number, faults: number) => void;
+  /** Serve GET /status on this port (0 = any free port), or undefined for none. */
+  statusPort?: number | undefined;
+  /** Called with the status URL once it listens. */
+  onStatusUrl?: (url: string) => void;
+}
+
+export interface DestinationResult {
+  report: Report;
+  /** The vCPU fault-latency distribution in HdrHistogram's .hgrm text (values in µs). */
+  hgrm: string;
 }
 
 /** A failure that stops the run: the first one wins. */
@@ -92,13 +106,15 @@ function expectReport<T extends WorkerReport['type']>(worker: Worker, type: T, l
  * vCPU threads, installs pushed pages, and returns the report once every
  * check has run.
  */
-export async function runDestination(options: DestinationOptions): Promise<Report> {
+export async function runDestination(options: DestinationOptions): Promise<DestinationResult> {
   const { layout } = options;
   const abort = new Abort();
   const workers: Worker[] = [];
   let main: PageClient | undefined;
   let watchdog: Watchdog | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
+  let status: Server | undefined;
+  let state: MigrationState = 'setup';
   try {
     const endpoint: SourceEndpoint = {
       url: options.source,
@@ -127,7 +143,22 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
     const installer = new PageInstaller(uffd, vmm);
     const epochOrigin = performance.timeOrigin;
     const epochNow = (): number => performance.now();
-    const state: SharedState = {
+    let startedAt: number | undefined;
+    if (options.statusPort !== undefined) {
+      const server = await startStatusServer(options.statusPort, {
+        state: () => state,
+        vmm,
+        uffd,
+        totalPages: layout.totalPages,
+        pageSize: layout.pageSize,
+        vcpus: options.vcpus,
+        now: epochNow,
+        startedAt: () => startedAt,
+      });
+      status = server;
+      options.onStatusUrl?.(server.url);
+    }
+    const shared: SharedState = {
       memory: memory.toBuffers(),
       uffd: uffd.toBuffers(),
       vmm: vmm.buffers,
@@ -162,6 +193,23 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
           if (complete) checkInstalled();
           return;
         }
+        case 'page':
+        case 'zero-page': {
+          // A requested page sent on the main channel (no preempt): the
+          // requester waits for it in the receivedmap.
+          const result = installer.install(setup.pushCtx, m.page, m.type === 'page' ? m.data : undefined, 0);
+          if (result === layout.pageSize) {
+            vmm.count(COUNTER.PAGES_DEMAND);
+            if (m.type === 'zero-page') vmm.count(COUNTER.PAGES_ZERO);
+            vmm.markReceived(m.page);
+          } else if (result === -ERRNO.EEXIST) {
+            vmm.count(COUNTER.DUPLICATE_DATA);
+          } else {
+            abort.fail(new Error(`installing requested page ${m.page} failed with errno ${-result}`));
+          }
+          if (complete) checkInstalled();
+          return;
+        }
         case 'complete':
           complete = true;
           checkInstalled();
@@ -192,7 +240,7 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
       return worker;
     };
     const resolverWorkers = setup.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state, source: endpoint };
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: shared, source: endpoint };
       return { spec, worker: watch(startWorker(import.meta.url, 'workers/resolver-worker', { workerData: data }), spec.label) };
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): { worker: Worker; label: string } => {
@@ -203,7 +251,7 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
         tid: kind === 'vcpu' ? threads.vcpuTid(index) : threads.ioTid(index),
         strategy: options.strategy,
         delivery: kind === 'vcpu' ? strategy.vcpuFaultDelivery : 'userfaultfd',
-        state,
+        state: shared,
         workload: {
           name: options.workload,
           totalPages: layout.totalPages,
@@ -231,7 +279,9 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
 
     // ---- postcopy starts: the guest runs on the destination from here
     const started = epochNow();
-    main.send({ type: 'start', push: options.push });
+    startedAt = started;
+    state = 'postcopy-active';
+    main.send({ type: 'start', push: options.push, preempt: options.preempt });
     watchdog.start();
     if (options.onProgress) {
       const onProgress = options.onProgress;
@@ -270,7 +320,8 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
     finishing = true;
     const destDigest = digestPages(memory, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
 
-    return buildReport({
+    state = 'completed';
+    const built = buildReportWithHistogram({
       strategy: options.strategy,
       workload: options.workload,
       vcpus: options.vcpus,
@@ -292,8 +343,16 @@ export async function runDestination(options: DestinationOptions): Promise<Repor
       destDigest,
       allReceived: received === layout.totalPages,
       blocked,
+      preempt: options.preempt,
+      linkDelayUs: welcome.linkDelayUs,
+      linkBandwidthBps: welcome.linkBandwidthBps,
     });
+    return { report: built.report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };
+  } catch (err) {
+    state = 'failed';
+    throw err;
   } finally {
+    status?.close();
     watchdog?.stop();
     clearInterval(progressTimer);
     main?.close();

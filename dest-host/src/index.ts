@@ -7,3 +7,5 @@ export * from './vmm/page-installer.js';
 export * from './net/page-client.js';
 export * from './strategies/index.js';
 export * from './workload/workloads.js';
+export * from './status-server.js';
+export * from './report-builder.js';

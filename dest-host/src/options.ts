@@ -44,9 +44,12 @@ export function addRunOptions(cmd: Command): Command {
     .option('--write-fraction <f>', 'share of accesses that are writes', DEST_DEFAULTS.writeFraction)
     .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
     .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
+    .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
     .option('--connect-timeout-ms <ms>', 'give up on a source that does not complete the handshake within this time', DEST_DEFAULTS.connectTimeoutMs)
     .option('--json <path>', 'also write the report as JSON to this file')
+    .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
+    .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on 127.0.0.1:PORT while the run goes (0 = any free port)')
     .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
 }
 
@@ -80,16 +83,18 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     writeFraction: parseFraction('--write-fraction', str('writeFraction')),
     seed: parseIntOption('--seed', str('seed'), 0, 0xffffffff),
     push: raw.push !== false,
+    preempt: raw.preempt === true,
+    statusPort: raw.statusPort === undefined ? undefined : parseIntOption('--status-port', str('statusPort'), 0, 65535),
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
     connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),
     skipOwedWake: raw.unsafeSkipOwedWake === true,
   };
 }
 
-export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined } {
+export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined; hgrm: string | undefined } {
   const token = (raw.token as string | undefined) ?? process.env.POSTCOPY_TOKEN;
   if (!token) throw new UsageError('--token: expected an access token (or $POSTCOPY_TOKEN), got none');
   const layout = makeLayout(parseSize('--memory', String(raw.memory)), parseSize('--page-size', String(raw.pageSize)));
   const run = parseRunOptions(raw);
-  return { ...run, source: String(raw.source), token, layout, json: raw.json as string | undefined };
+  return { ...run, source: String(raw.source), token, layout, json: raw.json as string | undefined, hgrm: raw.hgrm as string | undefined };
 }

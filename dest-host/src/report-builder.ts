@@ -7,6 +7,7 @@ import {
   recordNs,
   summarize,
   type CheckResult,
+  type Histogram,
   type Counters,
   type Report,
   type SourceSummary,
@@ -28,6 +29,9 @@ export interface ReportInputs {
   totalPages: number;
   memslots: number;
   push: boolean;
+  preempt: boolean;
+  linkDelayUs: number;
+  linkBandwidthBps: number;
   seed: number;
   elapsedMs: number;
   vcpuResults: GuestThreadResult[];
@@ -44,7 +48,12 @@ export interface ReportInputs {
 
 const round = (x: number, digits = 3): number => Math.round(x * 10 ** digits) / 10 ** digits;
 
+/** The report and the overall vCPU fault-latency histogram (for .hgrm output). */
 export function buildReport(inp: ReportInputs): Report {
+  return buildReportWithHistogram(inp).report;
+}
+
+export function buildReportWithHistogram(inp: ReportInputs): { report: Report; histogram: Histogram } {
   const vmm = inp.vmm;
   const c = (k: number): number => vmm.counter(k);
   const all = createLatencyHistogram();
@@ -94,12 +103,13 @@ export function buildReport(inp: ReportInputs): Report {
     eexist: inp.kernel.eexist,
     wakes: inp.kernel.wakeCalls,
     alreadySent: c(COUNTER.ALREADY_SENT),
+    repliesOnMain: c(COUNTER.ON_MAIN),
     nonVcpuFaults,
     pagesInstalled: c(COUNTER.INSTALLED),
   };
   const checks = runChecks(inp, counters);
   const nsPerFault = (ms: number, faults: number): number => (faults > 0 ? Math.round((ms * 1e6) / faults) : 0);
-  return {
+  const report: Report = {
     strategy: inp.strategy,
     workload: inp.workload,
     vcpus: inp.vcpus,
@@ -109,8 +119,12 @@ export function buildReport(inp: ReportInputs): Report {
     guestBytes: inp.guestBytes,
     memslots: inp.memslots,
     push: inp.push,
+    preempt: inp.preempt,
+    linkDelayUs: inp.linkDelayUs,
+    linkBandwidthBps: inp.linkBandwidthBps,
     seed: inp.seed,
     elapsedMs: round(inp.elapsedMs),
+    pushThroughputMiBs: round((counters.pagesPushed * inp.pageSize) / 1024 / 1024 / Math.max(1e-9, inp.elapsedMs / 1000), 1),
     verified: checks.every((x) => x.ok),
     checks,
     digest: { source: inp.summary.digestOfReceived, dest: inp.destDigest, scope: inp.allReceived ? 'all-pages' : 'received-pages' },
@@ -132,6 +146,7 @@ export function buildReport(inp: ReportInputs): Report {
       'postcopy-latency-dist': dist,
     },
   };
+  return { report, histogram: all };
 }
 
 function runChecks(inp: ReportInputs, counters: Counters): CheckResult[] {

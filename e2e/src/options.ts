@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { addImageOptions, parseImageOptions } from '@postcopy/source-host';
+import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions } from '@postcopy/source-host';
 import { addRunOptions, parseRunOptions } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
@@ -7,11 +7,15 @@ export function launcherCommand(): Command {
   const cmd = new Command('postcopy')
     .description('Runs a two-process local postcopy migration (source host + destination host on 127.0.0.1) and prints its report.');
   addImageOptions(cmd);
+  addLinkOptions(cmd);
   addRunOptions(cmd);
   return cmd;
 }
 
-const IMAGE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction'] as const;
+/** Options the source takes: the image, and the emulated link (applied at the source). */
+const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'linkDelayUs', 'linkBandwidth'] as const;
+/** Of those, the ones the destination must also know (the layout) or uses itself (the seed). */
+const SHARED_FLAGS = ['memory', 'pageSize', 'seed'] as const;
 
 function flag(name: string): string {
   return '--' + name.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
@@ -23,12 +27,14 @@ function flag(name: string): string {
  */
 export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[] } {
   parseImageOptions(raw as Record<string, string>);
+  parseLinkOptions(raw);
   parseRunOptions(raw);
   const sourceArgs: string[] = [];
-  for (const k of IMAGE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
-  const destArgs: string[] = ['--memory', String(raw.memory), '--page-size', String(raw.pageSize), '--seed', String(raw.seed)];
+  for (const k of SOURCE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
+  const destArgs: string[] = [];
+  for (const k of SHARED_FLAGS) destArgs.push(flag(k), String(raw[k]));
   for (const [k, v] of Object.entries(raw)) {
-    if ((IMAGE_FLAGS as readonly string[]).includes(k)) continue;
+    if ((SOURCE_FLAGS as readonly string[]).includes(k)) continue;
     if (k === 'push') {
       if (v === false) destArgs.push('--no-push');
     } else if (v === true) {

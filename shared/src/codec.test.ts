@@ -83,9 +83,12 @@ const samples: Message[] = [
     imageDigest: DIGEST,
     imageSeed: 0xdeadbeef,
     zeroFraction: 0.1,
+    linkDelayUs: 200,
+    linkBandwidthBps: 10_000_000_000,
   },
-  { type: 'start', push: true },
-  { type: 'start', push: false },
+  { type: 'start', push: true, preempt: false },
+  { type: 'start', push: false, preempt: true },
+  { type: 'sent-on-main', id: 9, page: 63 },
   { type: 'request', id: 0xffffffff, page: 63 },
   { type: 'request', id: 0, page: 0 },
   { type: 'page', id: 7, page: 12, data: pageData(12) },
@@ -179,7 +182,7 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('an unknown or non-number type', () => {
-    expectRejected(pack([99, 1, 2]), 'message type from 1 to 13', '99 (number)');
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14', '99 (number)');
     expectRejected(pack([0]), 'message type', '0 (number)');
     expectRejected(pack([20, 1]), 'message type', '20 (number)');
     expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');
@@ -190,7 +193,7 @@ describe('rejects malformed frames with ProtocolError', () => {
   it('a wrong field count', () => {
     expectRejected(pack([MessageType.Request, 1, 2, 3]), 'request', 'expected 2 fields, got 3');
     expectRejected(pack([MessageType.Request, 1]), 'request', 'expected 2 fields, got 1');
-    expectRejected(pack([MessageType.Start]), 'start', 'expected 1 fields, got 0');
+    expectRejected(pack([MessageType.Start]), 'start', 'expected 2 fields, got 0');
     expectRejected(pack([MessageType.Pushed, 1]), 'pushed', 'expected 2 fields, got 1');
     expectRejected(pack([MessageType.Summary]), 'summary', 'expected 1 fields, got 0');
     expectRejected(pack([MessageType.Hello, 1, 't', 0, PAGE, PAGE]), 'hello', 'expected 6 fields, got 5');
@@ -258,7 +261,7 @@ describe('rejects malformed frames with ProtocolError', () => {
 
   it('a welcome with a bad digest', () => {
     const welcome = (digest: unknown, zeroFraction: unknown = 0): Uint8Array =>
-      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction]);
+      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction, 0, 0]);
     expect(decode(welcome(DIGEST))).toMatchObject({ type: 'welcome', imageDigest: DIGEST });
     expectRejected(welcome('not-a-digest'), 'welcome.imageDigest', '64 hex digits', '"not-a-digest" (string)');
     expectRejected(welcome('AB'.repeat(32)), 'welcome.imageDigest', '64 hex digits', '"ABAB');
@@ -295,8 +298,9 @@ describe('rejects malformed frames with ProtocolError', () => {
     expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, null]), 'hello.channel', 'string', 'null');
     expectRejected(pack([MessageType.Error, 42, 'boom']), 'error.code', 'string', '42 (number)');
     expectRejected(pack([MessageType.Error, 'E', new Uint8Array(3)]), 'error.message', 'string', '3 bytes');
-    expectRejected(pack([MessageType.Start, 'yes']), 'start.push', 'boolean', '"yes" (string)');
-    expectRejected(pack([MessageType.Start, 1]), 'start.push', 'boolean', '1 (number)');
+    expectRejected(pack([MessageType.Start, 'yes', false]), 'start.push', 'boolean', '"yes" (string)');
+    expectRejected(pack([MessageType.Start, 1, false]), 'start.push', 'boolean', '1 (number)');
+    expectRejected(pack([MessageType.Start, true, 'no']), 'start.preempt', 'boolean', '"no" (string)');
   });
 });
 

@@ -48,9 +48,11 @@ export function encode(message: Message): Buffer {
         message.imageDigest,
         message.imageSeed,
         message.zeroFraction,
+        message.linkDelayUs,
+        message.linkBandwidthBps,
       ]);
     case 'start':
-      return packr.pack([MessageType.Start, message.push]);
+      return packr.pack([MessageType.Start, message.push, message.preempt]);
     case 'request':
       return packr.pack([MessageType.Request, message.id, message.page]);
     case 'page':
@@ -59,6 +61,8 @@ export function encode(message: Message): Buffer {
       return packr.pack([MessageType.ZeroPage, message.id, message.page]);
     case 'already-sent':
       return packr.pack([MessageType.AlreadySent, message.id, message.page]);
+    case 'sent-on-main':
+      return packr.pack([MessageType.SentOnMain, message.id, message.page]);
     case 'pushed':
       return packr.pack([MessageType.Pushed, message.page, message.data]);
     case 'pushed-zero':
@@ -176,7 +180,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       };
     }
     case MessageType.Welcome: {
-      expectLength(f, 8);
+      expectLength(f, 10);
       const zeroFraction = f[7];
       if (typeof zeroFraction !== 'number' || !(zeroFraction >= 0 && zeroFraction <= 1)) {
         throw new ProtocolError(`welcome.zeroFraction: expected a number from 0 to 1, got ${describe(zeroFraction)}`);
@@ -194,12 +198,15 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         imageDigest,
         imageSeed: expectUint(f, 6, 'imageSeed', MAX_U32),
         zeroFraction,
+        linkDelayUs: expectUint(f, 8, 'linkDelayUs', MAX_U32),
+        linkBandwidthBps: expectUint(f, 9, 'linkBandwidthBps'),
       };
     }
     case MessageType.Start: {
-      expectLength(f, 2);
+      expectLength(f, 3);
       if (typeof f[1] !== 'boolean') throw new ProtocolError(`start.push: expected a boolean, got ${describe(f[1])}`);
-      return { type: 'start', push: f[1] };
+      if (typeof f[2] !== 'boolean') throw new ProtocolError(`start.preempt: expected a boolean, got ${describe(f[2])}`);
+      return { type: 'start', push: f[1], preempt: f[2] };
     }
     case MessageType.Request:
       expectLength(f, 3);
@@ -220,6 +227,9 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
     case MessageType.AlreadySent:
       expectLength(f, 3);
       return { type: 'already-sent', id: expectUint(f, 1, 'id', MAX_U32), page: expectPage(f, 2, limits) };
+    case MessageType.SentOnMain:
+      expectLength(f, 3);
+      return { type: 'sent-on-main', id: expectUint(f, 1, 'id', MAX_U32), page: expectPage(f, 2, limits) };
     case MessageType.Pushed: {
       expectLength(f, 3);
       const layout = requireLayout(f, limits);
@@ -264,6 +274,6 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       expectLength(f, 3);
       return { type: 'error', code: expectString(f, 1, 'code', 64), message: expectString(f, 2, 'message', 4096) };
     default:
-      throw new ProtocolError(`expected a message type from 1 to 13, got ${describe(type)}`);
+      throw new ProtocolError(`expected a message type from 1 to 14, got ${describe(type)}`);
   }
 }

@@ -26,6 +26,7 @@ export const MessageType = {
   Finish: 11,
   Summary: 12,
   Error: 13,
+  SentOnMain: 14,
   // Reserved for what comes next (decoders reject them as unknown today):
   // 20 Discard (precopy re-dirtied pages), 21 Resume (recovery: receivedmap +
   // pending requests), 22 PreemptHello (urgent channel).
@@ -58,12 +59,21 @@ export interface Welcome {
   /** Generator parameters, so the destination can verify content at first touch. */
   imageSeed: number;
   zeroFraction: number;
+  /** The emulated link at the source: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
+  linkDelayUs: number;
+  linkBandwidthBps: number;
 }
 
 export interface Start {
   type: 'start';
   /** Whether the source pushes pages that were not requested. */
   push: boolean;
+  /**
+   * QEMU's postcopy-preempt: requested pages go back on the channel that asked
+   * for them, apart from pushed pages. Without it they go on the main channel,
+   * ahead of pushes not yet sent but behind those already in flight.
+   */
+  preempt: boolean;
 }
 
 export interface Request {
@@ -88,6 +98,16 @@ export interface ZeroPageReply {
 
 export interface AlreadySentReply {
   type: 'already-sent';
+  id: number;
+  page: number;
+}
+
+/**
+ * Without preempt: the requested page's content (or zero notice) went out on
+ * the main channel, as a `page`/`zero-page` with id 0. This is the request's one reply.
+ */
+export interface SentOnMainReply {
+  type: 'sent-on-main';
   id: number;
   page: number;
 }
@@ -152,6 +172,7 @@ export type Message =
   | PageReply
   | ZeroPageReply
   | AlreadySentReply
+  | SentOnMainReply
   | Pushed
   | PushedZero
   | Complete
@@ -159,7 +180,7 @@ export type Message =
   | Summary
   | ErrorMessage;
 
-export type Reply = PageReply | ZeroPageReply | AlreadySentReply;
+export type Reply = PageReply | ZeroPageReply | AlreadySentReply | SentOnMainReply;
 
 /** Largest legal frame: a page plus a small header, or a receivedmap. */
 export function maxFrameBytes(pageSize: number, totalPages: number): number {

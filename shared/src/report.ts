@@ -27,6 +27,8 @@ export interface Counters {
   wakes: number;
   /** Replies telling that the page had already gone out (on another channel). */
   alreadySent: number;
+  /** Replies telling that the requested page went out on the main channel (no preempt). */
+  repliesOnMain: number;
   /** Faults taken by non-vCPU (I/O) threads. */
   nonVcpuFaults: number;
   /** Pages installed by this run (received + zero). */
@@ -62,8 +64,14 @@ export interface Report {
   guestBytes: number;
   memslots: number;
   push: boolean;
+  preempt: boolean;
+  /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
+  linkDelayUs: number;
+  linkBandwidthBps: number;
   seed: number;
   elapsedMs: number;
+  /** Pages pushed per second of the run, in MiB/s. */
+  pushThroughputMiBs: number;
   verified: boolean;
   checks: CheckResult[];
   digest: { source: string; dest: string; scope: 'all-pages' | 'received-pages' };
@@ -82,6 +90,13 @@ function pad(cells: string[][]): string {
   return cells.map((row) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')).join('\n');
 }
 
+function formatRate(bps: number): string {
+  for (const [unit, scale] of [['tbit', 1e12], ['gbit', 1e9], ['mbit', 1e6], ['kbit', 1e3]] as const) {
+    if (bps >= scale) return `${Number((bps / scale).toFixed(2))}${unit}`;
+  }
+  return `${bps}bit`;
+}
+
 const fmt = (x: number, digits = 1): string => (Number.isInteger(x) ? String(x) : x.toFixed(digits));
 
 /** The readable report `npm start` prints. */
@@ -90,7 +105,8 @@ export function formatReport(r: Report): string {
   lines.push(
     `postcopy migration: ${r.strategy}, ${r.vcpus} vCPU${r.vcpus > 1 ? 's' : ''}, workload ${r.workload}, ` +
       `${formatBytes(r.guestBytes)} guest in ${r.memslots} memslot${r.memslots > 1 ? 's' : ''}, ${formatBytes(r.pageSize)} pages, ` +
-      `push ${r.push ? 'on' : 'off'}${r.strategy === 'shared-uffd' ? `, ${r.readers} reader${r.readers > 1 ? 's' : ''}` : ''}` +
+      `push ${r.push ? 'on' : 'off'}${r.preempt ? ', preempt' : ''}` +
+      `${r.linkDelayUs ? `, link delay ${r.linkDelayUs} µs` : ''}${r.linkBandwidthBps ? `, link ${formatRate(r.linkBandwidthBps)}` : ''}${r.strategy === 'shared-uffd' ? `, ${r.readers} reader${r.readers > 1 ? 's' : ''}` : ''}` +
       `${r.ioThreads ? `, ${r.ioThreads} I/O thread${r.ioThreads > 1 ? 's' : ''}` : ''}`,
   );
   lines.push('');
@@ -101,13 +117,14 @@ export function formatReport(r: Report): string {
       ['faults (vCPU / non-vCPU)', `${c.faults - c.nonVcpuFaults} / ${c.nonVcpuFaults}`],
       ['requests / replies', `${c.requests} / ${c.replies}`],
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],
-      ['already-sent replies', String(c.alreadySent)],
+      ['already-sent / sent-on-main replies', `${c.alreadySent} / ${c.repliesOnMain}`],
       ['pages demand / pushed / zero', `${c.pagesDemand} / ${c.pagesPushed} / ${c.pagesZero}`],
       ['pages sent by source / total', `${c.pagesSentBySource} / ${c.totalPages}`],
       ['EEXIST / WAKE', `${c.eexist} / ${c.wakes}`],
       ['fault latency p50 / p90 / p99 / p99.9 / max (µs)', [r.latencyUs.p50, r.latencyUs.p90, r.latencyUs.p99, r.latencyUs.p999, r.latencyUs.max].map((x) => fmt(x)).join(' / ')],
       ['fault latency mean (µs)', fmt(r.latencyUs.mean)],
       ['demand paging rate (pages/s)', fmt(r.demandPagingRate.overall, 0)],
+      ['push throughput (MiB/s)', fmt(r.pushThroughputMiBs)],
       ['total blocktime, all vCPUs blocked (ms)', fmt(r.blocktimeMs.total, 3)],
     ]),
   );

@@ -4,3 +4,4 @@ export * from './scheduler.js';
 export * from './migration.js';
 export * from './server.js';
 export * from './options.js';
+export * from './link.js';

@@ -30,6 +30,8 @@ export interface SourceStats {
   repliesPage: number;
   repliesZero: number;
   repliesAlreadySent: number;
+  /** Requests whose page went out on the main channel (no preempt). */
+  repliesOnMain: number;
   pagesPushed: number;
   pagesZero: number;
   /** Requests whose channel closed before the answer could go out. */
@@ -50,6 +52,7 @@ export class SourceMigration {
     repliesPage: 0,
     repliesZero: 0,
     repliesAlreadySent: 0,
+    repliesOnMain: 0,
     pagesPushed: 0,
     pagesZero: 0,
     repliesUndeliverable: 0,
@@ -60,6 +63,10 @@ export class SourceMigration {
   private pushing = false;
   private pushChannel: Channel | undefined;
   private completeSent = false;
+  /** Requested pages go back on the requesting channel (postcopy-preempt), else on the main channel. */
+  preempt = true;
+  /** The destination's main channel, once it said start. */
+  mainChannel: Channel | undefined;
 
   constructor(
     readonly image: GuestImage,
@@ -80,21 +87,35 @@ export class SourceMigration {
       this.stats.repliesUndeliverable++;
       return;
     }
+    const main = this.mainChannel;
     if (this.sentmap.isSent(page)) {
       channel.send(encode({ type: 'already-sent', id, page }));
       this.stats.repliesAlreadySent++;
-    } else if (this.image.isZero(page)) {
+    } else if (!this.preempt && main && main !== channel && main.isOpen) {
+      // Without preempt the page shares the main channel with pushed pages
+      // (ahead of pushes not yet sent, behind those already in the socket);
+      // the request's one reply says where its content went.
+      this.sendContent(main, 0, page);
+      channel.send(encode({ type: 'sent-on-main', id, page }));
+      this.stats.repliesOnMain++;
+    } else {
+      this.sendContent(channel, id, page);
+    }
+    this.stats.replies++;
+    this.maybeComplete();
+  }
+
+  /** A requested page's content (or zero notice) on `channel`, marked in the sentmap. */
+  private sendContent(channel: Channel, id: number, page: number): void {
+    if (this.image.isZero(page)) {
       channel.send(encode({ type: 'zero-page', id, page }));
-      this.sentmap.mark(page);
       this.stats.repliesZero++;
       this.stats.pagesZero++;
     } else {
       channel.send(encode({ type: 'page', id, page, data: this.image.pageBytes(page) }));
-      this.sentmap.mark(page);
       this.stats.repliesPage++;
     }
-    this.stats.replies++;
-    this.maybeComplete();
+    this.sentmap.mark(page);
   }
 
   /** Starts pushing every page not yet sent on `channel`, in the background. */

@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
-import { makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
+import { UsageError, makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
+import { parseBandwidth, type LinkSpec } from './link.js';
 
 /** Option defaults in one literal (the `ws` convention). */
 export const SOURCE_DEFAULTS = {
@@ -9,6 +10,8 @@ export const SOURCE_DEFAULTS = {
   zeroFraction: '0.1',
   host: '127.0.0.1',
   port: '0',
+  linkDelayUs: '0',
+  linkBandwidth: '0',
 } as const;
 
 export interface SourceOptions {
@@ -17,6 +20,23 @@ export interface SourceOptions {
   host: string;
   port: number;
   token: string | undefined;
+  link: LinkSpec;
+}
+
+/** The emulated link between the hosts; the launcher passes them to the source. */
+export function addLinkOptions(cmd: Command): Command {
+  return cmd
+    .option('--link-delay-us <us>', 'one-way delay added in each direction, in microseconds (emulated at the source)', SOURCE_DEFAULTS.linkDelayUs)
+    .option('--link-bandwidth <rate>', 'link bandwidth, e.g. 1gbit, 10gbit, 500mbit (0 = unlimited)', SOURCE_DEFAULTS.linkBandwidth);
+}
+
+export function parseLinkOptions(raw: Record<string, unknown>): LinkSpec {
+  const delayUs = parseIntOption('--link-delay-us', String(raw.linkDelayUs), 0, 10_000_000);
+  const bandwidthBps = parseBandwidth(String(raw.linkBandwidth));
+  if (bandwidthBps === undefined) {
+    throw new UsageError(`--link-bandwidth: expected a rate such as 1gbit, 10gbit, 500mbit, 100kbit or 0 (unlimited), got ${JSON.stringify(raw.linkBandwidth)}`);
+  }
+  return { delayUs, bandwidthBps };
 }
 
 /** Options that describe the guest image; the launcher shares them. */
@@ -34,6 +54,7 @@ export function sourceCommand(): Command {
     .option('--host <addr>', 'address to listen on', SOURCE_DEFAULTS.host)
     .option('--port <n>', 'port to listen on (0 = any free port)', SOURCE_DEFAULTS.port)
     .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'));
+  addLinkOptions(cmd);
   return addImageOptions(cmd);
 }
 
@@ -49,5 +70,6 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     host: raw.host!,
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,
+    link: parseLinkOptions(raw),
   };
 }

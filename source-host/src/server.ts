@@ -15,6 +15,7 @@ import {
   type SourceSummary,
 } from '@postcopy/shared';
 import type { GuestImage } from './image.js';
+import { Link, NO_LINK, type LinkSpec } from './link.js';
 import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
 
 export interface SourceServerOptions {
@@ -22,21 +23,30 @@ export interface SourceServerOptions {
   port: number;
   token: string;
   migration?: Partial<MigrationOptions>;
+  /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
+  link?: LinkSpec;
 }
 
 /** One WebSocket connection from the destination, after (or before) its hello. */
 class WsChannel implements Channel {
   label = 'unidentified';
   role: number | undefined;
-  constructor(readonly ws: WebSocket) {}
+  constructor(
+    readonly ws: WebSocket,
+    private readonly link: Link,
+  ) {}
   get isOpen(): boolean {
     return this.ws.readyState === this.ws.OPEN;
   }
+  /** Bytes queued on the emulated link and in the socket. */
   get bufferedAmount(): number {
-    return this.ws.bufferedAmount;
+    return this.ws.bufferedAmount + this.link.out.queuedBytes(this);
   }
   send(frame: Uint8Array, sent?: (err?: Error) => void): void {
-    this.ws.send(frame, { binary: true }, sent);
+    this.link.out.send(this, frame.length, () => {
+      if (this.isOpen) this.ws.send(frame, { binary: true }, sent);
+      else sent?.(new Error('channel closed'));
+    });
   }
 }
 
@@ -64,6 +74,7 @@ export class SourceServer extends EventEmitter {
   private readonly wss: WebSocketServer;
   private main: WsChannel | undefined;
   private finished = false;
+  readonly link: Link;
 
   private constructor(
     readonly image: GuestImage,
@@ -72,6 +83,7 @@ export class SourceServer extends EventEmitter {
   ) {
     super();
     this.migration = new SourceMigration(image, options.migration);
+    this.link = new Link(options.link ?? NO_LINK);
     this.wss = wss;
     wss.on('connection', (ws) => this.accept(ws));
   }
@@ -98,24 +110,31 @@ export class SourceServer extends EventEmitter {
 
   close(): Promise<void> {
     this.migration.stop();
+    this.link.stop();
     for (const ws of this.wss.clients) ws.terminate();
     return new Promise((resolve) => this.wss.close(() => resolve()));
   }
 
   private accept(ws: WebSocket): void {
-    const channel = new WsChannel(ws);
+    const channel = new WsChannel(ws, this.link);
     ws.binaryType = 'nodebuffer';
     ws.on('message', (data: Buffer, isBinary: boolean) => {
-      try {
-        if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
-        const message = decode(data, channel.role === undefined ? {} : { layout: this.image.layout });
-        this.dispatch(channel, message);
-      } catch (err) {
-        this.reject(channel, err as Error);
-      }
+      // Frames from the destination cross the emulated link before they are read.
+      this.link.in.send(channel, data.length, () => {
+        if (!channel.isOpen) return;
+        try {
+          if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
+          const message = decode(data, channel.role === undefined ? {} : { layout: this.image.layout });
+          this.dispatch(channel, message);
+        } catch (err) {
+          this.reject(channel, err as Error);
+        }
+      });
     });
     ws.on('error', (err) => this.reject(channel, err));
     ws.on('close', () => {
+      this.link.out.drop(channel);
+      this.link.in.drop(channel);
       if (channel === this.main && !this.finished) {
         this.main = undefined;
         this.migration.stop();
@@ -146,6 +165,8 @@ export class SourceServer extends EventEmitter {
         return;
       case 'start':
         if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected start on the main channel, got it on ${channel.label}`);
+        this.migration.preempt = message.preempt;
+        this.migration.mainChannel = channel;
         if (message.push) this.migration.startPush(channel);
         return;
       case 'finish': {
@@ -194,6 +215,8 @@ export class SourceServer extends EventEmitter {
         imageDigest: this.image.digest,
         imageSeed: this.image.spec.seed,
         zeroFraction: this.image.spec.zeroFraction,
+        linkDelayUs: this.link.spec.delayUs,
+        linkBandwidthBps: this.link.spec.bandwidthBps,
       }),
     );
   }

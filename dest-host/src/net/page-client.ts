@@ -186,7 +186,12 @@ export class PageClient {
       this.abort(err as Error);
       return;
     }
-    if (message.type === 'page' || message.type === 'zero-page' || message.type === 'already-sent') {
+    if ((message.type === 'page' || message.type === 'zero-page') && message.id === 0) {
+      // A requested page sent on the main channel (no preempt): not a reply to this channel.
+      this.onMessage(message);
+      return;
+    }
+    if (message.type === 'page' || message.type === 'zero-page' || message.type === 'already-sent' || message.type === 'sent-on-main') {
       const pending = this.pending.get(message.id);
       if (!pending) {
         this.abort(new ProtocolError(`${message.type} for request id ${message.id}, which this channel never sent or already had answered`));

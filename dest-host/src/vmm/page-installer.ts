@@ -64,9 +64,11 @@ export class PageInstaller {
 
   private async installReply(reply: Reply, options: ResolveOptions): Promise<number> {
     const page = reply.page;
-    if (reply.type === 'already-sent') {
-      // The source sent it already, on another channel (a push in flight).
-      this.vmm.count(COUNTER.ALREADY_SENT);
+    if (reply.type === 'already-sent' || reply.type === 'sent-on-main') {
+      // The content travels on another channel: a push in flight, or (without
+      // preempt) this very request answered on the main channel. Whoever
+      // receives it there installs it; this resolver waits for that.
+      this.vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
       await this.vmm.untilReceived(page);
       return this.elsewhere(page, options);
     }

@@ -32,6 +32,8 @@ export const COUNTER = {
   DUPLICATE_DATA: 12,
   /** Guest accesses completed, all threads: the watchdog's progress signal. */
   ACCESSES: 13,
+  /** Replies saying the requested page went out on the main channel (no preempt). */
+  ON_MAIN: 14,
   LENGTH: 16,
 } as const;
 
@@ -57,6 +59,8 @@ export interface VmmBuffers {
   faultQueues: SharedArrayBuffer;
   /** Fault start times (ms since the run's epoch), CAPACITY per thread. */
   faultStarts: SharedArrayBuffer;
+  /** Blocked time so far (ms) per thread, for live status. */
+  blockedTotals: SharedArrayBuffer;
 }
 
 export class VmmState {
@@ -65,6 +69,8 @@ export class VmmState {
   readonly counters: Int32Array;
   readonly faultQueues: Int32Array;
   readonly faultStarts: Float64Array;
+  /** Written only by the owning thread; others read it for status (a torn read is impossible for aligned doubles on x86-64 and arm64). */
+  readonly blockedTotals: Float64Array;
 
   static create(totalPages: number, threads: number): VmmState {
     return new VmmState({
@@ -73,6 +79,7 @@ export class VmmState {
       counters: new SharedArrayBuffer(COUNTER.LENGTH * 4),
       faultQueues: new SharedArrayBuffer(threads * FAULT_QUEUE.STRIDE * 4),
       faultStarts: new SharedArrayBuffer(threads * FAULT_QUEUE.CAPACITY * 8),
+      blockedTotals: new SharedArrayBuffer(Math.max(1, threads) * 8),
     });
   }
 
@@ -82,6 +89,7 @@ export class VmmState {
     this.counters = new Int32Array(buffers.counters);
     this.faultQueues = new Int32Array(buffers.faultQueues);
     this.faultStarts = new Float64Array(buffers.faultStarts);
+    this.blockedTotals = new Float64Array(buffers.blockedTotals);
   }
 
   count(counter: number, by = 1): void {
@@ -150,9 +158,20 @@ export class VmmState {
     Atomics.add(this.faultQueues, base + FAULT_QUEUE.FAULTS, 1);
   }
 
-  popFault(thread: number): void {
+  popFault(thread: number, endMs: number): void {
     const base = thread * FAULT_QUEUE.STRIDE;
+    const count = this.faultQueues[base + FAULT_QUEUE.COUNT]!;
+    if (count > 0 && count <= FAULT_QUEUE.CAPACITY) {
+      this.blockedTotals[thread] = this.blockedTotals[thread]! + (endMs - this.faultStarts[thread * FAULT_QUEUE.CAPACITY + count - 1]!);
+    }
     Atomics.sub(this.faultQueues, base + FAULT_QUEUE.COUNT, 1);
+  }
+
+  /** Blocked time of `thread` so far, the fault in progress included (ms). */
+  blockedSoFar(thread: number, nowMs: number): number {
+    let total = this.blockedTotals[thread]!;
+    for (const f of this.outstanding(thread)) total += nowMs - f.startMs;
+    return total;
   }
 
   /** Outstanding faults of `thread`: pages and start times (for the watchdog). */

@@ -50,7 +50,7 @@ export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> 
         while (!uffd.isPresent(page)) uffd.handleFault(tid, page, write);
       }
       const t1 = performance.now() + clockOffset;
-      vmm.popFault(tid);
+      vmm.popFault(tid, t1);
       if (faults * 2 + 2 > intervals.length) {
         const grown = new Float64Array(intervals.length * 2);
         grown.set(intervals);

@@ -1,0 +1,66 @@
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Userfaultfd } from './uffd/userfaultfd.js';
+import { COUNTER, type VmmState } from './vmm/state.js';
+
+export type MigrationState = 'setup' | 'postcopy-active' | 'completed' | 'failed';
+
+export interface StatusSource {
+  state(): MigrationState;
+  vmm: VmmState;
+  uffd: Userfaultfd;
+  totalPages: number;
+  pageSize: number;
+  vcpus: number;
+  /** ms since the run's epoch */
+  now(): number;
+  startedAt(): number | undefined;
+}
+
+/** The snapshot `GET /status` returns, shaped like QEMU's query-migrate on the destination. */
+export function statusSnapshot(s: StatusSource): Record<string, unknown> {
+  const now = s.now();
+  const vmm = s.vmm;
+  const blocktime = Array.from({ length: s.vcpus }, (_, v) => Math.round(vmm.blockedSoFar(v, now) * 1000) / 1000);
+  let faults = 0;
+  for (let v = 0; v < s.vcpus; v++) faults += vmm.faultsOf(v);
+  const received = vmm.counter(COUNTER.INSTALLED);
+  const started = s.startedAt();
+  const blockedSum = blocktime.reduce((a, b) => a + b, 0);
+  return {
+    status: s.state(),
+    'total-time': started === undefined ? 0 : Math.round(now - started),
+    ram: {
+      total: s.totalPages * s.pageSize,
+      transferred: received * s.pageSize,
+      remaining: (s.totalPages - received) * s.pageSize,
+      'page-size': s.pageSize,
+      'postcopy-requests': vmm.counter(COUNTER.REQUESTS),
+    },
+    'pages-received': received,
+    'pages-total': s.totalPages,
+    faults,
+    'faults-non-vcpu': s.uffd.counters().faults - faults,
+    'postcopy-vcpu-blocktime': blocktime,
+    'postcopy-latency': faults > 0 ? Math.round((blockedSum * 1e6) / faults) : 0,
+  };
+}
+
+/** Serves `GET /status` on 127.0.0.1:`port` while the migration runs. */
+export async function startStatusServer(port: number, source: StatusSource, host = '127.0.0.1'): Promise<Server & { url: string }> {
+  const server = createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/status') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(statusSnapshot(source)));
+      return;
+    }
+    res.writeHead(404, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ error: `expected GET /status, got ${req.method} ${req.url}` }));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  return Object.assign(server, { url: `http://${host}:${address.port}/status` });
+}
