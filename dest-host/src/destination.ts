@@ -183,7 +183,10 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
           const result = installer.install(setup.pushCtx, m.page, m.type === 'pushed' ? m.data : undefined, 0);
           if (result === layout.pageSize) {
             vmm.count(COUNTER.PAGES_PUSHED);
-            if (m.type === 'pushed-zero') vmm.count(COUNTER.PAGES_ZERO);
+            if (m.type === 'pushed-zero') {
+              vmm.count(COUNTER.PAGES_ZERO);
+              vmm.count(COUNTER.PUSHED_ZERO);
+            }
             vmm.markReceived(m.page);
           } else if (result === -ERRNO.EEXIST) {
             vmm.count(COUNTER.DUPLICATE_DATA);

@@ -124,7 +124,8 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     linkBandwidthBps: inp.linkBandwidthBps,
     seed: inp.seed,
     elapsedMs: round(inp.elapsedMs),
-    pushThroughputMiBs: round((counters.pagesPushed * inp.pageSize) / 1024 / 1024 / Math.max(1e-9, inp.elapsedMs / 1000), 1),
+    // Page contents pushed (zero-page notices carry no data) per second of the run.
+    pushThroughputMiBs: round(((counters.pagesPushed - c(COUNTER.PUSHED_ZERO)) * inp.pageSize) / 1024 / 1024 / Math.max(1e-9, inp.elapsedMs / 1000), 1),
     verified: checks.every((x) => x.ok),
     checks,
     digest: { source: inp.summary.digestOfReceived, dest: inp.destDigest, scope: inp.allReceived ? 'all-pages' : 'received-pages' },

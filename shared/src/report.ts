@@ -70,7 +70,7 @@ export interface Report {
   linkBandwidthBps: number;
   seed: number;
   elapsedMs: number;
-  /** Pages pushed per second of the run, in MiB/s. */
+  /** Content of pushed pages (zero-page notices excluded) per second of the run, in MiB/s. */
   pushThroughputMiBs: number;
   verified: boolean;
   checks: CheckResult[];

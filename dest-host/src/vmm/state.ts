@@ -34,6 +34,8 @@ export const COUNTER = {
   ACCESSES: 13,
   /** Replies saying the requested page went out on the main channel (no preempt). */
   ON_MAIN: 14,
+  /** Pushed pages that were zero-page notices (no data on the wire). */
+  PUSHED_ZERO: 15,
   LENGTH: 16,
 } as const;
 
