@@ -14,7 +14,11 @@ export interface LaunchOptions {
   destArgs: string[];
   /** How long the source may take to build its image and listen. */
   sourceStartTimeoutMs?: number;
-  /** Where the destination's stdout and stderr go (default: this process's). */
+  /**
+   * Where the hosts' output goes: `inherit` (default) shows the destination's
+   * report and both hosts' errors here; `pipe` keeps them, and the result
+   * carries the end of their stderr.
+   */
   destStdio?: 'inherit' | 'pipe';
 }
 
@@ -24,7 +28,11 @@ export interface LaunchResult {
   destCode: number;
   sourceCode: number;
   url: string;
+  /** With `destStdio: 'pipe'`: the end of both hosts' stderr (at most 4,000 characters). */
+  stderrTail: string;
 }
+
+const TAIL_CHARS = 4000;
 
 function exitCode(child: ChildProcess): Promise<number> {
   return new Promise((resolve) => {
@@ -45,7 +53,12 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  source.stderr!.on('data', (chunk: Buffer) => process.stderr.write(chunk));
+  const piped = options.destStdio === 'pipe';
+  let tail = '';
+  const keep = (chunk: Buffer): void => {
+    tail = (tail + chunk.toString('utf8')).slice(-2 * TAIL_CHARS);
+  };
+  source.stderr!.on('data', (chunk: Buffer) => (piped ? keep(chunk) : process.stderr.write(chunk)));
   const sourceExit = exitCode(source);
   let dest: ChildProcess | undefined;
   try {
@@ -69,8 +82,13 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     });
     dest = spawn(process.execPath, [DEST_CLI, '--source', url, ...options.destArgs], {
       env,
-      stdio: options.destStdio === 'pipe' ? ['ignore', 'pipe', 'pipe'] : ['ignore', 'inherit', 'inherit'],
+      stdio: piped ? ['ignore', 'pipe', 'pipe'] : ['ignore', 'inherit', 'inherit'],
     });
+    if (piped) {
+      dest.stderr!.on('data', keep);
+      // The report table: drained so the pipe never fills.
+      dest.stdout!.resume();
+    }
     const destCode = await exitCode(dest);
     // The source ends by itself after the destination's finish; if the
     // destination failed before that, stop the source.
@@ -78,7 +96,12 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     if (sourceEnded === undefined) source.kill('SIGTERM');
     const sourceCode = await sourceExit;
     const code = destCode !== 0 ? destCode : sourceCode;
-    return { code, destCode, sourceCode, url };
+    let stderrTail = tail.replace(/\s+$/, '');
+    if (stderrTail.length > TAIL_CHARS) {
+      const cut = stderrTail.indexOf('\n', stderrTail.length - TAIL_CHARS);
+      stderrTail = cut >= 0 ? stderrTail.slice(cut + 1) : stderrTail.slice(-TAIL_CHARS);
+    }
+    return { code, destCode, sourceCode, url, stderrTail };
   } finally {
     if (source.exitCode === null) source.kill('SIGKILL');
     if (dest && dest.exitCode === null) dest.kill('SIGKILL');

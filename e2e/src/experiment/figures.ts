@@ -1,0 +1,161 @@
+import { chartSvg, type ChartPanel, type ChartSpec } from './chart.js';
+import { describeCombination, type SweptParam } from './matrix.js';
+import type { CombinationSummary } from './summary.js';
+import { seriesColor } from './svg.js';
+
+/** What the figures need to know about the sweep. */
+export interface FigureInput {
+  params: readonly SweptParam[];
+  /** The single values of options that were not swept (to name the strategy or vCPUs of a sweep over neither). */
+  fixed: Readonly<Record<string, unknown>>;
+  summaries: readonly CombinationSummary[];
+  repeats: number;
+}
+
+export interface Figure {
+  id: string;
+  title: string;
+  caption: string;
+  svg: string;
+}
+
+function valueOf(input: FigureInput, s: CombinationSummary, key: string): string {
+  return s.combination.values[key] ?? String(input.fixed[key] ?? '');
+}
+
+/** The values of `key` in the sweep, in the order given (or the one fixed value). */
+function valuesOf(input: FigureInput, key: string): string[] {
+  return input.params.find((p) => p.key === key)?.values ?? [String(input.fixed[key] ?? '')];
+}
+
+/** Groups combinations by the swept parameters other than `onPlot`: one panel each, in matrix order. */
+function panelGroups(input: FigureInput, onPlot: readonly string[]): { title: string; summaries: CombinationSummary[]; columns: number }[] {
+  const others = input.params.filter((p) => !onPlot.includes(p.key));
+  const groups = new Map<string, CombinationSummary[]>();
+  for (const s of input.summaries) {
+    const key = describeCombination(others, s.combination.values, ' · ');
+    groups.set(key, [...(groups.get(key) ?? []), s]);
+  }
+  // Two or more other parameters: one row per value of all but the last, a column per value of the last.
+  const last = others[others.length - 1];
+  const columns = others.length >= 2 ? Math.min(4, last!.values.length) : Math.min(4, groups.size === 3 ? 3 : groups.size);
+  return [...groups].map(([title, summaries]) => ({ title, summaries, columns }));
+}
+
+function strategySeries(input: FigureInput): { name: string; color: string }[] {
+  return valuesOf(input, 'strategy').map((name, i) => ({ name, color: seriesColor(i) }));
+}
+
+const PERCENTILES = [
+  { label: 'p50', metric: 'latency_p50_us' },
+  { label: 'p90', metric: 'latency_p90_us' },
+  { label: 'p99', metric: 'latency_p99_us' },
+  { label: 'p99.9', metric: 'latency_p999_us' },
+] as const;
+
+function panelNote(input: FigureInput, onPlot: readonly string[]): string {
+  const others = input.params.filter((p) => !onPlot.includes(p.key)).map((p) => p.flag.replace(/^--/, ''));
+  return others.length > 0 ? ` One panel per ${others.join(' × ')}.` : '';
+}
+
+export function latencyFigure(input: FigureInput): Figure {
+  const groups = panelGroups(input, ['strategy']);
+  const panels: ChartPanel[] = groups.map((g) => ({
+    title: g.title,
+    series: strategySeries(input).map(({ name, color }) => {
+      const s = g.summaries.find((x) => valueOf(input, x, 'strategy') === name);
+      return { name, color, points: PERCENTILES.map((p) => ({ category: p.label, spread: s?.metrics.get(p.metric) })) };
+    }),
+  }));
+  const spec: ChartSpec = {
+    categories: PERCENTILES.map((p) => p.label),
+    panels,
+    mark: 'line',
+    x: { title: 'percentile of fault latency' },
+    y: { title: 'fault latency', unit: 'µs', log: true, shared: true },
+    columns: groups[0]?.columns ?? 1,
+    repeats: input.repeats,
+    label: 'Fault latency percentiles per strategy',
+  };
+  return {
+    id: 'latency',
+    title: 'Fault latency percentiles per strategy',
+    caption:
+      'Time from a vCPU’s fault to its page being installed and the vCPU running again (HdrHistogram of every vCPU fault), at p50, p90, p99 and p99.9; ' +
+      `log scale${groups.length > 1 ? ', the same on every panel' : ''}.${panelNote(input, ['strategy'])}`,
+    svg: chartSvg(spec),
+  };
+}
+
+export function demandPagingRateFigure(input: FigureInput): Figure {
+  const groups = panelGroups(input, ['strategy', 'vcpus']);
+  const vcpus = [...valuesOf(input, 'vcpus')].sort((a, b) => Number(a) - Number(b));
+  const panels: ChartPanel[] = groups.map((g) => ({
+    title: g.title,
+    series: strategySeries(input).map(({ name, color }) => ({
+      name,
+      color,
+      points: vcpus.map((v) => ({
+        category: v,
+        spread: g.summaries.find((x) => valueOf(input, x, 'strategy') === name && valueOf(input, x, 'vcpus') === v)?.metrics.get('demand_paging_rate'),
+      })),
+    })),
+  }));
+  const spec: ChartSpec = {
+    categories: vcpus,
+    panels,
+    mark: 'line',
+    x: { title: 'vCPUs' },
+    y: { title: 'demand paging rate', unit: 'pages/s', shared: false },
+    columns: groups[0]?.columns ?? 1,
+    repeats: input.repeats,
+    label: 'Demand paging rate against vCPUs per strategy',
+  };
+  return {
+    id: 'rate',
+    title: 'Demand paging rate against vCPUs',
+    caption:
+      'Pages faulted in per second of wall time from the start of all vCPUs to the end of the last, as the kernel’s demand_paging_test reports it; higher is better.' +
+      `${input.params.some((p) => p.key === 'vcpus') ? '' : ' vCPUs were not swept (give --vcpus a list such as 1,2,4,8), so each strategy has one point.'}` +
+      `${panelNote(input, ['strategy', 'vcpus'])}${groups.length > 1 ? ' Each panel has its own y scale.' : ''}`,
+    svg: chartSvg(spec),
+  };
+}
+
+export function blocktimeFigure(input: FigureInput): Figure {
+  const groups = panelGroups(input, ['strategy']);
+  const categories = [
+    { label: 'total (all vCPUs blocked)', metric: 'blocktime_total_ms' },
+    { label: 'per vCPU (mean)', metric: 'vcpu_blocktime_mean_ms' },
+  ];
+  const panels: ChartPanel[] = groups.map((g) => ({
+    title: g.title,
+    series: strategySeries(input).map(({ name, color }) => {
+      const s = g.summaries.find((x) => valueOf(input, x, 'strategy') === name);
+      return { name, color, points: categories.map((c) => ({ category: c.label, spread: s?.metrics.get(c.metric) })) };
+    }),
+  }));
+  const spec: ChartSpec = {
+    categories: categories.map((c) => c.label),
+    panels,
+    mark: 'bar',
+    x: { title: '' },
+    y: { title: 'blocktime', unit: 'ms', shared: false },
+    columns: groups[0]?.columns ?? 1,
+    repeats: input.repeats,
+    label: 'Blocktime per strategy, total and per-vCPU mean',
+  };
+  return {
+    id: 'blocktime',
+    title: 'Blocktime per strategy',
+    caption:
+      'Total blocktime is the time during which every vCPU was blocked on a fault at once (QEMU’s postcopy-blocktime); ' +
+      'per vCPU is the mean over vCPUs of the time each spent blocked (postcopy-vcpu-blocktime); lower is better.' +
+      `${panelNote(input, ['strategy'])}${groups.length > 1 ? ' Each panel has its own y scale.' : ''}`,
+    svg: chartSvg(spec),
+  };
+}
+
+export function figures(input: FigureInput): Figure[] {
+  return [latencyFigure(input), demandPagingRateFigure(input), blocktimeFigure(input)];
+}

@@ -1,0 +1,128 @@
+import { Command, Option } from 'commander';
+import { UsageError, parseIntOption } from '@postcopy/shared';
+import { launcherCommand, splitArgs } from '../options.js';
+import { columnName, combinations, describeCombination, parseList, type SweptParam } from './matrix.js';
+
+/** Launcher options the sweep sets itself, one file per run. */
+export const PER_RUN_OPTIONS: readonly string[] = ['json', 'hgrm'];
+
+/** Plural spellings that read better in a sweep (`--strategies a,b`); both spellings work. */
+export const PLURAL_ALIASES: Readonly<Record<string, string>> = { strategy: '--strategies', workload: '--workloads' };
+
+/** One launcher option as the sweep sees it. */
+interface LauncherOption {
+  key: string;
+  flag: string;
+  takesValue: boolean;
+}
+
+function launcherOptions(): { option: Option; spec: LauncherOption }[] {
+  return launcherCommand()
+    .options.filter((o) => o.long !== undefined && !PER_RUN_OPTIONS.includes(o.attributeName()))
+    .map((option) => ({ option, spec: { key: option.attributeName(), flag: option.long!, takesValue: option.required || option.optional } }));
+}
+
+/**
+ * `npm run experiment`'s options: every run option of the launcher (derived
+ * from {@link launcherCommand}, so new options appear by themselves), each
+ * taking a comma list to sweep it, plus `--repeat` and `--out`.
+ */
+export function experimentCommand(): Command {
+  const cmd = new Command('experiment').description(
+    'Runs a sweep of two-process postcopy migrations: every combination of the comma-listed option values, --repeat times each, ' +
+      'and writes one JSON report and .hgrm per run, summary.csv and report.html to --out.',
+  );
+  for (const { option, spec } of launcherOptions()) {
+    if (!spec.takesValue) {
+      // Boolean flags (--no-push, --preempt, ...) pass through unchanged.
+      const flag = new Option(option.flags, option.description);
+      if (option.defaultValue !== undefined) flag.default(option.defaultValue);
+      cmd.addOption(flag);
+      continue;
+    }
+    const arg = /<([^>]+)>/.exec(option.flags)?.[1] ?? 'value';
+    const alias = PLURAL_ALIASES[spec.key];
+    const choices = option.argChoices ? `; one of ${option.argChoices.join(', ')}` : '';
+    const swept = new Option(`${alias ? alias + ', ' : ''}${spec.flag} <${arg},...>`, `${option.description}${choices}; a comma list sweeps it`);
+    if (option.defaultValue !== undefined) swept.default(option.defaultValue);
+    cmd.addOption(swept);
+  }
+  cmd.option('--repeat <n>', 'runs of each combination (summarised by their median and min–max)', '1');
+  cmd.requiredOption('--out <dir>', 'directory for runs/*.json, runs/*.hgrm, summary.csv and report.html');
+  return cmd;
+}
+
+export interface ExperimentOptions {
+  /** Options given more than one value, strategy first, then in the launcher's order. */
+  params: SweptParam[];
+  /** Every other launcher option as the launcher's parser would give it (one value, or a flag). */
+  fixed: Record<string, unknown>;
+  repeat: number;
+  out: string;
+}
+
+/** Reads the parsed options of {@link experimentCommand} (throws UsageError). */
+export function parseExperimentOptions(opts: Record<string, unknown>): ExperimentOptions {
+  const params: SweptParam[] = [];
+  const fixed: Record<string, unknown> = {};
+  for (const { spec } of launcherOptions()) {
+    const value = opts[spec.key];
+    if (spec.takesValue && value !== undefined) {
+      const values = parseList(spec.flag, String(value));
+      if (values.length > 1) params.push({ key: spec.key, flag: spec.flag, column: columnName(spec.flag), values });
+      else fixed[spec.key] = values[0];
+    } else if (value !== undefined) {
+      fixed[spec.key] = value;
+    }
+  }
+  params.sort((a, b) => Number(b.key === 'strategy') - Number(a.key === 'strategy'));
+  const repeat = parseIntOption('--repeat', String(opts.repeat), 1, 1_000_000);
+  const out = String(opts.out ?? '');
+  if (out.trim() === '') throw new UsageError('--out: expected a directory, got ""');
+  return { params, fixed, repeat, out };
+}
+
+/** The launcher's raw options for one combination (what `splitArgs` takes). */
+export function rawOptions(options: ExperimentOptions, values: Record<string, string>, files: { json?: string; hgrm?: string } = {}): Record<string, unknown> {
+  const raw: Record<string, unknown> = { ...options.fixed, ...values };
+  if (files.json !== undefined) raw.json = files.json;
+  if (files.hgrm !== undefined) raw.hgrm = files.hgrm;
+  return raw;
+}
+
+/**
+ * Checks every combination with the launcher's own validation before anything
+ * runs; the first bad one throws a UsageError naming the combination.
+ */
+export function validateMatrix(options: ExperimentOptions): void {
+  for (const combination of combinations(options.params)) {
+    try {
+      splitArgs(rawOptions(options, combination.values));
+    } catch (err) {
+      if (!(err instanceof UsageError)) throw err;
+      const where = options.params.length > 0 ? ` (in the combination ${describeCombination(options.params, combination.values)})` : '';
+      throw new UsageError(err.message + where);
+    }
+  }
+}
+
+/** A fixed (not swept) option as the report shows it. */
+export interface FixedSetting {
+  /** `--memory 4MiB`, `--no-push`. */
+  text: string;
+  /** Differs from the launcher's default. */
+  changed: boolean;
+}
+
+/** The options every run shared, as flags; those changed from the launcher's defaults first. */
+export function fixedSettings(options: ExperimentOptions): FixedSetting[] {
+  const out: FixedSetting[] = [];
+  for (const { option, spec } of launcherOptions()) {
+    if (!(spec.key in options.fixed)) continue;
+    const value = options.fixed[spec.key];
+    if (spec.takesValue) out.push({ text: `${spec.flag} ${String(value)}`, changed: value !== option.defaultValue });
+    // A flag shows only when given: --no-push when push is off, --preempt when on.
+    else if (option.negate ? value === false : value === true) out.push({ text: spec.flag, changed: true });
+  }
+  return [...out.filter((s) => s.changed), ...out.filter((s) => !s.changed)];
+}
