@@ -12,7 +12,7 @@ export default defineConfig({
     },
   },
   test: {
-    include: ['shared/src/**/*.test.ts', 'source-host/src/**/*.test.ts', 'dest-host/src/**/*.test.ts', 'e2e/test/**/*.test.ts'],
+    include: ['shared/src/**/*.test.ts', 'source-host/src/**/*.test.ts', 'dest-host/src/**/*.test.ts', 'e2e/test/**/*.test.ts', 'bench/test/**/*.test.ts'],
     testTimeout: 60_000,
     hookTimeout: 30_000,
     // Two cores: end-to-end runs start two processes and several threads each.

@@ -1,0 +1,87 @@
+import type { BenchResult } from './bench.js';
+import { BENCH_STRATEGIES, RATIO_MEANINGS, RATIO_NAMES } from './figures.js';
+
+function table(rows: string[][], indent = '  '): string {
+  const widths: number[] = [];
+  for (const row of rows) row.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
+  return rows
+    .map((row) => indent + row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('   ').trimEnd())
+    .join('\n');
+}
+
+const num = (x: number, digits = 1): string => x.toFixed(digits);
+
+/** The readable report `npm run bench` prints. */
+export function formatBench(r: BenchResult): string {
+  const lines: string[] = [];
+  const o = r.options;
+  lines.push(
+    `postcopy bench (${r.revision}): Node ${r.machine.node}, ${r.machine.platform}/${r.machine.arch}, ${r.machine.cpus} CPUs (${r.machine.cpuModel}), ` +
+      `load average ${r.machine.loadAverage1mAtStart} at start`,
+  );
+  lines.push(
+    `guest ${o.memory}, repeat ${o.repeat} (figures are medians), floor ${o.floorRequests} round trips after ${o.floorWarmup} warm-up, bulk ${o.bulkMiB} MiB`,
+  );
+  lines.push('');
+  lines.push('floor: raw WebSocket between two Node processes on 127.0.0.1 (ws, perMessageDeflate off, binary, msgpackr codec)');
+  lines.push(
+    table([
+      ['request/reply round trip of a 4 KiB page, p50 / p99 (µs)', `${num(r.floor.roundTripUs.p50)} / ${num(r.floor.roundTripUs.p99)}`],
+      ['bulk throughput of 4 KiB pushed frames (MiB/s)', num(r.floor.bulkMiBs)],
+    ]),
+  );
+  lines.push('');
+  lines.push("fault latency: 1 vCPU, sequential, idle link, push off, --preempt (each reply on the fault's own channel, the floor's shape)");
+  lines.push(
+    table([
+      ['strategy', 'p50 µs', 'p99 µs', 'p50 / floor p50'],
+      ...BENCH_STRATEGIES.map((s) => [s, num(r.strategies[s].p50), num(r.strategies[s].p99), num(r.strategies[s].p50 / r.floor.roundTripUs.p50, 2)]),
+    ]),
+  );
+  lines.push('');
+  lines.push('urgent fault latency: kvm-exit, 1 vCPU, random workload');
+  lines.push(
+    table([
+      ['', 'p50 µs'],
+      ['push off (--preempt)', num(r.urgent.pushOff.p50)],
+      ['push on (requested pages on the main channel, behind pushes in flight)', num(r.urgent.pushOn.p50)],
+      ['push on + --preempt (requested pages on their own channel)', num(r.urgent.pushOnPreempt.p50)],
+    ]),
+  );
+  lines.push('');
+  lines.push('push throughput: kvm-exit, 1 vCPU touching 1 page, no zero pages');
+  lines.push(table([['push throughput (MiB/s)', num(r.pushThroughputMiBs)], ['floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)]]));
+  lines.push('');
+  lines.push('ratios');
+  const rows: string[][] = [['name', 'value', 'target', '', 'meaning']];
+  let met = 0;
+  let targets = 0;
+  for (const name of RATIO_NAMES) {
+    const t = r.targets[name];
+    if (t) {
+      targets++;
+      if (t.met) met++;
+    }
+    rows.push([
+      name,
+      num(r.ratios[name], 2),
+      t ? `${t.kind === 'max' ? '<=' : '>='} ${t.value}` : 'none',
+      t ? (t.met ? 'met' : 'MISSED') : '',
+      RATIO_MEANINGS[name],
+    ]);
+  }
+  // The meaning column reads better left-aligned.
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
+  for (const row of rows) {
+    lines.push(
+      '  ' +
+        row
+          .map((c, i) => (i === 0 || i === 3 || i === 4 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)))
+          .join('   ')
+          .trimEnd(),
+    );
+  }
+  lines.push('');
+  lines.push(`targets met: ${met} of ${targets}`);
+  return lines.join('\n');
+}

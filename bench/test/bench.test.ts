@@ -1,0 +1,92 @@
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+
+/** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
+const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
+/** The whole code path, tiny: every run is a real two-process migration of a 4 MiB guest. */
+const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4'];
+const TIMEOUT_MS = 55_000;
+
+const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk'];
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+function runBench(args: string[]): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [BENCH, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`the bench did not finish within ${TIMEOUT_MS} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, TIMEOUT_MS);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+/** The value at a dotted path of the JSON, e.g. `floor.roundTripUs.p50`. */
+function at(json: unknown, path: string): unknown {
+  return path.split('.').reduce<unknown>((v, key) => (v !== null && typeof v === 'object' ? (v as Record<string, unknown>)[key] : undefined), json);
+}
+
+describe('npm run bench (tiny)', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-test-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('measures every figure and ratio, prints each ratio, and writes them as JSON', async () => {
+    const file = join(dir, 'nested', 'bench.json');
+    const run = await runBench([...TINY, '--json', file]);
+    expect(run.code, `stdout:\n${run.stdout}\nstderr:\n${run.stderr}`).toBe(0);
+    expect(existsSync(file)).toBe(true);
+    const json: unknown = JSON.parse(readFileSync(file, 'utf8'));
+
+    const figures = [
+      'floor.roundTripUs.p50',
+      'floor.roundTripUs.p99',
+      'floor.bulkMiBs',
+      'strategies.shared-uffd.p50',
+      'strategies.shared-uffd.p99',
+      'strategies.per-thread-uffd.p50',
+      'strategies.per-thread-uffd.p99',
+      'strategies.kvm-exit.p50',
+      'strategies.kvm-exit.p99',
+      'urgent.pushOff.p50',
+      'urgent.pushOn.p50',
+      'urgent.pushOnPreempt.p50',
+      'pushThroughputMiBs',
+      ...RATIOS.map((r) => `ratios.${r}`),
+    ];
+    for (const path of figures) {
+      const value = at(json, path);
+      expect(typeof value, path).toBe('number');
+      expect(Number.isFinite(value) && (value as number) > 0, `${path} = ${String(value)}`).toBe(true);
+    }
+    // Every target has a verdict (met or not: the bench checks targets, this test does not).
+    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk']) {
+      expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
+    }
+
+    for (const name of RATIOS) expect(run.stdout).toContain(name);
+    expect(run.stdout).toMatch(/targets met: \d of 4/);
+  });
+
+  it('rejects a bad option with exit code 2 and a message naming it', async () => {
+    const run = await runBench(['--repeat', '0']);
+    expect(run.code).toBe(2);
+    expect(run.stderr).toContain('--repeat');
+  });
+});
