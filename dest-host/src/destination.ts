@@ -178,15 +178,20 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     };
     main.onMessage = (m) => {
       switch (m.type) {
-        case 'pushed':
+        case 'pushed': {
+          const count = m.data.length / layout.pageSize;
+          const installed = installer.installRun(setup.pushCtx, m.page, m.data, count);
+          if (installed < 0) abort.fail(new Error(`installing pushed pages from ${m.page} failed with errno ${-installed}`));
+          else vmm.count(COUNTER.PAGES_PUSHED, installed);
+          if (complete) checkInstalled();
+          return;
+        }
         case 'pushed-zero': {
-          const result = installer.install(setup.pushCtx, m.page, m.type === 'pushed' ? m.data : undefined, 0);
+          const result = installer.install(setup.pushCtx, m.page, undefined, 0);
           if (result === layout.pageSize) {
             vmm.count(COUNTER.PAGES_PUSHED);
-            if (m.type === 'pushed-zero') {
-              vmm.count(COUNTER.PAGES_ZERO);
-              vmm.count(COUNTER.PUSHED_ZERO);
-            }
+            vmm.count(COUNTER.PAGES_ZERO);
+            vmm.count(COUNTER.PUSHED_ZERO);
             vmm.markReceived(m.page);
           } else if (result === -ERRNO.EEXIST) {
             vmm.count(COUNTER.DUPLICATE_DATA);

@@ -25,7 +25,7 @@ describe('link shaping and channels, end to end', () => {
     expect(r.report!.linkBandwidthBps).toBe(100e6);
     // 100 Mbit/s is 11.9 MiB/s of payload at most.
     expect(r.report!.pushThroughputMiBs).toBeLessThanOrEqual(12);
-    expect(r.report!.pushThroughputMiBs).toBeGreaterThan(5);
+    expect(r.report!.pushThroughputMiBs).toBeGreaterThan(3);
   });
 
   it('without --preempt requested pages come on the main channel; with it, on their own', async () => {

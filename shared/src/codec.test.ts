@@ -224,6 +224,16 @@ describe('rejects malformed frames with ProtocolError', () => {
     expectRejected(pack([MessageType.Finish, new Uint8Array(9)]), 'finish.receivedmap', 'expected 8 bytes', '9 bytes');
   });
 
+  it('pushed runs: whole pages, at most 16 (64 KiB), never past the end of the guest', () => {
+    const run = (page: number, pages: number): Uint8Array => pack([MessageType.Pushed, page, new Uint8Array(pages * PAGE)]);
+    expect(decode(run(2, 16), limits)).toMatchObject({ type: 'pushed', page: 2 });
+    expect((decode(run(48, 16), limits) as { data: Uint8Array }).data.length).toBe(16 * PAGE);
+    expectRejected(run(2, 17), 'pushed.data', 'expected 1 to 16 whole pages', `${17 * PAGE} bytes`);
+    // The guest has 64 pages: a run from page 60 may carry 4 at most.
+    expectRejected(run(60, 5), 'pushed.data', 'expected 1 to 4 whole pages of 4096 bytes from page 60');
+    expectRejected(pack([MessageType.Pushed, 2, new Uint8Array(2 * PAGE + 1)]), 'pushed.data', `${2 * PAGE + 1} bytes`);
+  });
+
   it('page messages before the handshake (no layout yet)', () => {
     const frames = [
       encode({ type: 'request', id: 1, page: 2 }),

@@ -4,6 +4,7 @@ import type { GuestLayout } from './layout.js';
 import {
   ChannelRole,
   MessageType,
+  maxPushPages,
   type Message,
   type SourceSummary,
 } from './protocol.js';
@@ -233,7 +234,15 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
     case MessageType.Pushed: {
       expectLength(f, 3);
       const layout = requireLayout(f, limits);
-      return { type: 'pushed', page: expectPage(f, 1, limits), data: expectBytes(f, 2, 'data', layout.pageSize) };
+      const page = expectPage(f, 1, limits);
+      const data = f[2];
+      const most = Math.min(maxPushPages(layout.pageSize), layout.totalPages - page);
+      if (!(data instanceof Uint8Array) || data.length === 0 || data.length % layout.pageSize !== 0 || data.length > most * layout.pageSize) {
+        throw new ProtocolError(
+          `pushed.data: expected 1 to ${most} whole pages of ${layout.pageSize} bytes from page ${page}, got ${describe(data)}`,
+        );
+      }
+      return { type: 'pushed', page, data };
     }
     case MessageType.PushedZero:
       expectLength(f, 2);

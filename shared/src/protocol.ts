@@ -112,6 +112,11 @@ export interface SentOnMainReply {
   page: number;
 }
 
+/**
+ * Pushed pages: a run of consecutive pages starting at `page`, their contents
+ * back to back in `data` (a whole number of pages, at most
+ * {@link MAX_PUSH_FRAME_BYTES} or one page, whichever is larger).
+ */
 export interface Pushed {
   type: 'pushed';
   page: number;
@@ -182,7 +187,15 @@ export type Message =
 
 export type Reply = PageReply | ZeroPageReply | AlreadySentReply | SentOnMainReply;
 
-/** Largest legal frame: a page plus a small header, or a receivedmap. */
+/** Pushed frames carry up to this many bytes of page contents (fewer frames, fewer syscalls). */
+export const MAX_PUSH_FRAME_BYTES = 64 * 1024;
+
+/** Pages one pushed frame may carry. */
+export function maxPushPages(pageSize: number): number {
+  return Math.max(1, Math.floor(MAX_PUSH_FRAME_BYTES / pageSize));
+}
+
+/** Largest legal frame: a page or a pushed run plus a small header, or a receivedmap. */
 export function maxFrameBytes(pageSize: number, totalPages: number): number {
-  return Math.max(pageSize, Math.ceil(totalPages / 8)) + 1024;
+  return Math.max(pageSize * maxPushPages(pageSize), Math.ceil(totalPages / 8)) + 1024;
 }

@@ -51,6 +51,18 @@ export class GuestImage implements PageSource {
     return this.chunks[chunk]!.subarray(offset, offset + this.layout.pageSize);
   }
 
+  /** `count` consecutive pages from `first` as one view (they must lie in one chunk: see {@link sameChunk}). */
+  pagesBytes(first: number, count: number): Uint8Array {
+    const chunk = Math.floor(first / this.pagesPerChunk);
+    const offset = (first - chunk * this.pagesPerChunk) * this.layout.pageSize;
+    return this.chunks[chunk]!.subarray(offset, offset + count * this.layout.pageSize);
+  }
+
+  /** Whether two pages lie in the same chunk (so a run between them is contiguous). */
+  sameChunk(a: number, b: number): boolean {
+    return Math.floor(a / this.pagesPerChunk) === Math.floor(b / this.pagesPerChunk);
+  }
+
   isZero(page: number): boolean {
     return this.zero[page] === 1;
   }

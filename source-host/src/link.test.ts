@@ -64,7 +64,8 @@ describe('emulated link', () => {
     const arrivals = await sendAll(link, {}, 40, 12_500);
     const elapsedMs = (arrivals.at(-1)! - start) / 1000;
     expect(elapsedMs).toBeGreaterThanOrEqual(40);
-    expect(elapsedMs).toBeLessThan(40 * 1.25 + 5);
+    // Upper bounds are loose (a loaded CI machine runs timers late); the lower bounds are exact.
+    expect(elapsedMs).toBeLessThan(40 * 2 + 20);
     // Spread out, not in one burst: the 20th frame arrives about half-way.
     expect((arrivals[19]! - start) / 1000).toBeGreaterThanOrEqual(20);
   });
@@ -75,7 +76,7 @@ describe('emulated link', () => {
     const arrivals = await sendAll(link, {}, 10, 12_500);
     expect((arrivals[0]! - start) / 1000).toBeGreaterThanOrEqual(6);
     expect((arrivals.at(-1)! - start) / 1000).toBeGreaterThanOrEqual(15);
-    expect((arrivals.at(-1)! - start) / 1000).toBeLessThan(15 * 1.25 + 5);
+    expect((arrivals.at(-1)! - start) / 1000).toBeLessThan(15 * 2 + 20);
   });
 
   it('shares the bandwidth fairly: a frame of a quiet flow does not wait behind a busy flow\'s queue', async () => {

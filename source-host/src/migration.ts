@@ -1,4 +1,4 @@
-import { bitmapHas, digestPages, encode, type SourceSummary } from '@postcopy/shared';
+import { bitmapHas, digestPages, encode, maxPushPages, type SourceSummary } from '@postcopy/shared';
 import type { GuestImage } from './image.js';
 import { Scheduler } from './scheduler.js';
 import { Sentmap } from './sentmap.js';
@@ -126,28 +126,55 @@ export class SourceMigration {
     void this.scheduler.background(() => this.pushBatch());
   }
 
+  /**
+   * One background task: pushes up to pushBatchBytes of pages not yet sent,
+   * from the push cursor on. Consecutive pages go out as one frame (up to
+   * MAX_PUSH_FRAME_BYTES), zero pages as zero-page notices.
+   */
   private pushBatch(): void {
     const channel = this.pushChannel!;
     if (!this.pushing || !channel.isOpen) return;
     const { pageSize, totalPages } = this.image.layout;
-    const perBatch = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
+    const budget = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
+    const perFrame = maxPushPages(pageSize);
+    const frames: Buffer[] = [];
     let pushed = 0;
-    let lastSent: Promise<void> | undefined;
-    while (pushed < perBatch && this.pushCursor < totalPages) {
-      const page = this.pushCursor++;
-      if (this.sentmap.isSent(page)) continue;
-      const frame = this.image.isZero(page)
-        ? encode({ type: 'pushed-zero', page })
-        : encode({ type: 'pushed', page, data: this.image.pageBytes(page) });
-      if (this.image.isZero(page)) this.stats.pagesZero++;
-      this.sentmap.mark(page);
-      this.stats.pagesPushed++;
-      pushed++;
-      if (pushed === perBatch || this.pushCursor === totalPages) {
-        lastSent = new Promise((resolve) => channel.send(frame, () => resolve()));
-      } else {
-        channel.send(frame);
+    while (pushed < budget && this.pushCursor < totalPages) {
+      const page = this.pushCursor;
+      if (this.sentmap.isSent(page)) {
+        this.pushCursor++;
+        continue;
       }
+      if (this.image.isZero(page)) {
+        frames.push(encode({ type: 'pushed-zero', page }));
+        this.sentmap.mark(page);
+        this.stats.pagesPushed++;
+        this.stats.pagesZero++;
+        this.pushCursor++;
+        pushed++;
+        continue;
+      }
+      let end = page + 1;
+      while (
+        end < totalPages &&
+        end - page < perFrame &&
+        pushed + (end - page) < budget &&
+        !this.sentmap.isSent(end) &&
+        !this.image.isZero(end) &&
+        this.image.sameChunk(page, end)
+      ) {
+        end++;
+      }
+      frames.push(encode({ type: 'pushed', page, data: this.image.pagesBytes(page, end - page) }));
+      for (let p = page; p < end; p++) this.sentmap.mark(p);
+      this.stats.pagesPushed += end - page;
+      pushed += end - page;
+      this.pushCursor = end;
+    }
+    let lastSent: Promise<void> | undefined;
+    for (let i = 0; i < frames.length; i++) {
+      if (i === frames.length - 1) lastSent = new Promise((resolve) => channel.send(frames[i]!, () => resolve()));
+      else channel.send(frames[i]!);
     }
     this.maybeComplete();
     if (this.pushCursor < totalPages) {

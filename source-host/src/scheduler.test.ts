@@ -94,9 +94,16 @@ class FakeChannel implements Channel {
   }
 }
 
-/** The page a message carries (any kind of send), or undefined. */
+/** The page a message carries (any kind of send; a pushed run's first page), or undefined. */
 function pageOf(message: Message): number | undefined {
   return 'page' in message ? message.page : undefined;
+}
+
+/** Every page a message carries: a pushed frame carries a run of consecutive pages. */
+function pagesOf(message: Message): number[] {
+  if (message.type === 'pushed') return Array.from({ length: message.data.length / PAGE }, (_, i) => message.page + i);
+  const page = pageOf(message);
+  return page === undefined ? [] : [page];
 }
 
 /** Messages that carry a page's content (or zero notice), as opposed to already-sent. */
@@ -107,7 +114,7 @@ const REPLIES = new Set(['page', 'zero-page', 'already-sent']);
 function sendCounts(wire: Sent[], totalPages: number): Uint32Array {
   const counts = new Uint32Array(totalPages);
   for (const { message } of wire) {
-    if (SENDS.has(message.type)) counts[pageOf(message)!]!++;
+    if (SENDS.has(message.type)) for (const page of pagesOf(message)) counts[page]!++;
   }
   return counts;
 }
@@ -172,7 +179,7 @@ describe('SourceMigration', () => {
     // Only one message on the fault channel; everything else went to main.
     expect(wire.filter((s) => s.channel === 'vcpu0')).toHaveLength(1);
     // The requested page is not pushed again.
-    expect(wire.some((s) => s.message.type.startsWith('pushed') && pageOf(s.message) === REQUESTED)).toBe(false);
+    expect(wire.some((s) => s.message.type.startsWith('pushed') && pagesOf(s.message).includes(REQUESTED))).toBe(false);
 
     // Every page exactly once across page/zero-page/pushed/pushed-zero.
     const counts = sendCounts(wire, PAGES);
@@ -397,5 +404,29 @@ describe('SourceMigration back-pressure', () => {
       await new Promise((r) => setTimeout(r, 1));
     }
     expect(sendCounts(wire, 256).every((n) => n === 1)).toBe(true);
+  });
+});
+
+describe('SourceMigration pushed runs', () => {
+  it('pushes consecutive pages as runs of up to 16 pages, zero pages as notices that break a run', async () => {
+    const img = image(200, { seed: 9, zeroFraction: 0.1 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const migration = new SourceMigration(img);
+    migration.startPush(main);
+    await migration.onIdle();
+    while (!wire.some((s) => s.message.type === 'complete')) await new Promise((r) => setTimeout(r, 1));
+    const runs = wire.filter((s) => s.message.type === 'pushed').map((s) => s.message as Extract<Message, { type: 'pushed' }>);
+    expect(Math.max(...runs.map((m) => m.data.length / PAGE))).toBe(16);
+    const words = new Uint32Array(PAGE / 4);
+    for (const m of runs) {
+      for (let i = 0; i < m.data.length / PAGE; i++) {
+        expect(img.isZero(m.page + i)).toBe(false);
+        new Uint8Array(words.buffer).set(m.data.subarray(i * PAGE, (i + 1) * PAGE));
+        expect(verifyPage({ seed: 9, zeroFraction: 0.1 }, m.page + i, words)).toBe(-1);
+      }
+    }
+    expect(sendCounts(wire, 200).every((n) => n === 1)).toBe(true);
+    expect(wire.filter((s) => s.message.type === 'pushed-zero').length).toBe(img.zeroPages);
   });
 });

@@ -99,6 +99,34 @@ export class PageInstaller {
     return this.uffd.copy(ctx, address, this.zeros, this.pageSize, mode);
   }
 
+  /**
+   * Installs `count` consecutive pages from `first` with one COPY where it can.
+   * A page found present stops a COPY short (the kernel's EAGAIN with the
+   * bytes copied so far, or EEXIST at the first page): it is counted as
+   * duplicate data and the COPY resumes after it. Marks every page installed
+   * in the receivedmap; returns how many were installed, or -errno.
+   */
+  installRun(ctx: number, first: number, data: Uint8Array, count: number): number {
+    const size = this.pageSize;
+    let done = 0;
+    let installed = 0;
+    while (done < count) {
+      const view = done === 0 ? data : data.subarray(done * size);
+      const result = this.uffd.copy(ctx, (first + done) * size, view, (count - done) * size, 0);
+      if (result === -ERRNO.EEXIST) {
+        this.vmm.count(COUNTER.DUPLICATE_DATA);
+        done++;
+        continue;
+      }
+      if (result < 0) return result;
+      const pages = result / size;
+      for (let p = first + done; p < first + done + pages; p++) this.vmm.markReceived(p);
+      installed += pages;
+      done += pages;
+    }
+    return installed;
+  }
+
   private elsewhere(page: number, options: ResolveOptions): number {
     if (options.owesWake) this.uffd.wake(options.ctx, page * this.pageSize, this.pageSize);
     return Resolution.ELSEWHERE;
