@@ -71,7 +71,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const loadAverage1mAtStart = Math.round(loadavg()[0]! * 100) / 100;
   const floorSamples: FloorSample[] = [];
   const runSamples: Record<string, RunFigures[]> = {};
-  const runSpecs: RunSpec[] = [...BENCH_STRATEGIES.map(strategyRun), URGENT_RUNS.pushOff, URGENT_RUNS.pushOn, URGENT_RUNS.pushOnPreempt, PUSH_RUN];
+  const runSpecs: RunSpec[] = [...BENCH_STRATEGIES.map(strategyRun), URGENT_RUNS.pushOff, URGENT_RUNS.pushOn, URGENT_RUNS.pushOnPreempt, URGENT_RUNS.pushCappedPreempt, PUSH_RUN];
   for (const spec of runSpecs) runSamples[spec.key] = [];
 
   const steps: Step[] = [];
@@ -123,6 +123,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       pushOff: { p50: med(URGENT_RUNS.pushOff.key, (f) => f.p50Us) },
       pushOn: { p50: med(URGENT_RUNS.pushOn.key, (f) => f.p50Us) },
       pushOnPreempt: { p50: med(URGENT_RUNS.pushOnPreempt.key, (f) => f.p50Us) },
+      pushCappedPreempt: { p50: med(URGENT_RUNS.pushCappedPreempt.key, (f) => f.p50Us) },
     },
     pushThroughputMiBs: med(PUSH_RUN.key, (f) => f.pushThroughputMiBs),
   };

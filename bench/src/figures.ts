@@ -13,6 +13,7 @@ export interface Ratios {
   perThreadP50OverFloor: number;
   sharedUffdP50OverFloor: number;
   urgentUnderPushPreemptOverIdle: number;
+  urgentUnderCappedPushPreemptOverIdle: number;
   pushOverBulk: number;
 }
 
@@ -23,6 +24,7 @@ export const RATIO_NAMES = [
   'perThreadP50OverFloor',
   'sharedUffdP50OverFloor',
   'urgentUnderPushPreemptOverIdle',
+  'urgentUnderCappedPushPreemptOverIdle',
   'pushOverBulk',
 ] as const satisfies readonly RatioName[];
 
@@ -47,6 +49,7 @@ export const RATIO_MEANINGS: Record<RatioName, string> = {
   perThreadP50OverFloor: TARGETS.perThreadP50OverFloor!.meaning,
   sharedUffdP50OverFloor: 'shared-uffd fault p50 / floor round-trip p50',
   urgentUnderPushPreemptOverIdle: TARGETS.urgentUnderPushPreemptOverIdle!.meaning,
+  urgentUnderCappedPushPreemptOverIdle: 'the same with the push capped at 400mbit (--max-postcopy-bandwidth), no target',
   pushOverBulk: TARGETS.pushOverBulk!.meaning,
 };
 
@@ -60,7 +63,7 @@ export interface BenchFigures {
   /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt. */
   strategies: Record<BenchStrategy, P50P99>;
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
-  urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number } };
+  urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
   pushThroughputMiBs: number;
 }
 
@@ -83,6 +86,7 @@ export function ratios(f: BenchFigures): Ratios {
     perThreadP50OverFloor: sig4(f.strategies['per-thread-uffd'].p50 / floor),
     sharedUffdP50OverFloor: sig4(f.strategies['shared-uffd'].p50 / floor),
     urgentUnderPushPreemptOverIdle: sig4(f.urgent.pushOnPreempt.p50 / f.urgent.pushOff.p50),
+    urgentUnderCappedPushPreemptOverIdle: sig4(f.urgent.pushCappedPreempt.p50 / f.urgent.pushOff.p50),
     pushOverBulk: sig4(f.pushThroughputMiBs / f.floor.bulkMiBs),
   };
 }

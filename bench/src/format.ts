@@ -46,6 +46,7 @@ export function formatBench(r: BenchResult): string {
       ['push off (--preempt)', num(r.urgent.pushOff.p50)],
       ['push on (requested pages on the main channel, behind pushes in flight)', num(r.urgent.pushOn.p50)],
       ['push on + --preempt (requested pages on their own channel)', num(r.urgent.pushOnPreempt.p50)],
+      ['push capped at 400mbit + --preempt (--max-postcopy-bandwidth, for comparison)', num(r.urgent.pushCappedPreempt.p50)],
     ]),
   );
   lines.push('');

@@ -46,6 +46,12 @@ export const URGENT_RUNS = {
     label: 'urgent fault latency, push on + preempt',
     args: ['--strategy', 'kvm-exit', '--vcpus', '1', '--workload', 'random', '--preempt'],
   },
+  /** For comparison, not a target: the same with the push capped (QEMU's max-postcopy-bandwidth), leaving CPU for the urgent path. */
+  pushCappedPreempt: {
+    key: 'urgent:push-capped-preempt',
+    label: 'urgent fault latency, push capped at 400mbit + preempt',
+    args: ['--strategy', 'kvm-exit', '--vcpus', '1', '--workload', 'random', '--preempt', '--max-postcopy-bandwidth', '400mbit'],
+  },
 } as const satisfies Record<string, RunSpec>;
 
 /**

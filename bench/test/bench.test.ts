@@ -11,7 +11,7 @@ const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4'];
 const TIMEOUT_MS = 55_000;
 
-const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk'];
+const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk'];
 
 interface Run {
   code: number | null;
@@ -67,6 +67,7 @@ describe('npm run bench (tiny)', () => {
       'urgent.pushOff.p50',
       'urgent.pushOn.p50',
       'urgent.pushOnPreempt.p50',
+      'urgent.pushCappedPreempt.p50',
       'pushThroughputMiBs',
       ...RATIOS.map((r) => `ratios.${r}`),
     ];

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions } from '@postcopy/source-host';
+import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps } from '@postcopy/source-host';
 import { addRunOptions, parseRunOptions } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
@@ -13,7 +13,7 @@ export function launcherCommand(): Command {
 }
 
 /** Options the source takes: the image, and the emulated link (applied at the source). */
-const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'linkDelayUs', 'linkBandwidth'] as const;
+const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'linkDelayUs', 'linkBandwidth', 'maxPostcopyBandwidth'] as const;
 /** Of those, the ones the destination must also know (the layout) or uses itself (the seed). */
 const SHARED_FLAGS = ['memory', 'pageSize', 'seed'] as const;
 
@@ -28,6 +28,7 @@ function flag(name: string): string {
 export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[] } {
   parseImageOptions(raw as Record<string, string>);
   parseLinkOptions(raw);
+  parseMaxPushBps(raw);
   parseRunOptions(raw);
   const sourceArgs: string[] = [];
   for (const k of SOURCE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));

@@ -16,7 +16,13 @@ async function main(): Promise<number> {
     process.stdout.write(`token ${token}\n`);
   }
   const image = new GuestImage(options.layout, options.image);
-  const server = await SourceServer.listen(image, { host: options.host, port: options.port, token, link: options.link });
+  const server = await SourceServer.listen(image, {
+    host: options.host,
+    port: options.port,
+    token,
+    link: options.link,
+    migration: { maxPushBps: options.maxPushBps },
+  });
   process.stdout.write(`listening ${server.url}\n`);
 
   server.on('rejected', (label: string, err: Error) => {

@@ -17,11 +17,17 @@ export interface MigrationOptions {
   pushBatchBytes: number;
   /** Pushing pauses while the main channel holds more than this many unsent bytes. */
   pushHighWaterBytes: number;
+  /**
+   * Cap on the background push rate in bits/s (QEMU's max-postcopy-bandwidth;
+   * 0 = none). Requested pages are never held back by it.
+   */
+  maxPushBps: number;
 }
 
 export const MIGRATION_DEFAULTS: MigrationOptions = {
   pushBatchBytes: 64 * 1024,
   pushHighWaterBytes: 512 * 1024,
+  maxPushBps: 0,
 };
 
 export interface SourceStats {
@@ -63,6 +69,9 @@ export class SourceMigration {
   private pushing = false;
   private pushChannel: Channel | undefined;
   private completeSent = false;
+  /** Push token bucket (bytes) for maxPushBps, and when it was last filled (ms). */
+  private pushTokens = 0;
+  private pushTokensAt = 0;
   /** Requested pages go back on the requesting channel (postcopy-preempt), else on the main channel. */
   preempt = true;
   /** The destination's main channel, once it said start. */
@@ -135,7 +144,20 @@ export class SourceMigration {
     const channel = this.pushChannel!;
     if (!this.pushing || !channel.isOpen) return;
     const { pageSize, totalPages } = this.image.layout;
-    const budget = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
+    let budget = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
+    const rate = this.options.maxPushBps / 8 / 1000; // bytes per ms
+    if (rate > 0) {
+      const now = performance.now();
+      const burst = Math.max(this.options.pushBatchBytes, rate * 2);
+      this.pushTokens = this.pushTokensAt === 0 ? pageSize : Math.min(burst, this.pushTokens + (now - this.pushTokensAt) * rate);
+      this.pushTokensAt = now;
+      if (this.pushTokens < pageSize) {
+        const waitMs = Math.max(1, Math.ceil((pageSize - this.pushTokens) / rate));
+        setTimeout(() => void this.scheduler.background(() => this.pushBatch()), waitMs);
+        return;
+      }
+      budget = Math.min(budget, Math.floor(this.pushTokens / pageSize));
+    }
     const perFrame = maxPushPages(pageSize);
     const frames: Buffer[] = [];
     let pushed = 0;
@@ -171,6 +193,7 @@ export class SourceMigration {
       pushed += end - page;
       this.pushCursor = end;
     }
+    if (rate > 0) this.pushTokens -= pushed * pageSize;
     let lastSent: Promise<void> | undefined;
     for (let i = 0; i < frames.length; i++) {
       if (i === frames.length - 1) lastSent = new Promise((resolve) => channel.send(frames[i]!, () => resolve()));

@@ -12,6 +12,7 @@ export const SOURCE_DEFAULTS = {
   port: '0',
   linkDelayUs: '0',
   linkBandwidth: '0',
+  maxPostcopyBandwidth: '0',
 } as const;
 
 export interface SourceOptions {
@@ -21,13 +22,24 @@ export interface SourceOptions {
   port: number;
   token: string | undefined;
   link: LinkSpec;
+  /** Cap on the background push rate, bits/s (0 = none). */
+  maxPushBps: number;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
 export function addLinkOptions(cmd: Command): Command {
   return cmd
     .option('--link-delay-us <us>', 'one-way delay added in each direction, in microseconds (emulated at the source)', SOURCE_DEFAULTS.linkDelayUs)
-    .option('--link-bandwidth <rate>', 'link bandwidth, e.g. 1gbit, 10gbit, 500mbit (0 = unlimited)', SOURCE_DEFAULTS.linkBandwidth);
+    .option('--link-bandwidth <rate>', 'link bandwidth, e.g. 1gbit, 10gbit, 500mbit (0 = unlimited)', SOURCE_DEFAULTS.linkBandwidth)
+    .option('--max-postcopy-bandwidth <rate>', "cap on the background push rate, e.g. 800mbit (QEMU's max-postcopy-bandwidth; 0 = none); requested pages are never held back", SOURCE_DEFAULTS.maxPostcopyBandwidth);
+}
+
+export function parseMaxPushBps(raw: Record<string, unknown>): number {
+  const bps = parseBandwidth(String(raw.maxPostcopyBandwidth));
+  if (bps === undefined) {
+    throw new UsageError(`--max-postcopy-bandwidth: expected a rate such as 800mbit, 2gbit or 0 (no cap), got ${JSON.stringify(raw.maxPostcopyBandwidth)}`);
+  }
+  return bps;
 }
 
 export function parseLinkOptions(raw: Record<string, unknown>): LinkSpec {
@@ -71,5 +83,6 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,
     link: parseLinkOptions(raw),
+    maxPushBps: parseMaxPushBps(raw),
   };
 }

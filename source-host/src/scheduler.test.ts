@@ -430,3 +430,26 @@ describe('SourceMigration pushed runs', () => {
     expect(wire.filter((s) => s.message.type === 'pushed-zero').length).toBe(img.zeroPages);
   });
 });
+
+describe('SourceMigration push cap (max-postcopy-bandwidth)', () => {
+  it('keeps the push under the cap, and never holds back a requested page', async () => {
+    const img = image(256, { seed: 4, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const fault = new FakeChannel('fault', img.layout, wire);
+    // 1 MiB at 80 Mbit/s (10 MB/s): about 100 ms, less the first burst.
+    const migration = new SourceMigration(img, { maxPushBps: 80e6 });
+    const start = performance.now();
+    migration.startPush(main);
+    await new Promise((r) => setTimeout(r, 10));
+    const t0 = performance.now();
+    await migration.request(fault, 1, 250);
+    expect(performance.now() - t0).toBeLessThan(50);
+    expect(wire.find((s) => s.channel === 'fault')?.message).toMatchObject({ type: 'page', id: 1, page: 250 });
+    while (!wire.some((s) => s.message.type === 'complete')) await new Promise((r) => setTimeout(r, 2));
+    const elapsedMs = performance.now() - start;
+    const burst = 64 * 1024;
+    expect(elapsedMs).toBeGreaterThanOrEqual(((256 * PAGE - burst - PAGE) / 10e6) * 1000 * 0.95);
+    expect(sendCounts(wire, 256).every((n) => n === 1)).toBe(true);
+  });
+});
