@@ -31,6 +31,8 @@ export interface SourceServerOptions {
 class WsChannel implements Channel {
   label = 'unidentified';
   role: number | undefined;
+  /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
+  rejected = false;
   constructor(
     readonly ws: WebSocket,
     private readonly link: Link,
@@ -57,6 +59,40 @@ function tokenDigest(token: string): Buffer {
 /** Constant-time token comparison (hashing first makes lengths equal). */
 export function tokensEqual(expected: string, given: string): boolean {
   return timingSafeEqual(tokenDigest(expected), tokenDigest(given));
+}
+
+/** How long a rejected peer's error may take to go out before the connection is cut. */
+const REJECT_GRACE_MS = 10_000;
+
+/** RFC 6455 §5.5: a close frame's reason is at most 123 bytes of UTF-8. */
+const MAX_CLOSE_REASON_BYTES = 123;
+
+/**
+ * A close reason that fits the frame: cut at a character boundary (counting
+ * UTF-8 bytes, not UTF-16 units) with an ellipsis. `ws` throws a RangeError
+ * for a longer reason, and that throw would take the whole process down.
+ */
+export function closeReason(text: string): string {
+  if (Buffer.byteLength(text) <= MAX_CLOSE_REASON_BYTES) return text;
+  const ellipsis = '…';
+  let out = '';
+  let bytes = Buffer.byteLength(ellipsis);
+  for (const ch of text) {
+    bytes += Buffer.byteLength(ch);
+    if (bytes > MAX_CLOSE_REASON_BYTES) break;
+    out += ch;
+  }
+  return out + ellipsis;
+}
+
+/**
+ * A peer-chosen channel label made safe to print: printable ASCII only (no
+ * newlines or terminal escapes that could forge or garble the source's log
+ * lines), at most 64 characters.
+ */
+export function safeLabel(label: string): string {
+  const printable = label.replace(/[^\x20-\x7e]/g, '?').slice(0, 64);
+  return printable === '' ? 'unnamed' : printable;
 }
 
 export function generateToken(): string {
@@ -121,7 +157,7 @@ export class SourceServer extends EventEmitter {
     ws.on('message', (data: Buffer, isBinary: boolean) => {
       // Frames from the destination cross the emulated link before they are read.
       this.link.in.send(channel, data.length, () => {
-        if (!channel.isOpen) return;
+        if (!channel.isOpen || channel.rejected) return;
         try {
           if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
           const message = decode(data, channel.role === undefined ? {} : { layout: this.image.layout });
@@ -144,11 +180,28 @@ export class SourceServer extends EventEmitter {
   }
 
   private reject(channel: WsChannel, err: Error): void {
+    // One error per peer: frames that were already on their way are ignored.
+    if (channel.rejected) return;
+    channel.rejected = true;
     const code = (err as { code?: string }).code ?? 'ERR_POSTCOPY';
     if (channel.isOpen) {
-      channel.send(encode({ type: 'error', code, message: err.message }));
-      // Policy violation (1008) for handshake problems, protocol error (1002) otherwise.
-      channel.ws.close(err instanceof HandshakeError ? 1008 : 1002, err.message.slice(0, 120));
+      const close = (): void => {
+        // Policy violation (1008) for handshake problems, protocol error (1002) otherwise.
+        try {
+          channel.ws.close(err instanceof HandshakeError ? 1008 : 1002, closeReason(err.message));
+        } catch {
+          // Nothing a peer sends may throw out of here (it would end the process): drop it instead.
+          channel.ws.terminate();
+        }
+      };
+      // The error crosses the emulated link like every frame: close only once
+      // it has gone out, or the close frame overtakes it and the peer never
+      // learns what was wrong (with --link-delay-us or --link-bandwidth).
+      channel.send(encode({ type: 'error', code, message: err.message }), close);
+      // A peer that stops reading would hold the error (and the close behind it) forever.
+      const grace = setTimeout(() => channel.ws.terminate(), REJECT_GRACE_MS);
+      grace.unref();
+      channel.ws.once('close', () => clearTimeout(grace));
     }
     this.emit('rejected', channel.label, err);
   }
@@ -187,7 +240,7 @@ export class SourceServer extends EventEmitter {
   }
 
   private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
-    channel.label = hello.channel || 'unnamed';
+    channel.label = safeLabel(hello.channel);
     if (hello.protocolVersion !== PROTOCOL_VERSION) {
       throw new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, got ${hello.protocolVersion}`);
     }
