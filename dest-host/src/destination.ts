@@ -176,6 +176,23 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     const checkInstalled = (): void => {
       if (complete && vmm.counter(COUNTER.INSTALLED) === layout.totalPages) allInstalled();
     };
+    /** Installs one page that came on the main channel (a zero push, or a requested page without preempt). */
+    const installOne = (page: number, data: Uint8Array | undefined, kind: 'pushed' | 'requested'): void => {
+      const result = installer.install(setup.pushCtx, page, data, 0);
+      if (result === layout.pageSize) {
+        vmm.count(kind === 'pushed' ? COUNTER.PAGES_PUSHED : COUNTER.PAGES_DEMAND);
+        if (!data) {
+          vmm.count(COUNTER.PAGES_ZERO);
+          if (kind === 'pushed') vmm.count(COUNTER.PUSHED_ZERO);
+        }
+        vmm.markReceived(page);
+      } else if (result === -ERRNO.EEXIST) {
+        vmm.count(COUNTER.DUPLICATE_DATA);
+      } else {
+        abort.fail(new Error(`installing ${kind} page ${page} failed with errno ${-result}`));
+      }
+      if (complete) checkInstalled();
+    };
     main.onMessage = (m) => {
       switch (m.type) {
         case 'pushed': {
@@ -186,38 +203,15 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
           if (complete) checkInstalled();
           return;
         }
-        case 'pushed-zero': {
-          const result = installer.install(setup.pushCtx, m.page, undefined, 0);
-          if (result === layout.pageSize) {
-            vmm.count(COUNTER.PAGES_PUSHED);
-            vmm.count(COUNTER.PAGES_ZERO);
-            vmm.count(COUNTER.PUSHED_ZERO);
-            vmm.markReceived(m.page);
-          } else if (result === -ERRNO.EEXIST) {
-            vmm.count(COUNTER.DUPLICATE_DATA);
-          } else {
-            abort.fail(new Error(`installing pushed page ${m.page} failed with errno ${-result}`));
-          }
-          if (complete) checkInstalled();
+        case 'pushed-zero':
+          installOne(m.page, undefined, 'pushed');
           return;
-        }
         case 'page':
-        case 'zero-page': {
+        case 'zero-page':
           // A requested page sent on the main channel (no preempt): the
           // requester waits for it in the receivedmap.
-          const result = installer.install(setup.pushCtx, m.page, m.type === 'page' ? m.data : undefined, 0);
-          if (result === layout.pageSize) {
-            vmm.count(COUNTER.PAGES_DEMAND);
-            if (m.type === 'zero-page') vmm.count(COUNTER.PAGES_ZERO);
-            vmm.markReceived(m.page);
-          } else if (result === -ERRNO.EEXIST) {
-            vmm.count(COUNTER.DUPLICATE_DATA);
-          } else {
-            abort.fail(new Error(`installing requested page ${m.page} failed with errno ${-result}`));
-          }
-          if (complete) checkInstalled();
+          installOne(m.page, m.type === 'page' ? m.data : undefined, 'requested');
           return;
-        }
         case 'complete':
           complete = true;
           checkInstalled();
