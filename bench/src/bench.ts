@@ -14,7 +14,7 @@ import {
   type TargetResult,
 } from './figures.js';
 import { measureFloor, type FloorResult } from './floor.js';
-import { PUSH_RUN, URGENT_RUNS, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
+import { PUSH_RUN, URGENT_RUNS, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
 import type { BenchOptions } from './options.js';
 
 export interface FloorSample {
@@ -30,7 +30,7 @@ export interface BenchResult extends BenchFigures {
   machine: { node: string; platform: string; arch: string; cpus: number; cpuModel: string; loadAverage1mAtStart: number };
   /** The source tree measured: `git describe --always --dirty`, or `unknown` outside a checkout. */
   revision: string;
-  options: { memory: string; memoryBytes: number; repeat: number; floorRequests: number; floorWarmup: number; bulkMiB: number };
+  options: { memory: string; memoryBytes: number; repeat: number; floorRequests: number; floorWarmup: number; bulkMiB: number; largeMemory: string; largeVcpus: number };
   ratios: Ratios;
   targets: Partial<Record<RatioName, TargetResult>>;
   /** How each figure was measured. */
@@ -47,6 +47,7 @@ export const METHOD = {
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
   push: 'npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 (push on): the report\'s pushThroughputMiBs (pushed page bytes / run time)',
+  large: 'npm start -- --memory L --vcpus N (defaults otherwise), once: the report\'s memory.destPeakRssBytes and sourcePeakRssBytes (getrusage maxrss of each host process)',
   repeats: 'each figure is the median over the repeats (runs interleaved); ratios are ratios of the medians',
 } as const;
 
@@ -97,6 +98,22 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       });
     }
   }
+  // Once, after the repeats: the large guest for peak RSS.
+  let large: BenchFigures['large'] | undefined;
+  steps.push({
+    label: `large guest (${formatBytes(options.largeMemoryBytes)}, ${options.largeVcpus} vCPUs), peak RSS`,
+    run: async () => {
+      const { report } = await runMigration(largeRun(options.largeVcpus), options.largeMemoryBytes);
+      large = {
+        guestBytes: report.guestBytes,
+        vcpus: report.vcpus,
+        elapsedMs: report.elapsedMs,
+        destPeakRssBytes: report.memory.destPeakRssBytes,
+        sourcePeakRssBytes: report.memory.sourcePeakRssBytes,
+      };
+      return `destination ${formatBytes(Math.round(large.destPeakRssBytes / 1048576) * 1048576)}, source ${formatBytes(Math.round(large.sourcePeakRssBytes / 1048576) * 1048576)}`;
+    },
+  });
   for (const [i, step] of steps.entries()) {
     const prefix = `[${i + 1}/${steps.length}] ${step.label}`;
     progress(`${prefix} ...`);
@@ -126,6 +143,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       pushCappedPreempt: { p50: med(URGENT_RUNS.pushCappedPreempt.key, (f) => f.p50Us) },
     },
     pushThroughputMiBs: med(PUSH_RUN.key, (f) => f.pushThroughputMiBs),
+    large: large!,
   };
   const r = ratios(figures);
   const cpuList = cpus();
@@ -141,6 +159,8 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       floorRequests: options.floorRequests,
       floorWarmup: options.floorWarmup,
       bulkMiB: options.bulkMiB,
+      largeMemory: formatBytes(options.largeMemoryBytes),
+      largeVcpus: options.largeVcpus,
     },
     ...figures,
     ratios: r,

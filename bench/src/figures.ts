@@ -15,6 +15,8 @@ export interface Ratios {
   urgentUnderPushPreemptOverIdle: number;
   urgentUnderCappedPushPreemptOverIdle: number;
   pushOverBulk: number;
+  destRssOverBudget: number;
+  sourceRssOverBudget: number;
 }
 
 export type RatioName = keyof Ratios;
@@ -26,6 +28,8 @@ export const RATIO_NAMES = [
   'urgentUnderPushPreemptOverIdle',
   'urgentUnderCappedPushPreemptOverIdle',
   'pushOverBulk',
+  'destRssOverBudget',
+  'sourceRssOverBudget',
 ] as const satisfies readonly RatioName[];
 
 export interface Target {
@@ -42,6 +46,8 @@ export const TARGETS: Partial<Record<RatioName, Target>> = {
   perThreadP50OverFloor: { kind: 'max', value: 2.5, meaning: 'per-thread-uffd fault p50 / floor round-trip p50' },
   urgentUnderPushPreemptOverIdle: { kind: 'max', value: 2, meaning: 'urgent fault p50 under push with preempt / urgent p50 with push off' },
   pushOverBulk: { kind: 'min', value: 0.6, meaning: 'push throughput / raw bulk throughput' },
+  destRssOverBudget: { kind: 'max', value: 1, meaning: 'destination peak RSS / (1.15 x large guest + 256 MiB)' },
+  sourceRssOverBudget: { kind: 'max', value: 1, meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)' },
 };
 
 export const RATIO_MEANINGS: Record<RatioName, string> = {
@@ -51,6 +57,8 @@ export const RATIO_MEANINGS: Record<RatioName, string> = {
   urgentUnderPushPreemptOverIdle: TARGETS.urgentUnderPushPreemptOverIdle!.meaning,
   urgentUnderCappedPushPreemptOverIdle: 'the same with the push capped at 400mbit (--max-postcopy-bandwidth), no target',
   pushOverBulk: TARGETS.pushOverBulk!.meaning,
+  destRssOverBudget: TARGETS.destRssOverBudget!.meaning,
+  sourceRssOverBudget: TARGETS.sourceRssOverBudget!.meaning,
 };
 
 export interface TargetResult extends Target {
@@ -65,6 +73,13 @@ export interface BenchFigures {
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
   pushThroughputMiBs: number;
+  /** One run of a large guest: both hosts' peak RSS. */
+  large: { guestBytes: number; vcpus: number; elapsedMs: number; destPeakRssBytes: number; sourcePeakRssBytes: number };
+}
+
+/** The memory budget of each host for a guest: 1.15 x guest + 256 MiB. */
+export function rssBudget(guestBytes: number): number {
+  return 1.15 * guestBytes + 256 * 1024 * 1024;
 }
 
 /** Median; with an even count, the mean of the two middle values. */
@@ -88,6 +103,8 @@ export function ratios(f: BenchFigures): Ratios {
     urgentUnderPushPreemptOverIdle: sig4(f.urgent.pushOnPreempt.p50 / f.urgent.pushOff.p50),
     urgentUnderCappedPushPreemptOverIdle: sig4(f.urgent.pushCappedPreempt.p50 / f.urgent.pushOff.p50),
     pushOverBulk: sig4(f.pushThroughputMiBs / f.floor.bulkMiBs),
+    destRssOverBudget: sig4(f.large.destPeakRssBytes / rssBudget(f.large.guestBytes)),
+    sourceRssOverBudget: sig4(f.large.sourcePeakRssBytes / rssBudget(f.large.guestBytes)),
   };
 }
 

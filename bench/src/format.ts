@@ -53,6 +53,15 @@ export function formatBench(r: BenchResult): string {
   lines.push('push throughput: kvm-exit, 1 vCPU touching 1 page, no zero pages');
   lines.push(table([['push throughput (MiB/s)', num(r.pushThroughputMiBs)], ['floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)]]));
   lines.push('');
+  const mib = (b: number): string => (b / 1048576).toFixed(0);
+  lines.push(`large guest: ${mib(r.large.guestBytes)} MiB, ${r.large.vcpus} vCPUs, migrated in ${(r.large.elapsedMs / 1000).toFixed(1)} s`);
+  lines.push(
+    table([
+      ['peak RSS (MiB)', 'destination', 'source', 'budget'],
+      ['', mib(r.large.destPeakRssBytes), mib(r.large.sourcePeakRssBytes), mib(1.15 * r.large.guestBytes + 256 * 1048576)],
+    ]),
+  );
+  lines.push('');
   lines.push('ratios');
   const rows: string[][] = [['name', 'value', 'target', '', 'meaning']];
   let met = 0;

@@ -7,6 +7,8 @@ export const BENCH_DEFAULTS = {
   repeat: '2',
   floorRequests: '20000',
   bulkMib: '256',
+  largeMemory: '4GiB',
+  largeVcpus: '32',
 } as const;
 
 export interface BenchOptions {
@@ -20,6 +22,9 @@ export interface BenchOptions {
   floorWarmup: number;
   /** MiB the floor server streams for the raw bulk throughput. */
   bulkMiB: number;
+  /** Guest of the one large run that measures peak RSS of both hosts. */
+  largeMemoryBytes: number;
+  largeVcpus: number;
   /** Where to write the results as JSON, if anywhere. */
   json: string | undefined;
 }
@@ -35,8 +40,10 @@ export function benchCommand(): Command {
     .option('--repeat <n>', 'runs of each measurement; the median is reported', BENCH_DEFAULTS.repeat)
     .option('--floor-requests <n>', 'timed round trips of the floor (a warm-up of a tenth, 100 to 2000, comes first)', BENCH_DEFAULTS.floorRequests)
     .option('--bulk-mib <n>', 'MiB streamed for the raw bulk throughput', BENCH_DEFAULTS.bulkMib)
+    .option('--large-memory <size>', 'guest of the one large run that measures both hosts\' peak RSS', BENCH_DEFAULTS.largeMemory)
+    .option('--large-vcpus <n>', 'vCPUs of the large run', BENCH_DEFAULTS.largeVcpus)
     .option('--json <path>', 'also write the results as JSON to this file')
-    .addHelpText('after', '\nA tiny run of the whole code path: --memory 4MiB --repeat 1 --floor-requests 200 --bulk-mib 4');
+    .addHelpText('after', '\nA tiny run of the whole code path: --memory 4MiB --repeat 1 --floor-requests 200 --bulk-mib 4 --large-memory 16MiB --large-vcpus 2');
 }
 
 /** Validates the raw options (throws UsageError naming the option). */
@@ -50,10 +57,12 @@ export function parseBenchOptions(raw: Record<string, unknown>): BenchOptions {
     floorRequests,
     floorWarmup: Math.min(2000, Math.max(100, Math.floor(floorRequests / 10))),
     bulkMiB: parseIntOption('--bulk-mib', String(raw.bulkMib), 1, 1_048_576),
+    largeMemoryBytes: parseSize('--large-memory', String(raw.largeMemory)),
+    largeVcpus: parseIntOption('--large-vcpus', String(raw.largeVcpus), 1, 256),
     json: typeof raw.json === 'string' ? raw.json : undefined,
   };
 }
 
 export function describeOptions(o: BenchOptions): string {
-  return `guest ${formatBytes(o.memoryBytes)}, repeat ${o.repeat} (medians), floor ${o.floorRequests} round trips after ${o.floorWarmup} warm-up, bulk ${o.bulkMiB} MiB`;
+  return `guest ${formatBytes(o.memoryBytes)}, repeat ${o.repeat} (medians), floor ${o.floorRequests} round trips after ${o.floorWarmup} warm-up, bulk ${o.bulkMiB} MiB, large guest ${formatBytes(o.largeMemoryBytes)} with ${o.largeVcpus} vCPUs`;
 }

@@ -146,6 +146,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
       'postcopy-non-vcpu-latency': nsPerFault(nonVcpuBlocked, nonVcpuFaults),
       'postcopy-latency-dist': dist,
     },
+    memory: { destPeakRssBytes: process.resourceUsage().maxRSS * 1024, sourcePeakRssBytes: inp.summary.peakRssBytes },
   };
   return { report, histogram: all };
 }

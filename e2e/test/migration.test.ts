@@ -91,6 +91,17 @@ describe('guest layouts', () => {
     expect(report.memslots).toBe(8);
   });
 
+  it('a large guest: 512 MiB in 64 MiB memslots, peak RSS of both hosts reported', async () => {
+    const report = expectVerified(
+      await migrate(['--memory', '512MiB', '--memslot-size', '64MiB', '--vcpus', '4', '--workload', 'random', '--accesses', '2000'], 90_000),
+    );
+    expect(report.memslots).toBe(8);
+    expect(report.counters.pagesInstalled).toBe(131072);
+    // Every page is installed on the destination and the whole image lives on the source.
+    expect(report.memory.destPeakRssBytes).toBeGreaterThan(512 * 1024 * 1024);
+    expect(report.memory.sourcePeakRssBytes).toBeGreaterThan(512 * 1024 * 1024);
+  }, 120_000);
+
   it('2 MiB pages, with zero pages installed by a zeroed COPY', async () => {
     const report = expectVerified(
       await migrate(['--memory', '32MiB', '--page-size', '2MiB', '--memslot-size', '8MiB', '--vcpus', '2', '--zero-fraction', '0.5', '--no-push']),

@@ -103,7 +103,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
     case 'summary': {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
-        m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent,
+        m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
       ];
       if (!counters.every(isCount)) return 'summary counters';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
@@ -219,6 +219,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       digestOfReceived: hex64,
       sentNotReceived: count,
       receivedNotSent: count,
+      peakRssBytes: count,
     }),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
   );
@@ -255,7 +256,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

@@ -49,6 +49,7 @@ const summary: Summary = {
   digestOfReceived: DIGEST,
   sentNotReceived: 0,
   receivedNotSent: 0,
+  peakRssBytes: 123 * 1024 * 1024,
 };
 
 const receivedmap = new Uint8Array(8);

@@ -24,6 +24,7 @@ const SUMMARY_FIELDS = [
   'pagesSentTwice',
   'sentNotReceived',
   'receivedNotSent',
+  'peakRssBytes',
 ] as const satisfies readonly (keyof SourceSummary)[];
 
 /** Encodes one message into one frame. */

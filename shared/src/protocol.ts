@@ -157,6 +157,8 @@ export interface SourceSummary {
   /** Pages in the sentmap that the receivedmap lacks, and the reverse. */
   sentNotReceived: number;
   receivedNotSent: number;
+  /** The source process's peak resident set size so far (bytes). */
+  peakRssBytes: number;
 }
 
 export interface Summary extends SourceSummary {

@@ -82,6 +82,8 @@ export interface Report {
   demandPagingRate: { overall: number; perVcpu: number[] };
   blocktimeMs: { total: number; perVcpu: number[] };
   qemu: QemuFigures;
+  /** Peak resident set size of each host process (bytes). */
+  memory: { destPeakRssBytes: number; sourcePeakRssBytes: number };
 }
 
 function pad(cells: string[][]): string {
@@ -143,6 +145,7 @@ export function formatReport(r: Report): string {
     ]),
   );
   lines.push('');
+  lines.push(`peak RSS: destination ${(r.memory.destPeakRssBytes / 1024 / 1024).toFixed(0)} MiB, source ${(r.memory.sourcePeakRssBytes / 1024 / 1024).toFixed(0)} MiB`);
   lines.push(`digest (${r.digest.scope}): source ${r.digest.source.slice(0, 16)}…  dest ${r.digest.dest.slice(0, 16)}…`);
   for (const check of r.checks) lines.push(`${check.ok ? 'ok  ' : 'FAIL'} ${check.name}: ${check.detail}`);
   lines.push(r.verified ? 'verified: true' : 'verified: false');

@@ -243,6 +243,7 @@ export class SourceMigration {
       digestOfReceived: digestPages(this.image, total, (page) => bitmapHas(receivedmap, page)),
       sentNotReceived,
       receivedNotSent,
+      peakRssBytes: process.resourceUsage().maxRSS * 1024,
     };
   }
 
