@@ -69,7 +69,7 @@ interface SourceProcess {
 
 /** Starts a real source process (built CLI, ephemeral port, token in the environment); resolves once it listens. */
 async function startSource(args: string[] = []): Promise<SourceProcess> {
-  const child = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', MEMORY, ...args], {
+  const child = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', MEMORY, '--handshake-timeout-ms', '600000', ...args], {
     env: { ...process.env, POSTCOPY_TOKEN: TOKEN },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -20,6 +20,7 @@ async function main(): Promise<number> {
     host: options.host,
     port: options.port,
     token,
+    handshakeTimeoutMs: options.handshakeTimeoutMs,
     link: options.link,
     migration: { maxPushBps: options.maxPushBps },
   });

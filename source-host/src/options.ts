@@ -10,6 +10,7 @@ export const SOURCE_DEFAULTS = {
   zeroFraction: '0.1',
   host: '127.0.0.1',
   port: '0',
+  handshakeTimeoutMs: '10000',
   linkDelayUs: '0',
   linkBandwidth: '0',
   maxPostcopyBandwidth: '0',
@@ -21,6 +22,7 @@ export interface SourceOptions {
   host: string;
   port: number;
   token: string | undefined;
+  handshakeTimeoutMs: number;
   link: LinkSpec;
   /** Cap on the background push rate, bits/s (0 = none). */
   maxPushBps: number;
@@ -65,6 +67,7 @@ export function sourceCommand(): Command {
     .description('postcopy source host: owns the guest image, answers page requests, pushes the rest')
     .option('--host <addr>', 'address to listen on', SOURCE_DEFAULTS.host)
     .option('--port <n>', 'port to listen on (0 = any free port)', SOURCE_DEFAULTS.port)
+    .option('--handshake-timeout-ms <ms>', 'drop a peer that has not sent a valid hello within this time', SOURCE_DEFAULTS.handshakeTimeoutMs)
     .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'));
   addLinkOptions(cmd);
   return addImageOptions(cmd);
@@ -82,6 +85,7 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     host: raw.host!,
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,
+    handshakeTimeoutMs: parseIntOption('--handshake-timeout-ms', raw.handshakeTimeoutMs!, 10, 3_600_000),
     link: parseLinkOptions(raw),
     maxPushBps: parseMaxPushBps(raw),
   };

@@ -23,6 +23,8 @@ export interface SourceServerOptions {
   port: number;
   token: string;
   migration?: Partial<MigrationOptions>;
+  /** A peer that has not completed its hello within this time is sent an error and dropped (default 10 s). */
+  handshakeTimeoutMs?: number;
   /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
   link?: LinkSpec;
 }
@@ -154,6 +156,13 @@ export class SourceServer extends EventEmitter {
   private accept(ws: WebSocket): void {
     const channel = new WsChannel(ws, this.link);
     ws.binaryType = 'nodebuffer';
+    // Nothing is served before a valid hello, and nobody may hold a socket without one.
+    const timeoutMs = this.options.handshakeTimeoutMs ?? 10_000;
+    const handshakeTimer = setTimeout(() => {
+      if (channel.role === undefined) this.reject(channel, new HandshakeError(`expected hello within ${timeoutMs} ms, got none`));
+    }, timeoutMs);
+    handshakeTimer.unref();
+    ws.once('close', () => clearTimeout(handshakeTimer));
     ws.on('message', (data: Buffer, isBinary: boolean) => {
       // Frames from the destination cross the emulated link before they are read.
       this.link.in.send(channel, data.length, () => {
