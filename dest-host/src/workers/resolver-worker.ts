@@ -31,6 +31,10 @@ runWorker(async () => {
     if (inFlight === 0) drained?.();
   };
   const fail = (err: Error): void => {
+    // Report at once: the loop below only sees `failure` after its next read,
+    // and the vCPU whose page was rejected stays blocked, so no read may come
+    // (the run would end by the watchdog without saying what the source did).
+    if (failure === undefined) report({ type: 'error', message: err.message, ...(err.stack ? { stack: err.stack } : {}) });
     failure ??= err;
     settle();
   };
