@@ -1,0 +1,357 @@
+/**
+ * The destination against a deliberately broken or malicious source (as
+ * Firecracker tests its page-fault handler against a malicious one): an
+ * in-test WebSocket server speaks the protocol honestly except for one lie per
+ * test, and the real destination process must refuse it — exit non-zero
+ * within seconds, name what was wrong on stderr, and never report a verified
+ * run built on bad data.
+ */
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { pack } from 'msgpackr';
+import {
+  MessageType,
+  PROTOCOL_VERSION,
+  bitmapHas,
+  decode,
+  digestPages,
+  encode,
+  makeLayout,
+  type Hello,
+  type Report,
+  type Welcome,
+} from '@postcopy/shared';
+import { GuestImage } from '@postcopy/source-host';
+import { DEST, runNode, type ProcessResult } from './run.js';
+
+const GUEST_BYTES = 1024 * 1024;
+const PAGE_SIZE = 4096;
+const layout = makeLayout(GUEST_BYTES, PAGE_SIZE);
+const image = new GuestImage(layout, { seed: 11, zeroFraction: 0.1 });
+
+/** One connection of the fake source after its hello. */
+interface Channel {
+  ws: WebSocket;
+  hello: Hello;
+}
+
+/** What the fake source does; every hook defaults to the honest behaviour. */
+interface Behaviour {
+  /** The welcome for a hello (default: the honest one). Return a Buffer to send raw bytes. */
+  welcome?: (hello: Hello, honest: Welcome) => Welcome | Buffer;
+  /** A request on a fault channel (default: the honest reply, preempt style). */
+  request?: (source: FakeSource, ch: Channel, id: number, page: number) => void;
+  /** `start` arrived on the main channel. */
+  start?: (source: FakeSource, main: Channel) => void;
+  /** Pretend no page was ever sent twice in the summary (a lying source). */
+  hideDuplicates?: boolean;
+}
+
+const honestWelcome: Welcome = {
+  type: 'welcome',
+  protocolVersion: PROTOCOL_VERSION,
+  guestBytes: GUEST_BYTES,
+  pageSize: PAGE_SIZE,
+  totalPages: layout.totalPages,
+  imageDigest: image.digest,
+  imageSeed: 11,
+  zeroFraction: 0.1,
+  linkDelayUs: 0,
+  linkBandwidthBps: 0,
+};
+
+class FakeSource {
+  readonly wss: WebSocketServer;
+  main: Channel | undefined;
+  requests = 0;
+  replies = 0;
+  readonly sent = new Uint32Array(layout.totalPages);
+  pagesPushed = 0;
+
+  constructor(readonly behaviour: Behaviour) {
+    this.wss = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false });
+    this.wss.on('connection', (ws) => {
+      let channel: Channel | undefined;
+      ws.on('message', (data: Buffer) => {
+        const m = decode(data, channel ? { layout } : {});
+        if (!channel) {
+          if (m.type !== 'hello') throw new Error(`fake source: expected hello, got ${m.type}`);
+          channel = { ws, hello: m };
+          if (m.role === 0) this.main = channel;
+          const w = behaviour.welcome ? behaviour.welcome(m, honestWelcome) : honestWelcome;
+          ws.send(Buffer.isBuffer(w) ? w : encode(w));
+          return;
+        }
+        switch (m.type) {
+          case 'start':
+            behaviour.start?.(this, channel);
+            return;
+          case 'request':
+            this.requests++;
+            (behaviour.request ?? ((s, ch, id, page) => s.reply(ch, id, page)))(this, channel, m.id, m.page);
+            return;
+          case 'finish':
+            ws.send(encode(this.summary(m.receivedmap)));
+            return;
+          default:
+            throw new Error(`fake source: unexpected ${m.type}`);
+        }
+      });
+      ws.on('error', () => {});
+    });
+  }
+
+  get url(): string {
+    return `ws://127.0.0.1:${(this.wss.address() as { port: number }).port}`;
+  }
+
+  /** The honest reply to a request: the page's true content on the channel that asked. */
+  reply(ch: Channel, id: number, page: number): void {
+    this.replies++;
+    this.sent[page]!++;
+    ch.ws.send(encode(image.isZero(page) ? { type: 'zero-page', id, page } : { type: 'page', id, page, data: image.pageBytes(page) }));
+  }
+
+  /** Pushes one page with its true content on the main channel. */
+  push(page: number): void {
+    this.sent[page]!++;
+    this.pagesPushed++;
+    this.main!.ws.send(encode({ type: 'pushed', page, data: image.pageBytes(page) }));
+  }
+
+  private summary(receivedmap: Uint8Array) {
+    let pagesSent = 0;
+    let twice = 0;
+    let sentNotReceived = 0;
+    let receivedNotSent = 0;
+    for (let p = 0; p < layout.totalPages; p++) {
+      const s = this.sent[p]!;
+      const r = bitmapHas(receivedmap, p);
+      if (s > 0) pagesSent++;
+      if (s > 1) twice++;
+      if (s > 0 && !r) sentNotReceived++;
+      if (s === 0 && r) receivedNotSent++;
+    }
+    return {
+      type: 'summary' as const,
+      requests: this.requests,
+      replies: this.replies,
+      repliesPage: this.replies,
+      repliesZero: 0,
+      repliesAlreadySent: 0,
+      pagesSent,
+      pagesPushed: this.pagesPushed,
+      pagesZero: 0,
+      pagesSentTwice: this.behaviour.hideDuplicates ? 0 : twice,
+      digestOfReceived: digestPages(image, layout.totalPages, (p) => bitmapHas(receivedmap, p)),
+      sentNotReceived,
+      receivedNotSent,
+      peakRssBytes: 0,
+    };
+  }
+
+  close(): Promise<void> {
+    for (const c of this.wss.clients) c.terminate();
+    return new Promise((r) => this.wss.close(() => r()));
+  }
+}
+
+const cleanups: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!();
+});
+
+interface DestRun extends ProcessResult {
+  report: Report | undefined;
+  source: FakeSource;
+  ms: number;
+}
+
+/** Runs the real destination process against a fake source; a hang fails the test (hard kill after 15 s). */
+async function runAgainst(behaviour: Behaviour, extra: string[] = [], strategy = 'kvm-exit'): Promise<DestRun> {
+  const source = new FakeSource(behaviour);
+  cleanups.push(() => source.close());
+  await new Promise<void>((r) => (source.wss.address() ? r() : source.wss.once('listening', () => r())));
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-malicious-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const json = join(dir, 'report.json');
+  const t0 = Date.now();
+  const preempt = extra.includes('--no-preempt') ? [] : ['--preempt'];
+  const args = [
+    '--source', source.url, '--token', 't', '--memory', '1MiB', '--vcpus', '1', '--strategy', strategy,
+    ...preempt, '--no-push', '--watchdog-ms', '2000', '--connect-timeout-ms', '2000', '--json', json,
+    ...extra.filter((a) => a !== '--no-preempt'),
+  ];
+  const r = await runNode(DEST, args, { timeoutMs: 15_000 });
+  const report = existsSync(json) ? (JSON.parse(readFileSync(json, 'utf8')) as Report) : undefined;
+  return { ...r, report, source, ms: Date.now() - t0 };
+}
+
+/** The run failed clearly: non-zero, no verified report, stderr names the problem. */
+function expectRejected(r: DestRun, message: RegExp): void {
+  expect(r.code, `stderr: ${r.stderr}`).not.toBe(0);
+  expect(r.signal).toBeNull();
+  expect(r.stderr).toMatch(message);
+  if (r.report) expect(r.report.verified).toBe(false);
+}
+
+/** The first `n` requests are answered honestly, the next one by `lie`. */
+function lieOnRequest(n: number, lie: (s: FakeSource, ch: Channel, id: number, page: number) => void): Behaviour['request'] {
+  let seen = 0;
+  return (s, ch, id, page) => (seen++ < n ? s.reply(ch, id, page) : lie(s, ch, id, page));
+}
+
+describe('the destination against a malicious source', () => {
+  it('a run against the honest fake source verifies (the harness itself is sound)', async () => {
+    const r = await runAgainst({});
+    expect(r.code, `stderr: ${r.stderr}`).toBe(0);
+    expect(r.report?.verified).toBe(true);
+  });
+
+  for (const strategy of ['kvm-exit', 'shared-uffd']) {
+    it(`a reply for a request id never made (${strategy})`, async () => {
+      const r = await runAgainst(
+        { request: lieOnRequest(3, (_s, ch, id, page) => ch.ws.send(encode({ type: 'page', id: id + 1000, page, data: image.pageBytes(page) }))) },
+        [],
+        strategy,
+      );
+      expectRejected(r, /page for request id \d+, which this channel never sent/);
+      expect(r.report).toBeUndefined();
+    });
+  }
+
+  it('a reply for the right id but another page', async () => {
+    const r = await runAgainst({
+      request: lieOnRequest(2, (_s, ch, id, page) => {
+        const other = (page + 7) % layout.totalPages;
+        ch.ws.send(encode({ type: 'page', id, page: other, data: image.pageBytes(other) }));
+      }),
+    });
+    expectRejected(r, /page for request \d+: expected page \d+, got page \d+/);
+    expect(r.report).toBeUndefined();
+  });
+
+  for (const strategy of ['kvm-exit', 'per-thread-uffd']) {
+    it(`a page of the wrong size (${strategy})`, async () => {
+      const r = await runAgainst(
+        { request: lieOnRequest(1, (_s, ch, id, page) => ch.ws.send(pack([MessageType.Page, id, page, Buffer.alloc(100, 0xab)]))) },
+        [],
+        strategy,
+      );
+      expectRejected(r, /page\.data: expected 4096 bytes/);
+      expect(r.report).toBeUndefined();
+    });
+  }
+
+  it('a pushed run that is not a whole number of pages', async () => {
+    const r = await runAgainst({ start: (_s, main) => main.ws.send(pack([MessageType.Pushed, 0, Buffer.alloc(PAGE_SIZE + 1)])) });
+    expectRejected(r, /pushed\.data: expected 1 to \d+ whole pages/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a page index outside the guest, in a reply', async () => {
+    const r = await runAgainst({
+      request: lieOnRequest(1, (_s, ch, id) => ch.ws.send(pack([MessageType.Page, id, layout.totalPages + 5, Buffer.alloc(PAGE_SIZE)]))),
+    });
+    expectRejected(r, new RegExp(`page: expected a whole number from 0 to ${layout.totalPages - 1}, got ${layout.totalPages + 5}`));
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a page index outside the guest, pushed', async () => {
+    const r = await runAgainst({ start: (_s, main) => main.ws.send(pack([MessageType.PushedZero, 1 << 30])) });
+    expectRejected(r, /pushed-zero\.page: expected a whole number from 0 to 255/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a duplicate page (pushed twice, honest content, the source hides it) fails the exactly-once check', async () => {
+    const r = await runAgainst({
+      hideDuplicates: true,
+      start: (s) => {
+        s.push(0);
+        s.push(0);
+      },
+    });
+    expectRejected(r, /no-page-sent-twice|arrived already installed/);
+    // Either the run aborted, or its report names the exactly-once check as failed.
+    if (r.report) {
+      const check = r.report.checks.find((c) => c.name === 'no-page-sent-twice');
+      expect(check?.ok).toBe(false);
+      expect(check?.detail).toMatch(/[1-9]\d* arrived already installed/);
+    }
+  });
+
+  it('pages with wrong content (right size, garbage bytes) fail the content check at first touch', async () => {
+    const r = await runAgainst({
+      request: lieOnRequest(4, (s, ch, id, page) => {
+        s.replies++;
+        s.sent[page]!++;
+        ch.ws.send(encode({ type: 'page', id, page, data: new Uint8Array(PAGE_SIZE).fill(0x5a) }));
+      }),
+    });
+    expectRejected(r, /content/);
+    expect(r.report).toBeDefined();
+    const content = r.report!.checks.find((c) => c.name === 'content');
+    expect(content?.ok).toBe(false);
+    expect(content?.detail).toMatch(/differed from the generator at first touch/);
+  });
+
+  it('a welcome with another guest size', async () => {
+    const r = await runAgainst({ welcome: (_h, w) => ({ ...w, guestBytes: 2 * GUEST_BYTES, totalPages: 2 * layout.totalPages }) });
+    expectRejected(r, /expected guest layout 1MiB in 4KiB pages, the source has 2MiB in 4KiB pages/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a welcome with another page size', async () => {
+    const r = await runAgainst({ welcome: (_h, w) => ({ ...w, pageSize: 2 * 1024 * 1024, totalPages: 0 }) });
+    expectRejected(r, /expected guest layout 1MiB in 4KiB pages, the source has 1MiB in 2MiB pages/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a welcome whose page count contradicts its layout', async () => {
+    const r = await runAgainst({ welcome: (_h, w) => ({ ...w, totalPages: 17 }) });
+    expectRejected(r, /expected guest layout 1MiB in 4KiB pages.*\(17 pages\)/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a right welcome on the main channel but a wrong one on a fault channel', async () => {
+    const r = await runAgainst({ welcome: (h, w) => (h.role === 1 ? { ...w, guestBytes: 4 * GUEST_BYTES, totalPages: 4 * layout.totalPages } : w) });
+    expectRejected(r, /expected guest layout 1MiB in 4KiB pages, the source has 4MiB/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a welcome of the wrong shape', async () => {
+    const r = await runAgainst({ welcome: () => pack([MessageType.Welcome, PROTOCOL_VERSION, GUEST_BYTES, PAGE_SIZE]) });
+    expectRejected(r, /not a valid welcome: welcome: expected 9 fields, got 3/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a source that closes the main channel mid-run', async () => {
+    const r = await runAgainst({
+      request: lieOnRequest(3, (s) => s.main!.ws.close(1011, 'going away')),
+    });
+    expectRejected(r, /connection to the source closed \(code 1011: going away\)/);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('a source that never answers a request: the watchdog names the blocked vCPU', async () => {
+    const r = await runAgainst({ request: lieOnRequest(3, () => {}) });
+    expectRejected(r, /vCPU 0/);
+    expect(r.stderr).toMatch(/blocked|no progress|watchdog/i);
+    expect(r.ms).toBeLessThan(12_000);
+    expect(r.report).toBeUndefined();
+  });
+
+  it('without preempt: sent-on-main for a page that never comes on main — the watchdog stops the run', async () => {
+    const r = await runAgainst({
+      request: (s, ch, id, page) => {
+        s.replies++;
+        ch.ws.send(encode({ type: 'sent-on-main', id, page }));
+      },
+    }, ['--no-preempt']);
+    expectRejected(r, /vCPU 0/);
+    expect(r.report).toBeUndefined();
+  });
+});
