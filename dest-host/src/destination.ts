@@ -295,7 +295,17 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     const results = (await Promise.all(guestDone)).map((r) => r.result);
     const vcpuResults: GuestThreadResult[] = results.slice(0, vcpus.length);
     const ioResults: GuestThreadResult[] = results.slice(vcpus.length);
-    if (options.push) await abort.race(installedAll);
+    if (options.push) {
+      // The main thread re-checks on every page it installs and on complete.
+      // The last page may instead be a requested page installed by a vCPU or
+      // resolver thread after complete arrived: poll for that case.
+      const poll = setInterval(checkInstalled, 5);
+      try {
+        await abort.race(installedAll);
+      } finally {
+        clearInterval(poll);
+      }
+    }
     const elapsedMs = epochNow() - started;
 
     // ---- wind down: resolvers finish their in-flight requests, then exit

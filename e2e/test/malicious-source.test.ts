@@ -180,10 +180,11 @@ async function runAgainst(behaviour: Behaviour, extra: string[] = [], strategy =
   const json = join(dir, 'report.json');
   const t0 = Date.now();
   const preempt = extra.includes('--no-preempt') ? [] : ['--preempt'];
+  const push = extra.includes('--push') ? [] : ['--no-push'];
   const args = [
     '--source', source.url, '--token', 't', '--memory', '1MiB', '--vcpus', '1', '--strategy', strategy,
-    ...preempt, '--no-push', '--watchdog-ms', '2000', '--connect-timeout-ms', '2000', '--json', json,
-    ...extra.filter((a) => a !== '--no-preempt'),
+    ...preempt, ...push, '--watchdog-ms', '2000', '--connect-timeout-ms', '2000', '--json', json,
+    ...extra.filter((a) => a !== '--no-preempt' && a !== '--push'),
   ];
   const r = await runNode(DEST, args, { timeoutMs: 15_000 });
   const report = existsSync(json) ? (JSON.parse(readFileSync(json, 'utf8')) as Report) : undefined;
@@ -203,6 +204,35 @@ function lieOnRequest(n: number, lie: (s: FakeSource, ch: Channel, id: number, p
   let seen = 0;
   return (s, ch, id, page) => (seen++ < n ? s.reply(ch, id, page) : lie(s, ch, id, page));
 }
+
+describe('the destination against an honest but slow source', () => {
+  it('finishes when the last page is a requested one, installed by the vCPU after complete arrived', async () => {
+    // Everything but page 0 is pushed at once and complete follows; the vCPU's
+    // request for page 0 is answered 300 ms later, on its own channel.
+    const r = await runAgainst(
+      {
+        start: (s) => {
+          for (let p = 1; p < layout.totalPages; p++) {
+            if (image.isZero(p)) {
+              s.sent[p]!++;
+              s.pagesPushed++;
+              s.main!.ws.send(encode({ type: 'pushed-zero', page: p }));
+            } else {
+              s.push(p);
+            }
+          }
+          s.main!.ws.send(encode({ type: 'complete', pagesSent: layout.totalPages }));
+        },
+        request: (s, ch, id, page) => setTimeout(() => s.reply(ch, id, page), 300),
+      },
+      ['--push', '--workload', 'sequential', '--accesses', '1'],
+    );
+    expect(r.code, `stderr: ${r.stderr}`).toBe(0);
+    expect(r.report?.verified).toBe(true);
+    expect(r.report?.counters.pagesDemand).toBe(1);
+    expect(r.report?.counters.pagesInstalled).toBe(layout.totalPages);
+  });
+});
 
 describe('the destination against a malicious source', () => {
   it('a run against the honest fake source verifies (the harness itself is sound)', async () => {
