@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { USAGE_EXIT_CODE, UsageError } from '@postcopy/shared';
+import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { runBench } from './bench.js';
 import { formatBench } from './format.js';
 import { benchCommand, describeOptions, parseBenchOptions } from './options.js';
@@ -11,7 +11,7 @@ import { benchCommand, describeOptions, parseBenchOptions } from './options.js';
  * is a finding, not a failure: the exit code is 0 unless something errored.
  */
 async function main(): Promise<number> {
-  const cmd = benchCommand().exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : USAGE_EXIT_CODE));
+  const cmd = benchCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseBenchOptions(cmd.opts());
   // Resolve now: the runs take minutes and the working directory could be gone later.
@@ -27,11 +27,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const e = err as Error;
-    process.stderr.write(`bench: ${e.message}\n`);
-    process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
-  },
-);
+runCli('bench', main);

@@ -1,12 +1,12 @@
 #!/usr/bin/env node
 import { writeFileSync } from 'node:fs';
-import { CheckError, USAGE_EXIT_CODE, UsageError, formatReport } from '@postcopy/shared';
+import { exitOnUsageError, formatReport, runCli } from '@postcopy/shared';
 import { assertVerified, runDestination } from './destination.js';
 import { destCommand, parseDestOptions } from './options.js';
 import { progressLine } from './progress.js';
 
 async function main(): Promise<number> {
-  const cmd = destCommand().exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : USAGE_EXIT_CODE));
+  const cmd = destCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseDestOptions(cmd.opts());
   const showProgress = process.stderr.isTTY === true;
@@ -23,11 +23,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const e = err as Error;
-    process.stderr.write(`dest: ${e instanceof CheckError ? e.message : e.message}\n`);
-    process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
-  },
-);
+runCli('dest', main);

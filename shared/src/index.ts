@@ -9,3 +9,4 @@ export * from './stats.js';
 export * from './report.js';
 export * from './worker.js';
 export * from './random.js';
+export * from './cli.js';

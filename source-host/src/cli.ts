@@ -1,13 +1,11 @@
 #!/usr/bin/env node
-import { USAGE_EXIT_CODE, UsageError } from '@postcopy/shared';
+import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { GuestImage } from './image.js';
 import { parseSourceOptions, sourceCommand } from './options.js';
 import { SourceServer, generateToken } from './server.js';
 
 async function main(): Promise<number> {
-  const cmd = sourceCommand().exitOverride((err) => {
-    process.exit(err.exitCode === 0 ? 0 : USAGE_EXIT_CODE);
-  });
+  const cmd = sourceCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseSourceOptions(cmd.opts());
   let token = options.token ?? process.env.POSTCOPY_TOKEN;
@@ -44,11 +42,4 @@ async function main(): Promise<number> {
   });
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const e = err as Error;
-    process.stderr.write(`source: ${e.message}\n`);
-    process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
-  },
-);
+runCli('source', main);

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { join } from 'node:path';
-import { USAGE_EXIT_CODE, UsageError } from '@postcopy/shared';
+import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { expandRuns } from './matrix.js';
 import { experimentCommand, parseExperimentOptions, validateMatrix } from './options.js';
 import { progress } from './progress.js';
@@ -14,7 +14,7 @@ function commandLine(args: readonly string[]): string {
 }
 
 async function main(): Promise<number> {
-  const cmd = experimentCommand().exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : USAGE_EXIT_CODE));
+  const cmd = experimentCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseExperimentOptions(cmd.opts());
   // Every combination passes the launcher's own validation before anything runs.
@@ -38,11 +38,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const e = err as Error;
-    process.stderr.write(`experiment: ${e.message}\n`);
-    process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
-  },
-);
+runCli('experiment', main);
