@@ -4,7 +4,7 @@
  * page sent at most once, requested pages ahead of pushed ones), with fake
  * channels that decode every frame they are given.
  */
-import { decode, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
+import { decode, digestPages, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
 import { describe, expect, it } from 'vitest';
 import { GuestImage } from './image.js';
 import { SourceMigration, type Channel } from './migration.js';
@@ -228,6 +228,14 @@ describe('SourceMigration', () => {
       digestOfReceived: img.digest,
     });
     expect(summary.repliesPage + summary.repliesZero).toBe(1);
+    // The summary reuses the image digest when every page was received: it
+    // must be the digest of all pages, hashed page by page in order.
+    expect(digestPages(img, PAGES)).toBe(img.digest);
+    // With a page missing, the digest covers only the pages received.
+    const partial = allReceived(PAGES);
+    partial[0] = partial[0]! & ~1;
+    expect(migration.summarize(partial).digestOfReceived).toBe(digestPages(img, PAGES, (p) => p !== 0));
+    expect(migration.summarize(partial).digestOfReceived).not.toBe(img.digest);
   });
 
   it('answers two requests for the same page on two channels once with the page, once with already-sent', async () => {
