@@ -1,9 +1,9 @@
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
+import { runNode, type ProcessResult } from '../../e2e/test/run.js';
 
 /** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
 const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
@@ -13,29 +13,9 @@ const TIMEOUT_MS = 55_000;
 
 const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget'];
 
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-function runBench(args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BENCH, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`the bench did not finish within ${TIMEOUT_MS} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
-    }, TIMEOUT_MS);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
+/** The built bench as a real process (the e2e tests' runner: killed and failed after TIMEOUT_MS). */
+function runBench(args: string[]): Promise<ProcessResult> {
+  return runNode(BENCH, args, { timeoutMs: TIMEOUT_MS });
 }
 
 /** The value at a dotted path of the JSON, e.g. `floor.roundTripUs.p50`. */

@@ -11,29 +11,32 @@ import {
   type Counters,
   type Report,
   type SourceSummary,
-  type StrategyName,
-  type WorkloadName,
 } from '@postcopy/shared';
 import type { UffdCounters } from './uffd/userfaultfd.js';
 import type { GuestThreadResult } from './workers/protocol.js';
 import { COUNTER, type VmmState } from './vmm/state.js';
 
-export interface ReportInputs {
-  strategy: StrategyName;
-  workload: WorkloadName;
-  vcpus: number;
-  readers: number;
-  ioThreads: number;
-  pageSize: number;
-  guestBytes: number;
+/** The run's settings, as the report states them. */
+type RunSettings = Pick<
+  Report,
+  | 'strategy'
+  | 'workload'
+  | 'vcpus'
+  | 'readers'
+  | 'ioThreads'
+  | 'pageSize'
+  | 'guestBytes'
+  | 'memslots'
+  | 'push'
+  | 'preempt'
+  | 'linkDelayUs'
+  | 'linkBandwidthBps'
+  | 'seed'
+  | 'elapsedMs'
+>;
+
+export interface ReportInputs extends RunSettings {
   totalPages: number;
-  memslots: number;
-  push: boolean;
-  preempt: boolean;
-  linkDelayUs: number;
-  linkBandwidthBps: number;
-  seed: number;
-  elapsedMs: number;
   vcpuResults: GuestThreadResult[];
   ioResults: GuestThreadResult[];
   vmm: VmmState;

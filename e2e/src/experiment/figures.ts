@@ -58,15 +58,27 @@ function panelNote(input: FigureInput, onPlot: readonly string[]): string {
   return others.length > 0 ? ` One panel per ${others.join(' × ')}.` : '';
 }
 
-export function latencyFigure(input: FigureInput): Figure {
-  const groups = panelGroups(input, ['strategy']);
-  const panels: ChartPanel[] = groups.map((g) => ({
+/**
+ * One panel per group, one series per strategy, one point per metric: the
+ * shape of the latency and blocktime figures.
+ */
+function metricPanels(
+  input: FigureInput,
+  groups: ReturnType<typeof panelGroups>,
+  categories: readonly { label: string; metric: string }[],
+): ChartPanel[] {
+  return groups.map((g) => ({
     title: g.title,
     series: strategySeries(input).map(({ name, color }) => {
       const s = g.summaries.find((x) => valueOf(input, x, 'strategy') === name);
-      return { name, color, points: PERCENTILES.map((p) => ({ category: p.label, spread: s?.metrics.get(p.metric) })) };
+      return { name, color, points: categories.map((c) => ({ category: c.label, spread: s?.metrics.get(c.metric) })) };
     }),
   }));
+}
+
+export function latencyFigure(input: FigureInput): Figure {
+  const groups = panelGroups(input, ['strategy']);
+  const panels = metricPanels(input, groups, PERCENTILES);
   const spec: ChartSpec = {
     categories: PERCENTILES.map((p) => p.label),
     panels,
@@ -128,13 +140,7 @@ export function blocktimeFigure(input: FigureInput): Figure {
     { label: 'total (all vCPUs blocked)', metric: 'blocktime_total_ms' },
     { label: 'per vCPU (mean)', metric: 'vcpu_blocktime_mean_ms' },
   ];
-  const panels: ChartPanel[] = groups.map((g) => ({
-    title: g.title,
-    series: strategySeries(input).map(({ name, color }) => {
-      const s = g.summaries.find((x) => valueOf(input, x, 'strategy') === name);
-      return { name, color, points: categories.map((c) => ({ category: c.label, spread: s?.metrics.get(c.metric) })) };
-    }),
-  }));
+  const panels = metricPanels(input, groups, categories);
   const spec: ChartSpec = {
     categories: categories.map((c) => c.label),
     panels,
