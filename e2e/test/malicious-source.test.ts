@@ -150,6 +150,7 @@ class FakeSource {
       sentNotReceived,
       receivedNotSent,
       peakRssBytes: 0,
+      repliesUndeliverable: 0,
     };
   }
 

@@ -44,6 +44,7 @@ const TYPE_CODES = Object.values(MessageType) as number[];
 /** Message types that only make sense once the layout is known. */
 const NEEDS_LAYOUT = new Set<Message['type']>([
   'request', 'page', 'zero-page', 'already-sent', 'sent-on-main', 'pushed', 'pushed-zero', 'complete', 'finish',
+  'resume', 'resumed',
 ]);
 
 const isU32 = (v: unknown): boolean => typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= MAX_U32;
@@ -100,10 +101,20 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       return m.receivedmap instanceof Uint8Array && m.receivedmap.length === Math.ceil(layout!.totalPages / 8)
         ? undefined
         : `finish.receivedmap of ${m.receivedmap.length} bytes`;
+    case 'resume': {
+      const bytes = Math.ceil(layout!.totalPages / 8);
+      if (typeof m.push !== 'boolean' || typeof m.preempt !== 'boolean') return 'resume flags';
+      const ok = (b: unknown): boolean => b instanceof Uint8Array && b.length === bytes;
+      return ok(m.receivedmap) && ok(m.requestedmap) ? undefined : 'resume bitmaps';
+    }
+    case 'resumed':
+      if (typeof m.restarted !== 'boolean') return 'resumed.restarted';
+      return isCount(m.pagesMarkedUnsent) && m.pagesMarkedUnsent <= layout!.totalPages ? undefined : `resumed.pagesMarkedUnsent ${m.pagesMarkedUnsent}`;
     case 'summary': {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
         m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
+        m.repliesUndeliverable,
       ];
       if (!counters.every(isCount)) return 'summary counters';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
@@ -170,6 +181,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
     const most = Math.min(maxPushPages(pageSize), totalPages - first);
     return fc.integer({ min: 1, max: most }).chain((n) => bytesOf(n * pageSize).map((data): Message => ({ type: 'pushed', page: first, data })));
   });
+  const bitmap = fc.uint8Array({ minLength: Math.ceil(totalPages / 8), maxLength: Math.ceil(totalPages / 8) });
   return fc.oneof(
     fc.record({
       type: fc.constant('hello' as const),
@@ -203,8 +215,12 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
     fc.record({ type: fc.constant('complete' as const), pagesSent: fc.nat({ max: totalPages }) }),
     // (The largest guest's receivedmap is 256 MiB: finish is left out for it.)
     ...(totalPages <= 2 ** 20
-      ? [fc.record({ type: fc.constant('finish' as const), receivedmap: fc.uint8Array({ minLength: Math.ceil(totalPages / 8), maxLength: Math.ceil(totalPages / 8) }) })]
+      ? [
+          fc.record({ type: fc.constant('finish' as const), receivedmap: bitmap }),
+          fc.record({ type: fc.constant('resume' as const), push: fc.boolean(), preempt: fc.boolean(), receivedmap: bitmap, requestedmap: bitmap }),
+        ]
       : []),
+    fc.record({ type: fc.constant('resumed' as const), pagesMarkedUnsent: fc.nat({ max: totalPages }), restarted: fc.boolean() }),
     fc.record({
       type: fc.constant('summary' as const),
       requests: count,
@@ -220,6 +236,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       sentNotReceived: count,
       receivedNotSent: count,
       peakRssBytes: count,
+      repliesUndeliverable: count,
     }),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
   );
@@ -256,7 +273,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

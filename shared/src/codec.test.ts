@@ -50,6 +50,7 @@ const summary: Summary = {
   sentNotReceived: 0,
   receivedNotSent: 0,
   peakRssBytes: 123 * 1024 * 1024,
+  repliesUndeliverable: 2,
 };
 
 const receivedmap = new Uint8Array(8);
@@ -99,6 +100,8 @@ const samples: Message[] = [
   { type: 'pushed-zero', page: 0 },
   { type: 'complete', pagesSent: 64 },
   { type: 'finish', receivedmap },
+  { type: 'resume', push: true, preempt: false, receivedmap, requestedmap: new Uint8Array(8).fill(0x10) },
+  { type: 'resumed', pagesMarkedUnsent: 12, restarted: true },
   summary,
   { type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'request.page: expected a whole number from 0 to 63, got 64 (number)' },
 ];
@@ -168,6 +171,14 @@ describe('rejects malformed frames with ProtocolError', () => {
     expectRejected(Uint8Array.of(0x91, 0x04, 0x00), 'msgpack', '3 bytes');
   });
 
+  it('an undecodable frame whose bytes msgpackr quotes: control characters escaped (found by fast-check)', () => {
+    // msgpackr's "end of buffer not reached" error quotes the trailing bytes (DEL raw).
+    const frame = Uint8Array.of(0xa5, 0x02, 0x00, 0x00, 0xce, 0x7f, 0x00, 0x00, 0x00, 0x00);
+    const message = rejection(frame);
+    expect(message).toContain('\\x7f');
+    expect(message).not.toMatch(/[\x00-\x1f\x7f]/);
+  });
+
   it('valid msgpack that is not an array', () => {
     expectRejected(pack({ type: 4, id: 1, page: 2 }), 'message array', 'object');
     expectRejected(pack('request'), 'message array', '"request" (string)');
@@ -183,7 +194,7 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('an unknown or non-number type', () => {
-    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14', '99 (number)');
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 21 or 23', '99 (number)');
     expectRejected(pack([0]), 'message type', '0 (number)');
     expectRejected(pack([20, 1]), 'message type', '20 (number)');
     expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');
@@ -223,6 +234,9 @@ describe('rejects malformed frames with ProtocolError', () => {
     expectRejected(pack([MessageType.Pushed, 2, 'x'.repeat(PAGE)]), 'pushed.data', '(string)');
     expectRejected(pack([MessageType.Page, 1, 2, Array.from({ length: 8 }, () => 0)]), 'page.data', 'array of 8');
     expectRejected(pack([MessageType.Finish, new Uint8Array(9)]), 'finish.receivedmap', 'expected 8 bytes', '9 bytes');
+    expectRejected(pack([MessageType.Resume, true, false, new Uint8Array(8), new Uint8Array(7)]), 'resume.requestedmap', 'expected 8 bytes', '7 bytes');
+    expectRejected(pack([MessageType.Resume, 1, false, new Uint8Array(8), new Uint8Array(8)]), 'resume.push', 'expected a boolean');
+    expectRejected(pack([MessageType.Resumed, 65, false]), 'resumed.pagesMarkedUnsent', 'from 0 to 64');
   });
 
   it('pushed runs: whole pages, at most 16 (64 KiB), never past the end of the guest', () => {
@@ -245,8 +259,10 @@ describe('rejects malformed frames with ProtocolError', () => {
       encode({ type: 'pushed-zero', page: 2 }),
       encode({ type: 'complete', pagesSent: 64 }),
       encode({ type: 'finish', receivedmap }),
+      encode({ type: 'resume', push: true, preempt: true, receivedmap, requestedmap: receivedmap }),
+      encode({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false }),
     ];
-    const names = ['request', 'page', 'zero-page', 'already-sent', 'pushed', 'pushed-zero', 'complete', 'finish'];
+    const names = ['request', 'page', 'zero-page', 'already-sent', 'pushed', 'pushed-zero', 'complete', 'finish', 'resume', 'resumed'];
     frames.forEach((frame, i) => {
       const message = rejection(frame, {});
       expect(message).toContain('handshake');

@@ -25,6 +25,7 @@ const SUMMARY_FIELDS = [
   'sentNotReceived',
   'receivedNotSent',
   'peakRssBytes',
+  'repliesUndeliverable',
 ] as const satisfies readonly (keyof SourceSummary)[];
 
 /** Encodes one message into one frame. */
@@ -78,6 +79,10 @@ export function encode(message: Message): Buffer {
       for (const f of SUMMARY_FIELDS) fields[f] = message[f];
       return packr.pack([MessageType.Summary, fields]);
     }
+    case 'resume':
+      return packr.pack([MessageType.Resume, message.push, message.preempt, message.receivedmap, message.requestedmap]);
+    case 'resumed':
+      return packr.pack([MessageType.Resumed, message.pagesMarkedUnsent, message.restarted]);
     case 'error':
       return packr.pack([MessageType.Error, message.code, message.message]);
   }
@@ -111,6 +116,12 @@ function expectString(frame: unknown[], index: number, name: string, max = MAX_T
   if (typeof value !== 'string' || value.length > max) {
     throw new ProtocolError(`${typeName(frame)}.${name}: expected a string of at most ${max} characters, got ${describe(value)}`);
   }
+  return value;
+}
+
+function expectBoolean(frame: unknown[], index: number, name: string): boolean {
+  const value = field(frame, index, name);
+  if (typeof value !== 'boolean') throw new ProtocolError(`${typeName(frame)}.${name}: expected a boolean, got ${describe(value)}`);
   return value;
 }
 
@@ -160,7 +171,10 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
   try {
     value = unpackr.unpack(frame);
   } catch (err) {
-    throw new ProtocolError(`expected a msgpack frame, got ${frame.length} bytes that do not decode (${(err as Error).message})`);
+    // msgpackr quotes the frame's raw bytes in some messages: escape control
+    // characters, which would otherwise reach the peer and the source's log.
+    const detail = String((err as Error).message).replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+    throw new ProtocolError(`expected a msgpack frame, got ${frame.length} bytes that do not decode (${detail})`);
   }
   if (!Array.isArray(value) || value.length === 0) {
     throw new ProtocolError(`expected a message array [type, ...fields], got ${describe(value)}`);
@@ -204,11 +218,28 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         linkBandwidthBps: expectUint(f, 9, 'linkBandwidthBps'),
       };
     }
-    case MessageType.Start: {
+    case MessageType.Start:
       expectLength(f, 3);
-      if (typeof f[1] !== 'boolean') throw new ProtocolError(`start.push: expected a boolean, got ${describe(f[1])}`);
-      if (typeof f[2] !== 'boolean') throw new ProtocolError(`start.preempt: expected a boolean, got ${describe(f[2])}`);
-      return { type: 'start', push: f[1], preempt: f[2] };
+      return { type: 'start', push: expectBoolean(f, 1, 'push'), preempt: expectBoolean(f, 2, 'preempt') };
+    case MessageType.Resume: {
+      expectLength(f, 5);
+      const bytes = Math.ceil(requireLayout(f, limits).totalPages / 8);
+      return {
+        type: 'resume',
+        push: expectBoolean(f, 1, 'push'),
+        preempt: expectBoolean(f, 2, 'preempt'),
+        receivedmap: expectBytes(f, 3, 'receivedmap', bytes),
+        requestedmap: expectBytes(f, 4, 'requestedmap', bytes),
+      };
+    }
+    case MessageType.Resumed: {
+      expectLength(f, 3);
+      const layout = requireLayout(f, limits);
+      return {
+        type: 'resumed',
+        pagesMarkedUnsent: expectUint(f, 1, 'pagesMarkedUnsent', layout.totalPages),
+        restarted: expectBoolean(f, 2, 'restarted'),
+      };
     }
     case MessageType.Request:
       expectLength(f, 3);
@@ -284,6 +315,6 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       expectLength(f, 3);
       return { type: 'error', code: expectString(f, 1, 'code', 64), message: expectString(f, 2, 'message', 4096) };
     default:
-      throw new ProtocolError(`expected a message type from 1 to 14, got ${describe(type)}`);
+      throw new ProtocolError(`expected a message type from 1 to 14, 21 or 23, got ${describe(type)}`);
   }
 }

@@ -28,8 +28,9 @@ export const MessageType = {
   Error: 13,
   SentOnMain: 14,
   // Reserved for what comes next (decoders reject them as unknown today):
-  // 20 Discard (precopy re-dirtied pages), 21 Resume (recovery: receivedmap +
-  // pending requests), 22 PreemptHello (urgent channel).
+  // 20 Discard (precopy re-dirtied pages), 22 PreemptHello (urgent channel).
+  Resume: 21,
+  Resumed: 23,
 } as const;
 export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
 
@@ -74,6 +75,33 @@ export interface Start {
    * ahead of pushes not yet sent but behind those already in flight.
    */
   preempt: boolean;
+}
+
+/**
+ * Recovery (QEMU's postcopy-recover): on a new main channel after a lost
+ * connection, in place of `start`. The source makes its sentmap equal to the
+ * receivedmap (every page the destination lacks is unsent again, as QEMU's
+ * ram_dirty_bitmap_reload does), sends the pages of `requestedmap` first, on
+ * the main channel (QEMU re-sends the page_requested tree), then pushes the
+ * rest as `start` said.
+ */
+export interface Resume {
+  type: 'resume';
+  push: boolean;
+  preempt: boolean;
+  /** The destination's receivedmap, one bit a page. */
+  receivedmap: Uint8Array;
+  /** Pages the destination asked for and still waits for, one bit a page. */
+  requestedmap: Uint8Array;
+}
+
+/** The source's answer to `resume`: fault channels may reconnect now. */
+export interface Resumed {
+  type: 'resumed';
+  /** Pages this source had sent that the receivedmap lacked (lost on the way): marked unsent, to be sent again. */
+  pagesMarkedUnsent: number;
+  /** The source process was restarted (`--resume`): it cannot know what its predecessor sent. */
+  restarted: boolean;
 }
 
 export interface Request {
@@ -159,6 +187,8 @@ export interface SourceSummary {
   receivedNotSent: number;
   /** The source process's peak resident set size so far (bytes). */
   peakRssBytes: number;
+  /** Requests whose channel closed before the answer could go out (a lost connection). */
+  repliesUndeliverable: number;
 }
 
 export interface Summary extends SourceSummary {
@@ -185,6 +215,8 @@ export type Message =
   | Complete
   | Finish
   | Summary
+  | Resume
+  | Resumed
   | ErrorMessage;
 
 export type Reply = PageReply | ZeroPageReply | AlreadySentReply | SentOnMainReply;
@@ -197,7 +229,7 @@ export function maxPushPages(pageSize: number): number {
   return Math.max(1, Math.floor(MAX_PUSH_FRAME_BYTES / pageSize));
 }
 
-/** Largest legal frame: a page or a pushed run plus a small header, or a receivedmap. */
+/** Largest legal frame: a page or a pushed run plus a small header, or a resume's two bitmaps. */
 export function maxFrameBytes(pageSize: number, totalPages: number): number {
-  return Math.max(pageSize * maxPushPages(pageSize), Math.ceil(totalPages / 8)) + 1024;
+  return Math.max(pageSize * maxPushPages(pageSize), 2 * Math.ceil(totalPages / 8)) + 1024;
 }

@@ -248,6 +248,7 @@ export class SourceMigration {
       sentNotReceived,
       receivedNotSent,
       peakRssBytes: process.resourceUsage().maxRSS * 1024,
+      repliesUndeliverable: this.stats.repliesUndeliverable,
     };
   }
 
