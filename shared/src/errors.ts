@@ -39,6 +39,16 @@ export class ConnectionError extends PostcopyError {
   }
 }
 
+/**
+ * The migration is paused (its connection was lost): the source refuses fault
+ * channels until the destination's main channel has resumed it. Retryable.
+ */
+export class PausedError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_PAUSED', message);
+  }
+}
+
 /** A run-time check of the migration failed (content, digest, exactly-once, ...). */
 export class CheckError extends PostcopyError {
   readonly check: string;
