@@ -13,12 +13,18 @@ async function main(): Promise<number> {
   const { report, hgrm } = await runDestination({
     ...options,
     onStatusUrl: (url) => process.stderr.write(`status ${url}\n`),
+    onEvent: (line) => process.stderr.write(`${showProgress ? '\r\x1b[K' : ''}dest: ${line}\n`),
     ...(showProgress ? { onProgress: (installed: number, total: number, faults: number) => process.stderr.write(progressLine(installed, total, faults)) } : {}),
   });
   if (showProgress) process.stderr.write('\r\x1b[K');
   process.stdout.write(formatReport(report) + '\n');
   if (options.json) writeFileSync(options.json, JSON.stringify(report, null, 2) + '\n');
   if (options.hgrm) writeFileSync(options.hgrm, hgrm);
+  if (report.recovery.dropsInjected < options.injectDrops.length) {
+    process.stderr.write(
+      `dest: --inject: ${options.injectDrops.length - report.recovery.dropsInjected} drop(s) did not go off: only ${report.counters.pagesInstalled} pages were installed\n`,
+    );
+  }
   assertVerified(report);
   return 0;
 }

@@ -11,6 +11,7 @@ import {
   digestPages,
   startWorker,
   type GuestLayout,
+  type Message,
   type Report,
   type SourceSummary,
   type StrategyName,
@@ -18,6 +19,8 @@ import {
 } from '@postcopy/shared';
 import { GuestMemory } from './memory/guest-memory.js';
 import { PageClient } from './net/page-client.js';
+import { Session } from './net/session.js';
+import { Recovery } from './recovery.js';
 import { buildReportWithHistogram } from './report-builder.js';
 import { startStatusServer, type MigrationState } from './status-server.js';
 import { STRATEGY_BY_NAME, type ThreadPlan } from './strategies/index.js';
@@ -47,12 +50,20 @@ export interface DestinationOptions {
   preempt: boolean;
   watchdogMs: number;
   connectTimeoutMs: number;
+  /** After a lost connection, give up when the migration cannot be resumed within this time. */
+  reconnectTimeoutMs: number;
+  /** Fault injection: cut every connection once after this many pages are installed, for each entry. */
+  injectDrops: number[];
+  /** Recovery events (pause, resume), as lines for the log. */
+  onEvent?: (line: string) => void;
   /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
   skipOwedWake: boolean;
   /** Called about every 200 ms with pages installed so far. */
   onProgress?: (installed: number, total: number, faults: number) => void;
   /** Serve GET /status on this port (0 = any free port), or undefined for none. */
   statusPort?: number | undefined;
+  /** Address the status server binds (default 127.0.0.1). */
+  statusHost?: string;
   /** Called with the status URL once it listens. */
   onStatusUrl?: (url: string) => void;
 }
@@ -113,6 +124,9 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
   let main: PageClient | undefined;
   let watchdog: Watchdog | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
+  let dropTimer: NodeJS.Timeout | undefined;
+  /** The watchdog runs while the guest does (a resume restarts it only then). */
+  let watching = false;
   let status: Server | undefined;
   let state: MigrationState = 'setup';
   try {
@@ -122,8 +136,10 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       guestBytes: layout.guestBytes,
       pageSize: layout.pageSize,
       connectTimeoutMs: options.connectTimeoutMs,
+      reconnectTimeoutMs: options.reconnectTimeoutMs,
     };
-    main = await PageClient.connect({ ...endpoint, role: ChannelRole.Main, channel: 'main' });
+    const connectMain = (): Promise<PageClient> => PageClient.connect({ ...endpoint, role: ChannelRole.Main, channel: 'main' });
+    main = await connectMain();
     const welcome = main.welcome;
 
     const memory = GuestMemory.create(layout, options.memslotBytes);
@@ -154,7 +170,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
         vcpus: options.vcpus,
         now: epochNow,
         startedAt: () => startedAt,
-      });
+      }, options.statusHost);
       status = server;
       options.onStatusUrl?.(server.url);
     }
@@ -193,7 +209,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       }
       if (complete) checkInstalled();
     };
-    main.onMessage = (m) => {
+    const onMainMessage = (m: Message): void => {
       switch (m.type) {
         case 'pushed': {
           const count = m.data.length / layout.pageSize;
@@ -201,6 +217,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
           if (installed < 0) abort.fail(new Error(`installing pushed pages from ${m.page} failed with errno ${-installed}`));
           else vmm.count(COUNTER.PAGES_PUSHED, installed);
           if (complete) checkInstalled();
+          if (drops.length > 0) maybeInjectDrop();
           return;
         }
         case 'pushed-zero':
@@ -228,8 +245,65 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
           abort.fail(new ProtocolError(`expected pushed, complete, summary or error on the main channel, got ${m.type}`));
       }
     };
-    main.onClose = (err) => {
-      if (!finishing) abort.fail(err ?? new ConnectionError('the main channel to the source closed'));
+    /** The main channel closed: before start the run fails; during postcopy the migration pauses and recovers. */
+    const adoptMain = (client: PageClient): void => {
+      main = client;
+      client.onMessage = onMainMessage;
+      client.onClose = (err) => {
+        if (finishing || client !== main) return;
+        const lostErr = err ?? new ConnectionError('the main channel to the source closed');
+        if (startedAt === undefined) abort.fail(lostErr);
+        else recovery.lost(`main channel: ${lostErr.message}`);
+      };
+    };
+    adoptMain(main);
+    const session = new Session(vmm.counters);
+    const bitmapOf = (status: number): Uint8Array => {
+      const map = new Uint8Array(bitmapBytes(layout.totalPages));
+      for (let page = 0; page < layout.totalPages; page++) if (Atomics.load(vmm.pageStatus, page) === status) bitmapSet(map, page);
+      return map;
+    };
+    const recovery = new Recovery({
+      session,
+      connectMain,
+      imageDigest: welcome.imageDigest,
+      resumeMessage: () => ({
+        type: 'resume',
+        push: options.push,
+        preempt: options.preempt,
+        receivedmap: bitmapOf(PAGE.RECEIVED),
+        requestedmap: bitmapOf(PAGE.REQUESTED),
+      }),
+      adopt: adoptMain,
+      onPause: (reason) => {
+        state = 'postcopy-paused';
+        main?.terminate();
+        watchdog?.stop();
+        // The source sends complete again once it has resent what was lost.
+        complete = false;
+        options.onEvent?.(`connection lost (${reason}): postcopy paused after ${vmm.counter(COUNTER.INSTALLED)} pages installed; reconnecting`);
+      },
+      onResume: (resumed, pausedMs) => {
+        state = 'postcopy-active';
+        if (watching) watchdog?.start();
+        options.onEvent?.(
+          `resumed after ${Math.round(pausedMs)} ms${resumed.restarted ? ' (source restarted)' : ''}: the source marked ${resumed.pagesMarkedUnsent} pages lost on the way as unsent`,
+        );
+      },
+      fail: (err) => abort.fail(err),
+      reconnectTimeoutMs: options.reconnectTimeoutMs,
+      answerTimeoutMs: options.connectTimeoutMs,
+      now: epochNow,
+    });
+    // Fault injection: cut every connection once per threshold of installed pages.
+    const drops = [...options.injectDrops].sort((a, b) => a - b);
+    let dropsInjected = 0;
+    const maybeInjectDrop = (): void => {
+      if (dropsInjected >= drops.length || recovery.paused || startedAt === undefined || finishing) return;
+      const installed = vmm.counter(COUNTER.INSTALLED);
+      if (installed < drops[dropsInjected]!) return;
+      dropsInjected++;
+      recovery.lost(`injected drop@${drops[dropsInjected - 1]} at ${installed} pages installed`);
     };
 
     // ---- threads
@@ -237,6 +311,11 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       workers.push(worker);
       worker.on('message', (m: WorkerReport) => {
         if (m.type === 'error') abort.fail(new Error(`${label}: ${m.message}`));
+        // A fault channel's connection dropped in the current session: pause and recover.
+        else if (m.type === 'channel-lost' && m.epoch === session.epoch && !finishing) {
+          if (startedAt === undefined) abort.fail(new ConnectionError(`${label}: ${m.message}`));
+          else recovery.lost(`${label}: ${m.message}`);
+        }
       });
       worker.on('error', (err) => abort.fail(new Error(`${label}: ${err.message}`)));
       return worker;
@@ -285,6 +364,13 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     state = 'postcopy-active';
     main.send({ type: 'start', push: options.push, preempt: options.preempt });
     watchdog.start();
+    watching = true;
+    if (drops.length > 0) {
+      // Most pages are installed by the main thread (checked there); demand
+      // pages by vCPU and resolver threads are caught by this poll.
+      dropTimer = setInterval(maybeInjectDrop, 2);
+      dropTimer.unref();
+    }
     if (options.onProgress) {
       const onProgress = options.onProgress;
       progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, uffd.counters().faults), 200);
@@ -312,24 +398,34 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     const resolverDone = resolverWorkers.map((r) => expectReport(r.worker, 'resolver-done', r.spec.label, abort));
     for (const ctx of new Set(setup.resolvers.map((r) => r.ctx))) uffd.close(ctx);
     await Promise.all(resolverDone);
+    watching = false;
     watchdog.stop();
     const blocked = watchdog.blocked();
 
     // ---- exactly-once accounting with the source
-    const receivedmap = new Uint8Array(bitmapBytes(layout.totalPages));
-    let received = 0;
-    for (let page = 0; page < layout.totalPages; page++) {
-      if (Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED) {
-        bitmapSet(receivedmap, page);
-        received++;
+    // A drop whose threshold was reached goes off before the end (drop@N with N up to every page).
+    maybeInjectDrop();
+    clearInterval(dropTimer);
+    let summary: SourceSummary | undefined;
+    while (summary === undefined) {
+      // A connection lost here: finish again once the migration has resumed.
+      await abort.race(recovery.whenActive());
+      const receivedmap = bitmapOf(PAGE.RECEIVED);
+      const client = main;
+      client.send({ type: 'finish', receivedmap });
+      let timer: NodeJS.Timeout | undefined;
+      const summaryTimeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new ConnectionError('the source did not answer finish within 30 s')), 30_000);
+      });
+      try {
+        summary = await abort.race(Promise.race([summaryArrived, summaryTimeout, recovery.nextPause().then(() => undefined)]));
+      } finally {
+        clearTimeout(timer);
       }
     }
-    main.send({ type: 'finish', receivedmap });
-    const summaryTimeout = new Promise<never>((_, reject) =>
-      setTimeout(() => reject(new ConnectionError('the source did not answer finish within 30 s')), 30_000).unref(),
-    );
-    const summary = await abort.race(Promise.race([summaryArrived, summaryTimeout]));
     finishing = true;
+    let received = 0;
+    for (let page = 0; page < layout.totalPages; page++) if (Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED) received++;
     const destDigest = digestPages(memory, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
 
     state = 'completed';
@@ -358,6 +454,16 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       preempt: options.preempt,
       linkDelayUs: welcome.linkDelayUs,
       linkBandwidthBps: welcome.linkBandwidthBps,
+      recovery: {
+        pauses: recovery.pauses,
+        resumes: recovery.resumes,
+        pagesResent: recovery.pagesResent,
+        requestsReplayed: vmm.counter(COUNTER.REPLAYED),
+        repliesDropped: vmm.counter(COUNTER.REPLIES_DROPPED),
+        dropsInjected,
+        sourceRestarts: recovery.sourceRestarts,
+        pausedMs: Math.round(recovery.pausedMs * 1000) / 1000,
+      },
     });
     return { report: built.report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };
   } catch (err) {
@@ -367,6 +473,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     status?.close();
     watchdog?.stop();
     clearInterval(progressTimer);
+    clearInterval(dropTimer);
     main?.close();
     await Promise.all(workers.map((w) => w.terminate()));
   }

@@ -29,6 +29,8 @@ export const DEST_DEFAULTS = {
   seed: '1',
   watchdogMs: '5000',
   connectTimeoutMs: '10000',
+  reconnectTimeoutMs: '30000',
+  statusHost: '127.0.0.1',
 } as const;
 
 /** Options of the run (the destination's, and the launcher's too). */
@@ -47,9 +49,15 @@ export function addRunOptions(cmd: Command): Command {
     .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
     .option('--connect-timeout-ms <ms>', 'give up on a source that does not complete the handshake within this time', DEST_DEFAULTS.connectTimeoutMs)
+    .option('--reconnect-timeout-ms <ms>', 'after a lost connection, give up when the migration cannot be resumed within this time', DEST_DEFAULTS.reconnectTimeoutMs)
+    .option(
+      '--inject <faults>',
+      'fault injection, comma-separated: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
+    )
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
-    .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on 127.0.0.1:PORT while the run goes (0 = any free port)')
+    .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on HOST:PORT while the run goes (0 = any free port)')
+    .option('--status-host <addr>', 'address the status server binds', DEST_DEFAULTS.statusHost)
     .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
 }
 
@@ -65,6 +73,36 @@ export function destCommand(): Command {
 }
 
 export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout'>;
+
+/** What `--inject` asks for: drops the destination makes, kills of the source the launcher makes (pages installed). */
+export interface Injections {
+  drops: number[];
+  killSource: number[];
+}
+
+/** Parses `--inject drop@2000,drop@6000,kill-source@3000` (throws UsageError). */
+export function parseInjections(value: unknown): Injections {
+  const injections: Injections = { drops: [], killSource: [] };
+  if (value === undefined) return injections;
+  for (const item of String(value).split(',')) {
+    const m = /^(drop|kill-source)@(\d{1,10})$/.exec(item.trim());
+    if (!m) {
+      throw new UsageError(`--inject: expected drop@PAGES or kill-source@PAGES (comma-separated), got ${JSON.stringify(item.trim())}`);
+    }
+    const pages = Number(m[2]);
+    (m[1] === 'drop' ? injections.drops : injections.killSource).push(pages);
+  }
+  return injections;
+}
+
+/** Checks injections against the guest: a threshold at or past its page count could never go off. */
+export function checkInjections(injections: Injections, totalPages: number): void {
+  for (const [kind, list] of [['drop', injections.drops], ['kill-source', injections.killSource]] as const) {
+    for (const pages of list) {
+      if (pages >= totalPages) throw new UsageError(`--inject: expected ${kind}@PAGES below the guest's ${totalPages} pages, got ${kind}@${pages}`);
+    }
+  }
+}
 
 /** Parses the run options shared by the destination and the launcher (throws UsageError). */
 export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
@@ -87,6 +125,9 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     statusPort: raw.statusPort === undefined ? undefined : parseIntOption('--status-port', str('statusPort'), 0, 65535),
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
     connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),
+    reconnectTimeoutMs: parseIntOption('--reconnect-timeout-ms', str('reconnectTimeoutMs'), 100, 3_600_000),
+    injectDrops: parseInjections(raw.inject).drops,
+    statusHost: str('statusHost'),
     skipOwedWake: raw.unsafeSkipOwedWake === true,
   };
 }
@@ -96,5 +137,10 @@ export function parseDestOptions(raw: Record<string, unknown>): DestinationOptio
   if (!token) throw new UsageError('--token: expected an access token (or $POSTCOPY_TOKEN), got none');
   const layout = makeLayout(parseSize('--memory', String(raw.memory)), parseSize('--page-size', String(raw.pageSize)));
   const run = parseRunOptions(raw);
+  const injections = parseInjections(raw.inject);
+  if (injections.killSource.length > 0) {
+    throw new UsageError('--inject: kill-source@PAGES is done by the launcher (npm start), which can restart the source; the destination takes drop@PAGES only');
+  }
+  checkInjections(injections, layout.totalPages);
   return { ...run, source: String(raw.source), token, layout, json: raw.json as string | undefined, hgrm: raw.hgrm as string | undefined };
 }

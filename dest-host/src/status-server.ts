@@ -3,7 +3,8 @@ import type { AddressInfo } from 'node:net';
 import type { Userfaultfd } from './uffd/userfaultfd.js';
 import { COUNTER, type VmmState } from './vmm/state.js';
 
-export type MigrationState = 'setup' | 'postcopy-active' | 'completed' | 'failed';
+/** QEMU's MigrationStatus names for the destination's phases. */
+export type MigrationState = 'setup' | 'postcopy-active' | 'postcopy-paused' | 'completed' | 'failed';
 
 export interface StatusSource {
   state(): MigrationState;
@@ -46,7 +47,7 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
   };
 }
 
-/** Serves `GET /status` on 127.0.0.1:`port` while the migration runs. */
+/** Serves `GET /status` on `host`:`port` (127.0.0.1 unless told otherwise) while the migration runs. */
 export async function startStatusServer(port: number, source: StatusSource, host = '127.0.0.1'): Promise<Server & { url: string }> {
   const server = createServer((req, res) => {
     if (req.method === 'GET' && req.url === '/status') {
@@ -62,5 +63,6 @@ export async function startStatusServer(port: number, source: StatusSource, host
     server.listen(port, host, () => resolve());
   });
   const address = server.address() as AddressInfo;
-  return Object.assign(server, { url: `http://${host}:${address.port}/status` });
+  const shown = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  return Object.assign(server, { url: `http://${shown}:${address.port}/status` });
 }

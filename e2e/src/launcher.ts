@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { constants as osConstants } from 'node:os';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 
@@ -20,16 +21,24 @@ export interface LaunchOptions {
    * carries the end of their stderr.
    */
   destStdio?: 'inherit' | 'pipe';
+  /**
+   * Fault injection (`--inject kill-source@PAGES`): once the destination has
+   * installed this many pages, SIGKILL the source and start it again with
+   * `--resume` on the same port. One kill per entry.
+   */
+  killSourceAt?: number[];
 }
 
 export interface LaunchResult {
-  /** The run's exit code: the destination's, else the source's. */
+  /** The run's exit code: the destination's, else the (last) source's. */
   code: number;
   destCode: number;
   sourceCode: number;
   url: string;
   /** With `destStdio: 'pipe'`: the end of both hosts' stderr (at most 4,000 characters). */
   stderrTail: string;
+  /** Source processes killed by `killSourceAt` (each restarted with --resume). */
+  sourceKills: number;
 }
 
 const TAIL_CHARS = 4000;
@@ -37,8 +46,50 @@ const TAIL_CHARS = 4000;
 function exitCode(child: ChildProcess): Promise<number> {
   return new Promise((resolve) => {
     if (child.exitCode !== null) resolve(child.exitCode);
-    else child.once('exit', (code, signal) => resolve(code ?? (signal ? 128 + 1 : 1)));
+    else if (child.signalCode !== null) resolve(128 + (osConstants.signals[child.signalCode] ?? 1));
+    else child.once('exit', (code, signal) => resolve(code ?? (signal ? 128 + (osConstants.signals[signal] ?? 1) : 1)));
   });
+}
+
+interface SourceProcess {
+  child: ChildProcess;
+  exit: Promise<number>;
+  url: Promise<string>;
+}
+
+/** Starts a source host; `url` resolves with the URL of its `listening ws://...` line. */
+function startSource(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, onStderr: (chunk: Buffer) => void): SourceProcess {
+  const child = spawn(process.execPath, [SOURCE_CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stderr!.on('data', onStderr);
+  const exit = exitCode(child);
+  const url = new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the source did not print its URL within ${timeoutMs} ms`)), timeoutMs);
+    const lines = createInterface({ input: child.stdout! });
+    lines.on('line', (line) => {
+      const m = /^listening (ws:\/\/\S+)$/.exec(line);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]!);
+      }
+    });
+    void exit.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`the source exited (code ${code}) before listening`));
+    });
+  });
+  url.catch(() => {});
+  return { child, exit, url };
+}
+
+/** Pages the destination has installed, from its GET /status (undefined if it does not answer). */
+async function pagesReceived(statusUrl: string): Promise<number | undefined> {
+  try {
+    const res = await fetch(statusUrl);
+    const body = (await res.json()) as { 'pages-received'?: unknown };
+    return typeof body['pages-received'] === 'number' ? body['pages-received'] : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /**
@@ -49,61 +100,82 @@ function exitCode(child: ChildProcess): Promise<number> {
  */
 export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   const env = { ...process.env, POSTCOPY_TOKEN: randomBytes(18).toString('base64url') };
-  const source = spawn(process.execPath, [SOURCE_CLI, '--host', '127.0.0.1', '--port', '0', ...options.sourceArgs], {
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const startTimeoutMs = options.sourceStartTimeoutMs ?? 120_000;
   const piped = options.destStdio === 'pipe';
+  const kills = [...(options.killSourceAt ?? [])].sort((a, b) => a - b);
   let tail = '';
   const keep = (chunk: Buffer): void => {
     tail = (tail + chunk.toString('utf8')).slice(-2 * TAIL_CHARS);
   };
-  source.stderr!.on('data', (chunk: Buffer) => (piped ? keep(chunk) : process.stderr.write(chunk)));
-  const sourceExit = exitCode(source);
+  const sourceStderr = (chunk: Buffer): void => (piped ? keep(chunk) : void process.stderr.write(chunk));
+  let source = startSource(['--host', '127.0.0.1', '--port', '0', ...options.sourceArgs], env, startTimeoutMs, sourceStderr);
+  const sources: ChildProcess[] = [source.child];
   let dest: ChildProcess | undefined;
+  let sourceKills = 0;
+  let stopKiller = false;
   try {
-    const url = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(
-        () => reject(new Error(`the source did not print its URL within ${options.sourceStartTimeoutMs ?? 120_000} ms`)),
-        options.sourceStartTimeoutMs ?? 120_000,
-      );
-      const lines = createInterface({ input: source.stdout! });
-      lines.on('line', (line) => {
-        const m = /^listening (ws:\/\/\S+)$/.exec(line);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]!);
-        }
-      });
-      void sourceExit.then((code) => {
-        clearTimeout(timer);
-        reject(new Error(`the source exited (code ${code}) before listening`));
-      });
-    });
-    dest = spawn(process.execPath, [DEST_CLI, '--source', url, ...options.destArgs], {
+    const url = await source.url;
+    // To kill the source at a page count, the launcher reads the destination's GET /status.
+    const destArgs = kills.length > 0 && !options.destArgs.includes('--status-port') ? [...options.destArgs, '--status-port', '0'] : options.destArgs;
+    const watchStderr = piped || kills.length > 0;
+    dest = spawn(process.execPath, [DEST_CLI, '--source', url, ...destArgs], {
       env,
-      stdio: piped ? ['ignore', 'pipe', 'pipe'] : ['ignore', 'inherit', 'inherit'],
+      stdio: watchStderr ? ['ignore', piped ? 'pipe' : 'inherit', 'pipe'] : ['ignore', 'inherit', 'inherit'],
     });
-    if (piped) {
-      dest.stderr!.on('data', keep);
-      // The report table: drained so the pipe never fills.
-      dest.stdout!.resume();
+    if (piped) dest.stdout!.resume(); // The report table: drained so the pipe never fills.
+    let statusUrl: string | undefined;
+    if (watchStderr) {
+      createInterface({ input: dest.stderr! }).on('line', (line) => {
+        const m = /^status (http:\/\/\S+)$/.exec(line);
+        if (m) statusUrl = m[1];
+        if (piped) keep(Buffer.from(line + '\n'));
+        else process.stderr.write(line + '\n');
+      });
     }
-    const destCode = await exitCode(dest);
+    const destExit = exitCode(dest);
+    void destExit.then(() => (stopKiller = true));
+    const killer = (async () => {
+      const port = new URL(url).port;
+      for (const at of kills) {
+        for (;;) {
+          if (stopKiller) return;
+          const received = statusUrl === undefined ? undefined : await pagesReceived(statusUrl);
+          if (received !== undefined && received >= at) break;
+          await new Promise((resolve) => setTimeout(resolve, 5));
+        }
+        if (stopKiller || source.child.exitCode !== null) return;
+        source.child.kill('SIGKILL');
+        await source.exit;
+        sourceKills++;
+        const line = `postcopy: --inject kill-source@${at}: killed the source (SIGKILL); restarting it with --resume on port ${port}\n`;
+        if (piped) keep(Buffer.from(line));
+        else process.stderr.write(line);
+        source = startSource(['--host', '127.0.0.1', '--port', port, ...options.sourceArgs, '--resume'], env, startTimeoutMs, sourceStderr);
+        sources.push(source.child);
+        await source.url;
+      }
+    })();
+    const destCode = await destExit;
+    await killer.catch((err: Error) => {
+      const line = `postcopy: could not restart the source: ${err.message}\n`;
+      if (piped) keep(Buffer.from(line));
+      else process.stderr.write(line);
+    });
     // The source ends by itself after the destination's finish; if the
     // destination failed before that, stop the source.
-    const sourceEnded = await Promise.race([sourceExit, new Promise<undefined>((r) => setTimeout(() => r(undefined), destCode === 0 ? 5000 : 500))]);
-    if (sourceEnded === undefined) source.kill('SIGTERM');
-    const sourceCode = await sourceExit;
+    const sourceEnded = await Promise.race([source.exit, new Promise<undefined>((r) => setTimeout(() => r(undefined), destCode === 0 ? 5000 : 500))]);
+    if (sourceEnded === undefined) source.child.kill('SIGTERM');
+    const sourceCode = await source.exit;
     const code = destCode !== 0 ? destCode : sourceCode;
     let stderrTail = tail.replace(/\s+$/, '');
     if (stderrTail.length > TAIL_CHARS) {
       const cut = stderrTail.indexOf('\n', stderrTail.length - TAIL_CHARS);
       stderrTail = cut >= 0 ? stderrTail.slice(cut + 1) : stderrTail.slice(-TAIL_CHARS);
     }
-    return { code, destCode, sourceCode, url, stderrTail };
+    return { code, destCode, sourceCode, url, stderrTail, sourceKills };
   } finally {
-    if (source.exitCode === null) source.kill('SIGKILL');
+    stopKiller = true;
+    for (const child of sources) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     if (dest && dest.exitCode === null) dest.kill('SIGKILL');
   }
 }

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps } from '@postcopy/source-host';
-import { addRunOptions, parseRunOptions } from '@postcopy/dest-host';
+import { addRunOptions, checkInjections, parseInjections, parseRunOptions } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
 export function launcherCommand(): Command {
@@ -25,18 +25,23 @@ function flag(name: string): string {
  * Validates every option (throws UsageError before anything starts) and
  * splits them into the two hosts' argument lists.
  */
-export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[] } {
-  parseImageOptions(raw as Record<string, string>);
+export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[]; killSourceAt: number[] } {
+  const { layout } = parseImageOptions(raw as Record<string, string>);
   parseLinkOptions(raw);
   parseMaxPushBps(raw);
   parseRunOptions(raw);
+  // --inject: drops go to the destination, kills of the source stay here.
+  const injections = parseInjections(raw.inject);
+  checkInjections(injections, layout.totalPages);
   const sourceArgs: string[] = [];
   for (const k of SOURCE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
   const destArgs: string[] = [];
   for (const k of SHARED_FLAGS) destArgs.push(flag(k), String(raw[k]));
   for (const [k, v] of Object.entries(raw)) {
     if ((SOURCE_FLAGS as readonly string[]).includes(k)) continue;
-    if (k === 'push') {
+    if (k === 'inject') {
+      if (injections.drops.length > 0) destArgs.push('--inject', injections.drops.map((n) => `drop@${n}`).join(','));
+    } else if (k === 'push') {
       if (v === false) destArgs.push('--no-push');
     } else if (v === true) {
       destArgs.push(flag(k));
@@ -44,5 +49,5 @@ export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[];
       destArgs.push(flag(k), String(v));
     }
   }
-  return { sourceArgs, destArgs };
+  return { sourceArgs, destArgs, killSourceAt: injections.killSource };
 }

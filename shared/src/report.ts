@@ -84,6 +84,27 @@ export interface Report {
   qemu: QemuFigures;
   /** Peak resident set size of each host process (bytes). */
   memory: { destPeakRssBytes: number; sourcePeakRssBytes: number };
+  recovery: RecoveryFigures;
+}
+
+/** Postcopy recovery (QEMU's postcopy-paused / postcopy-recover) during the run. */
+export interface RecoveryFigures {
+  /** Times the migration paused: a lost connection, or an injected drop. */
+  pauses: number;
+  /** Times the source resumed it (equals pauses in a run that ended verified). */
+  resumes: number;
+  /** Pages the source had sent that never arrived (lost in flight), marked unsent on resume and sent again. A restarted source cannot know what its predecessor sent: those count 0 here. */
+  pagesResent: number;
+  /** Pending requests the fault channels sent again after a resume. */
+  requestsReplayed: number;
+  /** Replies that arrived on a connection whose session had ended: dropped, their requests replayed. */
+  repliesDropped: number;
+  /** Drops the destination injected (`--inject drop@PAGES`). */
+  dropsInjected: number;
+  /** Resumes against a restarted source process (`--resume`). */
+  sourceRestarts: number;
+  /** Time spent paused, ms (vCPUs that touched missing pages stayed blocked meanwhile). */
+  pausedMs: number;
 }
 
 function pad(cells: string[][]): string {
@@ -145,6 +166,15 @@ export function formatReport(r: Report): string {
     ]),
   );
   lines.push('');
+  const rec = r.recovery;
+  if (rec.pauses > 0) {
+    lines.push(
+      `recovery: ${rec.pauses} pause${rec.pauses > 1 ? 's' : ''}, ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'}` +
+        `${rec.dropsInjected ? ` (${rec.dropsInjected} injected drop${rec.dropsInjected > 1 ? 's' : ''})` : ''}` +
+        `${rec.sourceRestarts ? `, ${rec.sourceRestarts} source restart${rec.sourceRestarts > 1 ? 's' : ''}` : ''}, ` +
+        `paused ${fmt(rec.pausedMs)} ms; ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, ${rec.repliesDropped} stale replies dropped`,
+    );
+  }
   lines.push(`peak RSS: destination ${(r.memory.destPeakRssBytes / 1024 / 1024).toFixed(0)} MiB, source ${(r.memory.sourcePeakRssBytes / 1024 / 1024).toFixed(0)} MiB`);
   lines.push(`digest (${r.digest.scope}): source ${r.digest.source.slice(0, 16)}…  dest ${r.digest.dest.slice(0, 16)}…`);
   for (const check of r.checks) lines.push(`${check.ok ? 'ok  ' : 'FAIL'} ${check.name}: ${check.detail}`);

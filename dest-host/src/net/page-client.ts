@@ -16,6 +16,7 @@ import {
   type Reply,
   type Welcome,
 } from '@postcopy/shared';
+import { Session } from './session.js';
 
 export interface PageClientOptions {
   url: string;
@@ -27,13 +28,41 @@ export interface PageClientOptions {
   guestBytes: number;
   pageSize: number;
   connectTimeoutMs?: number;
+  /** Recovery: the connection survives the session's pauses (see {@link SessionFollowing}). */
+  following?: SessionFollowing;
+}
+
+/**
+ * A fault channel that follows the destination's {@link Session}: when the
+ * session pauses it cuts its socket and keeps its pending requests; when the
+ * session resumes it reconnects (with backoff) and replays them, with their
+ * ids, on the new connection. Replies that arrive on a connection whose
+ * session has ended are dropped (their requests stay pending and are
+ * replayed), so each request is still answered exactly once.
+ */
+export interface SessionFollowing {
+  session: Session;
+  /** Give up (fail every pending request) when a reconnect takes longer. */
+  reconnectTimeoutMs: number;
+  /** This connection dropped while its session was current: whoever can pause the session must. */
+  onLost: (err: Error, epoch: number) => void;
 }
 
 interface Pending {
   page: number;
+  /** Went out on some connection (a replay of it counts as replayed). */
+  sent: boolean;
   resolve: (reply: Reply) => void;
   reject: (err: Error) => void;
 }
+
+interface Opened {
+  ws: WebSocket;
+  welcome: Welcome;
+}
+
+/** How often a paused fault channel re-checks whether it was closed meanwhile (ms). */
+const SESSION_POLL_MS = 250;
 
 /**
  * One WebSocket connection from the destination to the source: handshake,
@@ -43,33 +72,162 @@ interface Pending {
 export class PageClient {
   readonly welcome: Welcome;
   readonly layout: GuestLayout;
-  private readonly ws: WebSocket;
+  /** The socket of the current connection; undefined while cut (paused). */
+  private ws: WebSocket | undefined;
+  /** Session epoch the current connection belongs to. */
+  private epoch: number;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private closedError: Error | undefined;
+  private closing = false;
+  /** The current socket's error, if any (its close follows). */
+  private socketError: Error | undefined;
+  private readonly following: SessionFollowing | undefined;
   /** Messages that are not replies (pushed pages, complete, summary, error). */
   onMessage: (message: Message) => void = () => {};
-  /** The connection ended (after close() too). */
+  /** The connection ended for good (after close() too; not on a session pause). */
   onClose: (err: Error | undefined) => void = () => {};
 
-  private constructor(ws: WebSocket, welcome: Welcome) {
+  private constructor(
+    opened: Opened,
+    private readonly options: PageClientOptions,
+  ) {
+    this.welcome = opened.welcome;
+    this.layout = makeLayout(opened.welcome.guestBytes, opened.welcome.pageSize);
+    this.following = options.following;
+    this.epoch = this.following?.session.epoch ?? 0;
+    this.attach(opened.ws);
+    if (this.following) {
+      const following = this.following;
+      void this.follow(following).catch((err: Error) => this.fail(err));
+    }
+  }
+
+  /** The session this client follows, if any. */
+  get session(): Session | undefined {
+    return this.following?.session;
+  }
+
+  /**
+   * Session epoch of the connection replies come from. Read it right after a
+   * request's promise resolves: replies are delivered from the socket's
+   * message task, and the epoch changes only in a later task (a reconnect).
+   */
+  get connectionEpoch(): number {
+    return this.epoch;
+  }
+
+  private attach(ws: WebSocket): void {
     this.ws = ws;
-    this.welcome = welcome;
-    this.layout = makeLayout(welcome.guestBytes, welcome.pageSize);
-    ws.on('message', (data: Buffer) => this.receive(data));
-    ws.on('close', (code: number, reason: Buffer) => {
-      const err = this.closedError ?? new ConnectionError(`connection to the source closed (code ${code}${reason.length ? `: ${reason.toString()}` : ''})`);
-      this.closedError = err;
-      for (const p of this.pending.values()) p.reject(err);
-      this.pending.clear();
-      this.onClose(err);
+    ws.on('message', (data: Buffer) => {
+      if (ws === this.ws) this.receive(data);
     });
+    ws.on('close', (code: number, reason: Buffer) => this.socketClosed(ws, code, reason));
     ws.on('error', (err) => {
-      this.closedError ??= new ConnectionError(`connection to the source failed: ${err.message}`);
+      if (ws === this.ws) this.socketError = err;
     });
   }
 
-  static connect(options: PageClientOptions): Promise<PageClient> {
+  private socketClosed(ws: WebSocket, code: number, reason: Buffer): void {
+    if (ws !== this.ws) return; // a socket this client already cut
+    this.ws = undefined;
+    const err =
+      this.closedError ??
+      (this.socketError
+        ? new ConnectionError(`connection to the source failed: ${this.socketError.message}`)
+        : new ConnectionError(`connection to the source closed (code ${code}${reason.length ? `: ${reason.toString()}` : ''})`));
+    this.socketError = undefined;
+    if (this.following && !this.closing && !this.closedError) {
+      // Recovery: keep the pending requests; follow() reconnects once the
+      // session has paused and resumed. If the session is still current,
+      // nobody knows yet that the connection is gone: say so.
+      if (this.following.session.epoch === this.epoch) this.following.onLost(err, this.epoch);
+      return;
+    }
+    this.closedError = err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    this.onClose(err);
+  }
+
+  /** Closed by the destination, or failed for good. */
+  private get ended(): boolean {
+    return this.closing || this.closedError !== undefined;
+  }
+
+  /** Cuts the socket without ending the client (a session pause). */
+  private cut(): void {
+    const ws = this.ws;
+    this.ws = undefined;
+    ws?.terminate();
+  }
+
+  /** Follows the session for the client's life: cut on a pause, reconnect and replay on a resume. */
+  private async follow(following: SessionFollowing): Promise<void> {
+    const session = following.session;
+    while (!this.ended) {
+      let now = await session.changed(this.epoch, SESSION_POLL_MS);
+      if (now === this.epoch) continue;
+      this.cut();
+      while (Session.isPaused(now) && !this.ended) now = await session.changed(now, SESSION_POLL_MS);
+      if (this.ended) return;
+      await this.reconnect(following, now);
+    }
+  }
+
+  private async reconnect(following: SessionFollowing, epoch: number): Promise<void> {
+    const deadline = performance.now() + following.reconnectTimeoutMs;
+    let delay = 20;
+    for (;;) {
+      if (this.ended || following.session.epoch !== epoch) return;
+      try {
+        const opened = await PageClient.open(this.options);
+        if (this.ended || following.session.epoch !== epoch) {
+          opened.ws.terminate();
+          return;
+        }
+        this.epoch = epoch;
+        this.attach(opened.ws);
+        this.replay(following.session);
+        return;
+      } catch (err) {
+        if (performance.now() + delay > deadline) {
+          throw new ConnectionError(
+            `${this.options.channel}: could not reconnect to the source at ${this.options.url} within ${following.reconnectTimeoutMs} ms after the migration resumed: ${(err as Error).message}`,
+          );
+        }
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, 500);
+      }
+    }
+  }
+
+  /** Re-sends every pending request on the new connection, with its id. */
+  private replay(session: Session): void {
+    let replayed = 0;
+    for (const [id, p] of this.pending) {
+      if (p.sent) replayed++;
+      p.sent = true;
+      this.ws!.send(encode({ type: 'request', id, page: p.page }));
+    }
+    if (replayed > 0) session.countReplayed(replayed);
+  }
+
+  /** Ends the client with `err`: every pending request fails. */
+  private fail(err: Error): void {
+    this.closedError ??= err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    this.cut();
+    this.onClose(err);
+  }
+
+  static async connect(options: PageClientOptions): Promise<PageClient> {
+    return new PageClient(await PageClient.open(options), options);
+  }
+
+  /** Opens a socket and completes the handshake. */
+  private static open(options: PageClientOptions): Promise<Opened> {
     return new Promise((resolve, reject) => {
       let settled = false;
       const fail = (err: Error): void => {
@@ -149,7 +307,7 @@ export class PageClient {
         settled = true;
         clearTimeout(timer);
         ws.removeAllListeners();
-        resolve(new PageClient(ws, message));
+        resolve({ ws, welcome: message });
       });
     });
   }
@@ -160,8 +318,11 @@ export class PageClient {
     const id = this.nextId;
     this.nextId = id === 0xffffffff ? 1 : id + 1;
     return new Promise<Reply>((resolve, reject) => {
-      this.pending.set(id, { page, resolve, reject });
-      this.ws.send(encode({ type: 'request', id, page }));
+      const ws = this.ws;
+      // While paused (or cut) the request waits: it goes out as a replay after the resume.
+      const live = ws !== undefined && ws.readyState === ws.OPEN && (!this.following || this.following.session.epoch === this.epoch);
+      this.pending.set(id, { page, sent: live, resolve, reject });
+      if (live) ws.send(encode({ type: 'request', id, page }));
     });
   }
 
@@ -170,12 +331,23 @@ export class PageClient {
   }
 
   send(message: Message): void {
-    this.ws.send(encode(message));
+    this.ws?.send(encode(message));
   }
 
   close(): void {
+    this.closing = true;
     this.closedError ??= new ConnectionError('connection closed by the destination');
-    this.ws.close(1000);
+    if (this.ws) this.ws.close(1000);
+    else this.onClose(this.closedError);
+  }
+
+  /** Drops the connection at once, without a close handshake and without calling onClose (a cut). */
+  terminate(): void {
+    this.closing = true;
+    this.closedError ??= new ConnectionError('connection cut by the destination');
+    this.onClose = () => {};
+    this.onMessage = () => {};
+    this.cut();
   }
 
   private receive(data: Buffer): void {
@@ -192,6 +364,11 @@ export class PageClient {
       return;
     }
     if (message.type === 'page' || message.type === 'zero-page' || message.type === 'already-sent' || message.type === 'sent-on-main') {
+      if (this.following && this.following.session.epoch !== this.epoch) {
+        // A reply from a session that has ended: its request stays pending and is replayed.
+        this.following.session.countDropped();
+        return;
+      }
       const pending = this.pending.get(message.id);
       if (!pending) {
         this.abort(new ProtocolError(`${message.type} for request id ${message.id}, which this channel never sent or already had answered`));
@@ -213,7 +390,7 @@ export class PageClient {
     this.closedError = err;
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
-    this.ws.terminate();
+    this.ws?.terminate();
   }
 }
 

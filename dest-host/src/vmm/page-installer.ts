@@ -1,4 +1,4 @@
-import type { Reply } from '@postcopy/shared';
+import type { PageReply, ZeroPageReply } from '@postcopy/shared';
 import type { PageClient } from '../net/page-client.js';
 import { ERRNO, type Userfaultfd } from '../uffd/userfaultfd.js';
 import { COUNTER, type VmmState } from './state.js';
@@ -57,21 +57,37 @@ export class PageInstaller {
       return this.elsewhere(page, options);
     }
     vmm.count(COUNTER.REQUESTS);
-    const reply = await client.request(page);
-    vmm.count(COUNTER.REPLIES);
-    return this.installReply(reply, options);
+    const session = client.session;
+    for (;;) {
+      const reply = await client.request(page);
+      if (reply.type === 'already-sent' || reply.type === 'sent-on-main') {
+        // The content travels on another channel: a push in flight, or (without
+        // preempt) this very request answered on the main channel. Whoever
+        // receives it there installs it; this resolver waits for that. (If
+        // that channel is lost first, the page is in the requestedmap of the
+        // resume, and the source sends it again.)
+        vmm.count(COUNTER.REPLIES);
+        vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
+        await vmm.untilReceived(page);
+        return this.elsewhere(page, options);
+      }
+      // Recovery: a reply whose session ended after it was read must not be
+      // installed once the pause has taken its receivedmap (see Session).
+      if (session && !session.enterInstall(client.connectionEpoch)) {
+        session.countDropped();
+        continue; // asked again: the request goes out as a replay after the resume
+      }
+      vmm.count(COUNTER.REPLIES);
+      try {
+        return this.installReply(reply, options);
+      } finally {
+        session?.leaveInstall();
+      }
+    }
   }
 
-  private async installReply(reply: Reply, options: ResolveOptions): Promise<number> {
+  private installReply(reply: PageReply | ZeroPageReply, options: ResolveOptions): number {
     const page = reply.page;
-    if (reply.type === 'already-sent' || reply.type === 'sent-on-main') {
-      // The content travels on another channel: a push in flight, or (without
-      // preempt) this very request answered on the main channel. Whoever
-      // receives it there installs it; this resolver waits for that.
-      this.vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
-      await this.vmm.untilReceived(page);
-      return this.elsewhere(page, options);
-    }
     const result = this.install(options.ctx, page, reply.type === 'page' ? reply.data : undefined, options.dontWake ? 1 : 0);
     if (result === this.pageSize) {
       this.vmm.count(COUNTER.PAGES_DEMAND);

@@ -36,7 +36,15 @@ export const COUNTER = {
   ON_MAIN: 14,
   /** Pushed pages that were zero-page notices (no data on the wire). */
   PUSHED_ZERO: 15,
-  LENGTH: 16,
+  /** Connection session: even = connected (epoch), odd = paused (see net/session.ts). */
+  SESSION: 16,
+  /** Replies being installed right now (a pause waits for 0 before it snapshots the receivedmap). */
+  INSTALLING: 17,
+  /** Pending requests re-sent on a fault channel after a resume. */
+  REPLAYED: 18,
+  /** Replies that arrived on a connection whose session had ended: dropped, their requests replayed. */
+  REPLIES_DROPPED: 19,
+  LENGTH: 20,
 } as const;
 
 /**

@@ -1,8 +1,10 @@
 import { parentPort } from 'node:worker_threads';
 import { GuestMemory } from '../memory/guest-memory.js';
+import { Session } from '../net/session.js';
+import type { SessionFollowing } from '../net/page-client.js';
 import { Userfaultfd } from '../uffd/userfaultfd.js';
 import { VmmState } from '../vmm/state.js';
-import type { SharedState, WorkerCommand, WorkerReport } from './protocol.js';
+import type { SharedState, SourceEndpoint, WorkerCommand, WorkerReport } from './protocol.js';
 
 export interface Attached {
   memory: GuestMemory;
@@ -20,6 +22,15 @@ export function attach(state: SharedState): Attached {
     uffd: new Userfaultfd(state.uffd, memory),
     vmm: new VmmState(state.vmm),
     clockOffset: performance.timeOrigin - state.epochOrigin,
+  };
+}
+
+/** How a worker's fault channel follows the destination's session (recovery). */
+export function followSession(vmm: VmmState, source: SourceEndpoint): SessionFollowing {
+  return {
+    session: new Session(vmm.counters),
+    reconnectTimeoutMs: source.reconnectTimeoutMs,
+    onLost: (err, epoch) => report({ type: 'channel-lost', epoch, message: err.message }),
   };
 }
 

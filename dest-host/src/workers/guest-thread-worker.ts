@@ -9,7 +9,7 @@ import { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
 import { accessPattern, ioPattern } from '../workload/workloads.js';
-import { attach, nextCommand, report, runWorker } from './attach.js';
+import { attach, followSession, nextCommand, report, runWorker } from './attach.js';
 import { runGuestLoop } from './guest-loop.js';
 import type { GuestThreadData } from './protocol.js';
 
@@ -21,7 +21,12 @@ runWorker(async () => {
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
-    const vcpuClient = await PageClient.connect({ ...source, role: ChannelRole.Fault, channel: `vcpu${data.index}` });
+    const vcpuClient = await PageClient.connect({
+      ...source,
+      role: ChannelRole.Fault,
+      channel: `vcpu${data.index}`,
+      following: followSession(vmm, source),
+    });
     client = vcpuClient;
     const installer = new PageInstaller(uffd, vmm);
     const options = { ctx: data.copyCtx, dontWake: true, owesWake: false };

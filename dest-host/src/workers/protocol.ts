@@ -11,6 +11,8 @@ export interface SourceEndpoint {
   guestBytes: number;
   pageSize: number;
   connectTimeoutMs: number;
+  /** After a resume, a fault channel that cannot reconnect within this time fails the run. */
+  reconnectTimeoutMs: number;
 }
 
 /** Everything a worker needs to attach to the destination's shared state. */
@@ -61,6 +63,8 @@ export type WorkerReport =
   | { type: 'ready' }
   | { type: 'done'; result: GuestThreadResult }
   | { type: 'resolver-done'; messages: number }
+  /** A fault channel's connection dropped while its session was current: the main thread pauses the migration. */
+  | { type: 'channel-lost'; epoch: number; message: string }
   | { type: 'error'; message: string; stack?: string };
 
 /** Messages the main thread posts to workers. */

@@ -10,13 +10,18 @@ import { ChannelRole } from '@postcopy/shared';
 import { PageClient } from '../net/page-client.js';
 import { UffdMessage } from '../uffd/userfaultfd.js';
 import { PageInstaller } from '../vmm/page-installer.js';
-import { attach, report, runWorker } from './attach.js';
+import { attach, followSession, report, runWorker } from './attach.js';
 import type { ResolverData } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as ResolverData;
   const { memory, uffd, vmm } = attach(data.state);
-  const client = await PageClient.connect({ ...data.source, role: ChannelRole.Fault, channel: data.label });
+  const client = await PageClient.connect({
+    ...data.source,
+    role: ChannelRole.Fault,
+    channel: data.label,
+    following: followSession(vmm, data.source),
+  });
   const installer = new PageInstaller(uffd, vmm);
   const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake };
   const pageSize = memory.layout.pageSize;

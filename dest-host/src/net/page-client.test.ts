@@ -1,0 +1,248 @@
+/**
+ * A fault channel that follows the destination's session (recovery): against
+ * a small in-test source, a pause cuts the socket and keeps the pending
+ * requests, a resume reconnects and replays them with their ids, a reply from
+ * an ended session is dropped (and its request replayed), and a connection
+ * lost while the session is current is reported.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { ChannelRole, PROTOCOL_VERSION, decode, encode, makeLayout, type Message, type Reply } from '@postcopy/shared';
+import { COUNTER, VmmState } from '../vmm/state.js';
+import { PageClient, type SessionFollowing } from './page-client.js';
+import { Session } from './session.js';
+
+const layout = makeLayout(64 * 4096, 4096);
+const DIGEST = 'ab'.repeat(32);
+
+/** An in-test source: answers hellos, records every connection and request; replies only when told. */
+class FakeSource {
+  readonly connections: WebSocket[] = [];
+  readonly requests: { conn: number; id: number; page: number }[] = [];
+  private constructor(readonly wss: WebSocketServer) {
+    wss.on('connection', (ws) => {
+      const conn = this.connections.push(ws) - 1;
+      ws.on('message', (data: Buffer) => {
+        const m = decode(data, { layout });
+        if (m.type === 'hello') {
+          ws.send(
+            encode({
+              type: 'welcome',
+              protocolVersion: PROTOCOL_VERSION,
+              guestBytes: layout.guestBytes,
+              pageSize: layout.pageSize,
+              totalPages: layout.totalPages,
+              imageDigest: DIGEST,
+              imageSeed: 1,
+              zeroFraction: 0,
+              linkDelayUs: 0,
+              linkBandwidthBps: 0,
+            }),
+          );
+        } else if (m.type === 'request') {
+          this.requests.push({ conn, id: m.id, page: m.page });
+          this.onRequest?.();
+        }
+      });
+    });
+  }
+  onRequest: (() => void) | undefined;
+
+  static async start(): Promise<FakeSource> {
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await new Promise<void>((resolve) => wss.once('listening', resolve));
+    return new FakeSource(wss);
+  }
+
+  get url(): string {
+    const a = this.wss.address() as { port: number };
+    return `ws://127.0.0.1:${a.port}`;
+  }
+
+  open(conn: number): boolean {
+    return this.connections[conn]!.readyState === this.connections[conn]!.OPEN;
+  }
+
+  reply(conn: number, message: Message): void {
+    this.connections[conn]!.send(encode(message));
+  }
+
+  /** Waits until `predicate` holds (polling; the test's own timeout bounds it). */
+  static async until(predicate: () => boolean): Promise<void> {
+    while (!predicate()) await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+
+  close(): Promise<void> {
+    for (const ws of this.wss.clients) ws.terminate();
+    return new Promise((resolve) => this.wss.close(() => resolve()));
+  }
+}
+
+let source: FakeSource | undefined;
+const clients: PageClient[] = [];
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.close();
+  await source?.close();
+  source = undefined;
+});
+
+async function setup(): Promise<{ client: PageClient; session: Session; vmm: VmmState; lost: Error[] }> {
+  source = await FakeSource.start();
+  const vmm = VmmState.create(layout.totalPages, 1);
+  const session = new Session(vmm.counters);
+  const lost: Error[] = [];
+  const following: SessionFollowing = { session, reconnectTimeoutMs: 5000, onLost: (err) => void lost.push(err) };
+  const client = await PageClient.connect({
+    url: source.url,
+    token: 't',
+    role: ChannelRole.Fault,
+    channel: 'resolver0',
+    guestBytes: layout.guestBytes,
+    pageSize: layout.pageSize,
+    following,
+  });
+  clients.push(client);
+  return { client, session, vmm, lost };
+}
+
+describe('PageClient following the session (recovery)', () => {
+  it('a pause cuts the socket and keeps the request; a resume replays it with its id and the reply resolves it', { timeout: 10_000 }, async () => {
+    const { client, session, vmm } = await setup();
+    const src = source!;
+    const reply = client.request(7);
+    await FakeSource.until(() => src.requests.length === 1);
+    const first = src.requests[0]!;
+    expect(first).toMatchObject({ conn: 0, page: 7 });
+
+    session.pause();
+    await FakeSource.until(() => !src.open(0));
+    expect(client.pendingRequests).toBe(1);
+    // Asked while paused: held, sent after the resume (not counted as a replay).
+    const second = client.request(9);
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    expect(src.connections).toHaveLength(1);
+
+    session.resume();
+    await FakeSource.until(() => src.requests.length === 3);
+    expect(src.requests.slice(1).map((r) => ({ conn: r.conn, id: r.id, page: r.page }))).toEqual([
+      { conn: 1, id: first.id, page: 7 },
+      { conn: 1, id: first.id + 1, page: 9 },
+    ]);
+    expect(vmm.counter(COUNTER.REPLAYED)).toBe(1);
+    src.reply(1, { type: 'zero-page', id: first.id, page: 7 });
+    src.reply(1, { type: 'already-sent', id: first.id + 1, page: 9 });
+    await expect(reply).resolves.toMatchObject({ type: 'zero-page', page: 7 });
+    await expect(second).resolves.toMatchObject({ type: 'already-sent', page: 9 });
+    expect(client.pendingRequests).toBe(0);
+  });
+
+  it('a reply read after the session paused is dropped, and its request is replayed after the resume', { timeout: 10_000 }, async () => {
+    const { client, session, vmm } = await setup();
+    const src = source!;
+    let settled: Reply | undefined;
+    void client.request(3).then((r) => (settled = r));
+    await FakeSource.until(() => src.requests.length === 1);
+    const id = src.requests[0]!.id;
+    // The pause and the reply race; the session word decides: the reply is
+    // read in a session that has ended, so it must not resolve the request.
+    session.pause();
+    src.reply(0, { type: 'zero-page', id, page: 3 });
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(settled).toBeUndefined();
+    expect(client.pendingRequests).toBe(1);
+
+    session.resume();
+    await FakeSource.until(() => src.requests.length === 2);
+    expect(src.requests[1]).toMatchObject({ conn: 1, id, page: 3 });
+    src.reply(1, { type: 'zero-page', id, page: 3 });
+    await FakeSource.until(() => settled !== undefined);
+    expect(settled).toMatchObject({ type: 'zero-page', page: 3 });
+    expect(vmm.counter(COUNTER.REPLAYED)).toBe(1);
+    // Dropped either when it arrived (session ended) or not at all (the socket was cut first).
+    expect(vmm.counter(COUNTER.REPLIES_DROPPED)).toBeLessThanOrEqual(1);
+  });
+
+  it('a connection lost while the session is current is reported once, and the request survives', { timeout: 10_000 }, async () => {
+    const { client, session, lost } = await setup();
+    const src = source!;
+    const reply = client.request(5);
+    await FakeSource.until(() => src.requests.length === 1);
+    src.connections[0]!.terminate();
+    await FakeSource.until(() => lost.length === 1);
+    expect(lost[0]!.message).toMatch(/connection to the source/);
+    expect(client.pendingRequests).toBe(1);
+    // What the main thread does on that report: pause, then resume once the source is back.
+    session.pause();
+    session.resume();
+    await FakeSource.until(() => src.requests.length === 2);
+    src.reply(1, { type: 'zero-page', id: src.requests[1]!.id, page: 5 });
+    await expect(reply).resolves.toMatchObject({ type: 'zero-page', page: 5 });
+    expect(lost).toHaveLength(1);
+  });
+
+  it('gives up when it cannot reconnect within its timeout: pending requests fail with a clear error', { timeout: 10_000 }, async () => {
+    source = await FakeSource.start();
+    const vmm = VmmState.create(layout.totalPages, 1);
+    const session = new Session(vmm.counters);
+    const client = await PageClient.connect({
+      url: source.url,
+      token: 't',
+      role: ChannelRole.Fault,
+      channel: 'vcpu0',
+      guestBytes: layout.guestBytes,
+      pageSize: layout.pageSize,
+      following: { session, reconnectTimeoutMs: 300, onLost: () => {} },
+    });
+    clients.push(client);
+    const reply = client.request(1);
+    await source.close();
+    source = undefined;
+    session.pause();
+    session.resume();
+    await expect(reply).rejects.toThrow(/vcpu0: could not reconnect to the source at ws:\/\/127\.0\.0\.1:\d+ within 300 ms/);
+  });
+
+  it('without following, a lost connection fails the pending requests (as before recovery)', { timeout: 10_000 }, async () => {
+    source = await FakeSource.start();
+    const client = await PageClient.connect({
+      url: source.url,
+      token: 't',
+      role: ChannelRole.Fault,
+      channel: 'vcpu0',
+      guestBytes: layout.guestBytes,
+      pageSize: layout.pageSize,
+    });
+    clients.push(client);
+    const reply = client.request(1);
+    const src = source;
+    await FakeSource.until(() => src.requests.length === 1);
+    src.connections[0]!.terminate();
+    await expect(reply).rejects.toThrow(/connection to the source/);
+  });
+});
+
+describe('Session', () => {
+  it('pause and resume move the epoch: even connected, odd paused', () => {
+    const session = new Session(VmmState.create(8, 1).counters);
+    expect(session.epoch).toBe(0);
+    expect(session.pause()).toBe(1);
+    expect(session.pause()).toBe(1);
+    expect(Session.isPaused(session.epoch)).toBe(true);
+    expect(session.resume()).toBe(2);
+    expect(session.resume()).toBe(2);
+  });
+
+  it('an install entered in a current session holds the pause back; after the pause none may enter', () => {
+    const session = new Session(VmmState.create(8, 1).counters);
+    expect(session.enterInstall(0)).toBe(true);
+    session.pause();
+    // Still inside: the pause cannot take its snapshot yet.
+    expect(() => session.quiesce(20)).toThrow(/1 reply install\(s\) still running/);
+    session.leaveInstall();
+    expect(() => session.quiesce(20)).not.toThrow();
+    expect(session.enterInstall(0)).toBe(false);
+    session.resume();
+    expect(session.enterInstall(2)).toBe(true);
+    session.leaveInstall();
+  });
+});
