@@ -252,7 +252,8 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       client.onClose = (err) => {
         if (finishing || client !== main) return;
         const lostErr = err ?? new ConnectionError('the main channel to the source closed');
-        if (startedAt === undefined) abort.fail(lostErr);
+        // A lost connection pauses the migration; a source that broke the protocol fails it.
+        if (startedAt === undefined || !(lostErr instanceof ConnectionError)) abort.fail(lostErr);
         else recovery.lost(`main channel: ${lostErr.message}`);
       };
     };

@@ -88,16 +88,20 @@ export class Recovery {
     session.quiesce();
     const deadline = pausedAt + this.o.reconnectTimeoutMs;
     let delay = 0;
+    // A source that answered and refused says more than a later "connection refused".
+    let refusal: Error | undefined;
     for (;;) {
       if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
       try {
         await this.resumeOnce(pausedAt);
         return;
       } catch (err) {
+        if (!(err instanceof ConnectionError)) refusal = err as Error;
         delay = delay === 0 ? FIRST_BACKOFF_MS : Math.min(delay * 2, MAX_BACKOFF_MS);
         if (this.o.now() + delay > deadline) {
           throw new ConnectionError(
-            `the connection to the source was lost (${reason}) and the migration could not be resumed within ${this.o.reconnectTimeoutMs} ms; last attempt: ${(err as Error).message}`,
+            `the connection to the source was lost (${reason}) and the migration could not be resumed within ${this.o.reconnectTimeoutMs} ms; ` +
+              `last attempt: ${(err as Error).message}${refusal && refusal !== err ? `; earlier the source refused: ${refusal.message}` : ''}`,
           );
         }
       }

@@ -96,6 +96,11 @@ class FakeSource {
           case 'finish':
             ws.send(encode(this.summary(m.receivedmap)));
             return;
+          case 'resume':
+            // A source that cannot resume refuses, as the real one does without --resume.
+            ws.send(encode({ type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'expected start: this fake source cannot resume' }));
+            ws.close(1002);
+            return;
           default:
             throw new Error(`fake source: unexpected ${m.type}`);
         }
@@ -359,11 +364,14 @@ describe('the destination against a malicious source', () => {
     expect(r.report).toBeUndefined();
   });
 
-  it('a source that closes the main channel mid-run', async () => {
-    const r = await runAgainst({
-      request: lieOnRequest(3, (s) => s.main!.ws.close(1011, 'going away')),
-    });
-    expectRejected(r, /connection to the source closed \(code 1011: going away\)/);
+  it('a source that closes the main channel mid-run and cannot resume: the destination pauses, retries, then gives up', async () => {
+    const r = await runAgainst(
+      { request: lieOnRequest(3, (s) => s.main!.ws.close(1011, 'going away')) },
+      ['--reconnect-timeout-ms', '1500'],
+    );
+    expectRejected(r, /connection to the source closed \(code 1011: going away\)\) and the migration could not be resumed within 1500 ms/);
+    expect(r.stderr).toMatch(/postcopy paused/);
+    expect(r.stderr).toMatch(/the source refused to resume: expected start: this fake source cannot resume/);
     expect(r.report).toBeUndefined();
   });
 

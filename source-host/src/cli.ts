@@ -21,11 +21,22 @@ async function main(): Promise<number> {
     handshakeTimeoutMs: options.handshakeTimeoutMs,
     link: options.link,
     migration: { maxPushBps: options.maxPushBps },
+    resume: options.resume,
+    resumeTimeoutMs: options.resumeTimeoutMs,
+    maxConnections: options.maxConnections,
   });
+  // A line of its own, first: launchers read the URL from it.
   process.stdout.write(`listening ${server.url}\n`);
+  if (options.resume) process.stderr.write(`source: restarted with --resume: waiting for the destination to resume the migration\n`);
 
   server.on('rejected', (label: string, err: Error) => {
     process.stderr.write(`source: rejected ${label}: ${err.message}\n`);
+  });
+  server.on('paused', () => {
+    process.stderr.write(`source: connection to the destination lost during postcopy: paused, waiting up to ${options.resumeTimeoutMs} ms for it to resume\n`);
+  });
+  server.on('resumed', (pagesMarkedUnsent: number) => {
+    process.stderr.write(`source: resumed (${pagesMarkedUnsent} pages lost on the way marked unsent)\n`);
   });
   return await new Promise<number>((resolve) => {
     server.once('finished', () => {

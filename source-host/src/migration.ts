@@ -1,4 +1,4 @@
-import { bitmapHas, digestPages, encode, maxPushPages, type SourceSummary } from '@postcopy/shared';
+import { bitmapBytes, bitmapHas, digestPages, encode, maxPushPages, type Resume, type SourceSummary } from '@postcopy/shared';
 import type { GuestImage } from './image.js';
 import { Scheduler } from './scheduler.js';
 import { Sentmap } from './sentmap.js';
@@ -42,7 +42,18 @@ export interface SourceStats {
   pagesZero: number;
   /** Requests whose channel closed before the answer could go out. */
   repliesUndeliverable: number;
+  /**
+   * Pages of a resume's requestedmap sent again on the main channel (counted
+   * in repliesPage/repliesZero too, but not in replies: no request of this
+   * session asked for them).
+   */
+  pagesResentRequested: number;
+  /** Resumes after a lost connection (QEMU's postcopy-recover). */
+  resumes: number;
 }
+
+/** What the destination's `resume` says: how to go on, and what it has and still waits for (one bit a page). */
+export type ResumeRequest = Omit<Resume, 'type'>;
 
 /**
  * The source's side of one postcopy migration: answers every request exactly
@@ -62,19 +73,27 @@ export class SourceMigration {
     pagesPushed: 0,
     pagesZero: 0,
     repliesUndeliverable: 0,
+    pagesResentRequested: 0,
+    resumes: 0,
   };
   private readonly scheduler = new Scheduler();
   private readonly options: MigrationOptions;
   private pushCursor = 0;
   private pushing = false;
   private pushChannel: Channel | undefined;
+  /**
+   * Bumped by every pause: a push chain (a queued batch, a batch waiting for
+   * the socket to drain or for push-rate tokens) of an earlier session ends
+   * instead of running beside the one that resume starts.
+   */
+  private pushSession = 0;
   private completeSent = false;
   /** Push token bucket (bytes) for maxPushBps, and when it was last filled (ms). */
   private pushTokens = 0;
   private pushTokensAt = 0;
   /** Requested pages go back on the requesting channel (postcopy-preempt), else on the main channel. */
   preempt = true;
-  /** The destination's main channel, once it said start. */
+  /** The destination's main channel, once it said start (or resume). */
   mainChannel: Channel | undefined;
 
   constructor(
@@ -132,7 +151,78 @@ export class SourceMigration {
     if (this.pushing) return;
     this.pushing = true;
     this.pushChannel = channel;
-    void this.scheduler.background(() => this.pushBatch());
+    const session = this.pushSession;
+    void this.scheduler.background(() => this.pushBatch(session));
+  }
+
+  /**
+   * The destination's connection was lost (QEMU's postcopy-paused): pushing
+   * stops and the channels are forgotten. The scheduler is not cleared:
+   * answers already queued for channels now closed still run, and count
+   * themselves undeliverable, so every request is answered or counted.
+   */
+  pause(): void {
+    this.pushing = false;
+    this.pushSession++;
+    this.pushChannel = undefined;
+    this.mainChannel = undefined;
+    this.completeSent = false;
+  }
+
+  /**
+   * Recovery (QEMU's postcopy-recover) on the destination's new main channel:
+   * the sentmap becomes the receivedmap (pages lost on the way are unsent
+   * again), the pages of the requestedmap the destination still lacks go out
+   * first, on `main`, as urgent tasks, then the push restarts from page 0
+   * (skipping pages sent) if `r.push`. `announce` runs once the sentmap is
+   * reset and before any page goes out: the caller sends `resumed` there, so
+   * that frame precedes the re-sent pages on the main channel. Returns the
+   * pages marked unsent.
+   */
+  resume(main: Channel, r: ResumeRequest, announce?: (pagesMarkedUnsent: number) => void): number {
+    const total = this.image.layout.totalPages;
+    for (const [name, map] of [['receivedmap', r.receivedmap], ['requestedmap', r.requestedmap]] as const) {
+      if (map.length < bitmapBytes(total)) {
+        throw new RangeError(`expected a ${name} of ${bitmapBytes(total)} bytes (${total} pages), got ${map.length} bytes`);
+      }
+    }
+    this.pause();
+    const pagesMarkedUnsent = this.sentmap.reset(r.receivedmap);
+    this.pushCursor = 0;
+    this.preempt = r.preempt;
+    this.mainChannel = main;
+    this.stats.resumes++;
+    announce?.(pagesMarkedUnsent);
+    // One task a page, in page order; urgent, so ahead of every push.
+    const { requestedmap, receivedmap } = r;
+    for (let byte = 0; byte < bitmapBytes(total); byte++) {
+      const wanted = requestedmap[byte]! & ~receivedmap[byte]!;
+      if (wanted === 0) continue;
+      for (let bit = 0; bit < 8; bit++) {
+        const page = byte * 8 + bit;
+        if ((wanted & (1 << bit)) !== 0 && page < total) {
+          void this.scheduler.urgent(() => this.resendRequested(main, page));
+        }
+      }
+    }
+    if (r.push) this.startPush(main);
+    // Everything was received already: complete goes out at once.
+    this.maybeComplete();
+    return pagesMarkedUnsent;
+  }
+
+  /**
+   * A page the destination still waited for when its connection was lost:
+   * its content goes out on the main channel like a requested page without
+   * preempt (`page`/`zero-page` with id 0). The request it answers was sent
+   * on a connection now gone; the destination matches it by page.
+   */
+  private resendRequested(main: Channel, page: number): void {
+    // A resume attempt that dropped: the next resume's requestedmap has the page again.
+    if (!main.isOpen || this.sentmap.isSent(page)) return;
+    this.sendContent(main, 0, page);
+    this.stats.pagesResentRequested++;
+    this.maybeComplete();
   }
 
   /**
@@ -140,9 +230,9 @@ export class SourceMigration {
    * from the push cursor on. Consecutive pages go out as one frame (up to
    * MAX_PUSH_FRAME_BYTES), zero pages as zero-page notices.
    */
-  private pushBatch(): void {
-    const channel = this.pushChannel!;
-    if (!this.pushing || !channel.isOpen) return;
+  private pushBatch(session: number): void {
+    const channel = this.pushChannel;
+    if (!this.pushing || session !== this.pushSession || !channel?.isOpen) return;
     const { pageSize, totalPages } = this.image.layout;
     let budget = Math.max(1, Math.floor(this.options.pushBatchBytes / pageSize));
     const rate = this.options.maxPushBps / 8 / 1000; // bytes per ms
@@ -153,7 +243,7 @@ export class SourceMigration {
       this.pushTokensAt = now;
       if (this.pushTokens < pageSize) {
         const waitMs = Math.max(1, Math.ceil((pageSize - this.pushTokens) / rate));
-        setTimeout(() => void this.scheduler.background(() => this.pushBatch()), waitMs);
+        setTimeout(() => void this.scheduler.background(() => this.pushBatch(session)), waitMs);
         return;
       }
       budget = Math.min(budget, Math.floor(this.pushTokens / pageSize));
@@ -201,7 +291,7 @@ export class SourceMigration {
     }
     this.maybeComplete();
     if (this.pushCursor < totalPages) {
-      const next = (): void => void this.scheduler.background(() => this.pushBatch());
+      const next = (): void => void this.scheduler.background(() => this.pushBatch(session));
       // Back-pressure: while the socket holds more than the high-water mark,
       // queue the next batch only once this one has drained, so an urgent page
       // never waits behind more pushed bytes than that. The wait happens

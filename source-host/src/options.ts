@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander';
-import { UsageError, makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
+import { UsageError, describe, makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
 import { parseBandwidth, type LinkSpec } from './link.js';
 
 /** Option defaults in one literal (the `ws` convention). */
@@ -14,6 +14,9 @@ export const SOURCE_DEFAULTS = {
   linkDelayUs: '0',
   linkBandwidth: '0',
   maxPostcopyBandwidth: '0',
+  resume: false,
+  resumeTimeoutMs: '10000',
+  maxConnections: '1024',
 } as const;
 
 export interface SourceOptions {
@@ -26,6 +29,12 @@ export interface SourceOptions {
   link: LinkSpec;
   /** Cap on the background push rate, bits/s (0 = none). */
   maxPushBps: number;
+  /** This process replaces a source that died: wait for the destination to resume the migration. */
+  resume: boolean;
+  /** How long a paused migration waits for the destination to resume it. */
+  resumeTimeoutMs: number;
+  /** Open connections at most. */
+  maxConnections: number;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
@@ -68,9 +77,18 @@ export function sourceCommand(): Command {
     .option('--host <addr>', 'address to listen on', SOURCE_DEFAULTS.host)
     .option('--port <n>', 'port to listen on (0 = any free port)', SOURCE_DEFAULTS.port)
     .option('--handshake-timeout-ms <ms>', 'drop a peer that has not sent a valid hello within this time', SOURCE_DEFAULTS.handshakeTimeoutMs)
-    .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'));
+    .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'))
+    .option('--resume', 'continue a migration whose source process died: wait for the destination to resume it (start with the same image options)', SOURCE_DEFAULTS.resume)
+    .option('--resume-timeout-ms <ms>', 'how long a paused migration waits for the destination to resume before the source gives up (exit 1)', SOURCE_DEFAULTS.resumeTimeoutMs)
+    .option('--max-connections <n>', 'connections open at once at most; one more is refused (ERR_POSTCOPY_BUSY) and the source keeps serving', SOURCE_DEFAULTS.maxConnections);
   addLinkOptions(cmd);
   return addImageOptions(cmd);
+}
+
+/** A flag's value: commander gives a boolean; anything else is a caller's mistake, said as a usage error. */
+function parseBooleanOption(option: string, value: unknown): boolean {
+  if (typeof value !== 'boolean') throw new UsageError(`${option}: expected a flag (true or false), got ${describe(value)}`);
+  return value;
 }
 
 export function parseImageOptions(raw: Record<string, string>): { layout: GuestLayout; image: ImageSpec } {
@@ -88,5 +106,9 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     handshakeTimeoutMs: parseIntOption('--handshake-timeout-ms', raw.handshakeTimeoutMs!, 10, 3_600_000),
     link: parseLinkOptions(raw),
     maxPushBps: parseMaxPushBps(raw),
+    // A flag: commander gives a boolean, whatever the record's type says.
+    resume: parseBooleanOption('--resume', (raw.resume as unknown) ?? SOURCE_DEFAULTS.resume),
+    resumeTimeoutMs: parseIntOption('--resume-timeout-ms', String(raw.resumeTimeoutMs ?? SOURCE_DEFAULTS.resumeTimeoutMs), 10, 3_600_000),
+    maxConnections: parseIntOption('--max-connections', String(raw.maxConnections ?? SOURCE_DEFAULTS.maxConnections), 1, 65_536),
   };
 }

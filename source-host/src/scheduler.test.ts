@@ -4,7 +4,7 @@
  * page sent at most once, requested pages ahead of pushed ones), with fake
  * channels that decode every frame they are given.
  */
-import { decode, digestPages, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
+import { bitmapBytes, bitmapSet, decode, digestPages, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
 import { describe, expect, it } from 'vitest';
 import { GuestImage } from './image.js';
 import { SourceMigration, type Channel } from './migration.js';
@@ -459,5 +459,238 @@ describe('SourceMigration push cap (max-postcopy-bandwidth)', () => {
     const burst = 64 * 1024;
     expect(elapsedMs).toBeGreaterThanOrEqual(((256 * PAGE - burst - PAGE) / 10e6) * 1000 * 0.95);
     expect(sendCounts(wire, 256).every((n) => n === 1)).toBe(true);
+  });
+});
+
+/** A bitmap with `pages` set, one bit a page (receivedmap, requestedmap). */
+function bitmapOf(totalPages: number, pages: Iterable<number>): Uint8Array {
+  const map = new Uint8Array(bitmapBytes(totalPages));
+  for (const page of pages) bitmapSet(map, page);
+  return map;
+}
+
+/** Pages whose content (or zero notice) went out in `wire`, in order, with repeats. */
+function sentPages(wire: Sent[]): number[] {
+  return wire.filter((s) => SENDS.has(s.message.type)).flatMap((s) => pagesOf(s.message));
+}
+
+/** A channel whose socket never drains until told to (push stops at the high-water mark). */
+class StuckChannel extends FakeChannel {
+  readonly held: (() => void)[] = [];
+  override send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+    super.send(frame);
+    this.bufferedAmount += frame.length;
+    if (sent) this.held.push(sent);
+  }
+  drain(): void {
+    this.bufferedAmount = 0;
+    for (const cb of this.held.splice(0)) cb();
+  }
+}
+
+async function untilComplete(wire: Sent[], channel: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!wire.some((s) => s.channel === channel && s.message.type === 'complete')) {
+    if (Date.now() > deadline) throw new Error(`no complete on ${channel} within 10 s`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+describe('SourceMigration recovery (pause, resume)', () => {
+  it('pushes again the pushed pages the destination lacks, and nothing it has; each page once per receivedmap', async () => {
+    const PAGES = 256;
+    const img = image(PAGES, { seed: 11, zeroFraction: 0.1 });
+    const before: Sent[] = [];
+    const main1 = new StuckChannel('main1', img.layout, before);
+    const migration = new SourceMigration(img, { pushBatchBytes: 8 * PAGE, pushHighWaterBytes: 16 * PAGE });
+    migration.startPush(main1);
+    await migration.onIdle();
+    const pushed1 = sentPages(before);
+    // The push stopped at the high-water mark, part way.
+    expect(pushed1.length).toBeGreaterThan(8);
+    expect(pushed1.length).toBeLessThan(PAGES);
+    expect(new Set(pushed1).size).toBe(pushed1.length);
+
+    // The connection goes: the last 5 pages pushed never arrived.
+    main1.isOpen = false;
+    migration.pause();
+    const lost = pushed1.slice(-5);
+    const received = pushed1.slice(0, -5);
+    // Old pushes waiting for the socket to drain end instead of running beside the new session's.
+    main1.drain();
+    await migration.onIdle();
+    expect(sentPages(before)).toEqual(pushed1);
+
+    const after: Sent[] = [];
+    const main2 = new FakeChannel('main2', img.layout, after);
+    const pagesMarkedUnsent = migration.resume(main2, {
+      push: true,
+      preempt: true,
+      receivedmap: bitmapOf(PAGES, received),
+      requestedmap: bitmapOf(PAGES, []),
+    });
+    expect(pagesMarkedUnsent).toBe(5);
+    await untilComplete(after, 'main2');
+    await migration.onIdle();
+
+    // Session 2 sent exactly the pages the receivedmap lacked, each once, in page order from page 0.
+    const pushed2 = sentPages(after);
+    const receivedSet = new Set(received);
+    expect(pushed2).toEqual(Array.from({ length: PAGES }, (_, p) => p).filter((p) => !receivedSet.has(p)));
+    for (const page of lost) expect(pushed2).toContain(page);
+    // Each page went out once to the receivedmap as it ends: received before, or sent after.
+    const counts = sendCounts(after, PAGES);
+    for (const page of received) counts[page]!++;
+    expect(counts.every((c) => c === 1)).toBe(true);
+    expect(after.filter((s) => s.channel !== 'main2')).toEqual([]);
+
+    // complete goes out again, last, for every page.
+    expect(after.filter((s) => s.message.type === 'complete')).toHaveLength(1);
+    expect(after.at(-1)!.message).toEqual({ type: 'complete', pagesSent: PAGES });
+    expect(before.some((s) => s.message.type === 'complete')).toBe(false);
+    expect(migration.stats.resumes).toBe(1);
+    expect(migration.stats.pagesResentRequested).toBe(0);
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0, digestOfReceived: img.digest });
+  });
+
+  it("sends the requestedmap's missing pages on main, after the announcement and ahead of any push, as id-0 page/zero-page", async () => {
+    const PAGES = 64;
+    const img = image(PAGES, { seed: 12, zeroFraction: 0.3 });
+    const zero = Array.from({ length: PAGES }, (_, p) => p).filter((p) => img.isZero(p));
+    const data = Array.from({ length: PAGES }, (_, p) => p).filter((p) => !img.isZero(p));
+    expect(zero.length).toBeGreaterThan(1);
+    // Requested and still missing: two data pages and a zero page; one requested page did arrive.
+    const missing = [data[3]!, zero[1]!, data[10]!].sort((a, b) => a - b);
+    const arrived = data[0]!;
+    const wire: Sent[] = [];
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    const migration = new SourceMigration(img);
+    void migration.request(fault, 1, arrived);
+    await migration.onIdle();
+    fault.isOpen = false;
+    migration.pause();
+
+    const main = new FakeChannel('main2', img.layout, wire);
+    const announced: number[] = [];
+    const pagesMarkedUnsent = migration.resume(
+      main,
+      { push: true, preempt: true, receivedmap: bitmapOf(PAGES, [arrived]), requestedmap: bitmapOf(PAGES, [arrived, ...missing]) },
+      (n) => {
+        announced.push(n);
+        // Nothing of the new session went out before the announcement.
+        expect(wire.filter((s) => s.channel === 'main2')).toEqual([]);
+        wire.push({ channel: 'main2', message: { type: 'resumed', pagesMarkedUnsent: n, restarted: false }, bytes: 0 });
+      },
+    );
+    expect(pagesMarkedUnsent).toBe(0);
+    expect(announced).toEqual([0]);
+    await untilComplete(wire, 'main2');
+
+    const onMain = wire.filter((s) => s.channel === 'main2').map((s) => s.message);
+    expect(onMain[0]!.type).toBe('resumed');
+    expect(onMain.slice(1, 4)).toEqual(
+      missing.map((page) => (img.isZero(page) ? { type: 'zero-page', id: 0, page } : { type: 'page', id: 0, page, data: expect.any(Uint8Array) })),
+    );
+    const page = onMain.find((m) => m.type === 'page')!;
+    if (page.type === 'page') expect(Buffer.compare(Buffer.from(page.data), Buffer.from(img.pageBytes(page.page)))).toBe(0);
+    // Then the push, which skips them and the page that arrived.
+    expect(onMain.slice(4).every((m) => m.type === 'pushed' || m.type === 'pushed-zero' || m.type === 'complete')).toBe(true);
+    const counts = sendCounts(wire, PAGES);
+    expect(counts.every((c) => c === 1)).toBe(true);
+
+    // Counted as pages sent (page/zero), not as replies: no request of this session asked.
+    expect(migration.stats).toMatchObject({ requests: 1, replies: 1, repliesPage: 3, repliesZero: 1, pagesResentRequested: 3, resumes: 1 });
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesZero: img.zeroPages, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+
+    // The destination replays its request on a new fault channel: already sent.
+    const fault2 = new FakeChannel('vcpu0-2', img.layout, wire);
+    await migration.request(fault2, 7, missing[0]!);
+    expect(wire.at(-1)!.message).toEqual({ type: 'already-sent', id: 7, page: missing[0] });
+  });
+
+  it('counts answers queued for channels that closed as undeliverable: every request answered or counted', async () => {
+    const PAGES = 128;
+    const img = image(PAGES, { seed: 13, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    const migration = new SourceMigration(img, { pushBatchBytes: PAGE });
+    migration.preempt = false;
+    migration.mainChannel = main;
+    migration.startPush(main);
+    const REQUESTS = 20;
+    for (let i = 0; i < REQUESTS; i++) void migration.request(fault, i, 100 + i);
+    // The connection goes before the queue has run: the answers still queued must not be dropped.
+    main.isOpen = false;
+    fault.isOpen = false;
+    migration.pause();
+    await migration.onIdle();
+    const { requests, replies, repliesUndeliverable } = migration.stats;
+    expect(requests).toBe(REQUESTS);
+    expect(repliesUndeliverable).toBeGreaterThan(0);
+    expect(replies + repliesUndeliverable).toBe(REQUESTS);
+    // What was not delivered is not marked sent.
+    expect(migration.sentmap.sent).toBe(sentPages(wire).length);
+  });
+
+  it('sends complete again, at once, when the receivedmap is already full and push is on', async () => {
+    const PAGES = 32;
+    const img = image(PAGES, { seed: 14, zeroFraction: 0 });
+    const before: Sent[] = [];
+    const migration = new SourceMigration(img);
+    const main1 = new FakeChannel('main1', img.layout, before);
+    migration.startPush(main1);
+    await untilComplete(before, 'main1');
+    await migration.onIdle();
+    // Lost after complete went out (the destination had every page).
+    main1.isOpen = false;
+    migration.pause();
+    // Answers of the old session still queued: the queue is busy when the resume comes.
+    const fault = new FakeChannel('vcpu0', img.layout, before);
+    fault.isOpen = false;
+    for (let i = 0; i < 3; i++) void migration.request(fault, i, i);
+
+    const after: Sent[] = [];
+    const main2 = new FakeChannel('main2', img.layout, after);
+    expect(migration.resume(main2, { push: true, preempt: true, receivedmap: allReceived(PAGES), requestedmap: bitmapOf(PAGES, [3]) })).toBe(0);
+    expect(after.map((s) => s.message)).toEqual([{ type: 'complete', pagesSent: PAGES }]);
+    await migration.onIdle();
+    await new Promise((r) => setTimeout(r, 5));
+    expect(after).toHaveLength(1);
+    expect(migration.stats).toMatchObject({ requests: 3, replies: 0, repliesUndeliverable: 3 });
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesPushed: PAGES, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+  });
+
+  it('sends complete again after a resume when the first session had sent it and pages were lost', async () => {
+    const PAGES = 48;
+    const img = image(PAGES, { seed: 16, zeroFraction: 0.2 });
+    const wire: Sent[] = [];
+    const migration = new SourceMigration(img);
+    const main1 = new FakeChannel('main1', img.layout, wire);
+    migration.startPush(main1);
+    await untilComplete(wire, 'main1');
+    main1.isOpen = false;
+    migration.pause();
+    const main2 = new FakeChannel('main2', img.layout, wire);
+    const received = Array.from({ length: PAGES }, (_, p) => p).filter((p) => p % 5 !== 0);
+    expect(migration.resume(main2, { push: true, preempt: true, receivedmap: bitmapOf(PAGES, received), requestedmap: bitmapOf(PAGES, []) })).toBe(PAGES - received.length);
+    await untilComplete(wire, 'main2');
+    expect(wire.filter((s) => s.message.type === 'complete').map((s) => s.channel)).toEqual(['main1', 'main2']);
+    expect(sentPages(wire.filter((s) => s.channel === 'main2'))).toEqual(Array.from({ length: PAGES }, (_, p) => p).filter((p) => p % 5 === 0));
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+  });
+
+  it('without push after resume sends only the requested pages, and no complete', async () => {
+    const PAGES = 32;
+    const img = image(PAGES, { seed: 15, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const migration = new SourceMigration(img);
+    const main = new FakeChannel('main', img.layout, wire);
+    migration.resume(main, { push: false, preempt: false, receivedmap: bitmapOf(PAGES, []), requestedmap: bitmapOf(PAGES, [4, 30]) });
+    await migration.onIdle();
+    await new Promise((r) => setTimeout(r, 5));
+    expect(wire.map((s) => s.message.type)).toEqual(['page', 'page']);
+    expect(sentPages(wire)).toEqual([4, 30]);
+    expect(migration.preempt).toBe(false);
   });
 });

@@ -1,8 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
-import { ChannelRole, PROTOCOL_VERSION, decode, encode, makeLayout, type Message } from '@postcopy/shared';
+import { ChannelRole, PROTOCOL_VERSION, bitmapBytes, bitmapSet, decode, encode, makeLayout, type Message } from '@postcopy/shared';
 import { GuestImage } from './image.js';
-import { SourceServer } from './server.js';
+import { SourceServer, type SourceServerOptions } from './server.js';
 
 const servers: SourceServer[] = [];
 afterEach(async () => {
@@ -57,5 +57,322 @@ describe('source handshake timeout', () => {
       },
     );
     expect(messages.map((m) => m.type)).toEqual(['welcome', 'page']);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Recovery (postcopy-paused / postcopy-recover) and the connection limit.
+
+const PAGES = 64;
+const LAYOUT = makeLayout(PAGES * 4096, 4096);
+const IMAGE = new GuestImage(LAYOUT, { seed: 5, zeroFraction: 0 });
+const peers: Peer[] = [];
+afterEach(() => {
+  while (peers.length) peers.pop()!.ws.terminate();
+});
+
+async function listenWith(options: Partial<SourceServerOptions> = {}): Promise<SourceServer> {
+  const server = await SourceServer.listen(IMAGE, { host: '127.0.0.1', port: 0, token: 'secret', ...options });
+  servers.push(server);
+  return server;
+}
+
+/** A client connection that decodes and keeps every frame the source sends. */
+interface Peer {
+  ws: WebSocket;
+  messages: Message[];
+  closed: Promise<{ code: number; reason: string }>;
+  /** Resolves once a message of `type` has arrived (at or after index `from`), with it. */
+  next<T extends Message['type']>(type: T, from?: number): Promise<Extract<Message, { type: T }>>;
+}
+
+async function connect(url: string): Promise<Peer> {
+  const ws = new WebSocket(url, { perMessageDeflate: false });
+  const messages: Message[] = [];
+  const waiters = new Set<() => void>();
+  ws.on('message', (data: Buffer) => {
+    messages.push(decode(data, { layout: LAYOUT }));
+    for (const w of waiters) w();
+  });
+  ws.on('error', () => {});
+  const closed = new Promise<{ code: number; reason: string }>((resolve) => ws.once('close', (code: number, reason: Buffer) => resolve({ code, reason: reason.toString() })));
+  const peer: Peer = {
+    ws,
+    messages,
+    closed,
+    next: (type, from = 0) =>
+      new Promise((resolve, reject) => {
+        const check = (): boolean => {
+          const found = messages.slice(from).find((m) => m.type === type);
+          if (!found) return false;
+          waiters.delete(check);
+          clearTimeout(timer);
+          resolve(found as never);
+          return true;
+        };
+        const timer = setTimeout(() => {
+          waiters.delete(check);
+          reject(new Error(`no ${type} within 5 s; got ${JSON.stringify(messages.map((m) => m.type))}`));
+        }, 5000);
+        if (!check()) {
+          waiters.add(check);
+          void closed.then(() => setTimeout(() => check() || reject(new Error(`closed without ${type}; got ${JSON.stringify(messages.map((m) => m.type))}`)), 0));
+        }
+      }),
+  };
+  peers.push(peer);
+  await new Promise<void>((resolve, reject) => {
+    ws.once('open', () => resolve());
+    ws.once('error', reject);
+  });
+  return peer;
+}
+
+function helloFrame(role: number, channel: string): Buffer {
+  return encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: role as 0 | 1, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel });
+}
+
+/** Connects and says hello; resolves after the welcome. */
+async function channel(url: string, role: number, label: string): Promise<Peer> {
+  const peer = await connect(url);
+  peer.ws.send(helloFrame(role, label));
+  await peer.next('welcome');
+  return peer;
+}
+
+function bitmapOf(pages: Iterable<number>): Uint8Array {
+  const map = new Uint8Array(bitmapBytes(PAGES));
+  for (const page of pages) bitmapSet(map, page);
+  return map;
+}
+
+/** The peer got one error (code, message) as its last frame and was closed with `close`. */
+async function expectRefused(peer: Peer, code: string, message: string | RegExp, close: number): Promise<void> {
+  const closed = await within(peer.closed, 5000, 'the source to close the connection');
+  const last = peer.messages.at(-1);
+  expect(last?.type).toBe('error');
+  if (last?.type === 'error') {
+    expect(last.code).toBe(code);
+    if (typeof message === 'string') expect(last.message).toBe(message);
+    else expect(last.message).toMatch(message);
+  }
+  expect(closed.code).toBe(close);
+}
+
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+    }),
+  ]);
+}
+
+async function waitFor(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!predicate()) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+function nextEvent<T extends unknown[]>(server: SourceServer, event: string, ms = 5000): Promise<T> {
+  return within(new Promise<T>((resolve) => server.once(event, (...args: unknown[]) => resolve(args as T))), ms, `the ${event} event`);
+}
+
+const CONTENT = new Set(['page', 'zero-page', 'pushed', 'pushed-zero']);
+
+describe('source recovery: paused, resumed', () => {
+  it('pauses when the main channel drops, cuts the old fault channels, refuses fault hellos while paused, and resumes on a new main channel', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    fault.ws.send(encode({ type: 'request', id: 1, page: 3 }));
+    fault.ws.send(encode({ type: 'request', id: 2, page: 4 }));
+    expect(await fault.next('page', 2)).toMatchObject({ id: 2, page: 4 });
+    expect(fault.messages.map((m) => m.type)).toEqual(['welcome', 'page', 'page']);
+    expect(server.state).toBe('active');
+
+    // The connection is lost (no close handshake): paused, and the old fault channel is cut.
+    const paused = nextEvent<[string]>(server, 'paused');
+    main.ws.terminate();
+    expect((await paused)[0]).toMatch(/main channel closed before the migration finished/);
+    expect(server.state).toBe('paused');
+    await within(fault.closed, 5000, 'the old fault channel to be cut');
+
+    // A fault channel may not come back before the main channel has resumed.
+    const early = await connect(server.url);
+    early.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    await expectRefused(early, 'ERR_POSTCOPY_PAUSED', `the migration is paused: expected the destination's main channel to resume it first`, 1013);
+    expect(early.messages.map((m) => m.type)).toEqual(['error']);
+
+    // Resume: page 4 was sent but never arrived; pages 7 and 9 were requested and are still missing.
+    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    const resumedEvent = nextEvent<[number, boolean]>(server, 'resumed');
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([3]), requestedmap: bitmapOf([3, 7, 9]) }));
+    expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false });
+    expect(await resumedEvent).toEqual([1, false]);
+    expect(server.state).toBe('active');
+    await main2.next('page', 3);
+    const types = main2.messages.map((m) => m.type);
+    expect(types.indexOf('resumed')).toBe(1);
+    expect(types.findIndex((t) => CONTENT.has(t))).toBeGreaterThan(types.indexOf('resumed'));
+    expect(main2.messages.slice(2)).toEqual([
+      { type: 'page', id: 0, page: 7, data: expect.any(Uint8Array) },
+      { type: 'page', id: 0, page: 9, data: expect.any(Uint8Array) },
+    ]);
+
+    // Now the fault channel reconnects and replays its pending request (old id): already sent; a new one is answered.
+    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    fault2.ws.send(encode({ type: 'request', id: 2, page: 4 }));
+    fault2.ws.send(encode({ type: 'request', id: 3, page: 7 }));
+    const reply = await fault2.next('page');
+    expect(reply).toMatchObject({ id: 2, page: 4 });
+    expect(Buffer.compare(Buffer.from(reply.data), Buffer.from(IMAGE.pageBytes(4)))).toBe(0);
+    expect(await fault2.next('already-sent')).toEqual({ type: 'already-sent', id: 3, page: 7 });
+
+    // The summary: every page sent once to the receivedmap as it ends, every request answered.
+    main2.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([3, 4, 7, 9]) }));
+    const summary = await main2.next('summary');
+    expect(summary).toMatchObject({ pagesSent: 4, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0, requests: 4, replies: 4, repliesUndeliverable: 0 });
+    expect(summary.replies + summary.repliesUndeliverable).toBe(summary.requests);
+    expect(server.state).toBe('finished');
+    expect(server.migration.stats).toMatchObject({ resumes: 1, pagesResentRequested: 2 });
+  });
+
+  it('gives up with destination-lost when the destination does not resume in time; a dropped attempt does not restart the wait', async () => {
+    const TIMEOUT = 600;
+    const server = await listenWith({ resumeTimeoutMs: TIMEOUT });
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: true, preempt: true }));
+    await main.next('pushed');
+    const paused = nextEvent(server, 'paused');
+    const lost = nextEvent<[string]>(server, 'destination-lost', 5000);
+    main.ws.terminate();
+    await paused;
+    const pausedAt = performance.now();
+    // A resume attempt that drops before it resumes.
+    await new Promise((r) => setTimeout(r, TIMEOUT / 2));
+    const attempt = await channel(server.url, ChannelRole.Main, 'main');
+    const attemptDroppedAt = performance.now();
+    attempt.ws.terminate();
+    const [reason] = await lost;
+    const lostAt = performance.now();
+    expect(reason).toBe(`the destination's connection was lost during postcopy and it did not resume within ${TIMEOUT} ms`);
+    expect(lostAt - pausedAt).toBeGreaterThanOrEqual(TIMEOUT - 15);
+    // Had the dropped attempt restarted the timer, it could not have fired before this.
+    expect(lostAt).toBeLessThan(attemptDroppedAt + TIMEOUT);
+    expect(server.state).toBe('lost');
+  });
+
+  it('a main channel lost before start is destination-lost at once', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const lost = nextEvent<[string]>(server, 'destination-lost', 2000);
+    main.ws.close();
+    expect((await lost)[0]).toBe(`the destination's main channel closed before the migration started`);
+  });
+
+  it('a --resume source begins paused: it refuses start and fault channels, resumes with restarted=true and sends the requested pages', async () => {
+    const server = await listenWith({ resume: true, resumeTimeoutMs: 5000 });
+    expect(server.state).toBe('paused');
+    const fault = await connect(server.url);
+    fault.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    await expectRefused(fault, 'ERR_POSTCOPY_PAUSED', /^the migration is paused: expected/, 1013);
+
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: true, preempt: true }));
+    await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume: the migration is paused (this source was started with --resume)', 1002);
+    expect(server.state).toBe('paused');
+
+    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([0, 1]), requestedmap: bitmapOf([1, 5, 6]) }));
+    expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: true });
+    await main2.next('page', 3);
+    expect(main2.messages.map((m) => [m.type, 'page' in m ? m.page : undefined])).toEqual([
+      ['welcome', undefined],
+      ['resumed', undefined],
+      ['page', 5],
+      ['page', 6],
+    ]);
+    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    fault2.ws.send(encode({ type: 'request', id: 9, page: 1 }));
+    expect(await fault2.next('already-sent')).toEqual({ type: 'already-sent', id: 9, page: 1 });
+
+    // Lost again: this time the source knows what it sent since the restart.
+    const paused = nextEvent(server, 'paused');
+    main2.ws.terminate();
+    await paused;
+    const main3 = await channel(server.url, ChannelRole.Main, 'main');
+    main3.ws.send(encode({ type: 'start', push: true, preempt: true }));
+    await expectRefused(main3, 'ERR_POSTCOPY_PROTOCOL', 'expected resume: the migration is paused (its connection was lost)', 1002);
+    const main4 = await channel(server.url, ChannelRole.Main, 'main');
+    main4.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([0, 1, 5]), requestedmap: bitmapOf([]) }));
+    // Page 6 was sent but is not in the receivedmap.
+    expect(await main4.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false });
+  });
+
+  it('a --resume source that nobody resumes gives up after the timeout', async () => {
+    const server = await listenWith({ resume: true, resumeTimeoutMs: 100 });
+    const [reason] = await nextEvent<[string]>(server, 'destination-lost', 5000);
+    expect(reason).toBe('this source was restarted with --resume and the destination did not resume the migration within 100 ms');
+  });
+
+  it('a fresh source refuses resume with a clear message', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'resume', push: true, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
+    await expectRefused(
+      main,
+      'ERR_POSTCOPY_PROTOCOL',
+      'expected start: this source has no migration to resume (start it with --resume to continue a migration whose source process died)',
+      1002,
+    );
+    expect(main.messages.map((m) => m.type)).toEqual(['welcome', 'error']);
+  });
+
+  it('refuses a second start and a resume while active (and the refused main channel pauses the migration)', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    main.ws.send(encode({ type: 'resume', push: true, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
+    await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume only while the migration is paused, got it while it is active', 1002);
+    await waitFor(() => server.state === 'paused', 'the pause');
+
+    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
+    await main2.next('resumed');
+    main2.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    await expectRefused(main2, 'ERR_POSTCOPY_PROTOCOL', 'expected start once, got it again (the migration is active)', 1002);
+  });
+});
+
+describe('source connection limit', () => {
+  it('refuses the connection past maxConnections with ERR_POSTCOPY_BUSY and 1013, and keeps serving the others', async () => {
+    const server = await listenWith({ maxConnections: 2 });
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    // Counted without a hello too.
+    const silent = await connect(server.url);
+    const third = await connect(server.url);
+    await expectRefused(third, 'ERR_POSTCOPY_BUSY', 'expected at most 2 connections, this would be 3', 1013);
+    expect(third.messages).toHaveLength(1);
+
+    // The first two still work.
+    silent.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    await silent.next('welcome');
+    silent.ws.send(encode({ type: 'request', id: 1, page: 10 }));
+    expect(await silent.next('page')).toMatchObject({ id: 1, page: 10 });
+    main.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([10]) }));
+    expect(await main.next('summary')).toMatchObject({ pagesSent: 1 });
+
+    // A slot freed is a slot for the next connection.
+    silent.ws.close();
+    await silent.closed;
+    await waitFor(() => server.openConnections === 1, 'the slot to free');
+    const fourth = await channel(server.url, ChannelRole.Fault, 'vcpu1');
+    expect(fourth.messages.map((m) => m.type)).toEqual(['welcome']);
   });
 });

@@ -6,6 +6,8 @@ import {
   ChannelRole,
   HandshakeError,
   PROTOCOL_VERSION,
+  PausedError,
+  PostcopyError,
   ProtocolError,
   decode,
   encode,
@@ -27,6 +29,51 @@ export interface SourceServerOptions {
   handshakeTimeoutMs?: number;
   /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
   link?: LinkSpec;
+  /**
+   * This process replaces a source that died (`--resume`): the migration
+   * begins paused, with an empty sentmap, and waits for the destination to
+   * resume it (the resume timer runs from listen).
+   */
+  resume?: boolean;
+  /** How long a paused migration waits for a resume before the destination counts as lost (default 10 s). */
+  resumeTimeoutMs?: number;
+  /** Open connections at most, peers without a hello included; one more is sent ERR_POSTCOPY_BUSY (default 1024). */
+  maxConnections?: number;
+}
+
+/** Server option defaults in one literal. */
+export const SERVER_DEFAULTS = {
+  handshakeTimeoutMs: 10_000,
+  resumeTimeoutMs: 10_000,
+  maxConnections: 1024,
+} as const;
+
+/**
+ * Where the migration stands: `fresh` (no start yet), `active` (after start
+ * or resume), `paused` (the main channel was lost before finish, or this
+ * process was restarted with `--resume`: waiting for a resume), `finished`
+ * (the summary went out), `lost` (the destination is gone for good:
+ * `destination-lost` was emitted).
+ */
+export type MigrationState = 'fresh' | 'active' | 'paused' | 'finished' | 'lost';
+
+/** The server is at its connection limit: retry later (close code 1013). */
+export class BusyError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_BUSY', message);
+  }
+}
+
+/** WebSocket close codes (RFC 6455 §7.4, IANA registry). */
+const CLOSE_PROTOCOL_ERROR = 1002;
+const CLOSE_POLICY_VIOLATION = 1008;
+const CLOSE_TRY_AGAIN_LATER = 1013;
+
+/** The close code a rejected peer gets: retry later, policy violation (handshake), or protocol error. */
+export function closeCodeFor(err: Error): number {
+  if (err instanceof PausedError || err instanceof BusyError) return CLOSE_TRY_AGAIN_LATER;
+  if (err instanceof HandshakeError) return CLOSE_POLICY_VIOLATION;
+  return CLOSE_PROTOCOL_ERROR;
 }
 
 /** One WebSocket connection from the destination, after (or before) its hello. */
@@ -104,14 +151,27 @@ export function generateToken(): string {
 /**
  * The source host's WebSocket server for one migration. Events:
  * - `finished` (summary): the destination sent `finish` and got its summary;
- * - `destination-lost` (reason): the main channel closed before `finish`;
+ * - `paused` (reason): the main channel closed during the migration (after
+ *   start, before finish): the migration pauses, the old fault channels are
+ *   cut, and it waits `resumeTimeoutMs` for the destination to resume it
+ *   (QEMU's postcopy-paused);
+ * - `resumed` (pagesMarkedUnsent, restarted): the destination resumed a
+ *   paused migration on a new main channel (QEMU's postcopy-recover);
+ * - `destination-lost` (reason): the main channel closed before start, or a
+ *   paused migration was not resumed in time;
  * - `rejected` (label, error): a peer was sent an error and disconnected.
  */
 export class SourceServer extends EventEmitter {
   readonly migration: SourceMigration;
   private readonly wss: WebSocketServer;
   private main: WsChannel | undefined;
-  private finished = false;
+  private migrationState: MigrationState;
+  /** Paused because this process was restarted (`--resume`) and not resumed since, rather than a lost connection. */
+  private pausedByRestart: boolean;
+  private resumeTimer: NodeJS.Timeout | undefined;
+  private closing = false;
+  /** Every open connection, with or without a hello (the connection limit counts them all). */
+  private readonly connections = new Set<WsChannel>();
   readonly link: Link;
 
   private constructor(
@@ -123,7 +183,23 @@ export class SourceServer extends EventEmitter {
     this.migration = new SourceMigration(image, options.migration);
     this.link = new Link(options.link ?? NO_LINK);
     this.wss = wss;
+    this.pausedByRestart = options.resume === true;
+    this.migrationState = this.pausedByRestart ? 'paused' : 'fresh';
+    if (this.pausedByRestart) this.startResumeTimer();
     wss.on('connection', (ws) => this.accept(ws));
+  }
+
+  get state(): MigrationState {
+    return this.migrationState;
+  }
+
+  /** Connections open now, with or without a hello (what the connection limit counts). */
+  get openConnections(): number {
+    return this.connections.size;
+  }
+
+  get resumeTimeoutMs(): number {
+    return this.options.resumeTimeoutMs ?? SERVER_DEFAULTS.resumeTimeoutMs;
   }
 
   static async listen(image: GuestImage, options: SourceServerOptions): Promise<SourceServer> {
@@ -147,6 +223,9 @@ export class SourceServer extends EventEmitter {
   }
 
   close(): Promise<void> {
+    // Channels closed from here on are this server's doing: no pause, no destination-lost.
+    this.closing = true;
+    clearTimeout(this.resumeTimer);
     this.migration.stop();
     this.link.stop();
     for (const ws of this.wss.clients) ws.terminate();
@@ -156,8 +235,17 @@ export class SourceServer extends EventEmitter {
   private accept(ws: WebSocket): void {
     const channel = new WsChannel(ws, this.link);
     ws.binaryType = 'nodebuffer';
+    ws.on('error', (err) => this.reject(channel, err));
+    const max = this.options.maxConnections ?? SERVER_DEFAULTS.maxConnections;
+    if (this.connections.size + 1 > max) {
+      // Nothing it sends is read: it gets the error and the close behind it.
+      ws.once('close', () => this.link.out.drop(channel));
+      this.reject(channel, new BusyError(`expected at most ${max} connections, this would be ${this.connections.size + 1}`));
+      return;
+    }
+    this.connections.add(channel);
     // Nothing is served before a valid hello, and nobody may hold a socket without one.
-    const timeoutMs = this.options.handshakeTimeoutMs ?? 10_000;
+    const timeoutMs = this.options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs;
     const handshakeTimer = setTimeout(() => {
       if (channel.role === undefined) this.reject(channel, new HandshakeError(`expected hello within ${timeoutMs} ms, got none`));
     }, timeoutMs);
@@ -176,16 +264,70 @@ export class SourceServer extends EventEmitter {
         }
       });
     });
-    ws.on('error', (err) => this.reject(channel, err));
     ws.on('close', () => {
+      this.connections.delete(channel);
       this.link.out.drop(channel);
       this.link.in.drop(channel);
-      if (channel === this.main && !this.finished) {
-        this.main = undefined;
-        this.migration.stop();
-        this.emit('destination-lost', `the destination's main channel closed before the migration finished`);
-      }
+      if (channel === this.main) this.mainClosed();
     });
+  }
+
+  private mainClosed(): void {
+    if (this.closing) return;
+    switch (this.migrationState) {
+      case 'finished':
+        // The main channel stays taken: nobody takes over a finished migration.
+        return;
+      case 'fresh':
+        // Died before start: there is nothing to resume.
+        this.main = undefined;
+        this.lose(`the destination's main channel closed before the migration started`);
+        return;
+      case 'active': {
+        this.main = undefined;
+        this.migrationState = 'paused';
+        this.pausedByRestart = false;
+        this.migration.pause();
+        // The old session's fault channels go too: the destination reconnects
+        // them after `resumed` and re-sends their pending requests. Their
+        // answers still queued count as undeliverable. Peers without a hello
+        // are left to the handshake timeout.
+        for (const other of this.connections) {
+          if (other.role === ChannelRole.Fault) other.ws.terminate();
+        }
+        this.emit('paused', `the destination's main channel closed before the migration finished`);
+        this.startResumeTimer();
+        return;
+      }
+      case 'paused':
+      case 'lost':
+        // A resume attempt that dropped: still paused, the timer keeps running.
+        this.main = undefined;
+        return;
+    }
+  }
+
+  private startResumeTimer(): void {
+    clearTimeout(this.resumeTimer);
+    const ms = this.resumeTimeoutMs;
+    const restarted = this.pausedByRestart;
+    this.resumeTimer = setTimeout(() => {
+      if (this.migrationState !== 'paused' || this.closing) return;
+      this.lose(
+        restarted
+          ? `this source was restarted with --resume and the destination did not resume the migration within ${ms} ms`
+          : `the destination's connection was lost during postcopy and it did not resume within ${ms} ms`,
+      );
+    }, ms);
+    this.resumeTimer.unref();
+  }
+
+  /** The destination is gone for good. */
+  private lose(reason: string): void {
+    clearTimeout(this.resumeTimer);
+    this.migrationState = 'lost';
+    this.migration.stop();
+    this.emit('destination-lost', reason);
   }
 
   private reject(channel: WsChannel, err: Error): void {
@@ -195,9 +337,10 @@ export class SourceServer extends EventEmitter {
     const code = (err as { code?: string }).code ?? 'ERR_POSTCOPY';
     if (channel.isOpen) {
       const close = (): void => {
-        // Policy violation (1008) for handshake problems, protocol error (1002) otherwise.
+        // Try again later (1013) while paused or busy, policy violation (1008)
+        // for handshake problems, protocol error (1002) otherwise.
         try {
-          channel.ws.close(err instanceof HandshakeError ? 1008 : 1002, closeReason(err.message));
+          channel.ws.close(closeCodeFor(err), closeReason(err.message));
         } catch {
           // Nothing a peer sends may throw out of here (it would end the process): drop it instead.
           channel.ws.terminate();
@@ -223,29 +366,71 @@ export class SourceServer extends EventEmitter {
     }
     switch (message.type) {
       case 'request':
+        // Only the new main channel can be open while paused (fault hellos are refused).
+        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused, got a request`);
         void this.migration.request(channel, message.id, message.page);
         return;
       case 'start':
         if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected start on the main channel, got it on ${channel.label}`);
+        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
+        if (this.migrationState !== 'fresh') throw new ProtocolError(`expected start once, got it again (the migration is ${this.migrationState})`);
+        this.migrationState = 'active';
         this.migration.preempt = message.preempt;
         this.migration.mainChannel = channel;
         if (message.push) this.migration.startPush(channel);
         return;
+      case 'resume':
+        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected resume on the main channel, got it on ${channel.label}`);
+        this.resume(channel, message);
+        return;
       case 'finish': {
         if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected finish on the main channel, got it on ${channel.label}`);
+        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
         // Let queued answers go out first, so the summary counts every reply.
         this.migration.stopPush();
         void this.migration.onIdle().then(() => {
+          // The connection was lost meanwhile: the destination resumes and finishes again.
+          if (channel !== this.main || !channel.isOpen) return;
           const summary: SourceSummary = this.migration.summarize(message.receivedmap);
-          this.finished = true;
+          this.migrationState = 'finished';
+          clearTimeout(this.resumeTimer);
           channel.send(encode({ type: 'summary', ...summary }));
           this.emit('finished', summary);
         });
         return;
       }
       default:
+        // Worded as before resume existed: e2e/test/hostile-client.test.ts matches it.
         throw new ProtocolError(`expected request, start or finish, got ${message.type}`);
     }
+  }
+
+  private pauseCause(): string {
+    return this.pausedByRestart ? 'this source was started with --resume' : 'its connection was lost';
+  }
+
+  private resume(channel: WsChannel, message: Extract<Message, { type: 'resume' }>): void {
+    switch (this.migrationState) {
+      case 'fresh':
+        throw new ProtocolError(
+          `expected start: this source has no migration to resume (start it with --resume to continue a migration whose source process died)`,
+        );
+      case 'paused':
+        break;
+      default:
+        throw new ProtocolError(`expected resume only while the migration is paused, got it while it is ${this.migrationState}`);
+    }
+    const restarted = this.pausedByRestart;
+    // Once the sentmap is reset and before the re-sent requested pages (on the
+    // same channel): active again, and `resumed` goes out.
+    const pagesMarkedUnsent = this.migration.resume(channel, message, (n) => {
+      this.migrationState = 'active';
+      this.pausedByRestart = false;
+      clearTimeout(this.resumeTimer);
+      this.resumeTimer = undefined;
+      channel.send(encode({ type: 'resumed', pagesMarkedUnsent: n, restarted }));
+    });
+    this.emit('resumed', pagesMarkedUnsent, restarted);
   }
 
   private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
@@ -265,6 +450,8 @@ export class SourceServer extends EventEmitter {
     if (hello.role === ChannelRole.Main) {
       if (this.main) throw new HandshakeError(`expected one main channel, got a second one (${channel.label})`);
       this.main = channel;
+    } else if (this.migrationState === 'paused') {
+      throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
     }
     channel.role = hello.role;
     channel.send(

@@ -49,7 +49,18 @@ export class Session {
   /** Resolves once the session word is no longer `epoch` (or after `timeoutMs`). */
   async changed(epoch: number, timeoutMs: number): Promise<number> {
     const wait = Atomics.waitAsync(this.words, COUNTER.SESSION, epoch, timeoutMs);
-    if (wait.async) await wait.value;
+    if (wait.async) {
+      // A pending Atomics.waitAsync does not keep a worker's event loop alive
+      // (nodejs/node#44729): once a paused fault channel has cut its socket,
+      // nothing else may, and the worker would stop running before the
+      // resume wakes it. A timer for the same span keeps it alive.
+      const keepAlive = setTimeout(() => {}, timeoutMs + 50);
+      try {
+        await wait.value;
+      } finally {
+        clearTimeout(keepAlive);
+      }
+    }
     return this.epoch;
   }
 
