@@ -30,7 +30,7 @@ export const DEST_DEFAULTS = {
   watchdogMs: '5000',
   connectTimeoutMs: '10000',
   reconnectTimeoutMs: '30000',
-  statusHost: '127.0.0.1',
+  host: '127.0.0.1',
 } as const;
 
 /** Options of the run (the destination's, and the launcher's too). */
@@ -56,8 +56,7 @@ export function addRunOptions(cmd: Command): Command {
     )
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
-    .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on HOST:PORT while the run goes (0 = any free port)')
-    .option('--status-host <addr>', 'address the status server binds', DEST_DEFAULTS.statusHost)
+    .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on 127.0.0.1:PORT while the run goes (0 = any free port)')
     .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
 }
 
@@ -65,6 +64,7 @@ export function destCommand(): Command {
   const cmd = new Command('dest')
     .description('postcopy destination host: runs the guest\'s vCPUs over empty memory and demand-fetches pages from the source')
     .requiredOption('--source <url>', 'source URL, as the source printed it (ws://HOST:PORT)')
+    .option('--host <addr>', 'address the destination\'s own server (the --status-port one) binds', DEST_DEFAULTS.host)
     .addOption(new Option('--token <token>', 'access token (default: $POSTCOPY_TOKEN)'))
     .option('--memory <size>', 'guest memory size; must match the source', DEST_DEFAULTS.memory)
     .option('--page-size <size>', 'guest page size: 4KiB or 2MiB; must match the source', DEST_DEFAULTS.pageSize)
@@ -127,7 +127,6 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),
     reconnectTimeoutMs: parseIntOption('--reconnect-timeout-ms', str('reconnectTimeoutMs'), 100, 3_600_000),
     injectDrops: parseInjections(raw.inject).drops,
-    statusHost: str('statusHost'),
     skipOwedWake: raw.unsafeSkipOwedWake === true,
   };
 }
@@ -142,5 +141,13 @@ export function parseDestOptions(raw: Record<string, unknown>): DestinationOptio
     throw new UsageError('--inject: kill-source@PAGES is done by the launcher (npm start), which can restart the source; the destination takes drop@PAGES only');
   }
   checkInjections(injections, layout.totalPages);
-  return { ...run, source: String(raw.source), token, layout, json: raw.json as string | undefined, hgrm: raw.hgrm as string | undefined };
+  return {
+    ...run,
+    source: String(raw.source),
+    token,
+    layout,
+    statusHost: String(raw.host),
+    json: raw.json as string | undefined,
+    hgrm: raw.hgrm as string | undefined,
+  };
 }

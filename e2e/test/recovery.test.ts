@@ -126,7 +126,7 @@ async function startSource(args: string[]): Promise<{ host: Host; url: string }>
 }
 
 /** Starts the destination with a status server; resolves once pages-received reaches `pages`. */
-async function startDestUntil(url: string, args: string[], pages: number): Promise<Host> {
+async function startDestUntil(url: string, args: string[], pages: number): Promise<Host & { status: string }> {
   let resolveStatus!: (url: string) => void;
   const statusUrl = new Promise<string>((resolve) => (resolveStatus = resolve));
   const dest = startHost(DEST, ['--source', url, '--status-port', '0', ...args], (line) => {
@@ -136,7 +136,7 @@ async function startDestUntil(url: string, args: string[], pages: number): Promi
   const status = await statusUrl;
   for (;;) {
     const body = (await (await fetch(status)).json()) as { 'pages-received': number };
-    if (body['pages-received'] >= pages) return dest;
+    if (body['pages-received'] >= pages) return { ...dest, status };
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
@@ -159,6 +159,13 @@ describe('recovery: hosts that die for good', () => {
     const dest = await startDestUntil(url, ['--memory', '16MiB', '--vcpus', '2', '--reconnect-timeout-ms', '3000'], 500);
     source.child.kill('SIGKILL');
     await source.exit;
+    // QEMU's name for the state: the destination's GET /status says it is paused.
+    let state: unknown;
+    for (let i = 0; i < 200 && state !== 'postcopy-paused'; i++) {
+      state = ((await (await fetch(dest.status)).json()) as { status: unknown }).status;
+      if (state !== 'postcopy-paused') await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    expect(state).toBe('postcopy-paused');
     const port = new URL(url).port;
     await startSource(['--memory', '16MiB', '--port', port]);
     expect(await dest.exit).toBe(1);
