@@ -14,7 +14,7 @@ import {
   type TargetResult,
 } from './figures.js';
 import { measureFloor, type FloorResult } from './floor.js';
-import { PUSH_RUN, URGENT_RUNS, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
+import { PUSH_RUN, RECOVERY_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
 import type { BenchOptions } from './options.js';
 
 export interface FloorSample {
@@ -47,6 +47,11 @@ export const METHOD = {
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
   push: 'npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 (push on): the report\'s pushThroughputMiBs (pushed page bytes / run time)',
+  recovery:
+    'npm start -- --strategy kvm-exit --vcpus 1 --workload random --max-postcopy-bandwidth 400mbit (push on, capped so the fault lands mid-migration) ' +
+    '--inject drop@P (the destination cuts all its connections once, reconnects and resumes) or --inject kill-source@P (the launcher SIGKILLs the source and restarts it with --resume), ' +
+    "P = a quarter of the guest's 4 KiB pages; each run must end verified with 1 pause and 1 resume. From the report: recovery.pausedMs / recovery.pauses " +
+    "(pause to the source's answer to resume; after kill-source this includes the new source's start), recovery.pagesResent, recovery.requestsReplayed, and elapsedMs; no target",
   large: 'npm start -- --memory L --vcpus N (defaults otherwise), once: the report\'s memory.destPeakRssBytes and sourcePeakRssBytes (getrusage maxrss of each host process)',
   repeats: 'each figure is the median over the repeats (runs interleaved); ratios are ratios of the medians',
 } as const;
@@ -72,7 +77,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const loadAverage1mAtStart = Math.round(loadavg()[0]! * 100) / 100;
   const floorSamples: FloorSample[] = [];
   const runSamples: Record<string, RunFigures[]> = {};
-  const runSpecs: RunSpec[] = [...BENCH_STRATEGIES.map(strategyRun), URGENT_RUNS.pushOff, URGENT_RUNS.pushOn, URGENT_RUNS.pushOnPreempt, URGENT_RUNS.pushCappedPreempt, PUSH_RUN];
+  const runSpecs: RunSpec[] = [...BENCH_STRATEGIES.map(strategyRun), URGENT_RUNS.pushOff, URGENT_RUNS.pushOn, URGENT_RUNS.pushOnPreempt, URGENT_RUNS.pushCappedPreempt, PUSH_RUN, RECOVERY_RUNS.drop, RECOVERY_RUNS.killSource];
   for (const spec of runSpecs) runSamples[spec.key] = [];
 
   const steps: Step[] = [];
@@ -91,6 +96,10 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         run: async () => {
           const { figures } = await runMigration(spec, options.memoryBytes);
           runSamples[spec.key]!.push(figures);
+          if (figures.recovery) {
+            const rec = figures.recovery;
+            return `paused ${rec.pausedMs.toFixed(1)} ms at page ${injectAtPages(options.memoryBytes)}, ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, run ${figures.elapsedMs.toFixed(0)} ms`;
+          }
           return spec === PUSH_RUN
             ? `${figures.pushThroughputMiBs} MiB/s`
             : `p50 ${figures.p50Us.toFixed(1)} µs, p99 ${figures.p99Us.toFixed(1)} µs over ${figures.faults} faults`;
@@ -125,6 +134,13 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   // Medians in µs to the ns, as the reports give them (an even count averages two).
   const round3 = (x: number): number => Math.round(x * 1000) / 1000;
   const med = (key: string, pick: (f: RunFigures) => number): number => round3(median(runSamples[key]!.map(pick)));
+  // runMigration gives every recovery run its recovery figures (or throws).
+  const recoveryMedians = (key: string): BenchFigures['recovery']['drop'] => ({
+    pausedMs: med(key, (f) => f.recovery!.pausedMs),
+    elapsedMs: med(key, (f) => f.elapsedMs),
+    pagesResent: med(key, (f) => f.recovery!.pagesResent),
+    requestsReplayed: med(key, (f) => f.recovery!.requestsReplayed),
+  });
   const strategies = {} as Record<BenchStrategy, { p50: number; p99: number }>;
   for (const s of BENCH_STRATEGIES) {
     const key = strategyRun(s).key;
@@ -143,6 +159,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       pushCappedPreempt: { p50: med(URGENT_RUNS.pushCappedPreempt.key, (f) => f.p50Us) },
     },
     pushThroughputMiBs: med(PUSH_RUN.key, (f) => f.pushThroughputMiBs),
+    recovery: { drop: recoveryMedians(RECOVERY_RUNS.drop.key), killSource: recoveryMedians(RECOVERY_RUNS.killSource.key) },
     large: large!,
   };
   const r = ratios(figures);

@@ -73,8 +73,26 @@ export interface BenchFigures {
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
   pushThroughputMiBs: number;
+  /**
+   * Postcopy recovery (no target): kvm-exit, 1 vCPU, random workload, push capped
+   * at 400mbit, one fault at a quarter of the guest's pages. `pausedMs` is per
+   * pause (pause to resume), `elapsedMs` the whole run.
+   */
+  recovery: { drop: RecoveryFigures; killSource: RecoveryFigures };
   /** One run of a large guest: both hosts' peak RSS. */
   large: { guestBytes: number; vcpus: number; elapsedMs: number; destPeakRssBytes: number; sourcePeakRssBytes: number };
+}
+
+/** Medians of a recovery run's figures over the repeats. */
+export interface RecoveryFigures {
+  /** Time paused per pause (ms): from the pause to the source answering resume. */
+  pausedMs: number;
+  /** The run's time (ms). */
+  elapsedMs: number;
+  /** Pages lost in flight and sent again (a restarted source cannot know: 0 after kill-source). */
+  pagesResent: number;
+  /** Pending page requests the destination sent again after the resume. */
+  requestsReplayed: number;
 }
 
 /** The memory budget of each host for a guest: 1.15 x guest + 256 MiB. */

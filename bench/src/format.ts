@@ -1,5 +1,6 @@
 import type { BenchResult } from './bench.js';
 import { BENCH_STRATEGIES, RATIO_MEANINGS, RATIO_NAMES } from './figures.js';
+import { injectAtPages } from './migrations.js';
 
 function table(rows: string[][], indent = '  '): string {
   const widths: number[] = [];
@@ -52,6 +53,18 @@ export function formatBench(r: BenchResult): string {
   lines.push('');
   lines.push('push throughput: kvm-exit, 1 vCPU touching 1 page, no zero pages');
   lines.push(table([['push throughput (MiB/s)', num(r.pushThroughputMiBs)], ['floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)]]));
+  lines.push('');
+  lines.push(
+    `recovery: kvm-exit, 1 vCPU, random workload, push capped at 400mbit, one fault after ${injectAtPages(o.memoryBytes)} pages (a quarter of the guest); no target, for the record`,
+  );
+  const rec = (name: string, f: BenchResult['recovery']['drop']): string[] => [name, num(f.pausedMs), String(f.pagesResent), String(f.requestsReplayed), num(f.elapsedMs, 0)];
+  lines.push(
+    table([
+      ['', 'paused ms (per pause)', 'pages resent', 'requests replayed', 'run ms'],
+      rec('drop (destination cuts its connections, reconnects)', r.recovery.drop),
+      rec('kill-source (source SIGKILLed, restarted with --resume)', r.recovery.killSource),
+    ]),
+  );
   lines.push('');
   const mib = (b: number): string => (b / 1048576).toFixed(0);
   lines.push(`large guest: ${mib(r.large.guestBytes)} MiB, ${r.large.vcpus} vCPUs, migrated in ${(r.large.elapsedMs / 1000).toFixed(1)} s`);

@@ -10,8 +10,24 @@ export interface RunSpec {
   key: string;
   /** What it measures, for progress lines. */
   label: string;
-  /** `npm start` options, without `--memory` and `--json` (the bench adds them). */
+  /** `npm start` options, without `--memory`, `--inject` and `--json` (the bench adds them). */
   args: string[];
+  /**
+   * Recovery runs: the fault to inject (`--inject KIND@P`), at P = a quarter of
+   * the guest's pages. P depends on the guest size, so the bench adds it
+   * (see {@link runArgs}) rather than the static `args`.
+   */
+  inject?: 'drop' | 'kill-source';
+}
+
+/** The recovery figures the bench takes from a recovery run's report (see {@link RECOVERY_RUNS}). */
+export interface RecoveryRunFigures {
+  pauses: number;
+  resumes: number;
+  /** Time paused per pause, ms: from the pause to the source answering resume (the report's pausedMs / pauses). */
+  pausedMs: number;
+  pagesResent: number;
+  requestsReplayed: number;
 }
 
 /** The figures the bench takes from one run's report. */
@@ -21,6 +37,8 @@ export interface RunFigures {
   faults: number;
   pushThroughputMiBs: number;
   elapsedMs: number;
+  /** Recovery runs only. */
+  recovery?: RecoveryRunFigures;
 }
 
 /** Fault latency per strategy: 1 vCPU, idle link, push off, requested pages on the fault's own channel (`--preempt`). */
@@ -64,6 +82,43 @@ export const PUSH_RUN: RunSpec = {
   args: ['--strategy', 'kvm-exit', '--vcpus', '1', '--accesses', '1', '--zero-fraction', '0'],
 };
 
+/**
+ * Postcopy recovery, no target (the issue sets none): kvm-exit, 1 vCPU, random
+ * workload, push on but capped at 400mbit so the migration is still under way
+ * when the fault hits at a quarter of the guest's pages installed. `drop`: the
+ * destination cuts all its connections once and recovers (pause, reconnect,
+ * resume); `kill-source`: the launcher SIGKILLs the source and restarts it
+ * with `--resume`.
+ */
+export const RECOVERY_RUNS = {
+  drop: {
+    key: 'recovery:drop',
+    label: 'recovery from a dropped connection',
+    args: ['--strategy', 'kvm-exit', '--vcpus', '1', '--workload', 'random', '--max-postcopy-bandwidth', '400mbit'],
+    inject: 'drop',
+  },
+  killSource: {
+    key: 'recovery:kill-source',
+    label: 'recovery from a killed source',
+    args: ['--strategy', 'kvm-exit', '--vcpus', '1', '--workload', 'random', '--max-postcopy-bandwidth', '400mbit'],
+    inject: 'kill-source',
+  },
+} as const satisfies Record<string, RunSpec>;
+
+/** The page size of every bench run: the bench never passes `--page-size`, so the tool's default, 4 KiB. */
+export const BENCH_PAGE_BYTES = 4096;
+
+/** Where a recovery run injects its fault: after a quarter of the guest's pages are installed. */
+export function injectAtPages(memoryBytes: number): number {
+  return Math.floor(memoryBytes / BENCH_PAGE_BYTES / 4);
+}
+
+/** A run's full `npm start` options, without `--json`: its args, `--inject` for a recovery run, and `--memory`. */
+export function runArgs(spec: RunSpec, memoryBytes: number): string[] {
+  const inject = spec.inject === undefined ? [] : ['--inject', `${spec.inject}@${injectAtPages(memoryBytes)}`];
+  return [...spec.args, ...inject, '--memory', formatBytes(memoryBytes)];
+}
+
 /** The large guest (issue 4's memory target): defaults otherwise, so it is the tool as a user runs it. */
 export function largeRun(vcpus: number): RunSpec {
   return { key: 'large', label: 'large guest, peak RSS', args: ['--vcpus', String(vcpus)] };
@@ -71,7 +126,7 @@ export function largeRun(vcpus: number): RunSpec {
 
 /** The full `npm start` command line of a run, to reproduce it by hand. */
 export function commandLine(spec: RunSpec, memoryBytes: number): string {
-  return `npm start -- ${[...spec.args, '--memory', formatBytes(memoryBytes)].join(' ')}`;
+  return `npm start -- ${runArgs(spec, memoryBytes).join(' ')}`;
 }
 
 /**
@@ -84,10 +139,10 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
   const json = join(dir, 'report.json');
   try {
     const cmd = launcherCommand().exitOverride();
-    cmd.parse([...spec.args, '--memory', formatBytes(memoryBytes), '--json', json], { from: 'user' });
-    const { sourceArgs, destArgs } = splitArgs(cmd.opts());
+    cmd.parse([...runArgs(spec, memoryBytes), '--json', json], { from: 'user' });
+    const { sourceArgs, destArgs, killSourceAt } = splitArgs(cmd.opts());
     // Piped: the destination's printed report is not wanted (the JSON is), its stderr's end comes back on failure.
-    const result = await launch({ sourceArgs, destArgs, destStdio: 'pipe' });
+    const result = await launch({ sourceArgs, destArgs, killSourceAt, destStdio: 'pipe' });
     if (result.code !== 0) {
       throw new Error(
         `${spec.label}: the migration exited with code ${result.code} (destination ${result.destCode}, source ${result.sourceCode}); ` +
@@ -99,16 +154,32 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
       const failed = report.checks.filter((c) => !c.ok).map((c) => c.name);
       throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes)}`);
     }
-    return {
-      report,
-      figures: {
-        p50Us: report.latencyUs.p50,
-        p99Us: report.latencyUs.p99,
-        faults: report.counters.faults,
-        pushThroughputMiBs: report.pushThroughputMiBs,
-        elapsedMs: report.elapsedMs,
-      },
+    const figures: RunFigures = {
+      p50Us: report.latencyUs.p50,
+      p99Us: report.latencyUs.p99,
+      faults: report.counters.faults,
+      pushThroughputMiBs: report.pushThroughputMiBs,
+      elapsedMs: report.elapsedMs,
     };
+    if (spec.inject !== undefined) {
+      // One fault injected, so exactly one pause, resumed. Zero pauses means the fault never went off (the migration ended first).
+      const rec = report.recovery;
+      if (rec.pauses !== 1 || rec.resumes !== 1) {
+        throw new Error(
+          `${spec.label}: expected 1 pause and 1 resume from --inject ${spec.inject}@${injectAtPages(memoryBytes)}, ` +
+            `got ${rec.pauses} pause${rec.pauses === 1 ? '' : 's'} and ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'} ` +
+            `(${result.sourceKills} source kill${result.sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes)}`,
+        );
+      }
+      figures.recovery = {
+        pauses: rec.pauses,
+        resumes: rec.resumes,
+        pausedMs: rec.pausedMs / rec.pauses,
+        pagesResent: rec.pagesResent,
+        requestsReplayed: rec.requestsReplayed,
+      };
+    }
+    return { report, figures };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -33,7 +33,7 @@ export function benchCommand(): Command {
   return new Command('postcopy-bench')
     .description(
       'Measures the floor (raw WebSocket round trip of a 4 KiB page and raw bulk throughput between two Node processes) ' +
-        'and the tool against it (fault latency per strategy, urgent faults under push, push throughput), on this machine, in one run. ' +
+        'and the tool against it (fault latency per strategy, urgent faults under push, push throughput), and postcopy recovery (no target), on this machine, in one run. ' +
         'Prints every figure, the ratios and their targets (met or MISSED); exits 0 unless something errored.',
     )
     .option('--memory <size>', 'guest memory of each migration run (B, KiB, MiB, GiB)', BENCH_DEFAULTS.memory)

@@ -51,6 +51,10 @@ describe('npm run bench (tiny)', () => {
       'large.destPeakRssBytes',
       'large.sourcePeakRssBytes',
       'pushThroughputMiBs',
+      'recovery.drop.pausedMs',
+      'recovery.drop.elapsedMs',
+      'recovery.killSource.pausedMs',
+      'recovery.killSource.elapsedMs',
       ...RATIOS.map((r) => `ratios.${r}`),
     ];
     for (const path of figures) {
@@ -62,6 +66,26 @@ describe('npm run bench (tiny)', () => {
     for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk']) {
       expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
     }
+
+    // Recovery: counts may be 0 (a restarted source resends nothing it knows of), never negative or missing.
+    for (const path of ['recovery.drop.pagesResent', 'recovery.drop.requestsReplayed', 'recovery.killSource.pagesResent', 'recovery.killSource.requestsReplayed']) {
+      const value = at(json, path);
+      expect(typeof value, path).toBe('number');
+      expect(Number.isFinite(value) && (value as number) >= 0, `${path} = ${String(value)}`).toBe(true);
+    }
+    // Every recovery run paused once and resumed once (the bench throws otherwise; this holds it to that).
+    const samples = at(json, 'samples.runs') as Record<string, { recovery?: { pauses: number; resumes: number; pausedMs: number } }[] | undefined>;
+    for (const key of ['recovery:drop', 'recovery:kill-source']) {
+      expect(samples[key], key).toHaveLength(1);
+      for (const sample of samples[key]!) {
+        expect(sample.recovery, key).toMatchObject({ pauses: 1, resumes: 1 });
+        expect(sample.recovery!.pausedMs, key).toBeGreaterThan(0);
+      }
+    }
+    expect(typeof at(json, 'method.recovery')).toBe('string');
+    expect(run.stdout).toMatch(/^recovery: .*no target/m);
+    expect(run.stdout).toContain('paused ms (per pause)');
+    expect(run.stdout).toMatch(/kill-source \(source SIGKILLed/);
 
     for (const name of RATIOS) expect(run.stdout).toContain(name);
     expect(run.stdout).toMatch(/targets met: \d of 6/);
