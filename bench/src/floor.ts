@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import WebSocket from 'ws';
 import {
@@ -13,6 +12,7 @@ import {
   type Histogram,
   type LatencySummary,
 } from '@postcopy/shared';
+import { exitCode, listeningUrl } from '@postcopy/e2e';
 import { bulkFrames, floorLayout } from './floor-layout.js';
 
 /** The built floor server, run as its own process. */
@@ -39,19 +39,12 @@ interface FloorServer {
   stop(): Promise<void>;
 }
 
-function exited(child: ChildProcess): Promise<number> {
-  return new Promise((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) resolve(child.exitCode ?? 1);
-    else child.once('exit', (code) => resolve(code ?? 1));
-  });
-}
-
 /** Starts the floor server process and waits for its `listening ws://...` line. */
 async function startFloorServer(bulkMiB: number): Promise<FloorServer> {
   const child = spawn(process.execPath, [FLOOR_SERVER, '--bulk-mib', String(bulkMiB)], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exit = exited(child);
+  const exit = exitCode(child);
   const stop = async (): Promise<void> => {
     // Closing its stdin asks it to go; SIGKILL if it does not.
     child.stdin!.end();
@@ -60,20 +53,7 @@ async function startFloorServer(bulkMiB: number): Promise<FloorServer> {
     clearTimeout(timer);
   };
   try {
-    const url = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('the floor server did not print its URL within 30 s')), 30_000);
-      createInterface({ input: child.stdout! }).on('line', (line) => {
-        const m = /^listening (ws:\/\/\S+)$/.exec(line);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]!);
-        }
-      });
-      void exit.then((code) => {
-        clearTimeout(timer);
-        reject(new Error(`the floor server exited (code ${code}) before listening${stderr ? `: ${stderr.trim()}` : ''}`));
-      });
-    });
+    const url = await listeningUrl(child, exit, 'the floor server', 30_000, () => stderr.trim());
     return { url, stop };
   } catch (err) {
     await stop();

@@ -43,11 +43,35 @@ export interface LaunchResult {
 
 const TAIL_CHARS = 4000;
 
-function exitCode(child: ChildProcess): Promise<number> {
+/** A child process's exit code (128 + the signal's number when a signal ended it). */
+export function exitCode(child: ChildProcess): Promise<number> {
   return new Promise((resolve) => {
     if (child.exitCode !== null) resolve(child.exitCode);
     else if (child.signalCode !== null) resolve(128 + (osConstants.signals[child.signalCode] ?? 1));
     else child.once('exit', (code, signal) => resolve(code ?? (signal ? 128 + (osConstants.signals[signal] ?? 1) : 1)));
+  });
+}
+
+/**
+ * The URL a host prints as its own `listening ws://HOST:PORT` line on stdout.
+ * Rejects if the host exits first (`detail` adds what it said) or takes
+ * longer than `timeoutMs`.
+ */
+export function listeningUrl(child: ChildProcess, exit: Promise<number>, what: string, timeoutMs: number, detail: () => string = () => ''): Promise<string> {
+  return new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${what} did not print its URL within ${timeoutMs} ms`)), timeoutMs);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const m = /^listening (ws:\/\/\S+)$/.exec(line);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]!);
+      }
+    });
+    void exit.then((code) => {
+      clearTimeout(timer);
+      const said = detail();
+      reject(new Error(`${what} exited (code ${code}) before listening${said ? `: ${said}` : ''}`));
+    });
   });
 }
 
@@ -62,21 +86,7 @@ function startSource(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, 
   const child = spawn(process.execPath, [SOURCE_CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   child.stderr!.on('data', onStderr);
   const exit = exitCode(child);
-  const url = new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the source did not print its URL within ${timeoutMs} ms`)), timeoutMs);
-    const lines = createInterface({ input: child.stdout! });
-    lines.on('line', (line) => {
-      const m = /^listening (ws:\/\/\S+)$/.exec(line);
-      if (m) {
-        clearTimeout(timer);
-        resolve(m[1]!);
-      }
-    });
-    void exit.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`the source exited (code ${code}) before listening`));
-    });
-  });
+  const url = listeningUrl(child, exit, 'the source', timeoutMs);
   url.catch(() => {});
   return { child, exit, url };
 }

@@ -378,15 +378,6 @@ describe('SourceMigration back-pressure', () => {
     const img = image(256, { seed: 5, zeroFraction: 0 });
     const layout = img.layout;
     const wire: Sent[] = [];
-    /** A push channel whose socket never drains until told to. */
-    class StuckChannel extends FakeChannel {
-      readonly held: (() => void)[] = [];
-      override send(frame: Uint8Array, sent?: (err?: Error) => void): void {
-        super.send(frame);
-        this.bufferedAmount += frame.length;
-        if (sent) this.held.push(sent);
-      }
-    }
     const main = new StuckChannel('main', layout, wire);
     const fault = new FakeChannel('fault', layout, wire);
     const migration = new SourceMigration(img, { pushBatchBytes: 4 * PAGE, pushHighWaterBytes: 8 * PAGE });
@@ -402,13 +393,8 @@ describe('SourceMigration back-pressure', () => {
     expect(reply?.message).toMatchObject({ type: 'page', id: 7, page: 200 });
     expect(wire.filter((s) => s.message.type === 'pushed').length).toBe(pushedBefore);
     // Once the socket drains, pushing resumes and finishes.
-    main.bufferedAmount = 0;
-    const drain = (): void => {
-      main.bufferedAmount = 0;
-      for (const cb of main.held.splice(0)) cb();
-    };
     while (!wire.some((s) => s.message.type === 'complete')) {
-      drain();
+      main.drain();
       await new Promise((r) => setTimeout(r, 1));
     }
     expect(sendCounts(wire, 256).every((n) => n === 1)).toBe(true);
@@ -494,6 +480,20 @@ async function untilComplete(wire: Sent[], channel: string): Promise<void> {
     if (Date.now() > deadline) throw new Error(`no complete on ${channel} within 10 s`);
     await new Promise((r) => setTimeout(r, 1));
   }
+}
+
+
+/** A migration that pushed every page on `main1` (complete went out), then lost that channel and paused. */
+async function lostAfterComplete(pages: number, spec: ImageSpec, wire: Sent[]): Promise<{ img: GuestImage; migration: SourceMigration }> {
+  const img = image(pages, spec);
+  const migration = new SourceMigration(img);
+  const main1 = new FakeChannel('main1', img.layout, wire);
+  migration.startPush(main1);
+  await untilComplete(wire, 'main1');
+  await migration.onIdle();
+  main1.isOpen = false;
+  migration.pause();
+  return { img, migration };
 }
 
 describe('SourceMigration recovery (pause, resume)', () => {
@@ -635,16 +635,9 @@ describe('SourceMigration recovery (pause, resume)', () => {
 
   it('sends complete again, at once, when the receivedmap is already full and push is on', async () => {
     const PAGES = 32;
-    const img = image(PAGES, { seed: 14, zeroFraction: 0 });
     const before: Sent[] = [];
-    const migration = new SourceMigration(img);
-    const main1 = new FakeChannel('main1', img.layout, before);
-    migration.startPush(main1);
-    await untilComplete(before, 'main1');
-    await migration.onIdle();
     // Lost after complete went out (the destination had every page).
-    main1.isOpen = false;
-    migration.pause();
+    const { img, migration } = await lostAfterComplete(PAGES, { seed: 14, zeroFraction: 0 }, before);
     // Answers of the old session still queued: the queue is busy when the resume comes.
     const fault = new FakeChannel('vcpu0', img.layout, before);
     fault.isOpen = false;
@@ -663,14 +656,8 @@ describe('SourceMigration recovery (pause, resume)', () => {
 
   it('sends complete again after a resume when the first session had sent it and pages were lost', async () => {
     const PAGES = 48;
-    const img = image(PAGES, { seed: 16, zeroFraction: 0.2 });
     const wire: Sent[] = [];
-    const migration = new SourceMigration(img);
-    const main1 = new FakeChannel('main1', img.layout, wire);
-    migration.startPush(main1);
-    await untilComplete(wire, 'main1');
-    main1.isOpen = false;
-    migration.pause();
+    const { img, migration } = await lostAfterComplete(PAGES, { seed: 16, zeroFraction: 0.2 }, wire);
     const main2 = new FakeChannel('main2', img.layout, wire);
     const received = Array.from({ length: PAGES }, (_, p) => p).filter((p) => p % 5 !== 0);
     expect(migration.resume(main2, { push: true, preempt: true, receivedmap: bitmapOf(PAGES, received), requestedmap: bitmapOf(PAGES, []) })).toBe(PAGES - received.length);

@@ -86,22 +86,27 @@ afterEach(async () => {
   source = undefined;
 });
 
-async function setup(): Promise<{ client: PageClient; session: Session; vmm: VmmState; lost: Error[] }> {
+/** A fault channel to the fake source, following `following` if given. */
+async function connect(channel: string, following?: SessionFollowing): Promise<PageClient> {
+  const client = await PageClient.connect({
+    url: source!.url,
+    token: 't',
+    role: ChannelRole.Fault,
+    channel,
+    guestBytes: layout.guestBytes,
+    pageSize: layout.pageSize,
+    ...(following ? { following } : {}),
+  });
+  clients.push(client);
+  return client;
+}
+
+async function setup(reconnectTimeoutMs = 5000): Promise<{ client: PageClient; session: Session; vmm: VmmState; lost: Error[] }> {
   source = await FakeSource.start();
   const vmm = VmmState.create(layout.totalPages, 1);
   const session = new Session(vmm.counters);
   const lost: Error[] = [];
-  const following: SessionFollowing = { session, reconnectTimeoutMs: 5000, onLost: (err) => void lost.push(err) };
-  const client = await PageClient.connect({
-    url: source.url,
-    token: 't',
-    role: ChannelRole.Fault,
-    channel: 'resolver0',
-    guestBytes: layout.guestBytes,
-    pageSize: layout.pageSize,
-    following,
-  });
-  clients.push(client);
+  const client = await connect('resolver0', { session, reconnectTimeoutMs, onLost: (err) => void lost.push(err) });
   return { client, session, vmm, lost };
 }
 
@@ -181,38 +186,18 @@ describe('PageClient following the session (recovery)', () => {
   });
 
   it('gives up when it cannot reconnect within its timeout: pending requests fail with a clear error', { timeout: 10_000 }, async () => {
-    source = await FakeSource.start();
-    const vmm = VmmState.create(layout.totalPages, 1);
-    const session = new Session(vmm.counters);
-    const client = await PageClient.connect({
-      url: source.url,
-      token: 't',
-      role: ChannelRole.Fault,
-      channel: 'vcpu0',
-      guestBytes: layout.guestBytes,
-      pageSize: layout.pageSize,
-      following: { session, reconnectTimeoutMs: 300, onLost: () => {} },
-    });
-    clients.push(client);
+    const { client, session } = await setup(300);
     const reply = client.request(1);
-    await source.close();
+    await source!.close();
     source = undefined;
     session.pause();
     session.resume();
-    await expect(reply).rejects.toThrow(/vcpu0: could not reconnect to the source at ws:\/\/127\.0\.0\.1:\d+ within 300 ms/);
+    await expect(reply).rejects.toThrow(/resolver0: could not reconnect to the source at ws:\/\/127\.0\.0\.1:\d+ within 300 ms/);
   });
 
   it('without following, a lost connection fails the pending requests (as before recovery)', { timeout: 10_000 }, async () => {
     source = await FakeSource.start();
-    const client = await PageClient.connect({
-      url: source.url,
-      token: 't',
-      role: ChannelRole.Fault,
-      channel: 'vcpu0',
-      guestBytes: layout.guestBytes,
-      pageSize: layout.pageSize,
-    });
-    clients.push(client);
+    const client = await connect('vcpu0');
     const reply = client.request(1);
     const src = source;
     await FakeSource.until(() => src.requests.length === 1);
