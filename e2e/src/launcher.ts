@@ -118,6 +118,8 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     tail = (tail + chunk.toString('utf8')).slice(-2 * TAIL_CHARS);
   };
   const sourceStderr = (chunk: Buffer): void => (piped ? keep(chunk) : void process.stderr.write(chunk));
+  /** A line of the launcher's own, where the hosts' stderr goes. */
+  const say = (line: string): void => sourceStderr(Buffer.from(line + '\n'));
   let source = startSource(['--host', '127.0.0.1', '--port', '0', ...options.sourceArgs], env, startTimeoutMs, sourceStderr);
   const sources: ChildProcess[] = [source.child];
   let dest: ChildProcess | undefined;
@@ -157,20 +159,19 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
         source.child.kill('SIGKILL');
         await source.exit;
         sourceKills++;
-        const line = `postcopy: --inject kill-source@${at}: killed the source (SIGKILL); restarting it with --resume on port ${port}\n`;
-        if (piped) keep(Buffer.from(line));
-        else process.stderr.write(line);
+        say(`postcopy: --inject kill-source@${at}: killed the source (SIGKILL); restarting it with --resume on port ${port}`);
         source = startSource(['--host', '127.0.0.1', '--port', port, ...options.sourceArgs, '--resume'], env, startTimeoutMs, sourceStderr);
         sources.push(source.child);
         await source.url;
       }
     })();
     const destCode = await destExit;
-    await killer.catch((err: Error) => {
-      const line = `postcopy: could not restart the source: ${err.message}\n`;
-      if (piped) keep(Buffer.from(line));
-      else process.stderr.write(line);
-    });
+    await killer.then(
+      () => {
+        if (sourceKills < kills.length) say(`postcopy: --inject: ${kills.length - sourceKills} kill-source fault(s) did not go off: the migration ended first`);
+      },
+      (err: Error) => say(`postcopy: could not restart the source: ${err.message}`),
+    );
     // The source ends by itself after the destination's finish; if the
     // destination failed before that, stop the source.
     const sourceEnded = await Promise.race([source.exit, new Promise<undefined>((r) => setTimeout(() => r(undefined), destCode === 0 ? 5000 : 500))]);

@@ -30,8 +30,8 @@ function expectRecovered(result: Awaited<ReturnType<typeof migrate>>, pauses: nu
 }
 
 const SMALL = ['--memory', '16MiB', '--vcpus', '2'];
-/** Slows the push so that a kill lands in the middle of the migration (16 MiB at 100 Mbit/s is about 1.3 s). */
-const SLOW_PUSH = ['--max-postcopy-bandwidth', '100mbit'];
+/** Slows the push so that a kill lands in the middle of the migration, even on a loaded machine (16 MiB at 50 Mbit/s is about 2.7 s). */
+const SLOW_PUSH = ['--max-postcopy-bandwidth', '50mbit'];
 
 describe('recovery: the destination drops every connection (--inject drop@PAGES)', () => {
   it('drop once (shared-uffd, push): pauses, resumes, ends verified', { timeout: 60_000 }, async () => {
@@ -181,6 +181,16 @@ describe('recovery: hosts that die for good', () => {
     await startSource(['--memory', '16MiB', '--seed', '2', '--resume', '--port', new URL(url).port]);
     expect(await dest.exit).toBe(1);
     expect(dest.stderr()).toMatch(/expected the source's image [0-9a-f]{16}…, got [0-9a-f]{16}…/);
+  });
+});
+
+describe('--inject: faults that cannot go off are reported, not silently skipped', () => {
+  it('thresholds the run never reaches (a small hot set, no push): the run ends verified and says so', { timeout: 60_000 }, async () => {
+    const result = await migrate(['--memory', '4MiB', '--vcpus', '2', '--no-push', '--workload', 'shared-hot', '--inject', 'kill-source@1000,drop@1000']);
+    expect(result.code, result.stderr).toBe(0);
+    expect(result.report!.recovery).toMatchObject({ pauses: 0, dropsInjected: 0, sourceRestarts: 0 });
+    expect(result.stderr).toMatch(/dest: --inject: 1 drop\(s\) did not go off: only \d+ pages were installed/);
+    expect(result.stderr).toMatch(/postcopy: --inject: 1 kill-source fault\(s\) did not go off: the migration ended first/);
   });
 });
 
