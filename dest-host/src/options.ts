@@ -52,7 +52,7 @@ export function addRunOptions(cmd: Command): Command {
     .option('--reconnect-timeout-ms <ms>', 'after a lost connection, give up when the migration cannot be resumed within this time', DEST_DEFAULTS.reconnectTimeoutMs)
     .option(
       '--inject <faults>',
-      'fault injection, comma-separated: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
+      'fault injection, separated by commas or +: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
     )
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
@@ -80,14 +80,18 @@ export interface Injections {
   killSource: number[];
 }
 
-/** Parses `--inject drop@2000,drop@6000,kill-source@3000` (throws UsageError). */
+/**
+ * Parses `--inject drop@2000,drop@6000,kill-source@3000` (throws UsageError).
+ * `+` separates faults too, so that an experiment, where a comma list sweeps
+ * an option, can put several faults in one run: `drop@100+drop@900`.
+ */
 export function parseInjections(value: unknown): Injections {
   const injections: Injections = { drops: [], killSource: [] };
   if (value === undefined) return injections;
-  for (const item of String(value).split(',')) {
+  for (const item of String(value).split(/[,+]/)) {
     const m = /^(drop|kill-source)@(\d{1,10})$/.exec(item.trim());
     if (!m) {
-      throw new UsageError(`--inject: expected drop@PAGES or kill-source@PAGES (comma-separated), got ${JSON.stringify(item.trim())}`);
+      throw new UsageError(`--inject: expected drop@PAGES or kill-source@PAGES (separated by commas or +), got ${JSON.stringify(item.trim())}`);
     }
     const pages = Number(m[2]);
     (m[1] === 'drop' ? injections.drops : injections.killSource).push(pages);

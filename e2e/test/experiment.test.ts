@@ -7,10 +7,10 @@ import type { Report } from '@postcopy/shared';
 import { csvField, parseCsv, toCsv } from '../src/experiment/csv.js';
 import { combinations, expandRuns, parseList, runName, type SweptParam } from '../src/experiment/matrix.js';
 import { EXIT_CODE_METRIC, METRICS } from '../src/experiment/metrics.js';
-import { experimentCommand, parseExperimentOptions, validateMatrix } from '../src/experiment/options.js';
+import { experimentCommand, parseExperimentOptions, rawOptions, validateMatrix } from '../src/experiment/options.js';
 import { formatSpread, median, spread } from '../src/experiment/summary.js';
 import { linearScale, logScale } from '../src/experiment/svg.js';
-import { launcherCommand } from '../src/options.js';
+import { launcherCommand, splitArgs } from '../src/options.js';
 import { runNode } from './run.js';
 
 const EXPERIMENT = fileURLToPath(new URL('../dist/experiment/cli.js', import.meta.url));
@@ -97,6 +97,16 @@ describe('options', () => {
     expect(o.repeat).toBe(2);
     expect(parse(['--workloads', 'random', '--out', 'd']).fixed.workload).toBe('random');
     expect(parse(['--link-delay-us', '0,200', '--out', 'd']).params[0]).toMatchObject({ key: 'linkDelayUs', column: 'link_delay_us' });
+  });
+
+  it('sweeps --inject by commas; faults of one run join with +, and kill-source reaches the launcher', () => {
+    const o = parse(['--inject', 'drop@100+drop@900,kill-source@300', '--memory', '4MiB', '--out', 'd']);
+    expect(o.params.map((p) => [p.key, p.values])).toEqual([['inject', ['drop@100+drop@900', 'kill-source@300']]]);
+    const [twoDrops, kill] = combinations(o.params).map((c) => splitArgs(rawOptions(o, c.values)));
+    expect(twoDrops!.destArgs.join(' ')).toContain('--inject drop@100,drop@900');
+    expect(twoDrops!.killSourceAt).toEqual([]);
+    expect(kill!.killSourceAt).toEqual([300]);
+    expect(kill!.destArgs).not.toContain('--inject');
   });
 
   it('validates every combination with the launcher before running, naming the combination', () => {

@@ -46,13 +46,13 @@ export async function runOne(options: ExperimentOptions, spec: RunSpec): Promise
   // A file left by an earlier sweep into the same directory must not pass for this run's.
   rmSync(json, { force: true });
   rmSync(hgrm, { force: true });
-  const { sourceArgs, destArgs } = splitArgs(rawOptions(options, spec.combination.values, { json, hgrm }));
+  const { sourceArgs, destArgs, killSourceAt } = splitArgs(rawOptions(options, spec.combination.values, { json, hgrm }));
   const started = performance.now();
   let exitCode = -1;
   let error: string | undefined;
   let stderrTail = '';
   try {
-    const result = await launch({ sourceArgs, destArgs, destStdio: 'pipe' });
+    const result = await launch({ sourceArgs, destArgs, destStdio: 'pipe', killSourceAt });
     exitCode = result.code;
     stderrTail = result.stderrTail;
   } catch (err) {
