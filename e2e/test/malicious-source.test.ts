@@ -4,7 +4,8 @@
  * in-test WebSocket server speaks the protocol honestly except for one lie per
  * test, and the real destination process must refuse it — exit non-zero
  * within seconds, name what was wrong on stderr, and never report a verified
- * run built on bad data.
+ * run built on bad data. The same fake, honest but flaky, also drops the
+ * connection at a moment fault injection cannot reach (after finish).
  */
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -48,6 +49,10 @@ interface Behaviour {
   start?: (source: FakeSource, main: Channel) => void;
   /** Pretend no page was ever sent twice in the summary (a lying source). */
   hideDuplicates?: boolean;
+  /** `finish` arrived; return true if handled (default: the honest summary). */
+  finish?: (source: FakeSource, main: Channel) => boolean;
+  /** `resume` arrived (default: refused, as a source without --resume does). */
+  resume?: (source: FakeSource, main: Channel) => void;
 }
 
 const honestWelcome: Welcome = {
@@ -70,6 +75,7 @@ class FakeSource {
   replies = 0;
   readonly sent = new Uint32Array(layout.totalPages);
   pagesPushed = 0;
+  finishes = 0;
 
   constructor(readonly behaviour: Behaviour) {
     this.wss = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false });
@@ -94,9 +100,15 @@ class FakeSource {
             (behaviour.request ?? ((s, ch, id, page) => s.reply(ch, id, page)))(this, channel, m.id, m.page);
             return;
           case 'finish':
+            this.finishes++;
+            if (behaviour.finish?.(this, channel)) return;
             ws.send(encode(this.summary(m.receivedmap)));
             return;
           case 'resume':
+            if (behaviour.resume) {
+              behaviour.resume(this, channel);
+              return;
+            }
             // A source that cannot resume refuses, as the real one does without --resume.
             ws.send(encode({ type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'expected start: this fake source cannot resume' }));
             ws.close(1002);
@@ -392,5 +404,26 @@ describe('the destination against a malicious source', () => {
     }, ['--no-preempt']);
     expectRejected(r, /vCPU 0/);
     expect(r.report).toBeUndefined();
+  });
+});
+
+describe('an honest source whose connection drops at the very end', () => {
+  it('lost after finish, before the summary: the destination resumes, finishes again, and ends verified', async () => {
+    const r = await runAgainst({
+      // The first finish is never answered: the main channel drops instead.
+      finish: (s, main) => {
+        if (s.finishes > 1) return false;
+        main.ws.terminate();
+        return true;
+      },
+      resume: (_s, main) => void main.ws.send(encode({ type: 'resumed', pagesMarkedUnsent: 0, restarted: false })),
+    });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.source.finishes).toBe(2);
+    expect(r.stderr).toMatch(/connection lost \(main channel: .*\): postcopy paused/);
+    expect(r.stderr).toMatch(/dest: resumed after \d+ ms/);
+    expect(r.report!.verified).toBe(true);
+    expect(r.report!.recovery).toMatchObject({ pauses: 1, resumes: 1 });
+    expect(r.report!.checks.find((c) => c.name === 'recovered')?.ok).toBe(true);
   });
 });
