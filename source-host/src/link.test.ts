@@ -51,8 +51,9 @@ describe('emulated link', () => {
     }
     clearInterval(ticker);
     lateness.sort((a, b) => a - b);
-    // Median lateness well under the delay itself (setTimeout alone would be ~1 ms late).
-    expect(lateness[25]!).toBeLessThan(150);
+    // Sub-millisecond: setTimeout alone could not do better than 1 ms. (Typically
+    // tens of µs; the bound leaves room for a loaded CI machine.)
+    expect(lateness[25]!).toBeLessThan(1000);
     // Timers ran meanwhile: the link polls without blocking the loop.
     expect(ticks).toBeGreaterThan(0);
   });
@@ -64,8 +65,10 @@ describe('emulated link', () => {
     const arrivals = await sendAll(link, {}, 40, 12_500);
     const elapsedMs = (arrivals.at(-1)! - start) / 1000;
     expect(elapsedMs).toBeGreaterThanOrEqual(40);
-    // Upper bounds are loose (a loaded CI machine runs timers late); the lower bounds are exact.
-    expect(elapsedMs).toBeLessThan(40 * 2 + 20);
+    // The lower bounds are exact. The upper bound is loose (a loaded CI machine
+    // runs timers late) but still catches a rate off by a factor of 8 (bits
+    // taken for bytes: 320 ms).
+    expect(elapsedMs).toBeLessThan(250);
     // Spread out, not in one burst: the 20th frame arrives about half-way.
     expect((arrivals[19]! - start) / 1000).toBeGreaterThanOrEqual(20);
   });
@@ -76,7 +79,8 @@ describe('emulated link', () => {
     const arrivals = await sendAll(link, {}, 10, 12_500);
     expect((arrivals[0]! - start) / 1000).toBeGreaterThanOrEqual(6);
     expect((arrivals.at(-1)! - start) / 1000).toBeGreaterThanOrEqual(15);
-    expect((arrivals.at(-1)! - start) / 1000).toBeLessThan(15 * 2 + 20);
+    // Loose, but below the 85 ms a rate off by a factor of 8 would take.
+    expect((arrivals.at(-1)! - start) / 1000).toBeLessThan(75);
   });
 
   it('shares the bandwidth fairly: a frame of a quiet flow does not wait behind a busy flow\'s queue', async () => {
