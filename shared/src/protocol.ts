@@ -3,11 +3,15 @@
  * one msgpack array whose first element is the message type. Hot messages
  * (request, page, pushed) are small positional arrays; nothing is sent as text.
  *
+ * Recovery after a lost connection (QEMU's postcopy-recover): the destination
+ * opens a new main channel and sends `resume` (its receivedmap and the pages
+ * it still waits for) in place of `start`; after the source's `resumed`, its
+ * fault channels reconnect and re-send their pending requests with their ids.
+ *
  * Planned extensions keep their type numbers reserved so that old peers reject
  * them cleanly: a precopy phase with dirty tracking and discard of re-dirtied
- * pages, a separate urgent channel (QEMU's postcopy-preempt), and recovery
- * after a lost connection, where the destination sends its receivedmap and
- * re-sends its pending requests.
+ * pages (20), and a separate listener for urgent pages (22, QEMU's
+ * postcopy-preempt channel; today preempt reuses the fault channels).
  */
 
 export const PROTOCOL_VERSION = 1;
