@@ -259,10 +259,17 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     };
     adoptMain(main);
     const session = new Session(vmm.counters);
-    const bitmapOf = (status: number): Uint8Array => {
+    /** The pages in `status`, one bit a page, and how many there are. */
+    const bitmapOf = (status: number): { map: Uint8Array; count: number } => {
       const map = new Uint8Array(bitmapBytes(layout.totalPages));
-      for (let page = 0; page < layout.totalPages; page++) if (Atomics.load(vmm.pageStatus, page) === status) bitmapSet(map, page);
-      return map;
+      let count = 0;
+      for (let page = 0; page < layout.totalPages; page++) {
+        if (Atomics.load(vmm.pageStatus, page) === status) {
+          bitmapSet(map, page);
+          count++;
+        }
+      }
+      return { map, count };
     };
     const recovery = new Recovery({
       session,
@@ -272,8 +279,8 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
         type: 'resume',
         push: options.push,
         preempt: options.preempt,
-        receivedmap: bitmapOf(PAGE.RECEIVED),
-        requestedmap: bitmapOf(PAGE.REQUESTED),
+        receivedmap: bitmapOf(PAGE.RECEIVED).map,
+        requestedmap: bitmapOf(PAGE.REQUESTED).map,
       }),
       adopt: adoptMain,
       onPause: (reason) => {
@@ -408,12 +415,13 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     maybeInjectDrop();
     clearInterval(dropTimer);
     let summary: SourceSummary | undefined;
+    let received = 0;
     while (summary === undefined) {
       // A connection lost here: finish again once the migration has resumed.
       await abort.race(recovery.whenActive());
       const receivedmap = bitmapOf(PAGE.RECEIVED);
-      const client = main;
-      client.send({ type: 'finish', receivedmap });
+      received = receivedmap.count;
+      main.send({ type: 'finish', receivedmap: receivedmap.map });
       let timer: NodeJS.Timeout | undefined;
       const summaryTimeout = new Promise<never>((_, reject) => {
         timer = setTimeout(() => reject(new ConnectionError('the source did not answer finish within 30 s')), 30_000);
@@ -425,8 +433,6 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       }
     }
     finishing = true;
-    let received = 0;
-    for (let page = 0; page < layout.totalPages; page++) if (Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED) received++;
     const destDigest = digestPages(memory, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
 
     state = 'completed';

@@ -9,6 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
+import { exitCode, listeningUrl } from '../src/launcher.js';
 import { DEST, SOURCE, failedChecks, migrate, runNode } from './run.js';
 
 /** A recovered run: verified, every pause resumed, exactly-once intact. */
@@ -116,13 +117,8 @@ function startHost(script: string, args: string[], onLine?: (line: string, strea
 }
 
 async function startSource(args: string[]): Promise<{ host: Host; url: string }> {
-  let resolveUrl!: (url: string) => void;
-  const url = new Promise<string>((resolve) => (resolveUrl = resolve));
-  const host = startHost(SOURCE, ['--host', '127.0.0.1', ...args], (line) => {
-    const m = /^listening (ws:\/\/\S+)$/.exec(line);
-    if (m) resolveUrl(m[1]!);
-  });
-  return { host, url: await url };
+  const host = startHost(SOURCE, ['--host', '127.0.0.1', ...args]);
+  return { host, url: await listeningUrl(host.child, exitCode(host.child), 'the source', 20_000, host.stderr) };
 }
 
 /** Starts the destination with a status server; resolves once pages-received reaches `pages`. */

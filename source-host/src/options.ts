@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import { UsageError, describe, makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
 import { parseBandwidth, type LinkSpec } from './link.js';
+import { SERVER_DEFAULTS } from './server.js';
 
 /** Option defaults in one literal (the `ws` convention). */
 export const SOURCE_DEFAULTS = {
@@ -10,13 +11,13 @@ export const SOURCE_DEFAULTS = {
   zeroFraction: '0.1',
   host: '127.0.0.1',
   port: '0',
-  handshakeTimeoutMs: '10000',
+  handshakeTimeoutMs: String(SERVER_DEFAULTS.handshakeTimeoutMs),
   linkDelayUs: '0',
   linkBandwidth: '0',
   maxPostcopyBandwidth: '0',
   resume: false,
-  resumeTimeoutMs: '10000',
-  maxConnections: '1024',
+  resumeTimeoutMs: String(SERVER_DEFAULTS.resumeTimeoutMs),
+  maxConnections: String(SERVER_DEFAULTS.maxConnections),
 } as const;
 
 export interface SourceOptions {
