@@ -9,6 +9,7 @@ async function main(): Promise<number> {
   const cmd = destCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseDestOptions(cmd.opts());
+  for (const warning of options.tlsWarnings) process.stderr.write(`dest: warning: ${warning}\n`);
   const showProgress = process.stderr.isTTY === true;
   const { report, hgrm } = await runDestination({
     ...options,

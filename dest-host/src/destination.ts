@@ -18,7 +18,7 @@ import {
   type WorkloadName,
 } from '@postcopy/shared';
 import { GuestMemory } from './memory/guest-memory.js';
-import { PageClient } from './net/page-client.js';
+import { PageClient, type ClientTls } from './net/page-client.js';
 import { Session } from './net/session.js';
 import { Recovery } from './recovery.js';
 import { buildReportWithHistogram } from './report-builder.js';
@@ -33,6 +33,10 @@ import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, Sou
 export interface DestinationOptions {
   source: string;
   token: string;
+  /** wss:// sources: the CA to verify them with, a client certificate, the name to expect. */
+  tls?: ClientTls | undefined;
+  /** Ping the source on the main channel; a silence this long counts as a lost connection (0 = never). */
+  keepaliveMs: number;
   layout: GuestLayout;
   memslotBytes: number;
   strategy: StrategyName;
@@ -137,10 +141,26 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       pageSize: layout.pageSize,
       connectTimeoutMs: options.connectTimeoutMs,
       reconnectTimeoutMs: options.reconnectTimeoutMs,
+      // None yet: the main channel asks for a new migration and gets its secret in the welcome.
+      secret: '',
+      ...(options.tls ? { tls: options.tls } : {}),
     };
-    const connectMain = (): Promise<PageClient> => PageClient.connect({ ...endpoint, role: ChannelRole.Main, channel: 'main' });
+    let keepaliveTimeouts = 0;
+    const connectMain = (): Promise<PageClient> =>
+      PageClient.connect({
+        ...endpoint,
+        role: ChannelRole.Main,
+        channel: 'main',
+        keepaliveMs: options.keepaliveMs,
+        onKeepaliveTimeout: (silentMs) => {
+          keepaliveTimeouts++;
+          options.onEvent?.(`the source said nothing for ${Math.round(silentMs)} ms on the main channel (--keepalive-ms ${options.keepaliveMs}): treating the connection as lost`);
+        },
+      });
     main = await connectMain();
     const welcome = main.welcome;
+    // Every later channel (fault channels, a main channel that resumes) shows it.
+    endpoint.secret = welcome.secret;
 
     const memory = GuestMemory.create(layout, options.memslotBytes);
     const threads: ThreadPlan = {
@@ -459,6 +479,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       allReceived: received === layout.totalPages,
       blocked,
       preempt: options.preempt,
+      tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,
       linkBandwidthBps: welcome.linkBandwidthBps,
       recovery: {
@@ -470,6 +491,9 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
         dropsInjected,
         sourceRestarts: recovery.sourceRestarts,
         pausedMs: Math.round(recovery.pausedMs * 1000) / 1000,
+        keepaliveMs: options.keepaliveMs,
+        keepaliveTimeouts,
+        sourceKeepaliveTimeouts: summary.keepaliveTimeouts,
       },
     });
     return { report: built.report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };

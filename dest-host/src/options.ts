@@ -3,7 +3,9 @@ import {
   STRATEGIES,
   WORKLOADS,
   UsageError,
+  loadTlsFiles,
   makeLayout,
+  parseHost,
   parseChoice,
   parseFraction,
   parseIntOption,
@@ -12,6 +14,7 @@ import {
   type WorkloadName,
 } from '@postcopy/shared';
 import type { DestinationOptions } from './destination.js';
+import type { ClientTls } from './net/page-client.js';
 
 /** Option defaults in one literal. */
 export const DEST_DEFAULTS = {
@@ -30,6 +33,7 @@ export const DEST_DEFAULTS = {
   watchdogMs: '5000',
   connectTimeoutMs: '10000',
   reconnectTimeoutMs: '30000',
+  keepaliveMs: '10000',
   host: '127.0.0.1',
 } as const;
 
@@ -50,6 +54,7 @@ export function addRunOptions(cmd: Command): Command {
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
     .option('--connect-timeout-ms <ms>', 'give up on a source that does not complete the handshake within this time', DEST_DEFAULTS.connectTimeoutMs)
     .option('--reconnect-timeout-ms <ms>', 'after a lost connection, give up when the migration cannot be resumed within this time', DEST_DEFAULTS.reconnectTimeoutMs)
+    .option('--keepalive-ms <ms>', 'ping the peer on the main channel; a silence this long counts as a lost connection, as a dead link sends no reset (0 = never; npm start gives it to both hosts)', DEST_DEFAULTS.keepaliveMs)
     .option(
       '--inject <faults>',
       'fault injection, separated by commas or +: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
@@ -63,16 +68,21 @@ export function addRunOptions(cmd: Command): Command {
 export function destCommand(): Command {
   const cmd = new Command('dest')
     .description('postcopy destination host: runs the guest\'s vCPUs over empty memory and demand-fetches pages from the source')
-    .requiredOption('--source <url>', 'source URL, as the source printed it (ws://HOST:PORT)')
+    .requiredOption('--source <url>', 'source URL, as the source printed it (ws://HOST:PORT, or wss://HOST:PORT for a TLS source)')
     .option('--host <addr>', 'address the destination\'s own server (the --status-port one) binds', DEST_DEFAULTS.host)
     .addOption(new Option('--token <token>', 'access token (default: $POSTCOPY_TOKEN)'))
     .option('--memory <size>', 'guest memory size; must match the source', DEST_DEFAULTS.memory)
     .option('--page-size <size>', 'guest page size: 4KiB or 2MiB; must match the source', DEST_DEFAULTS.pageSize)
     .option('--seed <n>', 'seed of the workload', DEST_DEFAULTS.seed);
+  cmd
+    .option('--tls-ca <file>', "CA certificates (PEM) the source's certificate must be signed by (wss:// only; default: the system's CAs)")
+    .option('--tls-cert <file>', 'client certificate (PEM), for a source that verifies peers (--tls-verify-peer); needs --tls-key')
+    .option('--tls-key <file>', "the client certificate's private key (PEM)")
+    .option('--tls-server-name <name>', "the name the source's certificate must hold, when it is not the host in --source");
   return addRunOptions(cmd);
 }
 
-export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout'>;
+export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout' | 'tls'>;
 
 /** What `--inject` asks for: drops the destination makes, kills of the source the launcher makes (pages installed). */
 export interface Injections {
@@ -130,12 +140,46 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
     connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),
     reconnectTimeoutMs: parseIntOption('--reconnect-timeout-ms', str('reconnectTimeoutMs'), 100, 3_600_000),
+    keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? DEST_DEFAULTS.keepaliveMs), 0, 3_600_000),
     injectDrops: parseInjections(raw.inject).drops,
     skipOwedWake: raw.unsafeSkipOwedWake === true,
   };
 }
 
-export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined; hgrm: string | undefined } {
+/** `--source`: a ws:// or wss:// URL (IPv6 hosts in brackets). */
+export function parseSourceUrl(text: string): string {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new UsageError(`--source: expected a URL like ws://127.0.0.1:PORT or wss://HOST:PORT, got ${JSON.stringify(text)}`);
+  }
+  if (url.protocol !== 'ws:' && url.protocol !== 'wss:') {
+    throw new UsageError(`--source: expected a ws:// or wss:// URL, got ${JSON.stringify(text)}`);
+  }
+  return text;
+}
+
+/** The destination's TLS options: they go with a wss:// source only. */
+function parseClientTls(raw: Record<string, unknown>, source: string): { tls: ClientTls; warnings: string[] } | undefined {
+  const opt = (k: string): string | undefined => (raw[k] === undefined ? undefined : String(raw[k]));
+  const given = (['tlsCa', 'tlsCert', 'tlsKey', 'tlsServerName'] as const).filter((k) => raw[k] !== undefined);
+  if (!source.startsWith('wss:')) {
+    if (given.length > 0) {
+      const flag = '--' + given[0]!.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
+      throw new UsageError(`${flag}: expected a wss:// source with it (TLS options apply to TLS sources), got --source ${source}`);
+    }
+    return undefined;
+  }
+  const { material, warnings } = loadTlsFiles({ ca: opt('tlsCa'), cert: opt('tlsCert'), key: opt('tlsKey') });
+  const serverName = opt('tlsServerName');
+  if (serverName !== undefined && !/^[A-Za-z0-9.-]{1,253}$/.test(serverName)) {
+    throw new UsageError(`--tls-server-name: expected a host name such as source.example, got ${JSON.stringify(serverName)}`);
+  }
+  return { tls: { ...material, ...(serverName !== undefined ? { serverName } : {}) }, warnings };
+}
+
+export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined; hgrm: string | undefined; tlsWarnings: string[] } {
   const token = (raw.token as string | undefined) ?? process.env.POSTCOPY_TOKEN;
   if (!token) throw new UsageError('--token: expected an access token (or $POSTCOPY_TOKEN), got none');
   const layout = makeLayout(parseSize('--memory', String(raw.memory)), parseSize('--page-size', String(raw.pageSize)));
@@ -145,12 +189,15 @@ export function parseDestOptions(raw: Record<string, unknown>): DestinationOptio
     throw new UsageError('--inject: kill-source@PAGES is done by the launcher (npm start), which can restart the source; the destination takes drop@PAGES only');
   }
   checkInjections(injections, layout.totalPages);
+  const source = parseSourceUrl(String(raw.source));
+  const tls = parseClientTls(raw, source);
   return {
     ...run,
-    source: String(raw.source),
+    source,
     token,
     layout,
-    statusHost: String(raw.host),
+    ...(tls ? { tls: tls.tls, tlsWarnings: tls.warnings } : { tlsWarnings: [] }),
+    statusHost: parseHost('--host', String(raw.host)),
     json: raw.json as string | undefined,
     hgrm: raw.hgrm as string | undefined,
   };

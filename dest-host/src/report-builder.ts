@@ -29,6 +29,7 @@ type RunSettings = Pick<
   | 'memslots'
   | 'push'
   | 'preempt'
+  | 'tls'
   | 'linkDelayUs'
   | 'linkBandwidthBps'
   | 'seed'
@@ -124,6 +125,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     memslots: inp.memslots,
     push: inp.push,
     preempt: inp.preempt,
+    tls: inp.tls,
     linkDelayUs: inp.linkDelayUs,
     linkBandwidthBps: inp.linkBandwidthBps,
     seed: inp.seed,

@@ -6,8 +6,8 @@ import { launcherCommand, splitArgs } from './options.js';
 async function main(): Promise<number> {
   const cmd = launcherCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
-  const { sourceArgs, destArgs, killSourceAt } = splitArgs(cmd.opts());
-  const result = await launch({ sourceArgs, destArgs, killSourceAt });
+  const { sourceArgs, destArgs, killSourceAt, tls, host } = splitArgs(cmd.opts());
+  const result = await launch({ sourceArgs, destArgs, killSourceAt, tls, host });
   return result.code;
 }
 

@@ -1,2 +1,3 @@
 export * from './launcher.js';
 export * from './options.js';
+export * from './certs.js';

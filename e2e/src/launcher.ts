@@ -1,8 +1,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { constants as osConstants } from 'node:os';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { constants as osConstants, tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { makeRunCertificates } from './certs.js';
 
 /** Built entry points of the two hosts. */
 export const SOURCE_CLI = fileURLToPath(new URL('./cli.js', import.meta.resolve('@postcopy/source-host')));
@@ -27,6 +30,15 @@ export interface LaunchOptions {
    * `--resume` on the same port. One kill per entry.
    */
   killSourceAt?: number[];
+  /**
+   * Run over TLS with throwaway certificates (a CA, the source's, the
+   * destination's) made for this run in a temporary folder and removed
+   * afterwards: the source listens on wss:// and verifies the destination's
+   * certificate (--tls-verify-peer), the destination verifies the source's.
+   */
+  tls?: boolean;
+  /** Address both hosts bind (default 127.0.0.1; `::1` for IPv6). */
+  host?: string;
 }
 
 export interface LaunchResult {
@@ -61,7 +73,7 @@ export function listeningUrl(child: ChildProcess, exit: Promise<number>, what: s
   return new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${what} did not print its URL within ${timeoutMs} ms`)), timeoutMs);
     createInterface({ input: child.stdout! }).on('line', (line) => {
-      const m = /^listening (ws:\/\/\S+)$/.exec(line);
+      const m = /^listening (wss?:\/\/\S+)$/.exec(line);
       if (m) {
         clearTimeout(timer);
         resolve(m[1]!);
@@ -81,7 +93,7 @@ interface SourceProcess {
   url: Promise<string>;
 }
 
-/** Starts a source host; `url` resolves with the URL of its `listening ws://...` line. */
+/** Starts a source host; `url` resolves with the URL of its `listening ws://...` (or wss://) line. */
 function startSource(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, onStderr: (chunk: Buffer) => void): SourceProcess {
   const child = spawn(process.execPath, [SOURCE_CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   child.stderr!.on('data', onStderr);
@@ -110,6 +122,25 @@ async function pagesReceived(statusUrl: string): Promise<number | undefined> {
  */
 export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   const env = { ...process.env, POSTCOPY_TOKEN: randomBytes(18).toString('base64url') };
+  // The run's own folder: the migration's secret (for a source restarted with --resume) and any throwaway certificates.
+  const runDir = mkdtempSync(join(tmpdir(), 'postcopy-run-'));
+  try {
+    return await launchIn(runDir, env, options);
+  } finally {
+    rmSync(runDir, { recursive: true, force: true });
+  }
+}
+
+async function launchIn(runDir: string, env: NodeJS.ProcessEnv, options: LaunchOptions): Promise<LaunchResult> {
+  const host = options.host ?? '127.0.0.1';
+  const sourceTlsArgs: string[] = [];
+  const destTlsArgs: string[] = [];
+  if (options.tls) {
+    const certs = await makeRunCertificates(runDir, [...new Set([host, '127.0.0.1', '::1', 'localhost'])]);
+    sourceTlsArgs.push('--tls-cert', certs.source.cert, '--tls-key', certs.source.key, '--tls-ca', certs.ca, '--tls-verify-peer');
+    destTlsArgs.push('--tls-ca', certs.ca, '--tls-cert', certs.dest.cert, '--tls-key', certs.dest.key);
+  }
+  const hostArgs = ['--host', host, '--secret-file', join(runDir, 'migration-secret'), ...sourceTlsArgs];
   const startTimeoutMs = options.sourceStartTimeoutMs ?? 120_000;
   const piped = options.destStdio === 'pipe';
   const kills = [...(options.killSourceAt ?? [])].sort((a, b) => a - b);
@@ -120,7 +151,7 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   const sourceStderr = (chunk: Buffer): void => (piped ? keep(chunk) : void process.stderr.write(chunk));
   /** A line of the launcher's own, where the hosts' stderr goes. */
   const say = (line: string): void => sourceStderr(Buffer.from(line + '\n'));
-  let source = startSource(['--host', '127.0.0.1', '--port', '0', ...options.sourceArgs], env, startTimeoutMs, sourceStderr);
+  let source = startSource([...hostArgs, '--port', '0', ...options.sourceArgs], env, startTimeoutMs, sourceStderr);
   const sources: ChildProcess[] = [source.child];
   let dest: ChildProcess | undefined;
   let sourceKills = 0;
@@ -130,7 +161,7 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     // To kill the source at a page count, the launcher reads the destination's GET /status.
     const destArgs = kills.length > 0 && !options.destArgs.includes('--status-port') ? [...options.destArgs, '--status-port', '0'] : options.destArgs;
     const watchStderr = piped || kills.length > 0;
-    dest = spawn(process.execPath, [DEST_CLI, '--source', url, ...destArgs], {
+    dest = spawn(process.execPath, [DEST_CLI, '--source', url, '--host', host, ...destTlsArgs, ...destArgs], {
       env,
       stdio: watchStderr ? ['ignore', piped ? 'pipe' : 'inherit', 'pipe'] : ['ignore', 'inherit', 'inherit'],
     });
@@ -160,7 +191,7 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
         await source.exit;
         sourceKills++;
         say(`postcopy: --inject kill-source@${at}: killed the source (SIGKILL); restarting it with --resume on port ${port}`);
-        source = startSource(['--host', '127.0.0.1', '--port', port, ...options.sourceArgs, '--resume'], env, startTimeoutMs, sourceStderr);
+        source = startSource([...hostArgs, '--port', port, ...options.sourceArgs, '--resume'], env, startTimeoutMs, sourceStderr);
         sources.push(source.child);
         await source.url;
       }

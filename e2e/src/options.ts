@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { parseHost } from '@postcopy/shared';
 import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps } from '@postcopy/source-host';
 import { addRunOptions, checkInjections, parseInjections, parseRunOptions } from '@postcopy/dest-host';
 
@@ -9,6 +10,9 @@ export function launcherCommand(): Command {
   addImageOptions(cmd);
   addLinkOptions(cmd);
   addRunOptions(cmd);
+  cmd
+    .option('--tls', 'run over TLS: make a throwaway CA and certificates for this run (removed afterwards); the source listens on wss:// and verifies the destination (--tls-verify-peer)')
+    .option('--host <addr>', 'address both hosts bind (IPv6 too: ::1)', '127.0.0.1');
   return cmd;
 }
 
@@ -16,6 +20,10 @@ export function launcherCommand(): Command {
 const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'linkDelayUs', 'linkBandwidth', 'maxPostcopyBandwidth'] as const;
 /** Of those, the ones the destination must also know (the layout) or uses itself (the seed). */
 const SHARED_FLAGS = ['memory', 'pageSize', 'seed'] as const;
+/** The destination's options the source takes too. */
+const BOTH_FLAGS = ['keepaliveMs'] as const;
+/** The launcher's own. */
+const LAUNCHER_FLAGS = ['tls', 'host'] as const;
 
 function flag(name: string): string {
   return '--' + name.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
@@ -25,7 +33,13 @@ function flag(name: string): string {
  * Validates every option (throws UsageError before anything starts) and
  * splits them into the two hosts' argument lists.
  */
-export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[]; destArgs: string[]; killSourceAt: number[] } {
+export function splitArgs(raw: Record<string, unknown>): {
+  sourceArgs: string[];
+  destArgs: string[];
+  killSourceAt: number[];
+  tls: boolean;
+  host: string;
+} {
   const { layout } = parseImageOptions(raw as Record<string, string>);
   parseLinkOptions(raw);
   parseMaxPushBps(raw);
@@ -35,10 +49,12 @@ export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[];
   checkInjections(injections, layout.totalPages);
   const sourceArgs: string[] = [];
   for (const k of SOURCE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
+  for (const k of BOTH_FLAGS) if (raw[k] !== undefined) sourceArgs.push(flag(k), String(raw[k]));
+  const host = parseHost('--host', String(raw.host ?? '127.0.0.1'));
   const destArgs: string[] = [];
   for (const k of SHARED_FLAGS) destArgs.push(flag(k), String(raw[k]));
   for (const [k, v] of Object.entries(raw)) {
-    if ((SOURCE_FLAGS as readonly string[]).includes(k)) continue;
+    if ((SOURCE_FLAGS as readonly string[]).includes(k) || (LAUNCHER_FLAGS as readonly string[]).includes(k)) continue;
     if (k === 'inject') {
       if (injections.drops.length > 0) destArgs.push('--inject', injections.drops.map((n) => `drop@${n}`).join(','));
     } else if (k === 'push') {
@@ -49,5 +65,5 @@ export function splitArgs(raw: Record<string, unknown>): { sourceArgs: string[];
       destArgs.push(flag(k), String(v));
     }
   }
-  return { sourceArgs, destArgs, killSourceAt: injections.killSource };
+  return { sourceArgs, destArgs, killSourceAt: injections.killSource, tls: raw.tls === true, host };
 }

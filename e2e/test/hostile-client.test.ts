@@ -8,10 +8,11 @@
  * a real migration against the same source completes verified while hostile
  * clients hammer it.
  *
- * The hostile clients of the last test hold no token, or hold one and only
- * send broken frames on a fault channel: a peer with the token that sends
- * *valid* requests is, by design, part of the migration (the source cannot
- * tell it from the destination), so it is not an attacker this test models.
+ * Attacks that need a channel open it with the migration's secret (the test
+ * plays the destination's part to get it), to reach the frame checks behind
+ * the hello. The hostile clients of the last test hold no token, or hold the
+ * token but not the secret: their hellos are refused before they can send
+ * anything (e2e/test/outsider.test.ts is the outsider who asks for pages).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -143,6 +144,12 @@ async function until(predicate: () => boolean, ms: number, what: string): Promis
   }
 }
 
+/**
+ * The secret of the migration the source under test runs, once the test has
+ * opened its main channel ({@link claimMigration}); fault hellos present it.
+ */
+let migrationSecret = '';
+
 function hello(overrides: Partial<Extract<Message, { type: 'hello' }>> = {}): Buffer {
   return encode({
     type: 'hello',
@@ -152,9 +159,24 @@ function hello(overrides: Partial<Extract<Message, { type: 'hello' }>> = {}): Bu
     guestBytes: LAYOUT.guestBytes,
     pageSize: LAYOUT.pageSize,
     channel: 'hostile',
+    secret: migrationSecret,
     ...overrides,
   });
 }
+
+/** Opens the source's main channel as its destination would and keeps its secret for the fault hellos. */
+async function claimMigration(source: SourceProcess): Promise<Peer> {
+  const main = await connect(source.url);
+  main.ws.send(hello({ role: ChannelRole.Main, channel: 'main', secret: '' }));
+  await until(() => main.messages.length > 0, 5_000, 'the main channel\'s welcome');
+  const welcome = main.messages[0]!;
+  if (welcome.type !== 'welcome' || welcome.secret === '') throw new Error(`expected a welcome with the migration's secret, got ${JSON.stringify(welcome)}`);
+  migrationSecret = welcome.secret;
+  return main;
+}
+afterEach(() => {
+  migrationSecret = '';
+});
 
 const PROTOCOL = { code: 'ERR_POSTCOPY_PROTOCOL', close: 1002 } as const;
 const HANDSHAKE = { code: 'ERR_POSTCOPY_HANDSHAKE', close: 1008 } as const;
@@ -218,17 +240,22 @@ const ATTACKS: Attack[] = [
   { name: 'bytes that are not msgpack (a never-used tag)', frames: () => [Buffer.from([0xc1, 0x01, 0x02])], expected: PROTOCOL, pattern: /expected a msgpack frame, got 3 bytes that do not decode/ },
   { name: 'valid msgpack that is not an array', frames: () => [pack({ hello: 'world' })], expected: PROTOCOL, pattern: /expected a message array \[type, \.\.\.fields\], got object/ },
   { name: 'an empty array', frames: () => [pack([])], expected: PROTOCOL, pattern: /expected a message array \[type, \.\.\.fields\], got array of 0/ },
-  { name: 'a hello of the wrong shape', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN])], expected: PROTOCOL, pattern: /hello: expected 6 fields, got 2/ },
-  { name: 'a hello with a string where the role goes', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN, 'main', LAYOUT.guestBytes, 4096, 'x'])], expected: PROTOCOL, pattern: /hello\.role: expected a whole number from 0 to 1, got "main" \(string\)/ },
-  { name: 'a hello with role 2', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN, 2, LAYOUT.guestBytes, 4096, 'x'])], expected: PROTOCOL, pattern: /hello\.role: expected a whole number from 0 to 1, got 2 \(number\)/ },
+  { name: 'a hello of the wrong shape', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN])], expected: PROTOCOL, pattern: /hello: expected 7 fields, got 2/ },
+  { name: 'a hello with a string where the role goes', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN, 'main', LAYOUT.guestBytes, 4096, 'x', ''])], expected: PROTOCOL, pattern: /hello\.role: expected a whole number from 0 to 1, got "main" \(string\)/ },
+  { name: 'a hello with role 2', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN, 2, LAYOUT.guestBytes, 4096, 'x', ''])], expected: PROTOCOL, pattern: /hello\.role: expected a whole number from 0 to 1, got 2 \(number\)/ },
   { name: 'an unknown message type', frames: () => [pack([99, 1, 2])], expected: PROTOCOL, pattern: /expected a message type from 1 to 14, 21 or 23, got 99 \(number\)/ },
   { name: 'a reserved (future) message type', frames: () => [pack([20, new Uint8Array(8)])], expected: PROTOCOL, pattern: /expected a message type from 1 to 14, 21 or 23, got 20/ },
   { name: 'a type that is not a number', frames: () => [pack(['hello', 1])], expected: PROTOCOL, pattern: /expected a message type from 1 to 14, 21 or 23, got "hello" \(string\)/ },
-  { name: 'a hello with the wrong protocol version', frames: () => [hello({ protocolVersion: 2 })], expected: HANDSHAKE, pattern: /expected protocol version 1, got 2/ },
+  { name: 'a hello with the wrong protocol version', frames: () => [hello({ protocolVersion: 1 })], expected: HANDSHAKE, pattern: /expected protocol version 2, got 1/ },
   { name: 'a hello with a wrong token', frames: () => [hello({ token: 'guess' })], expected: HANDSHAKE, pattern: /expected a valid access token, got a wrong one/ },
   { name: 'a hello with an empty token', frames: () => [hello({ token: '' })], expected: HANDSHAKE, pattern: /expected a valid access token, got none/ },
-  { name: 'a hello without the token field', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, ChannelRole.Main, LAYOUT.guestBytes, 4096, 'x'])], expected: PROTOCOL, pattern: /hello: expected 6 fields, got 5/ },
-  { name: 'a hello with a token longer than any real one', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, 'x'.repeat(10_000), 0, LAYOUT.guestBytes, 4096, 'x'])], expected: PROTOCOL, pattern: /hello\.token: expected a string of at most 256 characters/ },
+  { name: 'a hello without the token field', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, ChannelRole.Main, LAYOUT.guestBytes, 4096, 'x', ''])], expected: PROTOCOL, pattern: /hello: expected 7 fields, got 6/ },
+  { name: 'a hello with a token longer than any real one', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, 'x'.repeat(10_000), 0, LAYOUT.guestBytes, 4096, 'x', ''])], expected: PROTOCOL, pattern: /hello\.token: expected a string of at most 256 characters/ },
+  // The token without the secret: not part of the migration (see e2e/test/outsider.test.ts).
+  { name: 'a fault hello with the token but without the secret', frames: () => [hello({ secret: '' }), encode({ type: 'request', id: 1, page: 0 })], expected: HANDSHAKE, pattern: /expected the migration's secret in a fault channel's hello, got none|before any migration started/ },
+  { name: 'a fault hello with a wrong secret', frames: () => [hello({ secret: '0'.repeat(64) }), encode({ type: 'request', id: 1, page: 0 })], expected: HANDSHAKE, pattern: /expected the secret of the migration this source runs, got another one|expected no migration secret/ },
+  { name: 'a hello with a secret that is not one', frames: () => [pack([MessageType.Hello, PROTOCOL_VERSION, TOKEN, 1, LAYOUT.guestBytes, 4096, 'x', 'x'.repeat(4096)])], expected: PROTOCOL, pattern: /hello\.secret: expected '' or 64 hex digits, got "x{40}…" \(string\)/ },
+  { name: 'a second main hello with the token but without the secret', frames: () => [hello({ role: ChannelRole.Main, secret: '' })], expected: HANDSHAKE, pattern: /expected one main channel, got a second one \(hostile\)/ },
   { name: 'a hello with another guest layout', frames: () => [hello({ guestBytes: 16 * 1024 * 1024 })], expected: HANDSHAKE, pattern: /expected guest layout 8MiB in 4KiB pages, got 16MiB in 4KiB pages/ },
   { name: 'a text frame', frames: () => ['{"type":"hello"}'], expected: PROTOCOL, pattern: /expected binary frames, got a text frame/ },
   { name: 'a request before the hello', frames: () => [encode({ type: 'request', id: 1, page: 0 })], expected: PROTOCOL, pattern: /request: expected the handshake \(hello, welcome\) first, got request before it/ },
@@ -262,6 +289,7 @@ async function runAttack(url: string, attack: Attack): Promise<void> {
 describe('the source answers every hostile client with a clear error, closes it, and keeps serving', () => {
   it(`${ATTACKS.length} attacks in turn against one source, each rejected clearly; it serves a valid hello after each`, async () => {
     const source = await startSource();
+    await claimMigration(source);
     for (const attack of ATTACKS) {
       try {
         await runAttack(source.url, attack);
@@ -277,6 +305,7 @@ describe('the source answers every hostile client with a clear error, closes it,
   it('behind an emulated link (delay and bandwidth) the error still arrives before the close, and only one', async () => {
     // The error frame crosses the emulated link; the close must wait for it.
     const source = await startSource(['--link-delay-us', '3000', '--link-bandwidth', '100mbit']);
+    await claimMigration(source);
     for (const attack of ATTACKS.filter((a) => /random bytes|wrong token|before the hello|past the end|text frame/.test(a.name))) {
       await runAttack(source.url, attack);
     }
@@ -294,6 +323,7 @@ describe('the source answers every hostile client with a clear error, closes it,
 
   it('an oversized frame (maxPayload + 1 bytes) is closed with 1009, before and after the hello', async () => {
     const source = await startSource();
+    await claimMigration(source);
     for (const afterHello of [false, true]) {
       const peer = await connect(source.url);
       if (afterHello) {
@@ -317,7 +347,9 @@ describe('the source answers every hostile client with a clear error, closes it,
     const first = await connect(source.url);
     first.ws.send(hello({ role: ChannelRole.Main, channel: 'main' }));
     await until(() => first.messages.length > 0, 5_000, 'a welcome for the first main channel');
-    expect(first.messages[0]!.type).toBe('welcome');
+    const welcome = first.messages[0]!;
+    expect(welcome.type).toBe('welcome');
+    if (welcome.type === 'welcome') migrationSecret = welcome.secret;
     const second = await connect(source.url);
     second.ws.send(hello({ role: ChannelRole.Main, channel: 'intruder' }));
     await expectRejected(second, HANDSHAKE, /expected one main channel, got a second one \(intruder\)/);
@@ -331,6 +363,7 @@ describe('the source answers every hostile client with a clear error, closes it,
 
   it("a peer's text cannot forge or garble the source's log lines", async () => {
     const source = await startSource();
+    await claimMigration(source);
     const forged = 'x\nsource: finished\x1b[2J\x1b]0;pwned\x07';
     const peer = await connect(source.url);
     peer.ws.send(hello({ token: 'guess', channel: forged }));
@@ -348,6 +381,7 @@ describe('the source answers every hostile client with a clear error, closes it,
 
   it('not WebSocket at all: raw TCP garbage and a half-sent frame', async () => {
     const source = await startSource();
+    await claimMigration(source);
     const { hostname, port } = new URL(source.url);
     const raw = netConnect(Number(port), hostname);
     raw.on('error', () => {});
@@ -369,6 +403,7 @@ describe('the source answers every hostile client with a clear error, closes it,
 
   it('a flood of 5,000 requests after a valid hello: exactly one reply each, and the process stays up', async () => {
     const source = await startSource();
+    await claimMigration(source);
     const peer = await connect(source.url);
     peer.ws.send(hello({ channel: 'flood' }));
     await until(() => peer.messages.length > 0, 5_000, 'a welcome');
@@ -408,6 +443,9 @@ describe('the source answers every hostile client with a clear error, closes it,
   });
 });
 
+/** How a hello with the token but not the migration's secret is refused: before the migration began, or during it. */
+const OUTSIDER = /expected (the migration's secret in a fault channel's hello|a fault channel of a running migration|the secret of the migration this source runs|no migration secret)/;
+
 /** What the hostile clients of the concurrent test did and saw. */
 interface HammerStats {
   attempts: number;
@@ -421,9 +459,11 @@ interface HammerStats {
 
 /** Attacks a source in a loop until `stop()` says so or the source goes away. */
 async function hammer(url: string, offset: number, stop: () => boolean, stats: HammerStats): Promise<void> {
-  // Token-less attacks, plus broken frames on an authenticated fault channel
-  // (they never reach the migration: the frame is rejected before any page is touched).
-  const attacks = ATTACKS;
+  // Token-less attacks, and hellos with the token but without the secret
+  // (they never reach the migration: the hello is refused before any page is
+  // touched). A main hello is left out: with the token, it may start the
+  // migration before the real destination does, which is what the token is for.
+  const attacks = ATTACKS.filter((a) => !a.name.includes('main hello'));
   for (let i = offset; !stop(); i++) {
     stats.attempts++;
     const oversized = i % 7 === 3;
@@ -451,12 +491,15 @@ async function hammer(url: string, offset: number, stop: () => boolean, stats: H
       }
       const types = peer.messages.map((m) => m.type).join(',');
       const last = peer.messages.at(-1);
-      const wantTypes = oversized ? '' : attack.afterHello ? 'welcome,error' : 'error';
-      const wantClose = oversized ? 1009 : attack.expected.close;
+      // Without the secret, the hello an attack needs is itself refused (before the destination came, or after).
+      const refusedHello = !oversized && attack.afterHello;
+      const wantTypes = oversized ? '' : 'error';
+      const wantClose = oversized ? 1009 : refusedHello ? HANDSHAKE.close : attack.expected.close;
+      const pattern = refusedHello ? OUTSIDER : attack.pattern;
       const tag = oversized ? 'oversized frame' : attack.name;
       if (types !== wantTypes) stats.unexpected.push(`${tag}: got messages [${types}]`);
       else if (closed.code !== wantClose) stats.unexpected.push(`${tag}: closed with ${closed.code}, expected ${wantClose}`);
-      else if (!oversized && (last?.type !== 'error' || !attack.pattern.test(last.message))) stats.unexpected.push(`${tag}: error ${JSON.stringify(last)}`);
+      else if (!oversized && (last?.type !== 'error' || !pattern.test(last.message))) stats.unexpected.push(`${tag}: error ${JSON.stringify(last)}`);
       else if (peer.garbage.length) stats.unexpected.push(`${tag}: undecodable frames ${peer.garbage.join('; ')}`);
       else stats.rejectedAt.push(Date.now());
     } catch (err) {

@@ -66,7 +66,9 @@ const honestWelcome: Welcome = {
   zeroFraction: 0.1,
   linkDelayUs: 0,
   linkBandwidthBps: 0,
+  secret: '',
 };
+const FAKE_SECRET = '9a'.repeat(32);
 
 class FakeSource {
   readonly wss: WebSocketServer;
@@ -87,7 +89,10 @@ class FakeSource {
           if (m.type !== 'hello') throw new Error(`fake source: expected hello, got ${m.type}`);
           channel = { ws, hello: m };
           if (m.role === 0) this.main = channel;
-          const w = behaviour.welcome ? behaviour.welcome(m, honestWelcome) : honestWelcome;
+          // Honest: the main channel that starts the migration gets its secret, every other one presents it.
+          const honest = { ...honestWelcome, secret: m.role === 0 && m.secret === '' ? FAKE_SECRET : '' };
+          if (m.role === 1 && m.secret !== FAKE_SECRET) throw new Error(`fake source: a fault channel presented ${JSON.stringify(m.secret)}, not the migration's secret`);
+          const w = behaviour.welcome ? behaviour.welcome(m, honest) : honest;
           ws.send(Buffer.isBuffer(w) ? w : encode(w));
           return;
         }
@@ -168,6 +173,7 @@ class FakeSource {
       receivedNotSent,
       peakRssBytes: 0,
       repliesUndeliverable: 0,
+      keepaliveTimeouts: 0,
     };
   }
 
@@ -370,9 +376,19 @@ describe('the destination against a malicious source', () => {
     expect(r.report).toBeUndefined();
   });
 
+  it('a main-channel welcome that gives the migration no secret', async () => {
+    const r = await runAgainst({ welcome: (_h, w) => ({ ...w, secret: '' }) });
+    expectRejected(r, /expected the source to give this migration a secret in its welcome, got none/);
+  });
+
+  it('a fault-channel welcome that hands out a (new) secret', async () => {
+    const r = await runAgainst({ welcome: (h, w) => (h.role === 1 ? { ...w, secret: '77'.repeat(32) } : w) });
+    expectRejected(r, /expected no secret in the welcome of a channel that presented one, got a new one/);
+  });
+
   it('a welcome of the wrong shape', async () => {
     const r = await runAgainst({ welcome: () => pack([MessageType.Welcome, PROTOCOL_VERSION, GUEST_BYTES, PAGE_SIZE]) });
-    expectRejected(r, /not a valid welcome: welcome: expected 9 fields, got 3/);
+    expectRejected(r, /not a valid welcome: welcome: expected 10 fields, got 3/);
     expect(r.report).toBeUndefined();
   });
 

@@ -6,6 +6,9 @@
  * expected clear failure.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
@@ -43,7 +46,7 @@ describe('recovery: the destination drops every connection (--inject drop@PAGES)
     expect(report.counters.pagesInstalled).toBe(4096);
     expect(result.stderr).toMatch(/dest: connection lost \(injected drop@1000 at \d+ pages installed\): postcopy paused/);
     expect(result.stderr).toMatch(/dest: resumed after \d+ ms/);
-    expect(result.stderr).toMatch(/source: connection to the destination lost during postcopy: paused/);
+    expect(result.stderr).toMatch(/source: connection to the destination lost during postcopy \(the destination's main channel closed before the migration finished\): paused/);
   });
 
   it('drop twice (kvm-exit, push, preempt): two pauses, two resumes', { timeout: 60_000 }, async () => {
@@ -93,9 +96,18 @@ describe('recovery: the source process dies and is restarted with --resume (--in
 // ---- hosts started by hand
 
 const children: ChildProcess[] = [];
+const dirs: string[] = [];
 afterEach(() => {
   for (const c of children.splice(0)) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 });
+
+/** A temporary folder of this test's own, removed after it. */
+function tmpDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-recovery-'));
+  dirs.push(dir);
+  return dir;
+}
 
 interface Host {
   child: ChildProcess;
@@ -146,7 +158,7 @@ describe('recovery: hosts that die for good', () => {
     expect(await source.exit).toBe(1);
     const waited = performance.now() - killedAt;
     expect(waited).toBeGreaterThanOrEqual(900);
-    expect(source.stderr()).toMatch(/source: connection to the destination lost during postcopy: paused, waiting up to 1000 ms/);
+    expect(source.stderr()).toMatch(/source: connection to the destination lost during postcopy \(.*\): paused, waiting up to 1000 ms/);
     expect(source.stderr()).toMatch(/source: destination lost: .*did not resume within 1000 ms/);
   });
 
@@ -166,15 +178,17 @@ describe('recovery: hosts that die for good', () => {
     await startSource(['--memory', '16MiB', '--port', port]);
     expect(await dest.exit).toBe(1);
     expect(dest.stderr()).toMatch(/could not be resumed within 3000 ms/);
-    expect(dest.stderr()).toMatch(/the source refused to resume: expected start: this source has no migration to resume/);
+    // A fresh source holds no migration: the destination's hello with its migration's secret is refused at once.
+    expect(dest.stderr()).toMatch(/the source refused the handshake: expected no migration secret \(this source has no migration to resume; to continue a migration whose source died, start the source with --resume and the dead source's --secret-file\)/);
   });
 
   it('the source restarted with another image: the destination refuses to resume from it', { timeout: 60_000 }, async () => {
-    const { host: source, url } = await startSource(['--memory', '16MiB', ...SLOW_PUSH, '--seed', '1']);
+    const secretFile = join(tmpDir(), 'secret');
+    const { host: source, url } = await startSource(['--memory', '16MiB', ...SLOW_PUSH, '--seed', '1', '--secret-file', secretFile]);
     const dest = await startDestUntil(url, ['--memory', '16MiB', '--vcpus', '2', '--reconnect-timeout-ms', '3000'], 500);
     source.child.kill('SIGKILL');
     await source.exit;
-    await startSource(['--memory', '16MiB', '--seed', '2', '--resume', '--port', new URL(url).port]);
+    await startSource(['--memory', '16MiB', '--seed', '2', '--resume', '--secret-file', secretFile, '--port', new URL(url).port]);
     expect(await dest.exit).toBe(1);
     expect(dest.stderr()).toMatch(/expected the source's image [0-9a-f]{16}…, got [0-9a-f]{16}…/);
   });

@@ -66,12 +66,14 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       if (m.role !== ChannelRole.Main && m.role !== ChannelRole.Fault) return `hello.role ${String(m.role)}`;
       if (!isCount(m.guestBytes) || !isU32(m.pageSize)) return 'hello layout fields';
       if (typeof m.channel !== 'string' || m.channel.length > 64) return 'hello.channel';
+      if (m.secret !== '' && !/^[0-9a-f]{64}$/.test(m.secret)) return 'hello.secret';
       return undefined;
     case 'welcome':
       if (![m.protocolVersion, m.pageSize, m.totalPages, m.imageSeed, m.linkDelayUs].every(isU32)) return 'welcome u32 fields';
       if (!isCount(m.guestBytes) || !isCount(m.linkBandwidthBps)) return 'welcome counts';
       if (!isHex64(m.imageDigest)) return 'welcome.imageDigest';
       if (typeof m.zeroFraction !== 'number' || !(m.zeroFraction >= 0 && m.zeroFraction <= 1)) return 'welcome.zeroFraction';
+      if (m.secret !== '' && !/^[0-9a-f]{64}$/.test(m.secret)) return 'welcome.secret';
       return undefined;
     case 'start':
       return typeof m.push === 'boolean' && typeof m.preempt === 'boolean' ? undefined : 'start flags';
@@ -114,7 +116,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
         m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
-        m.repliesUndeliverable,
+        m.repliesUndeliverable, m.keepaliveTimeouts,
       ];
       if (!counters.every(isCount)) return 'summary counters';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
@@ -191,6 +193,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       guestBytes: count,
       pageSize: u32,
       channel: text(64),
+      secret: fc.oneof(fc.constant(''), hex64),
     }),
     fc.record({
       type: fc.constant('welcome' as const),
@@ -203,6 +206,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       zeroFraction: fc.oneof(fc.double({ min: 0, max: 1, noNaN: true }).map((x) => x + 0), fc.constantFrom(0, 1)),
       linkDelayUs: u32,
       linkBandwidthBps: count,
+      secret: fc.oneof(fc.constant(''), hex64),
     }),
     fc.record({ type: fc.constant('start' as const), push: fc.boolean(), preempt: fc.boolean() }),
     reply('request'),
@@ -237,6 +241,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       receivedNotSent: count,
       peakRssBytes: count,
       repliesUndeliverable: count,
+      keepaliveTimeouts: count,
     }),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
   );
@@ -273,7 +278,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

@@ -51,6 +51,7 @@ const summary: Summary = {
   receivedNotSent: 0,
   peakRssBytes: 123 * 1024 * 1024,
   repliesUndeliverable: 2,
+  keepaliveTimeouts: 1,
 };
 
 const receivedmap = new Uint8Array(8);
@@ -66,6 +67,7 @@ const samples: Message[] = [
     guestBytes: layout.guestBytes,
     pageSize: PAGE,
     channel: 'vcpu3',
+    secret: 'ab'.repeat(32),
   },
   {
     type: 'hello',
@@ -75,6 +77,7 @@ const samples: Message[] = [
     guestBytes: layout.guestBytes,
     pageSize: PAGE,
     channel: 'main',
+    secret: '',
   },
   {
     type: 'welcome',
@@ -87,6 +90,7 @@ const samples: Message[] = [
     zeroFraction: 0.1,
     linkDelayUs: 200,
     linkBandwidthBps: 10_000_000_000,
+    secret: '0123456789abcdef'.repeat(4),
   },
   { type: 'start', push: true, preempt: false },
   { type: 'start', push: false, preempt: true },
@@ -208,7 +212,8 @@ describe('rejects malformed frames with ProtocolError', () => {
     expectRejected(pack([MessageType.Start]), 'start', 'expected 2 fields, got 0');
     expectRejected(pack([MessageType.Pushed, 1]), 'pushed', 'expected 2 fields, got 1');
     expectRejected(pack([MessageType.Summary]), 'summary', 'expected 1 fields, got 0');
-    expectRejected(pack([MessageType.Hello, 1, 't', 0, PAGE, PAGE]), 'hello', 'expected 6 fields, got 5');
+    expectRejected(pack([MessageType.Hello, 1, 't', 0, PAGE, PAGE]), 'hello', 'expected 7 fields, got 5');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, PAGE, PAGE, 'main']), 'hello', 'expected 7 fields, got 6');
   });
 
   it('a page index out of range', () => {
@@ -279,16 +284,21 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('a hello whose token is longer than 256 characters', () => {
-    const hello = (token: unknown): Uint8Array => pack([MessageType.Hello, PROTOCOL_VERSION, token, 0, layout.guestBytes, PAGE, 'main']);
+    const hello = (token: unknown): Uint8Array => pack([MessageType.Hello, PROTOCOL_VERSION, token, 0, layout.guestBytes, PAGE, 'main', '']);
     expect(decode(hello('t'.repeat(256)))).toMatchObject({ type: 'hello', token: 't'.repeat(256) });
     expectRejected(hello('t'.repeat(257)), 'hello.token', 'at most 256 characters', '"tttt', '(string)');
-    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 2, layout.guestBytes, PAGE, 'main']), 'hello.role', 'from 0 to 1', '2 (number)');
-    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, 'c'.repeat(65)]), 'hello.channel', 'at most 64');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 2, layout.guestBytes, PAGE, 'main', '']), 'hello.role', 'from 0 to 1', '2 (number)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, 'c'.repeat(65), '']), 'hello.channel', 'at most 64');
+    // The secret is '' or exactly 64 lowercase hex digits: nothing else gets as far as a comparison.
+    for (const bad of ['a'.repeat(63), 'a'.repeat(65), 'A'.repeat(64), 'g'.repeat(64), 'x'.repeat(10_000)]) {
+      expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 1, layout.guestBytes, PAGE, 'vcpu0', bad]), 'hello.secret', "expected '' or 64 hex digits");
+    }
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 1, layout.guestBytes, PAGE, 'vcpu0', 42]), 'hello.secret', "expected '' or 64 hex digits", '42 (number)');
   });
 
   it('a welcome with a bad digest', () => {
     const welcome = (digest: unknown, zeroFraction: unknown = 0): Uint8Array =>
-      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction, 0, 0]);
+      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction, 0, 0, '']);
     expect(decode(welcome(DIGEST))).toMatchObject({ type: 'welcome', imageDigest: DIGEST });
     expectRejected(welcome('not-a-digest'), 'welcome.imageDigest', '64 hex digits', '"not-a-digest" (string)');
     expectRejected(welcome('AB'.repeat(32)), 'welcome.imageDigest', '64 hex digits', '"ABAB');
@@ -321,8 +331,8 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('a text field of the wrong type', () => {
-    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 12345, 0, layout.guestBytes, PAGE, 'main']), 'hello.token', 'string', '12345 (number)');
-    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, null]), 'hello.channel', 'string', 'null');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 12345, 0, layout.guestBytes, PAGE, 'main', '']), 'hello.token', 'string', '12345 (number)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, null, '']), 'hello.channel', 'string', 'null');
     expectRejected(pack([MessageType.Error, 42, 'boom']), 'error.code', 'string', '42 (number)');
     expectRejected(pack([MessageType.Error, 'E', new Uint8Array(3)]), 'error.message', 'string', '3 bytes');
     expectRejected(pack([MessageType.Start, 'yes', false]), 'start.push', 'boolean', '"yes" (string)');

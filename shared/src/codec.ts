@@ -3,6 +3,7 @@ import { ProtocolError, describe } from './errors.js';
 import type { GuestLayout } from './layout.js';
 import {
   ChannelRole,
+  MIGRATION_SECRET_PATTERN,
   MessageType,
   maxPushPages,
   type Message,
@@ -26,6 +27,7 @@ const SUMMARY_FIELDS = [
   'receivedNotSent',
   'peakRssBytes',
   'repliesUndeliverable',
+  'keepaliveTimeouts',
 ] as const satisfies readonly (keyof SourceSummary)[];
 
 /** Encodes one message into one frame. */
@@ -40,6 +42,7 @@ export function encode(message: Message): Buffer {
         message.guestBytes,
         message.pageSize,
         message.channel,
+        message.secret,
       ]);
     case 'welcome':
       return packr.pack([
@@ -53,6 +56,7 @@ export function encode(message: Message): Buffer {
         message.zeroFraction,
         message.linkDelayUs,
         message.linkBandwidthBps,
+        message.secret,
       ]);
     case 'start':
       return packr.pack([MessageType.Start, message.push, message.preempt]);
@@ -115,6 +119,15 @@ function expectString(frame: unknown[], index: number, name: string, max = MAX_T
   const value = field(frame, index, name);
   if (typeof value !== 'string' || value.length > max) {
     throw new ProtocolError(`${typeName(frame)}.${name}: expected a string of at most ${max} characters, got ${describe(value)}`);
+  }
+  return value;
+}
+
+/** A migration secret field: '' (none) or 64 lowercase hex digits. */
+function expectSecret(frame: unknown[], index: number): string {
+  const value = field(frame, index, 'secret');
+  if (typeof value !== 'string' || (value !== '' && !MIGRATION_SECRET_PATTERN.test(value))) {
+    throw new ProtocolError(`${typeName(frame)}.secret: expected '' or 64 hex digits, got ${describe(value)}`);
   }
   return value;
 }
@@ -183,7 +196,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
   const type = f[0];
   switch (type) {
     case MessageType.Hello: {
-      expectLength(f, 7);
+      expectLength(f, 8);
       const role = expectUint(f, 3, 'role', 1);
       return {
         type: 'hello',
@@ -193,10 +206,11 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         guestBytes: expectUint(f, 4, 'guestBytes'),
         pageSize: expectUint(f, 5, 'pageSize', MAX_U32),
         channel: expectString(f, 6, 'channel', 64),
+        secret: expectSecret(f, 7),
       };
     }
     case MessageType.Welcome: {
-      expectLength(f, 10);
+      expectLength(f, 11);
       const zeroFraction = f[7];
       if (typeof zeroFraction !== 'number' || !(zeroFraction >= 0 && zeroFraction <= 1)) {
         throw new ProtocolError(`welcome.zeroFraction: expected a number from 0 to 1, got ${describe(zeroFraction)}`);
@@ -216,6 +230,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         zeroFraction,
         linkDelayUs: expectUint(f, 8, 'linkDelayUs', MAX_U32),
         linkBandwidthBps: expectUint(f, 9, 'linkBandwidthBps'),
+        secret: expectSecret(f, 10),
       };
     }
     case MessageType.Start:

@@ -10,3 +10,5 @@ export * from './report.js';
 export * from './worker.js';
 export * from './random.js';
 export * from './cli.js';
+export * from './keepalive.js';
+export * from './tls.js';

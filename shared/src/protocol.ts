@@ -14,7 +14,23 @@
  * postcopy-preempt channel; today preempt reuses the fault channels).
  */
 
-export const PROTOCOL_VERSION = 1;
+/**
+ * Version 2: hello and welcome carry the migration's secret (every channel
+ * is bound to its migration), and the summary the source's keepalive count.
+ */
+export const PROTOCOL_VERSION = 2;
+
+/**
+ * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
+ * multifd channels carry the migration's UUID for the same purpose). The
+ * source makes it when it listens and gives it to the migration's main
+ * channel in `welcome`; every other channel of the migration (fault
+ * channels, a main channel that resumes after a drop) presents it in its
+ * `hello`. The access token says who may start a migration; the secret says
+ * who is part of this one.
+ */
+export const MIGRATION_SECRET_PATTERN = /^[0-9a-f]{64}$/;
+export const MIGRATION_SECRET_BYTES = 32;
 
 export const MessageType = {
   Hello: 1,
@@ -51,6 +67,12 @@ export interface Hello {
   pageSize: number;
   /** Free-form label of the channel's owner, e.g. `vcpu3`, `resolver0` (for error messages and stats). */
   channel: string;
+  /**
+   * The secret of the migration this channel belongs to (see
+   * {@link MIGRATION_SECRET_PATTERN}), or '' on the main channel of a new
+   * migration, which receives the secret in its welcome.
+   */
+  secret: string;
 }
 
 export interface Welcome {
@@ -67,6 +89,8 @@ export interface Welcome {
   /** The emulated link at the source: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
   linkDelayUs: number;
   linkBandwidthBps: number;
+  /** The new migration's secret, on the main channel that started it; '' on every other channel (never echoed). */
+  secret: string;
 }
 
 export interface Start {
@@ -193,6 +217,8 @@ export interface SourceSummary {
   peakRssBytes: number;
   /** Requests whose channel closed before the answer could go out (a lost connection). */
   repliesUndeliverable: number;
+  /** Times the source's keepalive found the destination's main channel silent and cut it. */
+  keepaliveTimeouts: number;
 }
 
 export interface Summary extends SourceSummary {

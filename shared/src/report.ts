@@ -65,6 +65,8 @@ export interface Report {
   memslots: number;
   push: boolean;
   preempt: boolean;
+  /** The link ran over TLS (wss://). */
+  tls: boolean;
   /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
   linkDelayUs: number;
   linkBandwidthBps: number;
@@ -105,6 +107,12 @@ export interface RecoveryFigures {
   sourceRestarts: number;
   /** Time spent paused, ms (vCPUs that touched missing pages stayed blocked meanwhile). */
   pausedMs: number;
+  /** The keepalive: a main channel silent this long counts as lost (0 = no keepalive). */
+  keepaliveMs: number;
+  /** Times the destination's keepalive found the source silent and cut the connection (a dead link sends no reset). */
+  keepaliveTimeouts: number;
+  /** Times the source's keepalive found the destination silent. */
+  sourceKeepaliveTimeouts: number;
 }
 
 function pad(cells: string[][]): string {
@@ -128,7 +136,7 @@ export function formatReport(r: Report): string {
   lines.push(
     `postcopy migration: ${r.strategy}, ${r.vcpus} vCPU${r.vcpus > 1 ? 's' : ''}, workload ${r.workload}, ` +
       `${formatBytes(r.guestBytes)} guest in ${r.memslots} memslot${r.memslots > 1 ? 's' : ''}, ${formatBytes(r.pageSize)} pages, ` +
-      `push ${r.push ? 'on' : 'off'}${r.preempt ? ', preempt' : ''}` +
+      `push ${r.push ? 'on' : 'off'}${r.preempt ? ', preempt' : ''}${r.tls ? ', TLS' : ''}` +
       `${r.linkDelayUs ? `, link delay ${r.linkDelayUs} µs` : ''}${r.linkBandwidthBps ? `, link ${formatRate(r.linkBandwidthBps)}` : ''}${r.strategy === 'shared-uffd' ? `, ${r.readers} reader${r.readers > 1 ? 's' : ''}` : ''}` +
       `${r.ioThreads ? `, ${r.ioThreads} I/O thread${r.ioThreads > 1 ? 's' : ''}` : ''}`,
   );
@@ -172,7 +180,8 @@ export function formatReport(r: Report): string {
       `recovery: ${rec.pauses} pause${rec.pauses > 1 ? 's' : ''}, ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'}` +
         `${rec.dropsInjected ? ` (${rec.dropsInjected} injected drop${rec.dropsInjected > 1 ? 's' : ''})` : ''}` +
         `${rec.sourceRestarts ? `, ${rec.sourceRestarts} source restart${rec.sourceRestarts > 1 ? 's' : ''}` : ''}, ` +
-        `paused ${fmt(rec.pausedMs)} ms; ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, ${rec.repliesDropped} stale replies dropped`,
+        `paused ${fmt(rec.pausedMs)} ms; ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, ${rec.repliesDropped} stale replies dropped` +
+        `${rec.keepaliveTimeouts + rec.sourceKeepaliveTimeouts > 0 ? `; keepalive found a silent peer ${rec.keepaliveTimeouts} time(s) here, ${rec.sourceKeepaliveTimeouts} at the source` : ''}`,
     );
   }
   lines.push(`peak RSS: destination ${(r.memory.destPeakRssBytes / 1024 / 1024).toFixed(0)} MiB, source ${(r.memory.sourcePeakRssBytes / 1024 / 1024).toFixed(0)} MiB`);

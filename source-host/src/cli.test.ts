@@ -3,7 +3,7 @@
  * around recovery, and how it ends when the destination does not resume.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -72,8 +72,8 @@ async function listeningUrl(source: SourceProcess): Promise<string> {
   return first.slice('listening '.length);
 }
 
-/** A main channel: hello, then resolves with the messages array once welcomed. */
-async function mainChannel(url: string): Promise<{ ws: WebSocket; messages: Message[] }> {
+/** A main channel (with the migration's secret to resume it): hello, then resolves with the messages array once welcomed. */
+async function mainChannel(url: string, secret = ''): Promise<{ ws: WebSocket; messages: Message[]; secret: string }> {
   const ws = new WebSocket(url, { perMessageDeflate: false });
   sockets.push(ws);
   const messages: Message[] = [];
@@ -83,15 +83,18 @@ async function mainChannel(url: string): Promise<{ ws: WebSocket; messages: Mess
     ws.once('open', () => resolve());
     ws.once('error', reject);
   });
-  ws.send(encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: ChannelRole.Main, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel: 'main' }));
+  ws.send(encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: ChannelRole.Main, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel: 'main', secret }));
   await until(() => messages.length > 0, 5000, 'the welcome');
-  expect(messages[0]!.type).toBe('welcome');
-  return { ws, messages };
+  const welcome = messages[0]!;
+  expect(welcome.type).toBe('welcome');
+  return { ws, messages, secret: welcome.type === 'welcome' && welcome.secret !== '' ? welcome.secret : secret };
 }
 
 describe('source command: recovery', () => {
   it('with --resume says it waits, and exits 1 with a clear reason when nobody resumes', async () => {
-    const source = startSource(['--resume', '--resume-timeout-ms', '300']);
+    const secretFile = join(tsconfigDir, 'resume-secret');
+    writeFileSync(secretFile, 'ab'.repeat(32) + '\n');
+    const source = startSource(['--resume', '--secret-file', secretFile, '--resume-timeout-ms', '300']);
     await listeningUrl(source);
     expect(await source.exited).toBe(1);
     expect(source.stdout().split('\n').filter(Boolean)).toHaveLength(1);
@@ -102,17 +105,23 @@ describe('source command: recovery', () => {
   }, 30_000);
 
   it('prints paused and resumed, and finishes normally after the resume', async () => {
-    const source = startSource(['--resume-timeout-ms', '5000']);
+    const secretFile = join(tsconfigDir, 'secret');
+    const source = startSource(['--resume-timeout-ms', '5000', '--secret-file', secretFile]);
     const url = await listeningUrl(source);
     const main = await mainChannel(url);
+    // The secret the welcome gave is kept in the file, owner-only, for a source restarted with --resume.
+    expect(readFileSync(secretFile, 'utf8')).toBe(main.secret + '\n');
+    expect(statSync(secretFile).mode & 0o777).toBe(0o600);
     main.ws.send(encode({ type: 'start', push: true, preempt: true }));
     await until(() => main.messages.some((m) => m.type === 'pushed'), 5000, 'a pushed page');
     main.ws.terminate();
     await until(() => source.stderr().includes('paused'), 5000, 'the paused line');
-    expect(source.stderr()).toBe('source: connection to the destination lost during postcopy: paused, waiting up to 5000 ms for it to resume\n');
+    expect(source.stderr()).toBe(
+      "source: connection to the destination lost during postcopy (the destination's main channel closed before the migration finished): paused, waiting up to 5000 ms for it to resume\n",
+    );
 
     // Nothing received: every page pushed so far was lost on the way.
-    const main2 = await mainChannel(url);
+    const main2 = await mainChannel(url, main.secret);
     main2.ws.send(encode({ type: 'resume', push: true, preempt: true, receivedmap: new Uint8Array(bitmapBytes(LAYOUT.totalPages)), requestedmap: new Uint8Array(bitmapBytes(LAYOUT.totalPages)) }));
     await until(() => main2.messages.some((m) => m.type === 'complete'), 5000, 'complete after the resume');
     const resumed = main2.messages[1]!;
@@ -126,5 +135,20 @@ describe('source command: recovery', () => {
     expect(await source.exited).toBe(0);
     const summary = main2.messages.find((m) => m.type === 'summary');
     expect(summary).toMatchObject({ pagesSent: LAYOUT.totalPages, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+  }, 30_000);
+
+  it('--resume without --secret-file, or with a file that holds no secret, is a usage error (exit 2) before anything listens', async () => {
+    const missing = startSource(['--resume']);
+    expect(await missing.exited).toBe(2);
+    expect(missing.stdout()).toBe('');
+    expect(missing.stderr()).toMatch(/^source: --resume: expected --secret-file with it/);
+    const bad = join(tsconfigDir, 'not-a-secret');
+    writeFileSync(bad, 'hello\n');
+    const wrong = startSource(['--resume', '--secret-file', bad]);
+    expect(await wrong.exited).toBe(2);
+    expect(wrong.stderr()).toMatch(/^source: --secret-file: expected a migration secret \(64 hex digits\)/);
+    const absent = startSource(['--resume', '--secret-file', join(tsconfigDir, 'nowhere', 'secret')]);
+    expect(await absent.exited).toBe(2);
+    expect(absent.stderr()).toMatch(/^source: --secret-file: expected the secret file the source that died wrote, got .*ENOENT/);
   }, 30_000);
 });

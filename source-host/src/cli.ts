@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { GuestImage } from './image.js';
+import { readSecretFile, writeSecretFile } from './access.js';
 import { parseSourceOptions, sourceCommand } from './options.js';
 import { SourceServer, generateToken } from './server.js';
 
@@ -13,6 +14,9 @@ async function main(): Promise<number> {
     token = generateToken();
     process.stdout.write(`token ${token}\n`);
   }
+  for (const warning of options.tlsWarnings) process.stderr.write(`source: warning: ${warning}\n`);
+  // Read before the image is built: a bad file is a usage error, at once.
+  const inherited = options.resume && options.secretFile !== undefined ? readSecretFile(options.secretFile) : undefined;
   const image = new GuestImage(options.layout, options.image);
   const server = await SourceServer.listen(image, {
     host: options.host,
@@ -24,7 +28,12 @@ async function main(): Promise<number> {
     resume: options.resume,
     resumeTimeoutMs: options.resumeTimeoutMs,
     maxConnections: options.maxConnections,
+    keepaliveMs: options.keepaliveMs,
+    ...(options.tls ? { tls: options.tls } : {}),
+    ...(inherited !== undefined ? { secret: inherited } : {}),
   });
+  // Kept where a replacement source (--resume) can read it, before the URL is printed (launchers start the destination after that).
+  if (options.secretFile !== undefined && !options.resume) writeSecretFile(options.secretFile, server.secret);
   // A line of its own, first: launchers read the URL from it.
   process.stdout.write(`listening ${server.url}\n`);
   if (options.resume) process.stderr.write(`source: restarted with --resume: waiting for the destination to resume the migration\n`);
@@ -32,8 +41,11 @@ async function main(): Promise<number> {
   server.on('rejected', (label: string, err: Error) => {
     process.stderr.write(`source: rejected ${label}: ${err.message}\n`);
   });
-  server.on('paused', () => {
-    process.stderr.write(`source: connection to the destination lost during postcopy: paused, waiting up to ${options.resumeTimeoutMs} ms for it to resume\n`);
+  server.on('paused', (reason: string) => {
+    process.stderr.write(`source: connection to the destination lost during postcopy (${reason}): paused, waiting up to ${options.resumeTimeoutMs} ms for it to resume\n`);
+  });
+  server.on('keepalive-timeout', (silentMs: number) => {
+    process.stderr.write(`source: the destination's main channel was silent for ${Math.round(silentMs)} ms (--keepalive-ms ${options.keepaliveMs}): cut it\n`);
   });
   server.on('resumed', (pagesMarkedUnsent: number) => {
     process.stderr.write(`source: resumed (${pagesMarkedUnsent} pages lost on the way marked unsent)\n`);

@@ -1,5 +1,17 @@
 import { Command, Option } from 'commander';
-import { UsageError, describe, makeLayout, parseFraction, parseIntOption, parseSize, type GuestLayout, type ImageSpec } from '@postcopy/shared';
+import {
+  UsageError,
+  describe,
+  loadTlsFiles,
+  makeLayout,
+  parseFraction,
+  parseHost,
+  parseIntOption,
+  parseSize,
+  type GuestLayout,
+  type ImageSpec,
+} from '@postcopy/shared';
+import type { ListenerTls } from './listener.js';
 import { parseBandwidth, type LinkSpec } from './link.js';
 import { SERVER_DEFAULTS } from './server.js';
 
@@ -18,6 +30,8 @@ export const SOURCE_DEFAULTS = {
   resume: false,
   resumeTimeoutMs: String(SERVER_DEFAULTS.resumeTimeoutMs),
   maxConnections: String(SERVER_DEFAULTS.maxConnections),
+  keepaliveMs: String(SERVER_DEFAULTS.keepaliveMs),
+  tlsVerifyPeer: false,
 } as const;
 
 export interface SourceOptions {
@@ -36,6 +50,14 @@ export interface SourceOptions {
   resumeTimeoutMs: number;
   /** Open connections at most. */
   maxConnections: number;
+  /** Cut a silent main channel after this long (0 = never). */
+  keepaliveMs: number;
+  /** wss:// with these; undefined for plain ws://. */
+  tls: ListenerTls | undefined;
+  /** Warnings about the TLS files (a certificate outside its validity). */
+  tlsWarnings: string[];
+  /** Where the migration's secret is kept for a restarted source (`--resume` reads it). */
+  secretFile: string | undefined;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
@@ -81,9 +103,21 @@ export function sourceCommand(): Command {
     .addOption(new Option('--token <token>', 'access token the destination must present (default: $POSTCOPY_TOKEN, else a generated one, printed once)'))
     .option('--resume', 'continue a migration whose source process died: wait for the destination to resume it (start with the same image options)', SOURCE_DEFAULTS.resume)
     .option('--resume-timeout-ms <ms>', 'how long a paused migration waits for the destination to resume before the source gives up (exit 1)', SOURCE_DEFAULTS.resumeTimeoutMs)
-    .option('--max-connections <n>', 'connections open at once at most; one more is refused (ERR_POSTCOPY_BUSY) and the source keeps serving', SOURCE_DEFAULTS.maxConnections);
+    .option('--max-connections <n>', 'connections open at once at most; one more is refused (ERR_POSTCOPY_BUSY) and the source keeps serving', SOURCE_DEFAULTS.maxConnections)
+    .option('--secret-file <path>', "write the migration's secret here (owner-only); with --resume, read the secret of the migration to resume from it")
+    .option('--keepalive-ms <ms>', 'ping the destination; cut its main channel (a pause) when it says nothing for this long, as a dead link sends no reset (0 = never)', SOURCE_DEFAULTS.keepaliveMs);
+  addTlsOptions(cmd);
   addLinkOptions(cmd);
   return addImageOptions(cmd);
+}
+
+/** The source's TLS options (the destination takes the same three, seen from its side). */
+function addTlsOptions(cmd: Command): Command {
+  return cmd
+    .option('--tls-cert <file>', 'listen on wss:// with this certificate (PEM); needs --tls-key')
+    .option('--tls-key <file>', "the certificate's private key (PEM)")
+    .option('--tls-ca <file>', 'CA certificates (PEM) that client certificates must be signed by (with --tls-verify-peer)')
+    .option('--tls-verify-peer', "require a client certificate signed by --tls-ca (QEMU's verify-peer)", SOURCE_DEFAULTS.tlsVerifyPeer);
 }
 
 /** A flag's value: commander gives a boolean; anything else is a caller's mistake, said as a usage error. */
@@ -101,7 +135,7 @@ export function parseImageOptions(raw: Record<string, string>): { layout: GuestL
 export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
   return {
     ...parseImageOptions(raw),
-    host: raw.host!,
+    host: parseHost('--host', raw.host!),
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,
     handshakeTimeoutMs: parseIntOption('--handshake-timeout-ms', raw.handshakeTimeoutMs!, 10, 3_600_000),
@@ -111,5 +145,34 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     resume: parseBooleanOption('--resume', (raw.resume as unknown) ?? SOURCE_DEFAULTS.resume),
     resumeTimeoutMs: parseIntOption('--resume-timeout-ms', String(raw.resumeTimeoutMs ?? SOURCE_DEFAULTS.resumeTimeoutMs), 10, 3_600_000),
     maxConnections: parseIntOption('--max-connections', String(raw.maxConnections ?? SOURCE_DEFAULTS.maxConnections), 1, 65_536),
+    keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? SOURCE_DEFAULTS.keepaliveMs), 0, 3_600_000),
+    ...parseSourceTls(raw),
+    secretFile: parseSecretFile(raw),
   };
+}
+
+function parseSecretFile(raw: Record<string, string>): string | undefined {
+  const file = raw.secretFile;
+  if ((raw.resume as unknown) === true && file === undefined) {
+    throw new UsageError(
+      "--resume: expected --secret-file with it (the file the source that died wrote its migration's secret to): without the secret, a resumed migration could be taken over by anyone with the token",
+    );
+  }
+  return file;
+}
+
+/** The source's TLS options: cert and key make it a wss:// source; --tls-verify-peer needs --tls-ca. */
+function parseSourceTls(raw: Record<string, string>): { tls: ListenerTls | undefined; tlsWarnings: string[] } {
+  const verifyPeer = parseBooleanOption('--tls-verify-peer', (raw.tlsVerifyPeer as unknown) ?? SOURCE_DEFAULTS.tlsVerifyPeer);
+  const { material, warnings } = loadTlsFiles({ cert: raw.tlsCert, key: raw.tlsKey, ca: raw.tlsCa });
+  if (material.cert === undefined || material.key === undefined) {
+    if (verifyPeer || material.ca !== undefined) {
+      throw new UsageError(`${verifyPeer ? '--tls-verify-peer' : '--tls-ca'}: expected --tls-cert and --tls-key with it (TLS needs the source's own certificate), got neither`);
+    }
+    return { tls: undefined, tlsWarnings: [] };
+  }
+  if (verifyPeer && material.ca === undefined) {
+    throw new UsageError('--tls-verify-peer: expected --tls-ca with it (the CA that client certificates must be signed by), got none');
+  }
+  return { tls: { cert: material.cert, key: material.key, ...(material.ca !== undefined ? { ca: material.ca } : {}), verifyPeer }, tlsWarnings: warnings };
 }

@@ -46,7 +46,7 @@ describe('source handshake timeout', () => {
 
   it('leaves a peer that said hello in time alone', async () => {
     const server = await listen(200);
-    const hello = encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: ChannelRole.Fault, guestBytes: 16 * 4096, pageSize: 4096, channel: 'fault0' });
+    const hello = encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: ChannelRole.Main, guestBytes: 16 * 4096, pageSize: 4096, channel: 'main', secret: '' });
     const { messages } = await session(
       server.url,
       (ws) => {
@@ -128,16 +128,24 @@ async function connect(url: string): Promise<Peer> {
   return peer;
 }
 
-function helloFrame(role: number, channel: string): Buffer {
-  return encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: role as 0 | 1, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel });
+function helloFrame(role: number, channel: string, secret = ''): Buffer {
+  return encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: role as 0 | 1, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel, secret });
 }
 
-/** Connects and says hello; resolves after the welcome. */
-async function channel(url: string, role: number, label: string): Promise<Peer> {
+/** Connects and says hello (with the migration's `secret`, if given); resolves after the welcome. */
+async function channel(url: string, role: number, label: string, secret = ''): Promise<Peer> {
   const peer = await connect(url);
-  peer.ws.send(helloFrame(role, label));
+  peer.ws.send(helloFrame(role, label, secret));
   await peer.next('welcome');
   return peer;
+}
+
+/** The secret a new migration's main channel got in its welcome. */
+function secretOf(main: Peer): string {
+  const welcome = main.messages[0];
+  if (welcome?.type !== 'welcome') throw new Error(`expected a welcome first, got ${welcome?.type}`);
+  expect(welcome.secret).toMatch(/^[0-9a-f]{64}$/);
+  return welcome.secret;
 }
 
 function bitmapOf(pages: Iterable<number>): Uint8Array {
@@ -187,8 +195,9 @@ describe('source recovery: paused, resumed', () => {
   it('pauses when the main channel drops, cuts the old fault channels, refuses fault hellos while paused, and resumes on a new main channel', async () => {
     const server = await listenWith();
     const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
-    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
     fault.ws.send(encode({ type: 'request', id: 1, page: 3 }));
     fault.ws.send(encode({ type: 'request', id: 2, page: 4 }));
     expect(await fault.next('page', 2)).toMatchObject({ id: 2, page: 4 });
@@ -204,12 +213,12 @@ describe('source recovery: paused, resumed', () => {
 
     // A fault channel may not come back before the main channel has resumed.
     const early = await connect(server.url);
-    early.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    early.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0', secret));
     await expectRefused(early, 'ERR_POSTCOPY_PAUSED', `the migration is paused: expected the destination's main channel to resume it first`, 1013);
     expect(early.messages.map((m) => m.type)).toEqual(['error']);
 
     // Resume: page 4 was sent but never arrived; pages 7 and 9 were requested and are still missing.
-    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     const resumedEvent = nextEvent<[number, boolean]>(server, 'resumed');
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([3]), requestedmap: bitmapOf([3, 7, 9]) }));
     expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false });
@@ -225,7 +234,7 @@ describe('source recovery: paused, resumed', () => {
     ]);
 
     // Now the fault channel reconnects and replays its pending request (old id): already sent; a new one is answered.
-    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
     fault2.ws.send(encode({ type: 'request', id: 2, page: 4 }));
     fault2.ws.send(encode({ type: 'request', id: 3, page: 7 }));
     const reply = await fault2.next('page');
@@ -246,6 +255,7 @@ describe('source recovery: paused, resumed', () => {
     const TIMEOUT = 600;
     const server = await listenWith({ resumeTimeoutMs: TIMEOUT });
     const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: true, preempt: true }));
     await main.next('pushed');
     const paused = nextEvent(server, 'paused');
@@ -255,7 +265,7 @@ describe('source recovery: paused, resumed', () => {
     const pausedAt = performance.now();
     // A resume attempt that drops before it resumes.
     await new Promise((r) => setTimeout(r, TIMEOUT / 2));
-    const attempt = await channel(server.url, ChannelRole.Main, 'main');
+    const attempt = await channel(server.url, ChannelRole.Main, 'main', secret);
     const attemptDroppedAt = performance.now();
     attempt.ws.terminate();
     const [reason] = await lost;
@@ -276,18 +286,23 @@ describe('source recovery: paused, resumed', () => {
   });
 
   it('a --resume source begins paused: it refuses start and fault channels, resumes with restarted=true and sends the requested pages', async () => {
-    const server = await listenWith({ resume: true, resumeTimeoutMs: 5000 });
+    const secret = 'c0de'.repeat(16);
+    const server = await listenWith({ resume: true, resumeTimeoutMs: 5000, secret });
     expect(server.state).toBe('paused');
     const fault = await connect(server.url);
-    fault.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    fault.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0', secret));
     await expectRefused(fault, 'ERR_POSTCOPY_PAUSED', /^the migration is paused: expected/, 1013);
+    // Without the secret, nobody may even open the main channel of the migration it continues.
+    const stranger = await connect(server.url);
+    stranger.ws.send(helloFrame(ChannelRole.Main, 'main'));
+    await expectRefused(stranger, 'ERR_POSTCOPY_HANDSHAKE', /^expected the migration's secret on a main channel that resumes it, got none/, 1008);
 
-    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const main = await channel(server.url, ChannelRole.Main, 'main', secret);
     main.ws.send(encode({ type: 'start', push: true, preempt: true }));
     await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume: the migration is paused (this source was started with --resume)', 1002);
     expect(server.state).toBe('paused');
 
-    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([0, 1]), requestedmap: bitmapOf([1, 5, 6]) }));
     expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: true });
     await main2.next('page', 3);
@@ -297,7 +312,7 @@ describe('source recovery: paused, resumed', () => {
       ['page', 5],
       ['page', 6],
     ]);
-    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0');
+    const fault2 = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
     fault2.ws.send(encode({ type: 'request', id: 9, page: 1 }));
     expect(await fault2.next('already-sent')).toEqual({ type: 'already-sent', id: 9, page: 1 });
 
@@ -305,17 +320,17 @@ describe('source recovery: paused, resumed', () => {
     const paused = nextEvent(server, 'paused');
     main2.ws.terminate();
     await paused;
-    const main3 = await channel(server.url, ChannelRole.Main, 'main');
+    const main3 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main3.ws.send(encode({ type: 'start', push: true, preempt: true }));
     await expectRefused(main3, 'ERR_POSTCOPY_PROTOCOL', 'expected resume: the migration is paused (its connection was lost)', 1002);
-    const main4 = await channel(server.url, ChannelRole.Main, 'main');
+    const main4 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main4.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([0, 1, 5]), requestedmap: bitmapOf([]) }));
     // Page 6 was sent but is not in the receivedmap.
     expect(await main4.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false });
   });
 
   it('a --resume source that nobody resumes gives up after the timeout', async () => {
-    const server = await listenWith({ resume: true, resumeTimeoutMs: 100 });
+    const server = await listenWith({ resume: true, resumeTimeoutMs: 100, secret: 'ab'.repeat(32) });
     const [reason] = await nextEvent<[string]>(server, 'destination-lost', 5000);
     expect(reason).toBe('this source was restarted with --resume and the destination did not resume the migration within 100 ms');
   });
@@ -336,12 +351,13 @@ describe('source recovery: paused, resumed', () => {
   it('refuses a second start and a resume while active (and the refused main channel pauses the migration)', async () => {
     const server = await listenWith();
     const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
     main.ws.send(encode({ type: 'resume', push: true, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
     await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume only while the migration is paused, got it while it is active', 1002);
     await waitFor(() => server.state === 'paused', 'the pause');
 
-    const main2 = await channel(server.url, ChannelRole.Main, 'main');
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
     await main2.next('resumed');
     main2.ws.send(encode({ type: 'start', push: false, preempt: true }));
@@ -353,6 +369,7 @@ describe('source connection limit', () => {
   it('refuses the connection past maxConnections with ERR_POSTCOPY_BUSY and 1013, and keeps serving the others', async () => {
     const server = await listenWith({ maxConnections: 2 });
     const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
     // Counted without a hello too.
     const silent = await connect(server.url);
@@ -361,18 +378,164 @@ describe('source connection limit', () => {
     expect(third.messages).toHaveLength(1);
 
     // The first two still work.
-    silent.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0'));
+    silent.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0', secret));
     await silent.next('welcome');
     silent.ws.send(encode({ type: 'request', id: 1, page: 10 }));
     expect(await silent.next('page')).toMatchObject({ id: 1, page: 10 });
-    main.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([10]) }));
-    expect(await main.next('summary')).toMatchObject({ pagesSent: 1 });
 
     // A slot freed is a slot for the next connection.
     silent.ws.close();
     await silent.closed;
     await waitFor(() => server.openConnections === 1, 'the slot to free');
-    const fourth = await channel(server.url, ChannelRole.Fault, 'vcpu1');
+    const fourth = await channel(server.url, ChannelRole.Fault, 'vcpu1', secret);
     expect(fourth.messages.map((m) => m.type)).toEqual(['welcome']);
+    main.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([10]) }));
+    expect(await main.next('summary')).toMatchObject({ pagesSent: 1 });
+  });
+});
+
+describe('every channel is bound to its migration (the secret)', () => {
+  const HANDSHAKE = 'ERR_POSTCOPY_HANDSHAKE';
+  /** What an outsider with the token may send right behind its hello: none of it may be served. */
+  const pipelined = (): Buffer[] => [encode({ type: 'request', id: 1, page: 0 }), encode({ type: 'request', id: 2, page: 1 }), encode({ type: 'start', push: true, preempt: true })];
+
+  /** Opens a channel with `hello` and pipelined requests; expects exactly one error and the close, nothing else. */
+  async function outsider(url: string, role: number, secret: string, message: RegExp): Promise<void> {
+    const peer = await connect(url);
+    peer.ws.send(helloFrame(role, 'outsider', secret));
+    for (const frame of pipelined()) peer.ws.send(frame);
+    await expectRefused(peer, HANDSHAKE, message, 1008);
+    expect(peer.messages.map((m) => m.type)).toEqual(['error']);
+  }
+
+  it('gives the secret to the main channel that starts the migration only; fault channels get an empty one', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    expect(secret).toBe(server.secret);
+    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
+    expect(fault.messages[0]).toMatchObject({ type: 'welcome', secret: '' });
+    // Another source makes another secret.
+    const other = await listenWith();
+    expect(other.secret).not.toBe(server.secret);
+  });
+
+  it('refuses fault and main channels without the secret, with a wrong one or another migration\'s; nothing is sent, marked sent or counted', async () => {
+    const server = await listenWith();
+    const other = await listenWith();
+    const otherMain = await channel(other.url, ChannelRole.Main, 'main');
+    const otherSecret = secretOf(otherMain);
+
+    // Before any migration began, no fault channel may join one.
+    await outsider(server.url, ChannelRole.Fault, '', /^expected a fault channel of a running migration, got outsider before any migration started/);
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    await waitFor(() => server.state === 'active', 'the start');
+
+    await outsider(server.url, ChannelRole.Fault, '', /^expected the migration's secret in a fault channel's hello, got none: outsider is not part of the migration/);
+    await outsider(server.url, ChannelRole.Fault, 'f'.repeat(64), /^expected the secret of the migration this source runs, got another one/);
+    await outsider(server.url, ChannelRole.Fault, otherSecret, /^expected the secret of the migration this source runs, got another one/);
+    await outsider(server.url, ChannelRole.Main, '', /^expected one main channel, got a second one \(outsider\)/);
+    await outsider(server.url, ChannelRole.Main, otherSecret, /^expected the secret of the migration this source runs, got another one/);
+    expect(server.migration.stats.requests).toBe(0);
+    expect(server.migration.sentmap.sent).toBe(0);
+    expect(server.state).toBe('active');
+
+    // The real destination's channels are served as ever.
+    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
+    fault.ws.send(encode({ type: 'request', id: 1, page: 0 }));
+    expect(await fault.next('page')).toMatchObject({ id: 1, page: 0 });
+    expect(server.migration.stats.requests).toBe(1);
+    main.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([0]) }));
+    expect(await main.next('summary')).toMatchObject({ requests: 1, replies: 1, pagesSent: 1, sentNotReceived: 0, receivedNotSent: 0 });
+    // After the end, nobody joins.
+    await outsider(server.url, ChannelRole.Fault, secret, /^expected a channel of a running migration, got outsider after the migration finished/);
+  });
+
+  it('while paused, only the secret opens the main channel: an outsider can neither resume nor squat it', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    const paused = nextEvent(server, 'paused');
+    main.ws.terminate();
+    await paused;
+    await outsider(server.url, ChannelRole.Main, '', /^expected the migration's secret on a main channel that resumes it, got none/);
+    await outsider(server.url, ChannelRole.Main, 'e'.repeat(64), /^expected the secret of the migration this source runs/);
+    expect(server.state).toBe('paused');
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
+    expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: false });
+  });
+
+  it('a main channel with the secret while the old one still looks alive takes over: the old one is cut and the migration pauses for the resume', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
+    fault.ws.send(encode({ type: 'request', id: 1, page: 2 }));
+    await fault.next('page');
+    const paused = nextEvent<[string]>(server, 'paused');
+    // As after a dead link: the destination gave up on its old connections and comes back with the secret.
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
+    expect((await paused)[0]).toMatch(/^the destination opened a new main channel \(main\): it lost the old one/);
+    await within(main.closed, 5000, 'the old main channel to be cut');
+    await within(fault.closed, 5000, 'the old fault channel to be cut');
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([2]), requestedmap: bitmapOf([]) }));
+    expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: false });
+    expect(server.state).toBe('active');
+  });
+
+  it('a source restarted with --resume refuses a main channel that presents no secret, or another one', async () => {
+    const secret = '5eed'.repeat(16);
+    const server = await listenWith({ resume: true, secret });
+    await outsider(server.url, ChannelRole.Main, '', /^expected the migration's secret on a main channel that resumes it, got none/);
+    await outsider(server.url, ChannelRole.Main, '0'.repeat(64), /^expected the secret of the migration this source runs/);
+    await outsider(server.url, ChannelRole.Fault, '0'.repeat(64), /^expected the secret of the migration this source runs/);
+    const main = await channel(server.url, ChannelRole.Main, 'main', secret);
+    expect(main.messages[0]).toMatchObject({ type: 'welcome', secret: '' });
+  });
+
+  it('a fresh source refuses a main channel that presents a secret (there is no migration to resume)', async () => {
+    const server = await listenWith();
+    await outsider(server.url, ChannelRole.Main, 'a'.repeat(64), /^expected no migration secret \(this source has no migration to resume; .*--resume.*--secret-file/);
+    expect(server.state).toBe('fresh');
+  });
+});
+
+describe('source keepalive', () => {
+  it('cuts a main channel that stops answering (a dead link sends no close): keepalive-timeout, then paused; the count reaches the summary', async () => {
+    const server = await listenWith({ keepaliveMs: 150 });
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    // A peer that answers pings is never cut.
+    await new Promise((r) => setTimeout(r, 500));
+    expect(server.state).toBe('active');
+    const timeout = nextEvent<[number]>(server, 'keepalive-timeout');
+    const paused = nextEvent<[string]>(server, 'paused');
+    // Stop reading: no pong goes back, as when the link dies.
+    (main.ws as unknown as { _socket: import('node:net').Socket })._socket.pause();
+    const [silentMs] = await timeout;
+    expect(silentMs).toBeGreaterThan(150);
+    expect(silentMs).toBeLessThan(2000);
+    await paused;
+    const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
+    main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
+    await main2.next('resumed');
+    main2.ws.send(encode({ type: 'finish', receivedmap: bitmapOf([]) }));
+    expect(await main2.next('summary')).toMatchObject({ keepaliveTimeouts: 1 });
+  });
+
+  it('with --keepalive-ms 0 a silent main channel is never cut', async () => {
+    const server = await listenWith({ keepaliveMs: 0 });
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    (main.ws as unknown as { _socket: import('node:net').Socket })._socket.pause();
+    await new Promise((r) => setTimeout(r, 600));
+    expect(server.state).toBe('active');
+    expect(server.keepaliveTimeouts).toBe(0);
   });
 });

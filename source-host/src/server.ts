@@ -1,10 +1,9 @@
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import type { AddressInfo } from 'node:net';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
   HandshakeError,
+  Keepalive,
   PROTOCOL_VERSION,
   PausedError,
   PostcopyError,
@@ -16,9 +15,13 @@ import {
   type Message,
   type SourceSummary,
 } from '@postcopy/shared';
+import { admit, generateSecret, tokensEqual } from './access.js';
 import type { GuestImage } from './image.js';
 import { Link, NO_LINK, type LinkSpec } from './link.js';
+import { listen, type Listener, type ListenerTls } from './listener.js';
 import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
+
+export { generateToken, tokensEqual } from './access.js';
 
 export interface SourceServerOptions {
   host: string;
@@ -39,6 +42,15 @@ export interface SourceServerOptions {
   resumeTimeoutMs?: number;
   /** Open connections at most, peers without a hello included; one more is sent ERR_POSTCOPY_BUSY (default 1024). */
   maxConnections?: number;
+  /** Listen on wss:// with these (the source's certificate, key, and the CA of client certificates). */
+  tls?: ListenerTls;
+  /**
+   * The migration's secret, for a source restarted with `--resume` (read
+   * from its predecessor's `--secret-file`); a fresh source makes its own.
+   */
+  secret?: string;
+  /** Cut the main channel (a pause) when the destination has said nothing, not even a pong, for this long; 0 = never (default 10 s). */
+  keepaliveMs?: number;
 }
 
 /** Server option defaults in one literal. */
@@ -46,6 +58,7 @@ export const SERVER_DEFAULTS = {
   handshakeTimeoutMs: 10_000,
   resumeTimeoutMs: 10_000,
   maxConnections: 1024,
+  keepaliveMs: 10_000,
 } as const;
 
 /**
@@ -80,6 +93,8 @@ export function closeCodeFor(err: Error): number {
 class WsChannel implements Channel {
   label = 'unidentified';
   role: number | undefined;
+  /** Its hello presented the migration's secret (a main channel that may resume). */
+  presentedSecret = false;
   /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
   rejected = false;
   constructor(
@@ -99,15 +114,6 @@ class WsChannel implements Channel {
       else sent?.(new Error('channel closed'));
     });
   }
-}
-
-function tokenDigest(token: string): Buffer {
-  return createHash('sha256').update(token).digest();
-}
-
-/** Constant-time token comparison (hashing first makes lengths equal). */
-export function tokensEqual(expected: string, given: string): boolean {
-  return timingSafeEqual(tokenDigest(expected), tokenDigest(given));
 }
 
 /** How long a rejected peer's error may take to go out before the connection is cut. */
@@ -144,10 +150,6 @@ export function safeLabel(label: string): string {
   return printable === '' ? 'unnamed' : printable;
 }
 
-export function generateToken(): string {
-  return randomBytes(18).toString('base64url');
-}
-
 /**
  * The source host's WebSocket server for one migration. Events:
  * - `finished` (summary): the destination sent `finish` and got its summary;
@@ -159,7 +161,10 @@ export function generateToken(): string {
  *   paused migration on a new main channel (QEMU's postcopy-recover);
  * - `destination-lost` (reason): the main channel closed before start, or a
  *   paused migration was not resumed in time;
- * - `rejected` (label, error): a peer was sent an error and disconnected.
+ * - `rejected` (label, error): a peer was sent an error and disconnected, or
+ *   failed its TLS handshake;
+ * - `keepalive-timeout` (silentMs): the main channel was silent for longer
+ *   than `keepaliveMs` (a dead link sends no close) and was cut: a pause.
  */
 export class SourceServer extends EventEmitter {
   readonly migration: SourceMigration;
@@ -173,10 +178,17 @@ export class SourceServer extends EventEmitter {
   /** Every open connection, with or without a hello (the connection limit counts them all). */
   private readonly connections = new Set<WsChannel>();
   readonly link: Link;
+  /** The migration's secret (see access.ts): every channel but the first main one must present it. */
+  readonly secret: string;
+  /** The secret went to a main channel (or was inherited with --resume): the migration exists. */
+  private secretIssued: boolean;
+  /** Times the main channel's keepalive found the destination silent. */
+  keepaliveTimeouts = 0;
 
   private constructor(
     readonly image: GuestImage,
     private readonly options: SourceServerOptions,
+    private readonly listener: Listener,
     wss: WebSocketServer,
   ) {
     super();
@@ -184,9 +196,17 @@ export class SourceServer extends EventEmitter {
     this.link = new Link(options.link ?? NO_LINK);
     this.wss = wss;
     this.pausedByRestart = options.resume === true;
+    if (this.pausedByRestart && options.secret === undefined) {
+      throw new RangeError('a source started with --resume needs the secret of the migration it resumes (options.secret)');
+    }
+    this.secret = options.secret ?? generateSecret();
+    this.secretIssued = this.pausedByRestart;
     this.migrationState = this.pausedByRestart ? 'paused' : 'fresh';
     if (this.pausedByRestart) this.startResumeTimer();
-    wss.on('connection', (ws) => this.accept(ws));
+    wss.on('connection', (ws, req) => {
+      listener.upgraded(req.socket);
+      this.accept(ws);
+    });
   }
 
   get state(): MigrationState {
@@ -203,23 +223,26 @@ export class SourceServer extends EventEmitter {
   }
 
   static async listen(image: GuestImage, options: SourceServerOptions): Promise<SourceServer> {
-    const wss = new WebSocketServer({
+    let server: SourceServer | undefined;
+    const listener = await listen({
       host: options.host,
       port: options.port,
+      tls: options.tls,
+      handshakeTimeoutMs: options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs,
+      onTlsClientError: (peer, reason) => server?.emit('rejected', `TLS peer ${peer}`, new HandshakeError(reason)),
+    });
+    const wss = new WebSocketServer({
+      server: listener.server,
       perMessageDeflate: false,
       maxPayload: maxFrameBytes(image.layout.pageSize, image.layout.totalPages),
     });
-    await new Promise<void>((resolve, reject) => {
-      wss.once('listening', resolve);
-      wss.once('error', reject);
-    });
-    return new SourceServer(image, options, wss);
+    server = new SourceServer(image, options, listener, wss);
+    return server;
   }
 
+  /** `ws://HOST:PORT`, or `wss://HOST:PORT` with TLS (IPv6 in brackets). */
   get url(): string {
-    const address = this.wss.address() as AddressInfo;
-    const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
-    return `ws://${host}:${address.port}`;
+    return this.listener.url;
   }
 
   close(): Promise<void> {
@@ -229,7 +252,13 @@ export class SourceServer extends EventEmitter {
     this.migration.stop();
     this.link.stop();
     for (const ws of this.wss.clients) ws.terminate();
-    return new Promise((resolve) => this.wss.close(() => resolve()));
+    return new Promise((resolve) => {
+      this.wss.close(() => {
+        this.listener.server.close(() => resolve());
+        // Sockets that never became WebSockets (a TLS or HTTP handshake in progress).
+        this.listener.server.closeAllConnections();
+      });
+    });
   }
 
   private accept(ws: WebSocket): void {
@@ -283,28 +312,42 @@ export class SourceServer extends EventEmitter {
         this.main = undefined;
         this.lose(`the destination's main channel closed before the migration started`);
         return;
-      case 'active': {
+      case 'active':
         this.main = undefined;
-        this.migrationState = 'paused';
-        this.pausedByRestart = false;
-        this.migration.pause();
-        // The old session's fault channels go too: the destination reconnects
-        // them after `resumed` and re-sends their pending requests. Their
-        // answers still queued count as undeliverable. Peers without a hello
-        // are left to the handshake timeout.
-        for (const other of this.connections) {
-          if (other.role === ChannelRole.Fault) other.ws.terminate();
-        }
-        this.emit('paused', `the destination's main channel closed before the migration finished`);
-        this.startResumeTimer();
+        this.pause(`the destination's main channel closed before the migration finished`);
         return;
-      }
       case 'paused':
       case 'lost':
         // A resume attempt that dropped: still paused, the timer keeps running.
         this.main = undefined;
         return;
     }
+  }
+
+  /** The main channel is gone during the migration (QEMU's postcopy-paused): wait for the destination to resume. */
+  private pause(reason: string): void {
+    this.migrationState = 'paused';
+    this.pausedByRestart = false;
+    this.migration.pause();
+    // The old session's fault channels go too: the destination reconnects
+    // them after `resumed` and re-sends their pending requests. Their
+    // answers still queued count as undeliverable. Peers without a hello
+    // are left to the handshake timeout.
+    for (const other of this.connections) {
+      if (other.role === ChannelRole.Fault) other.ws.terminate();
+    }
+    this.emit('paused', reason);
+    this.startResumeTimer();
+  }
+
+  /** Cuts the main channel when the destination goes silent (a dead link closes nothing). */
+  private watchMain(channel: WsChannel): void {
+    const ms = this.options.keepaliveMs ?? SERVER_DEFAULTS.keepaliveMs;
+    if (ms <= 0) return;
+    new Keepalive(channel.ws, ms, (silentMs) => {
+      this.keepaliveTimeouts++;
+      this.emit('keepalive-timeout', silentMs);
+    });
   }
 
   private startResumeTimer(): void {
@@ -391,7 +434,7 @@ export class SourceServer extends EventEmitter {
         void this.migration.onIdle().then(() => {
           // The connection was lost meanwhile: the destination resumes and finishes again.
           if (channel !== this.main || !channel.isOpen) return;
-          const summary: SourceSummary = this.migration.summarize(message.receivedmap);
+          const summary: SourceSummary = { ...this.migration.summarize(message.receivedmap), keepaliveTimeouts: this.keepaliveTimeouts };
           this.migrationState = 'finished';
           clearTimeout(this.resumeTimer);
           channel.send(encode({ type: 'summary', ...summary }));
@@ -420,6 +463,10 @@ export class SourceServer extends EventEmitter {
       default:
         throw new ProtocolError(`expected resume only while the migration is paused, got it while it is ${this.migrationState}`);
     }
+    // A resume is the migration's own destination coming back: only a main
+    // channel whose hello presented the secret can get here while paused
+    // (admit() refuses the rest), and this says so where it matters.
+    if (!channel.presentedSecret) throw new ProtocolError(`expected resume only on a main channel that presented the migration's secret, got it on ${channel.label}`);
     const restarted = this.pausedByRestart;
     // Once the sentmap is reset and before the re-sent requested pages (on the
     // same channel): active again, and `resumed` goes out.
@@ -447,12 +494,40 @@ export class SourceServer extends EventEmitter {
         `expected guest layout ${formatBytes(guestBytes)} in ${formatBytes(pageSize)} pages, got ${formatBytes(hello.guestBytes)} in ${formatBytes(hello.pageSize)} pages`,
       );
     }
-    if (hello.role === ChannelRole.Main) {
-      if (this.main) throw new HandshakeError(`expected one main channel, got a second one (${channel.label})`);
-      this.main = channel;
-    } else if (this.migrationState === 'paused') {
-      throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
+    const admission = admit(hello, {
+      state: this.migrationState,
+      hasMain: this.main !== undefined,
+      secretIssued: this.secretIssued,
+      secret: this.secret,
+      label: channel.label,
+    });
+    switch (admission.kind) {
+      case 'new-main':
+        this.main = channel;
+        this.secretIssued = true;
+        break;
+      case 'resume-main': {
+        const old = this.main;
+        if (admission.takeover && old) {
+          // The destination holds the secret and opens a new main channel: it
+          // has lost the old one, whose link may be dead without a close
+          // reaching us. Let go of it now instead of refusing until our
+          // keepalive notices.
+          this.main = undefined;
+          old.ws.terminate();
+          if (this.migrationState === 'active') this.pause(`the destination opened a new main channel (${channel.label}): it lost the old one`);
+        }
+        this.main = channel;
+        channel.presentedSecret = true;
+        break;
+      }
+      case 'fault':
+        if (this.migrationState === 'paused') {
+          throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
+        }
+        break;
     }
+    if (hello.role === ChannelRole.Main) this.watchMain(channel);
     channel.role = hello.role;
     channel.send(
       encode({
@@ -466,6 +541,8 @@ export class SourceServer extends EventEmitter {
         zeroFraction: this.image.spec.zeroFraction,
         linkDelayUs: this.link.spec.delayUs,
         linkBandwidthBps: this.link.spec.bandwidthBps,
+        // Only the main channel that starts the migration learns the secret; nobody gets it echoed.
+        secret: admission.kind === 'new-main' ? this.secret : '',
       }),
     );
   }

@@ -14,6 +14,7 @@ import { Session } from './session.js';
 
 const layout = makeLayout(64 * 4096, 4096);
 const DIGEST = 'ab'.repeat(32);
+const SECRET = 'cd'.repeat(32);
 
 /** An in-test source: answers hellos, records every connection and request; replies only when told. */
 class FakeSource {
@@ -37,6 +38,8 @@ class FakeSource {
               zeroFraction: 0,
               linkDelayUs: 0,
               linkBandwidthBps: 0,
+              // A fault channel presents the secret and is given none back.
+              secret: m.secret === '' ? SECRET : '',
             }),
           );
         } else if (m.type === 'request') {
@@ -95,6 +98,7 @@ async function connect(channel: string, following?: SessionFollowing): Promise<P
     channel,
     guestBytes: layout.guestBytes,
     pageSize: layout.pageSize,
+    secret: SECRET,
     ...(following ? { following } : {}),
   });
   clients.push(client);

@@ -4,9 +4,11 @@ import {
   ConnectionError,
   HandshakeError,
   PROTOCOL_VERSION,
+  Keepalive,
   ProtocolError,
   decode,
   encode,
+  explainTlsError,
   formatBytes,
   makeLayout,
   maxFrameBytes,
@@ -14,6 +16,7 @@ import {
   type GuestLayout,
   type Message,
   type Reply,
+  type TlsMaterial,
   type Welcome,
 } from '@postcopy/shared';
 import { Session } from './session.js';
@@ -30,6 +33,24 @@ export interface PageClientOptions {
   connectTimeoutMs?: number;
   /** Recovery: the connection survives the session's pauses (see {@link SessionFollowing}). */
   following?: SessionFollowing;
+  /**
+   * The migration's secret (from the main channel's welcome), presented in
+   * the hello of every channel but the main channel that starts the
+   * migration ('' there: it receives the secret).
+   */
+  secret: string;
+  /** wss:// only: the CA to verify the source with, this host's client certificate, the name to expect. */
+  tls?: ClientTls;
+  /** Cut the connection when the source says nothing (not even a pong) for this long; 0 or absent = never. */
+  keepaliveMs?: number;
+  /** The keepalive cut a silent connection. */
+  onKeepaliveTimeout?: (silentMs: number) => void;
+}
+
+/** How the destination speaks TLS to a wss:// source (PEM texts, so workers can get them in workerData). */
+export interface ClientTls extends TlsMaterial {
+  /** The name the source's certificate must hold, when it is not the host of the URL (`--tls-server-name`). */
+  serverName?: string;
 }
 
 /**
@@ -97,6 +118,7 @@ export class PageClient {
     this.following = options.following;
     this.epoch = this.following?.session.epoch ?? 0;
     this.attach(opened.ws);
+    this.keepalive(opened.ws);
     if (this.following) {
       const following = this.following;
       void this.follow(following).catch((err: Error) => this.fail(err));
@@ -125,6 +147,16 @@ export class PageClient {
     ws.on('close', (code: number, reason: Buffer) => this.socketClosed(ws, code, reason));
     ws.on('error', (err) => {
       if (ws === this.ws) this.socketError = err;
+    });
+  }
+
+  /** A dead link sends no reset: ping the source and cut the socket when it stays silent. */
+  private keepalive(ws: WebSocket): void {
+    const ms = this.options.keepaliveMs ?? 0;
+    if (ms <= 0) return;
+    new Keepalive(ws, ms, (silentMs) => {
+      if (ws === this.ws) this.socketError = new Error(`the source said nothing for ${Math.round(silentMs)} ms (--keepalive-ms ${ms}): the link is down or the source is gone`);
+      this.options.onKeepaliveTimeout?.(silentMs);
     });
   }
 
@@ -188,6 +220,7 @@ export class PageClient {
         }
         this.epoch = epoch;
         this.attach(opened.ws);
+        this.keepalive(opened.ws);
         this.replay(following.session);
         return;
       } catch (err) {
@@ -238,14 +271,18 @@ export class PageClient {
         reject(err);
       };
       let ws: WebSocket;
+      const tls = options.tls;
       try {
         ws = new WebSocket(options.url, {
           perMessageDeflate: false,
           maxPayload: maxFrameBytes(options.pageSize, options.guestBytes / options.pageSize),
           handshakeTimeout: options.connectTimeoutMs ?? 10_000,
+          ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
+          ...(tls?.cert !== undefined && tls.key !== undefined ? { cert: tls.cert, key: tls.key } : {}),
+          ...(tls?.serverName !== undefined ? { servername: tls.serverName } : {}),
         });
       } catch (err) {
-        reject(new ConnectionError(`expected a source URL like ws://127.0.0.1:PORT, got ${JSON.stringify(options.url)} (${(err as Error).message})`));
+        reject(new ConnectionError(`expected a source URL like ws://127.0.0.1:PORT or wss://HOST:PORT, got ${JSON.stringify(options.url)} (${(err as Error).message})`));
         return;
       }
       ws.binaryType = 'nodebuffer';
@@ -253,9 +290,14 @@ export class PageClient {
         () => fail(new ConnectionError(`no answer from the source at ${options.url} within ${options.connectTimeoutMs ?? 10_000} ms`)),
         options.connectTimeoutMs ?? 10_000,
       );
-      ws.once('error', (err: NodeJS.ErrnoException) =>
-        fail(new ConnectionError(`cannot reach the source at ${options.url}: ${err.code ?? ''} ${err.message}`.trim())),
-      );
+      ws.once('error', (err: NodeJS.ErrnoException) => {
+        const tlsProblem = explainTlsError(err, options.url, tls?.serverName);
+        if (tlsProblem) fail(new ConnectionError(`TLS with the source at ${options.url} failed: ${tlsProblem}`));
+        else if (options.url.startsWith('ws:') && (err.code === 'ECONNRESET' || /socket hang up/.test(err.message))) {
+          // A TLS server reads an HTTP request as a broken handshake and drops the connection.
+          fail(new ConnectionError(`the source at ${options.url} dropped the connection before the WebSocket upgrade (${err.code ?? err.message}): if it listens on wss://, expected --source wss://... (and --tls-ca)`));
+        } else fail(new ConnectionError(`cannot reach the source at ${options.url}: ${err.code ?? ''} ${err.message}`.trim()));
+      });
       ws.once('close', (code, reason) =>
         fail(new ConnectionError(`the source at ${options.url} closed the connection during the handshake (code ${code}${reason.length ? `: ${reason.toString()}` : ''})`)),
       );
@@ -269,6 +311,7 @@ export class PageClient {
             guestBytes: options.guestBytes,
             pageSize: options.pageSize,
             channel: options.channel,
+            secret: options.secret,
           }),
         );
       });
@@ -302,6 +345,15 @@ export class PageClient {
               `expected guest layout ${formatBytes(options.guestBytes)} in ${formatBytes(options.pageSize)} pages, the source has ${formatBytes(message.guestBytes)} in ${formatBytes(message.pageSize)} pages (${message.totalPages} pages)`,
             ),
           );
+          return;
+        }
+        // The main channel that starts a migration asks with no secret and must be given one; every other channel must not.
+        if (options.secret === '' && message.secret === '') {
+          fail(new HandshakeError(`expected the source to give this migration a secret in its welcome, got none`));
+          return;
+        }
+        if (options.secret !== '' && message.secret !== '') {
+          fail(new HandshakeError(`expected no secret in the welcome of a channel that presented one, got a new one`));
           return;
         }
         settled = true;

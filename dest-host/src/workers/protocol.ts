@@ -1,4 +1,5 @@
 import type { ImageSpec, StrategyName } from '@postcopy/shared';
+import type { ClientTls } from '../net/page-client.js';
 import type { GuestMemoryBuffers } from '../memory/guest-memory.js';
 import type { UffdBuffers } from '../uffd/userfaultfd.js';
 import type { VmmBuffers } from '../vmm/state.js';
@@ -13,6 +14,10 @@ export interface SourceEndpoint {
   connectTimeoutMs: number;
   /** After a resume, a fault channel that cannot reconnect within this time fails the run. */
   reconnectTimeoutMs: number;
+  /** The migration's secret: every channel but the first main one presents it. */
+  secret: string;
+  /** wss:// sources: how to verify them and the client certificate to show. */
+  tls?: ClientTls;
 }
 
 /** Everything a worker needs to attach to the destination's shared state. */
