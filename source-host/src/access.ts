@@ -69,6 +69,12 @@ export interface AdmissionState {
   secret: string;
   /** Label of the channel asking (for messages). */
   label: string;
+  /**
+   * Testing only (`--unsafe-unbound-channels`): admit fault channels that
+   * present no secret, as before channels were bound to their migration, to
+   * show what an outsider with the token then does to a migration.
+   */
+  unbound?: boolean;
 }
 
 /**
@@ -116,6 +122,7 @@ export function admit(hello: Hello, s: AdmissionState): Admission {
     if (s.state === 'fresh') throw new HandshakeError(`expected one main channel, got a second one (${s.label}) before the migration started`);
     return { kind: 'resume-main', takeover: s.hasMain };
   }
+  if (!presented && s.unbound && s.secretIssued && s.state !== 'finished' && s.state !== 'lost') return { kind: 'fault' };
   if (!presented) {
     throw new HandshakeError(
       s.secretIssued

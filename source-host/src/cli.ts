@@ -29,6 +29,7 @@ async function main(): Promise<number> {
     resumeTimeoutMs: options.resumeTimeoutMs,
     maxConnections: options.maxConnections,
     keepaliveMs: options.keepaliveMs,
+    unsafeUnboundChannels: options.unsafeUnboundChannels,
     ...(options.tls ? { tls: options.tls } : {}),
     ...(inherited !== undefined ? { secret: inherited } : {}),
   });

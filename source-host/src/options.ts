@@ -58,6 +58,8 @@ export interface SourceOptions {
   tlsWarnings: string[];
   /** Where the migration's secret is kept for a restarted source (`--resume` reads it). */
   secretFile: string | undefined;
+  /** Testing only: admit fault channels without the migration's secret. */
+  unsafeUnboundChannels: boolean;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
@@ -107,6 +109,7 @@ export function sourceCommand(): Command {
     .option('--secret-file <path>', "write the migration's secret here (owner-only); with --resume, read the secret of the migration to resume from it")
     .option('--keepalive-ms <ms>', 'ping the destination; cut its main channel (a pause) when it says nothing for this long, as a dead link sends no reset (0 = never)', SOURCE_DEFAULTS.keepaliveMs);
   addTlsOptions(cmd);
+  cmd.addOption(new Option('--unsafe-unbound-channels', "testing only: admit fault channels that do not present the migration's secret (shows what an outsider with the token does to a migration)").default(false));
   addLinkOptions(cmd);
   return addImageOptions(cmd);
 }
@@ -148,6 +151,7 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? SOURCE_DEFAULTS.keepaliveMs), 0, 3_600_000),
     ...parseSourceTls(raw),
     secretFile: parseSecretFile(raw),
+    unsafeUnboundChannels: (raw.unsafeUnboundChannels as unknown) === true,
   };
 }
 

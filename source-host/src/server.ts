@@ -51,6 +51,8 @@ export interface SourceServerOptions {
   secret?: string;
   /** Cut the main channel (a pause) when the destination has said nothing, not even a pong, for this long; 0 = never (default 10 s). */
   keepaliveMs?: number;
+  /** Testing only: fault channels need not present the migration's secret (see access.ts). */
+  unsafeUnboundChannels?: boolean;
 }
 
 /** Server option defaults in one literal. */
@@ -500,6 +502,7 @@ export class SourceServer extends EventEmitter {
       secretIssued: this.secretIssued,
       secret: this.secret,
       label: channel.label,
+      unbound: this.options.unsafeUnboundChannels === true,
     });
     switch (admission.kind) {
       case 'new-main':
