@@ -14,7 +14,7 @@ import {
   type TargetResult,
 } from './figures.js';
 import { measureFloor, type FloorResult } from './floor.js';
-import { PUSH_RUN, RECOVERY_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
+import { PUSH_RUN, RECOVERY_RUNS, TLS_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
 import type { BenchOptions } from './options.js';
 
 export interface FloorSample {
@@ -47,6 +47,7 @@ export const METHOD = {
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
   push: 'npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 (push on): the report\'s pushThroughputMiBs (pushed page bytes / run time)',
+  tls: "the kvm-exit strategy run and the push run again with --tls (throwaway EC P-256 certificates, TLS 1.3, the source verifying the destination's certificate too), interleaved with the plain ones; ratios against the plain runs of the same bench",
   recovery:
     'npm start -- --strategy kvm-exit --vcpus 1 --workload random --max-postcopy-bandwidth 400mbit (push on, capped so the fault lands mid-migration) ' +
     '--inject drop@P (the destination cuts all its connections once, reconnects and resumes) or --inject kill-source@P (the launcher SIGKILLs the source and restarts it with --resume), ' +
@@ -77,7 +78,18 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const loadAverage1mAtStart = Math.round(loadavg()[0]! * 100) / 100;
   const floorSamples: FloorSample[] = [];
   const runSamples: Record<string, RunFigures[]> = {};
-  const runSpecs: RunSpec[] = [...BENCH_STRATEGIES.map(strategyRun), URGENT_RUNS.pushOff, URGENT_RUNS.pushOn, URGENT_RUNS.pushOnPreempt, URGENT_RUNS.pushCappedPreempt, PUSH_RUN, RECOVERY_RUNS.drop, RECOVERY_RUNS.killSource];
+  const runSpecs: RunSpec[] = [
+    ...BENCH_STRATEGIES.map(strategyRun),
+    TLS_RUNS.fault,
+    URGENT_RUNS.pushOff,
+    URGENT_RUNS.pushOn,
+    URGENT_RUNS.pushOnPreempt,
+    URGENT_RUNS.pushCappedPreempt,
+    PUSH_RUN,
+    TLS_RUNS.push,
+    RECOVERY_RUNS.drop,
+    RECOVERY_RUNS.killSource,
+  ];
   for (const spec of runSpecs) runSamples[spec.key] = [];
 
   const steps: Step[] = [];
@@ -100,7 +112,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
             const rec = figures.recovery;
             return `paused ${rec.pausedMs.toFixed(1)} ms at page ${injectAtPages(options.memoryBytes)}, ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, run ${figures.elapsedMs.toFixed(0)} ms`;
           }
-          return spec === PUSH_RUN
+          return spec === PUSH_RUN || spec === TLS_RUNS.push
             ? `${figures.pushThroughputMiBs} MiB/s`
             : `p50 ${figures.p50Us.toFixed(1)} µs, p99 ${figures.p99Us.toFixed(1)} µs over ${figures.faults} faults`;
         },
@@ -159,6 +171,10 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       pushCappedPreempt: { p50: med(URGENT_RUNS.pushCappedPreempt.key, (f) => f.p50Us) },
     },
     pushThroughputMiBs: med(PUSH_RUN.key, (f) => f.pushThroughputMiBs),
+    tls: {
+      fault: { p50: med(TLS_RUNS.fault.key, (f) => f.p50Us), p99: med(TLS_RUNS.fault.key, (f) => f.p99Us) },
+      pushThroughputMiBs: med(TLS_RUNS.push.key, (f) => f.pushThroughputMiBs),
+    },
     recovery: { drop: recoveryMedians(RECOVERY_RUNS.drop.key), killSource: recoveryMedians(RECOVERY_RUNS.killSource.key) },
     large: large!,
   };

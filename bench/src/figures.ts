@@ -17,6 +17,8 @@ export interface Ratios {
   pushOverBulk: number;
   destRssOverBudget: number;
   sourceRssOverBudget: number;
+  tlsFaultP50OverPlain: number;
+  tlsPushOverPlain: number;
 }
 
 export type RatioName = keyof Ratios;
@@ -30,6 +32,8 @@ export const RATIO_NAMES = [
   'pushOverBulk',
   'destRssOverBudget',
   'sourceRssOverBudget',
+  'tlsFaultP50OverPlain',
+  'tlsPushOverPlain',
 ] as const satisfies readonly RatioName[];
 
 export interface Target {
@@ -48,6 +52,8 @@ export const TARGETS: Partial<Record<RatioName, Target>> = {
   pushOverBulk: { kind: 'min', value: 0.6, meaning: 'push throughput / raw bulk throughput' },
   destRssOverBudget: { kind: 'max', value: 1, meaning: 'destination peak RSS / (1.15 x large guest + 256 MiB)' },
   sourceRssOverBudget: { kind: 'max', value: 1, meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)' },
+  tlsFaultP50OverPlain: { kind: 'max', value: 1.2, meaning: 'kvm-exit fault p50 over TLS / the same over plain ws://' },
+  tlsPushOverPlain: { kind: 'min', value: 0.7, meaning: 'push throughput over TLS / over plain ws://' },
 };
 
 export const RATIO_MEANINGS: Record<RatioName, string> = {
@@ -59,6 +65,8 @@ export const RATIO_MEANINGS: Record<RatioName, string> = {
   pushOverBulk: TARGETS.pushOverBulk!.meaning,
   destRssOverBudget: TARGETS.destRssOverBudget!.meaning,
   sourceRssOverBudget: TARGETS.sourceRssOverBudget!.meaning,
+  tlsFaultP50OverPlain: TARGETS.tlsFaultP50OverPlain!.meaning,
+  tlsPushOverPlain: TARGETS.tlsPushOverPlain!.meaning,
 };
 
 export interface TargetResult extends Target {
@@ -73,6 +81,8 @@ export interface BenchFigures {
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
   pushThroughputMiBs: number;
+  /** Over TLS (`--tls`): kvm-exit's fault latency (µs) and the push throughput (MiB/s), runs otherwise like the plain ones. */
+  tls: { fault: P50P99; pushThroughputMiBs: number };
   /**
    * Postcopy recovery (no target): kvm-exit, 1 vCPU, random workload, push capped
    * at 400mbit, one fault at a quarter of the guest's pages. `pausedMs` is per
@@ -123,6 +133,8 @@ export function ratios(f: BenchFigures): Ratios {
     pushOverBulk: sig4(f.pushThroughputMiBs / f.floor.bulkMiBs),
     destRssOverBudget: sig4(f.large.destPeakRssBytes / rssBudget(f.large.guestBytes)),
     sourceRssOverBudget: sig4(f.large.sourcePeakRssBytes / rssBudget(f.large.guestBytes)),
+    tlsFaultP50OverPlain: sig4(f.tls.fault.p50 / f.strategies['kvm-exit'].p50),
+    tlsPushOverPlain: sig4(f.tls.pushThroughputMiBs / f.pushThroughputMiBs),
   };
 }
 

@@ -54,6 +54,16 @@ export function formatBench(r: BenchResult): string {
   lines.push('push throughput: kvm-exit, 1 vCPU touching 1 page, no zero pages');
   lines.push(table([['push throughput (MiB/s)', num(r.pushThroughputMiBs)], ['floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)]]));
   lines.push('');
+  lines.push("TLS (--tls: throwaway certificates, the source verifying the destination's too) against plain ws://, same runs otherwise");
+  lines.push(
+    table([
+      ['', 'plain', 'TLS', 'TLS / plain'],
+      ['kvm-exit fault p50 (µs)', num(r.strategies['kvm-exit'].p50), num(r.tls.fault.p50), num(r.tls.fault.p50 / r.strategies['kvm-exit'].p50, 2)],
+      ['kvm-exit fault p99 (µs)', num(r.strategies['kvm-exit'].p99), num(r.tls.fault.p99), num(r.tls.fault.p99 / r.strategies['kvm-exit'].p99, 2)],
+      ['push throughput (MiB/s)', num(r.pushThroughputMiBs), num(r.tls.pushThroughputMiBs), num(r.tls.pushThroughputMiBs / r.pushThroughputMiBs, 2)],
+    ]),
+  );
+  lines.push('');
   lines.push(
     `recovery: kvm-exit, 1 vCPU, random workload, push capped at 400mbit, one fault after ${injectAtPages(o.memoryBytes)} pages (a quarter of the guest); no target, for the record`,
   );

@@ -119,6 +119,17 @@ export function runArgs(spec: RunSpec, memoryBytes: number): string[] {
   return [...spec.args, ...inject, '--memory', formatBytes(memoryBytes)];
 }
 
+/**
+ * The same fault and push runs over TLS (`--tls`: throwaway certificates, the
+ * source verifying the destination's too), to set against the plain ones of
+ * the same bench run: kvm-exit's fault latency (the strategy nearest the floor,
+ * so TLS's share shows most) and the push throughput.
+ */
+export const TLS_RUNS = {
+  fault: { key: 'tls:fault', label: 'kvm-exit fault latency over TLS (1 vCPU, push off, preempt)', args: [...strategyRun('kvm-exit').args, '--tls'] },
+  push: { key: 'tls:push', label: 'push throughput over TLS', args: [...PUSH_RUN.args, '--tls'] },
+} as const satisfies Record<string, RunSpec>;
+
 /** The large guest (issue 4's memory target): defaults otherwise, so it is the tool as a user runs it. */
 export function largeRun(vcpus: number): RunSpec {
   return { key: 'large', label: 'large guest, peak RSS', args: ['--vcpus', String(vcpus)] };
@@ -140,9 +151,9 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
   try {
     const cmd = launcherCommand().exitOverride();
     cmd.parse([...runArgs(spec, memoryBytes), '--json', json], { from: 'user' });
-    const { sourceArgs, destArgs, killSourceAt } = splitArgs(cmd.opts());
+    const { sourceArgs, destArgs, killSourceAt, tls, host } = splitArgs(cmd.opts());
     // Piped: the destination's printed report is not wanted (the JSON is), its stderr's end comes back on failure.
-    const result = await launch({ sourceArgs, destArgs, killSourceAt, destStdio: 'pipe' });
+    const result = await launch({ sourceArgs, destArgs, killSourceAt, tls, host, destStdio: 'pipe' });
     if (result.code !== 0) {
       throw new Error(
         `${spec.label}: the migration exited with code ${result.code} (destination ${result.destCode}, source ${result.sourceCode}); ` +

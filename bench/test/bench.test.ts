@@ -11,7 +11,7 @@ const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2'];
 const TIMEOUT_MS = 55_000;
 
-const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget'];
+const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget', 'tlsFaultP50OverPlain', 'tlsPushOverPlain'];
 
 /** The built bench as a real process (the e2e tests' runner: killed and failed after TIMEOUT_MS). */
 function runBench(args: string[]): Promise<ProcessResult> {
@@ -51,6 +51,9 @@ describe('npm run bench (tiny)', () => {
       'large.destPeakRssBytes',
       'large.sourcePeakRssBytes',
       'pushThroughputMiBs',
+      'tls.fault.p50',
+      'tls.fault.p99',
+      'tls.pushThroughputMiBs',
       'recovery.drop.pausedMs',
       'recovery.drop.elapsedMs',
       'recovery.killSource.pausedMs',
@@ -63,7 +66,7 @@ describe('npm run bench (tiny)', () => {
       expect(Number.isFinite(value) && (value as number) > 0, `${path} = ${String(value)}`).toBe(true);
     }
     // Every target has a verdict (met or not: the bench checks targets, this test does not).
-    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk']) {
+    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk', 'tlsFaultP50OverPlain', 'tlsPushOverPlain']) {
       expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
     }
 
@@ -88,7 +91,8 @@ describe('npm run bench (tiny)', () => {
     expect(run.stdout).toMatch(/kill-source \(source SIGKILLed/);
 
     for (const name of RATIOS) expect(run.stdout).toContain(name);
-    expect(run.stdout).toMatch(/targets met: \d of 6/);
+    expect(run.stdout).toMatch(/targets met: \d of 8/);
+    expect(run.stdout).toMatch(/^TLS \(--tls: /m);
   });
 
   it('rejects a bad option with exit code 2 and a message naming it', async () => {
