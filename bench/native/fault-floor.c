@@ -45,7 +45,8 @@
  * every page is compared with the content the server generates (a seeded pool
  * of pages, each stamped with its index); a mismatch prints verified:false and
  * exits 3. --corrupt-page P (testing only) makes the server flip a byte of page
- * P, to prove that check fails.
+ * P, to prove that check fails; --stall-server 1 (testing only) makes it never
+ * answer, to prove the timeout ends a run whose vCPUs are blocked in faults.
  *
  * Output: one line of JSON on stdout. Exit codes: 0 verified, 1 error, 2 usage,
  * 3 content mismatch, 4 timeout, 5 userfaultfd unavailable.
@@ -93,6 +94,7 @@ static uint64_t pages_per_vcpu = 4096; /* 16 MiB */
 static uint64_t seed = 1;
 static long timeout_ms = 60000;
 static int64_t corrupt_page = -1;
+static int stall_server;            /* testing only: the server never answers */
 
 static uint64_t total_pages;
 static char *guest;                 /* nr_vcpus partitions of pages_per_vcpu pages */
@@ -260,6 +262,8 @@ static void *serve_connection(void *arg)
 		if (page >= total_pages)
 			die(EXIT_ERROR, "server: expected a page index < %llu, got %llu",
 			    (unsigned long long)total_pages, (unsigned long long)page);
+		while (stall_server)
+			pause(); /* --stall-server: until a timeout ends us */
 		page_content(page, page_buf);
 		if ((int64_t)page == corrupt_page)
 			((uint8_t *)page_buf)[100] ^= 0xff; /* --corrupt-page: testing only */
@@ -478,7 +482,7 @@ static void usage(const char *fmt, const char *got)
 	fprintf(stderr, "fault-floor: ");
 	fprintf(stderr, fmt, got);
 	fprintf(stderr, "\nusage: fault-floor --mode shared|per-region|exit [--vcpus N] [--mib-per-vcpu M]"
-			" [--seed S] [--timeout-ms MS] [--corrupt-page P]\n");
+			" [--seed S] [--timeout-ms MS]\n       testing only: [--corrupt-page P] [--stall-server 1]\n");
 	exit(EXIT_USAGE);
 }
 
@@ -525,8 +529,10 @@ static void parse_args(int argc, char **argv)
 			timeout_ms = parse_int(opt, val, 1, 24LL * 3600 * 1000);
 		} else if (!strcmp(opt, "--corrupt-page")) {
 			corrupt_page = parse_int(opt, val, 0, INT64_MAX);
+		} else if (!strcmp(opt, "--stall-server")) {
+			stall_server = parse_int(opt, val, 0, 1);
 		} else {
-			usage("expected an option (--mode, --vcpus, --mib-per-vcpu, --seed, --timeout-ms, --corrupt-page), got %s", opt);
+			usage("expected an option (--mode, --vcpus, --mib-per-vcpu, --seed, --timeout-ms, --corrupt-page, --stall-server), got %s", opt);
 		}
 	}
 }
