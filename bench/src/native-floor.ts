@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { CheckError, UsageError, describe } from '@postcopy/shared';
-import { exitCode } from '@postcopy/e2e';
+import { exitCode } from './child-exit.js';
 import { FloorRunError, FloorTimeoutError, UffdUnavailableError } from './errors.js';
 import { median } from './figures.js';
 import { buildNative, type BuildOptions, type BuiltProgram } from './native-build.js';

@@ -22,7 +22,7 @@ import { connect, type NetConnectOpts, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { CheckError, UsageError, describe } from '@postcopy/shared';
-import { exitCode } from '@postcopy/e2e';
+import { exitCode } from './child-exit.js';
 import { FloorRunError, FloorTimeoutError } from './errors.js';
 import { NET_IMAGE_BYTES, NET_READ_BYTES, netImage, netSabBytes } from './net-ceiling-layout.js';
 
