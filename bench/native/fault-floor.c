@@ -316,7 +316,9 @@ static int uffd_open(void)
 		}
 	}
 	if (fd < 0)
-		die(EXIT_NO_UFFD, "expected a userfaultfd (userfaultfd(2) or /dev/userfaultfd), got %s", strerror(errno));
+		die(EXIT_NO_UFFD, "expected a userfaultfd (userfaultfd(2) or /dev/userfaultfd), got %s; "
+		    "run as root (CAP_SYS_PTRACE), set vm.unprivileged_userfaultfd=1, or grant access to /dev/userfaultfd",
+		    strerror(errno));
 	if (ioctl(fd, UFFDIO_API, &api))
 		die(EXIT_NO_UFFD, "UFFDIO_API: %s", strerror(errno));
 	return fd;
@@ -706,6 +708,11 @@ int main(int argc, char **argv)
 		       (unsigned long long)mismatched, (unsigned long long)first_bad_page, (unsigned long long)first_bad_offset);
 	printf("}\n");
 	fflush(stdout);
+	free(expected);
+	free(latency_ns);
+	free(installed);
+	free(pool);
+	munmap(guest, total_pages * PAGE_SIZE);
 	if (mismatched) {
 		fprintf(stderr, "fault-floor: expected every page to match the server's content, got %llu mismatched "
 			"(first: page %llu, byte %llu)\n", (unsigned long long)mismatched,
