@@ -6,7 +6,7 @@
  */
 import { execFile, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NativeBuildError, NoCompilerError } from './errors.js';
@@ -79,7 +79,8 @@ export interface BuiltProgram {
 /**
  * Builds `sourcePath` (a C file) into `<buildDir>/<name>-<key>`, or reuses that
  * binary if it exists. The compiler writes a temporary name that is renamed
- * into place, so concurrent builds of one key never see half a binary.
+ * into place, so concurrent builds of one key never see half a binary. A fresh
+ * build removes the program's earlier binaries (other keys) from the directory.
  */
 export async function buildNative(sourcePath: string, options: BuildOptions = {}): Promise<BuiltProgram> {
   const env = options.env ?? process.env;
@@ -113,5 +114,16 @@ export async function buildNative(sourcePath: string, options: BuildOptions = {}
   } finally {
     rmSync(tmp, { force: true });
   }
+  pruneStale(buildDir, basename(path), key);
   return { path, key, cached: false };
+}
+
+/** Removes `<name>-<other key>` binaries older builds left (not temporaries of builds under way). */
+function pruneStale(buildDir: string, fileName: string, key: string): void {
+  const stem = fileName.slice(0, -key.length);
+  for (const entry of readdirSync(buildDir)) {
+    if (entry !== fileName && entry.startsWith(stem) && /^[0-9a-f]{16}$/.test(entry.slice(stem.length))) {
+      rmSync(join(buildDir, entry), { force: true });
+    }
+  }
 }

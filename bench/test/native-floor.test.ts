@@ -4,7 +4,7 @@
  * corrupts a page), timeouts, and that no process outlives a run. Speeds are
  * the bench's business, never asserted here.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -59,6 +59,25 @@ describe('native-build', () => {
     expect(buildKey('int main(void){return 0;}', cc, NATIVE_CFLAGS)).not.toBe(key);
     expect(buildKey('int main(void){}', { ...cc, version: 'cc 13' }, NATIVE_CFLAGS)).not.toBe(key);
     expect(buildKey('int main(void){}', cc, ['-O0'])).not.toBe(key);
+  });
+
+  it('builds once per key, and a new key removes the old binary', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'postcopy-native-build-'));
+    try {
+      const src = join(dir, 'tiny.c');
+      const out = join(dir, 'out');
+      writeFileSync(src, 'int main(void) { return 0; }\n');
+      const first = await buildNative(src, { buildDir: out });
+      expect(first.cached).toBe(false);
+      expect(await buildNative(src, { buildDir: out })).toEqual({ ...first, cached: true });
+      writeFileSync(src, 'int main(void) { return 1; }\n');
+      const second = await buildNative(src, { buildDir: out });
+      expect(second.cached).toBe(false);
+      expect(second.key).not.toBe(first.key);
+      expect(readdirSync(out)).toEqual([`tiny-${second.key}`]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('reports a failed build with the compiler\'s message', async () => {
