@@ -5,3 +5,8 @@ export * from './floor-layout.js';
 export * from './format.js';
 export * from './migrations.js';
 export * from './options.js';
+export * from './errors.js';
+export * from './native-build.js';
+export * from './native-floor.js';
+export * from './net-ceiling.js';
+export * from './net-ceiling-layout.js';
