@@ -81,6 +81,15 @@ describe.runIf(linux)('uffd memory backend (Linux)', () => {
     expect(terminated).toBe(true);
   });
 
+  it('process.exit() with a worker blocked in a fault exits (the exit guard closes the contexts; Node joins workers on exit)', () => {
+    const fixture = fileURLToPath(new URL('./fixtures/exit-while-blocked.ts', import.meta.url));
+    const repo = fileURLToPath(new URL('../../../', import.meta.url));
+    const child = spawnSync(process.execPath, ['--import', 'tsx', fixture], { cwd: repo, encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL' });
+    expect(child.signal, `the child hung until killed; stderr: ${child.stderr}`).toBeNull();
+    expect(child.stdout).toBe('page 3, read, from a\nexiting with a thread blocked in a fault\n');
+    expect(child.status).toBe(3);
+  });
+
   it('close keeps the context number taken (by /dev/null) until dispose, so no later file can be read as the context', () => {
     const layout = makeLayout(16 * PAGE, PAGE);
     const memory = uffdBackend.create({ layout, memslotBytes: layout.guestBytes, maxThreads: 1, maxContexts: 1 });

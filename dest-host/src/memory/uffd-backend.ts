@@ -28,6 +28,12 @@
  * (worker.terminate() waits for it); closing or unregistering wakes it and
  * it reads zero-filled memory; the kernel has no per-thread userfaultfd;
  * 2 MiB pages need hugetlbfs pages reserved (vm.nr_hugepages).
+ *
+ * And one of Node's: process.exit() joins every worker thread, so a worker
+ * blocked in a fault would hang the exit for ever. Each thread that opens
+ * contexts closes the ones still open from a process 'exit' listener, which
+ * runs before that join: the blocked threads wake (on zeros) and the exit
+ * goes through. Open contexts on the main thread, so its exit covers them.
  */
 import { closeSync, constants as fsConstants, openSync, readFileSync, readlinkSync } from 'node:fs';
 import { BackendUnavailableError, formatBytes, makeMemslotLayout, type GuestLayout, type MemslotLayout } from '@postcopy/shared';
@@ -45,6 +51,23 @@ export interface UffdHandle extends BackendHandle {
 }
 
 const BASE_PAGE = 4096;
+
+/**
+ * Contexts this thread opened and has not disposed of, closed at process
+ * exit (see the header). Module state: one set per thread.
+ */
+const openAtExit = new Set<number>();
+let exitGuard: (() => void) | undefined;
+
+function guardExit(native: UffdNative, fd: number): void {
+  openAtExit.add(fd);
+  if (exitGuard !== undefined) return;
+  exitGuard = () => {
+    for (const open of openAtExit) native.close(open);
+    openAtExit.clear();
+  };
+  process.on('exit', exitGuard);
+}
 /** What readlink(/proc/self/fd/N) says of a userfaultfd. */
 const UFFD_LINK = 'anon_inode:[userfaultfd]';
 
@@ -176,6 +199,7 @@ export class UffdMemory implements BackendMemory {
       );
     }
     this.opened.add(fd);
+    guardExit(this.native, fd);
     return fd;
   }
 
@@ -274,7 +298,10 @@ export class UffdMemory implements BackendMemory {
     if (this.disposed) return;
     this.disposed = true;
     // Close first: no thread may stay blocked on memory about to go away.
-    for (const fd of this.opened) this.native.close(fd);
+    for (const fd of this.opened) {
+      this.native.close(fd);
+      openAtExit.delete(fd);
+    }
     this.opened.clear();
     if (this.owner) {
       const r = this.native.munmap(this.base, this.layout.guestBytes);
