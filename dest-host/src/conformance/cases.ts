@@ -478,4 +478,26 @@ export const CASES: readonly ConformanceCase[] = [
       return { close: result(close), waiter, touchAfterClose, readAfterClose, closeAgain: result(again) };
     },
   },
+  {
+    id: 'close-ends-readers',
+    title: 'closing a context while another thread reads it: that reader sees the close (EBADF), and the faulting thread wakes on zeros',
+    expected: {
+      readerGetsTheFault: 'page 8, read, from a',
+      readerAfterClose: 'none (EBADF)',
+      waiter: 'resumed: zeros',
+    },
+    async run(h) {
+      const ctx = h.openAll();
+      const [a, r] = [await h.thread('a'), await h.thread('reader')];
+      h.readFrom(r, ctx);
+      h.touch(a, 8);
+      const readerGetsTheFault = await h.readResult(r);
+      await h.blocked(a);
+      // The reader is back in read(2), with no timeout of its own, when the context closes.
+      h.readFrom(r, ctx);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      h.memory.close(ctx);
+      return { readerGetsTheFault, readerAfterClose: await h.readResult(r), waiter: await h.resumed(a) };
+    },
+  },
 ];

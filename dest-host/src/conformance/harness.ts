@@ -71,6 +71,13 @@ export class CaseThread {
     });
   }
 
+  /** Read results taken so far by {@link Harness.readResult}. */
+  readsSeen = 0;
+
+  get reads(): Extract<ConformanceThreadMessage, { type: 'read-result' }>[] {
+    return this.messages.filter((m): m is Extract<ConformanceThreadMessage, { type: 'read-result' }> => m.type === 'read-result');
+  }
+
   get resumes(): Extract<ConformanceThreadMessage, { type: 'resumed' }>[] {
     return this.messages.filter((m): m is Extract<ConformanceThreadMessage, { type: 'resumed' }> => m.type === 'resumed');
   }
@@ -156,6 +163,25 @@ export class Harness {
   touch(t: CaseThread, page: number, write = false): void {
     const cmd: ConformanceThreadCommand = { type: 'touch', page, write };
     t.worker.postMessage(cmd);
+  }
+
+  /** Makes `t` a reader: it blocks in read(2) of `ctx` (Infinity: no timeout of its own). */
+  readFrom(t: CaseThread, ctx: number, timeoutMs = Infinity): void {
+    const cmd: ConformanceThreadCommand = { type: 'read', ctx, timeoutMs };
+    t.worker.postMessage(cmd);
+  }
+
+  /** What `t`'s next read returned (up to TIMEOUT_MS): the message, `none (ERRNO)`, or `still reading`. */
+  async readResult(t: CaseThread): Promise<string> {
+    const deadline = Date.now() + TIMEOUT_MS;
+    while (t.reads.length <= t.readsSeen && Date.now() < deadline) {
+      t.check();
+      await sleep(2);
+    }
+    const r = t.reads[t.readsSeen];
+    if (r === undefined) return 'still reading';
+    t.readsSeen++;
+    return r.result === 0 ? this.describeMessage(r.message) : `none (${result(r.result)})`;
   }
 
   /** Waits until every thread is asleep in its fault (so a DONTWAKE COPY cannot race its must_wait check). */

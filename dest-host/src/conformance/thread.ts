@@ -12,9 +12,10 @@
  *   { type: 'ready', tid }                    attached; tid as fault messages carry it
  *   { type: 'touching', page, write }         about to touch
  *   { type: 'resumed', page, value }          the touch completed; value is word 0 of the page
+ *   { type: 'read-result', result, message }  a blocking read of a context (the thread as a reader)
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import type { BackendHandle, MemoryBackendName } from '../memory/backend.js';
+import type { BackendHandle, FaultMessage, MemoryBackendName } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 
 export interface ConformanceThreadData {
@@ -23,12 +24,16 @@ export interface ConformanceThreadData {
   slot: number;
 }
 
-export type ConformanceThreadCommand = { type: 'touch'; page: number; write: boolean };
+export type ConformanceThreadCommand =
+  | { type: 'touch'; page: number; write: boolean }
+  /** A blocking read(2) of `ctx` from this thread (contexts are numbers every thread can use). */
+  | { type: 'read'; ctx: number; timeoutMs: number };
 
 export type ConformanceThreadMessage =
   | { type: 'ready'; tid: number }
   | { type: 'touching'; page: number; write: boolean }
-  | { type: 'resumed'; page: number; value: number };
+  | { type: 'resumed'; page: number; value: number }
+  | { type: 'read-result'; result: number; message: FaultMessage };
 
 /** A write stores this in the last word of the page (word 0 keeps the data's mark). */
 export const WRITE_MARK = 0x77;
@@ -42,6 +47,12 @@ const lastWord = (memory.layout.pageSize >>> 2) - 1;
 const post = (m: ConformanceThreadMessage): void => port.postMessage(m);
 
 port.on('message', (cmd: ConformanceThreadCommand) => {
+  if (cmd.type === 'read') {
+    const message: FaultMessage = { address: 0, flags: 0, tid: 0 };
+    const result = memory.read(cmd.ctx, message, cmd.timeoutMs);
+    post({ type: 'read-result', result, message });
+    return;
+  }
   post({ type: 'touching', page: cmd.page, write: cmd.write });
   // A write faults as a write (UFFD_PAGEFAULT_FLAG_WRITE): store first, then read the mark.
   if (cmd.write) thread.store(cmd.page, lastWord, WRITE_MARK);

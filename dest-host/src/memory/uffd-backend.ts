@@ -20,8 +20,9 @@
  *   of file and ioctls ENOTTY, both reported as EBADF. The creator's
  *   dispose() frees the numbers it opened.
  * - A thread blocked in poll(2) on the fd holds the file: the release, and
- *   so the wake-up of the faulting threads, waits until that poll returns.
- *   Readers poll with timeouts.
+ *   so the wake-up of the threads blocked in faults, waits until that poll
+ *   returns. So read() polls in slices of at most POLL_SLICE_MS, whatever
+ *   its timeout: a close is seen (and takes effect) within one slice.
  *
  * Facts the callers must design for (DESIGN.md, "Memory backends"): a
  * thread blocked in a fault cannot be interrupted or terminated
@@ -51,6 +52,8 @@ export interface UffdHandle extends BackendHandle {
 }
 
 const BASE_PAGE = 4096;
+/** Longest one poll(2) of read() lasts: how late a close of the context can take effect. */
+export const POLL_SLICE_MS = 100;
 
 /**
  * Contexts this thread opened and has not disposed of, closed at process
@@ -246,7 +249,8 @@ export class UffdMemory implements BackendMemory {
       if (left <= 0) return -ERRNO.EAGAIN;
       // Another reader may take the message poll saw: then tryRead says
       // EAGAIN again and we poll for what is left of the timeout.
-      const revents = this.native.pollIn(ctx, left === Infinity ? -1 : Math.ceil(left));
+      // Never poll without a bound: our poll would hold off a close (see the header).
+      const revents = this.native.pollIn(ctx, Math.min(POLL_SLICE_MS, Math.ceil(left)));
       if (revents === -ERRNO.EINTR || revents === 0) continue;
       if (revents < 0) return revents;
       if ((revents & c.POLLNVAL) !== 0) return -ERRNO.EBADF;
