@@ -16,7 +16,7 @@
  * (mfill_atomic, find_dst_vma, mfill_atomic_install_pte).
  */
 import { GUEST_PAGES, Harness, PAGE, pageData, result } from './harness.js';
-import { MODE_DONTWAKE } from '../memory/backend.js';
+import { MODE_DONTWAKE, MODE_WP } from '../memory/backend.js';
 
 export type Observed = Record<string, string | number>;
 
@@ -361,6 +361,8 @@ export const CASES: readonly ConformanceCase[] = [
       message: 'page 9, read, from a',
       copyOnTheOtherContext: 4096,
       waiter: 'blocked',
+      wakeOnTheOtherContext: 'ok',
+      waiterAfterThatWake: 'blocked',
       copyOnItsOwnContext: 'EEXIST',
       wakeOnItsOwnContext: 'resumed: data 9',
       copyAcrossBoth: 'ENOENT',
@@ -377,6 +379,8 @@ export const CASES: readonly ConformanceCase[] = [
       await h.blocked(a);
       const copyOnTheOtherContext = h.copy(low, 9, [9]);
       const waiter = await h.stays(a);
+      const wakeOnTheOtherContext = result(h.memory.wake(low, 9 * PAGE, PAGE));
+      const waiterAfterThatWake = await h.stays(a);
       const copyOnItsOwnContext = h.copy(high, 9, [90]);
       h.memory.wake(high, 9 * PAGE, PAGE);
       return {
@@ -384,6 +388,8 @@ export const CASES: readonly ConformanceCase[] = [
         message,
         copyOnTheOtherContext,
         waiter,
+        wakeOnTheOtherContext,
+        waiterAfterThatWake,
         copyOnItsOwnContext,
         wakeOnItsOwnContext: await h.resumed(a),
         copyAcrossBoth: h.copy(low, 7, [7, 8]),
@@ -498,6 +504,73 @@ export const CASES: readonly ConformanceCase[] = [
       await new Promise((resolve) => setTimeout(resolve, 50));
       h.memory.close(ctx);
       return { readerGetsTheFault, readerAfterClose: await h.readResult(r), waiter: await h.resumed(a) };
+    },
+  },
+  {
+    id: 'copy-before-read-withdraws',
+    title: 'a COPY before the message is read wakes the thread and withdraws its message',
+    expected: { waiter: 'resumed: data 10', messages: 'none (EAGAIN)' },
+    async run(h) {
+      const ctx = h.openAll();
+      const a = await h.thread('a');
+      h.touch(a, 10);
+      await h.blocked(a);
+      h.copy(ctx, 10, [10]);
+      const waiter = await h.resumed(a);
+      return { waiter, messages: h.tryRead(ctx) };
+    },
+  },
+  {
+    id: 'bad-mode-einval',
+    title: 'COPY and ZEROPAGE take no mode but DONTWAKE here: unknown bits, and WP on a range not registered for it, are EINVAL',
+    expected: {
+      copyWithAnUnknownBit: 'EINVAL',
+      copyWithWp: 'EINVAL',
+      copyWithDontwakeAndWp: 'EINVAL',
+      copyWithWpOutsideAnyRange: 'ENOENT',
+      zeropageWithWp: 'EINVAL',
+      pageStillMissing: 'page 1, read, from a',
+    },
+    async run(h) {
+      const ctx = h.open();
+      h.memory.register(ctx, 0, 8 * PAGE);
+      const observed: Observed = {
+        copyWithAnUnknownBit: h.copy(ctx, 1, [1], 1 << 2),
+        copyWithWp: h.copy(ctx, 1, [1], MODE_WP),
+        copyWithDontwakeAndWp: h.copy(ctx, 1, [1], MODE_DONTWAKE | MODE_WP),
+        copyWithWpOutsideAnyRange: h.copy(ctx, 9, [9], MODE_WP),
+        zeropageWithWp: result(h.memory.zeropage(ctx, PAGE, PAGE, MODE_WP)),
+      };
+      const a = await h.thread('a');
+      h.touch(a, 1);
+      observed.pageStillMissing = h.read(ctx);
+      return observed;
+    },
+  },
+  {
+    id: 'unregister-other-context',
+    title: 'UNREGISTER through a context of pages another context registers fails with EINVAL and changes nothing',
+    expected: {
+      unregisterThroughTheOther: 'EINVAL',
+      message: 'page 2, read, from a',
+      waiter: 'blocked',
+      unregisterOfPagesNobodyRegisters: 'ok',
+      copyStillWorks: 4096,
+      afterCopy: 'resumed: data 2',
+    },
+    async run(h) {
+      const owner = h.open();
+      const other = h.open();
+      h.memory.register(owner, 0, 8 * PAGE);
+      const a = await h.thread('a');
+      h.touch(a, 2);
+      const message = h.read(owner);
+      await h.blocked(a);
+      const unregisterThroughTheOther = result(h.memory.unregister(other, 0, 8 * PAGE));
+      const waiter = await h.stays(a);
+      const unregisterOfPagesNobodyRegisters = result(h.memory.unregister(other, 8 * PAGE, 8 * PAGE));
+      const copyStillWorks = h.copy(owner, 2, [2]);
+      return { unregisterThroughTheOther, message, waiter, unregisterOfPagesNobodyRegisters, copyStillWorks, afterCopy: await h.resumed(a) };
     },
   },
 ];

@@ -94,7 +94,11 @@ export interface BackendMemory {
   open(options?: OpenOptions): number;
   /** UFFDIO_REGISTER (missing mode): 0, -EINVAL (misaligned, outside the guest), -EBUSY (another context has it). */
   register(ctx: number, start: number, len: number): number;
-  /** UFFDIO_UNREGISTER: 0 or -EINVAL; wakes the range's waiters, which then read zero-filled memory. */
+  /**
+   * UFFDIO_UNREGISTER: 0, or -EINVAL (misaligned, outside the guest, pages
+   * another context registers); wakes the range's waiters, which then read
+   * zero-filled memory.
+   */
   unregister(ctx: number, start: number, len: number): number;
   /** Non-blocking read(2) of one message: 0 (filled), -EAGAIN (none pending), -EBADF (context closed). */
   tryRead(ctx: number, msg: FaultMessage): number;
@@ -104,7 +108,9 @@ export interface BackendMemory {
    * UFFDIO_COPY of `len` bytes of `src` to guest address `dst`: bytes copied
    * (less than `len` when it stopped at an installed page: the kernel's
    * EAGAIN), or -EEXIST / -ENOENT / -EINVAL / -EFAULT. Wakes this context's
-   * waiters on the copied range unless `mode` has {@link MODE_DONTWAKE}.
+   * waiters on the copied range unless `mode` has {@link MODE_DONTWAKE}
+   * (its only valid bit here: ranges are never registered for WP). The range
+   * may be another context's: it is installed, and wakes nobody there.
    */
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode?: number): number;
   /** UFFDIO_ZEROPAGE: like copy, with zeros; -EINVAL on 2 MiB pages (hugetlb has no zero page). */
@@ -143,4 +149,4 @@ export interface GuestThread {
 }
 
 /** UFFDIO_COPY_MODE_DONTWAKE, uffd_msg's write flag, and the errno values results are negated from. */
-export { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE } from '../uffd/layout.js';
+export { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE } from '../uffd/layout.js';

@@ -92,6 +92,11 @@ export const UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0;
 
 /** UFFDIO_COPY_MODE_DONTWAKE / UFFDIO_ZEROPAGE_MODE_DONTWAKE. */
 export const MODE_DONTWAKE = 1 << 0;
+/**
+ * UFFDIO_COPY_MODE_WP: install write-protected. Only for ranges registered
+ * in WP mode, which nothing here registers, so a COPY with it is EINVAL.
+ */
+export const MODE_WP = 1 << 1;
 
 /** errno values as the ioctls report them (negated in results). */
 export const ERRNO = {

@@ -9,7 +9,7 @@ import { makeLayout, makeMemslotLayout, startWorker, type GuestLayout } from '@p
 import { afterEach, describe, expect, it } from 'vitest';
 import { GuestMemory } from '../memory/guest-memory.js';
 import type { FaultingThreadData, FaultingThreadMessage } from './fixtures/faulting-thread.js';
-import { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE, UffdMessage, Userfaultfd } from './userfaultfd.js';
+import { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE, UffdMessage, Userfaultfd } from './userfaultfd.js';
 
 const PAGE = 4096;
 const HUGE = 2 * 1024 * 1024;
@@ -450,6 +450,32 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     expect(uffd.copy(ctx, 12 * PAGE, pageData(12), PAGE)).toBe(PAGE);
     expect(await other.waitFor('resumed')).toMatchObject({ firstWord: firstWord(12) });
     expect(uffd.unregister(ctx, PAGE + 1, PAGE)).toBe(-ERRNO.EINVAL);
+  });
+
+  it('COPY and ZEROPAGE modes other than DONTWAKE are -EINVAL (WP after the range lookup), installing nothing', () => {
+    const f = setup();
+    const { uffd } = f;
+    const ctx = uffd.open();
+    expect(uffd.register(ctx, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, 1 << 2)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_WP)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_WP | MODE_DONTWAKE)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, 9 * PAGE, pageData(9), PAGE, MODE_WP)).toBe(-ERRNO.ENOENT); // the range is looked up first
+    expect(uffd.zeropage(ctx, PAGE, PAGE, MODE_WP)).toBe(-ERRNO.EINVAL);
+    expect(uffd.isPresent(1)).toBe(false);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_DONTWAKE)).toBe(PAGE);
+  });
+
+  it('UNREGISTER through a context of pages another process-wide context registers is -EINVAL and changes nothing', () => {
+    const f = setup();
+    const { uffd } = f;
+    const owner = uffd.open();
+    const other = uffd.open();
+    expect(uffd.register(owner, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.unregister(other, 0, 8 * PAGE)).toBe(-ERRNO.EINVAL);
+    expect(uffd.unregister(other, 4 * PAGE, 8 * PAGE)).toBe(-ERRNO.EINVAL); // overlapping is enough
+    expect(uffd.unregister(other, 8 * PAGE, 8 * PAGE)).toBe(0); // nobody's pages: nothing to do
+    expect(uffd.copy(owner, 2 * PAGE, pageData(2), PAGE)).toBe(PAGE); // still registered
   });
 
   it('discard makes installed pages missing again (zeroed, pte NONE): the next touch faults and a COPY installs anew', async () => {

@@ -30,6 +30,7 @@ import {
   HEADER,
   MAX_RANGES,
   MODE_DONTWAKE,
+  MODE_WP,
   MSG,
   PTE,
   QUEUE_CAPACITY,
@@ -40,7 +41,7 @@ import {
   threadBase,
 } from './layout.js';
 
-export { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE } from './layout.js';
+export { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE } from './layout.js';
 
 /** struct uffd_msg (UFFD_EVENT_PAGEFAULT): filled in place by read, never allocated per read. */
 export class UffdMessage {
@@ -154,6 +155,11 @@ export class Userfaultfd {
    * concurrent pending userfault while we unregister, so they will not hang
    * permanently"); their retry finds the page unregistered and reads a zero
    * page. Returns 0, -EINVAL, or -ENOMEM when the range entries run out.
+   *
+   * Pages another open process-wide context registers cannot be unregistered
+   * through this one: EINVAL, and nothing changes (Linux 6.18 refuses it, as
+   * the conformance case unregister-other-context shows). Pages nobody
+   * registers are skipped, as the kernel skips vmas with no userfaultfd.
    */
   unregister(ctx: number, start: number, len: number): number {
     if (!this.aligned(start, len)) return -ERRNO.EINVAL;
@@ -161,6 +167,7 @@ export class Userfaultfd {
     const first = start / this.pageSize;
     const end = first + len / this.pageSize;
     if (end > this.totalPages) return -ERRNO.EINVAL;
+    if (this.ctl[base + CONTEXT.BOUND_TID] === -1 && this.busy(ctx, first, end)) return -ERRNO.EINVAL;
     const ctl = this.ctl;
     const n = Atomics.load(ctl, base + CONTEXT.RANGE_COUNT);
     for (let i = 0; i < n; i++) {
@@ -279,7 +286,10 @@ export class Userfaultfd {
    * - stopping at an installed page after copying some: returns the bytes
    *   copied (the kernel fails with EAGAIN and sets copy to them) and wakes
    *   the copied range;
-   * - outside this context's registered ranges: -ENOENT; misaligned: -EINVAL.
+   * - outside every open context's registered ranges (or across two
+   *   contexts' ranges): -ENOENT; into another context's range: copies, and
+   *   wakes only this context's waiters (who have none there);
+   * - misaligned, or a mode other than DONTWAKE: -EINVAL.
    */
   copy(ctx: number, dst: number, src: Uint8Array, len: number, mode = 0): number {
     return this.fill(ctx, dst, src, len, mode, false);
@@ -292,6 +302,8 @@ export class Userfaultfd {
    */
   zeropage(ctx: number, dst: number, len: number, mode = 0): number {
     if (this.pageSize !== 4096) return -ERRNO.EINVAL;
+    // userfaultfd_zeropage: DONTWAKE is its only mode bit.
+    if (this.aligned(dst, len) && (mode & ~MODE_DONTWAKE) !== 0) return -ERRNO.EINVAL;
     return this.fill(ctx, dst, undefined, len, mode, true);
   }
 
@@ -310,6 +322,8 @@ export class Userfaultfd {
 
   private fill(ctx: number, dst: number, src: Uint8Array | undefined, len: number, mode: number, zero: boolean): number {
     if (!this.aligned(dst, len)) return -ERRNO.EINVAL;
+    // userfaultfd_copy: mode bits other than DONTWAKE and WP are EINVAL at once.
+    if ((mode & ~(MODE_DONTWAKE | MODE_WP)) !== 0) return -ERRNO.EINVAL;
     this.contextBaseChecked(ctx);
     const first = dst / this.pageSize;
     const end = first + len / this.pageSize;
@@ -317,6 +331,8 @@ export class Userfaultfd {
     // with *a* userfaultfd, not necessarily the one the ioctl is issued on.
     // Which context the COPY is issued on only decides whom it wakes.
     if (end > this.totalPages || !this.registered(first, end)) return -ERRNO.ENOENT;
+    // mfill_atomic: WP needs a range registered in WP mode, and none is.
+    if ((mode & MODE_WP) !== 0) return -ERRNO.EINVAL;
     if (src !== undefined && src.length < len) return -ERRNO.EFAULT;
     let page = first;
     for (; page < end; page++) {
