@@ -93,6 +93,8 @@ export const CASES: readonly ConformanceCase[] = [
       pageReads: 'resumed: zeros',
       copy: 4096,
       zeropageAfterCopy: 'EEXIST',
+      writeToTheZeroPage: 'resumed: zeros',
+      messagesOfThatWrite: 'none (EAGAIN)',
       waiterWokenByZeropage: 'resumed: zeros',
     },
     async run(h) {
@@ -104,6 +106,10 @@ export const CASES: readonly ConformanceCase[] = [
       const pageReads = await h.resumed(a);
       const copy = h.copy(ctx, 3, [3]);
       const zeropageAfterCopy = h.memory.zeropage(ctx, 3 * PAGE, PAGE);
+      // A write to the zero page is a copy-on-write, not a missing fault: no message.
+      h.touch(a, 2, true);
+      const writeToTheZeroPage = await h.resumed(a);
+      const messagesOfThatWrite = h.tryRead(ctx);
       h.touch(a, 7);
       h.read(ctx);
       await h.blocked(a);
@@ -114,6 +120,8 @@ export const CASES: readonly ConformanceCase[] = [
         pageReads,
         copy,
         zeropageAfterCopy: result(zeropageAfterCopy),
+        writeToTheZeroPage,
+        messagesOfThatWrite,
         waiterWokenByZeropage: await h.resumed(a),
       };
     },
@@ -571,6 +579,20 @@ export const CASES: readonly ConformanceCase[] = [
       const unregisterOfPagesNobodyRegisters = result(h.memory.unregister(other, 8 * PAGE, 8 * PAGE));
       const copyStillWorks = h.copy(owner, 2, [2]);
       return { unregisterThroughTheOther, message, waiter, unregisterOfPagesNobodyRegisters, copyStillWorks, afterCopy: await h.resumed(a) };
+    },
+  },
+  {
+    id: 'touched-before-register',
+    title: 'a page touched before its range is registered is plain memory (zeros) and stays installed: COPY there is EEXIST',
+    expected: { touchWithNoContext: 'resumed: zeros', copyAfterRegister: 'EEXIST', untouchedPageFaults: 'page 4, read, from a' },
+    async run(h) {
+      const a = await h.thread('a');
+      h.touch(a, 3);
+      const touchWithNoContext = await h.resumed(a);
+      const ctx = h.openAll();
+      const copyAfterRegister = h.copy(ctx, 3, [3]);
+      h.touch(a, 4);
+      return { touchWithNoContext, copyAfterRegister, untouchedPageFaults: h.read(ctx) };
     },
   },
 ];
