@@ -188,10 +188,13 @@ static napi_value js_madvise(napi_env env, napi_callback_info info) {
  * ArrayBuffer over the one mapping. No finalizer: the mapping belongs to
  * whoever mapped it, and must outlive every ArrayBuffer over it.
  *
- * Node builds with the V8 sandbox refuse external buffers
- * (napi_no_external_buffers_allowed, Node-API 9 headers; Electron does this);
- * official Node 20 builds do not. Either way the status is thrown with its
- * number so the TypeScript layer can say what happened.
+ * Builds of Node with the V8 sandbox refuse external buffers: the call
+ * returns napi_no_external_buffers_allowed (Node 20's headers have the
+ * status; Electron 21 and later are such builds). Official Node 20 builds
+ * have no sandbox and allow them, in the main thread and in every worker:
+ * dest-host/src/memory/uffd-backend.test.ts and the conformance suite make
+ * one per thread over the same mapping. Either way a failure is thrown with
+ * its status, so the TypeScript layer can say what happened.
  */
 static napi_value js_external_arraybuffer(napi_env env, napi_callback_info info) {
   napi_value argv[2];
@@ -205,10 +208,10 @@ static napi_value js_external_arraybuffer(napi_env env, napi_callback_info info)
     if (pending) return NULL;
     char code[32];
     snprintf(code, sizeof code, "NAPI_STATUS_%d", (int)status);
-    /* 22 is napi_no_external_buffers_allowed in Node-API 9 and later. */
     napi_throw_error(env, code,
-                     status == 22 ? "napi_create_external_arraybuffer: napi_no_external_buffers_allowed"
-                                  : "napi_create_external_arraybuffer failed");
+                     status == napi_no_external_buffers_allowed
+                         ? "napi_create_external_arraybuffer: napi_no_external_buffers_allowed"
+                         : "napi_create_external_arraybuffer failed");
     return NULL;
   }
   return ab;

@@ -13,7 +13,7 @@
 import type { Worker } from 'node:worker_threads';
 import { makeLayout, startWorker } from '@postcopy/shared';
 import type { BackendMemory, FaultMessage, MemoryBackend } from '../memory/backend.js';
-import { ERRNO, UFFD_PAGEFAULT_FLAG_WRITE } from '../memory/backend.js';
+import { UFFD_PAGEFAULT_FLAG_WRITE } from '../memory/backend.js';
 import { errnoName } from '../memory/uffd-native.js';
 import type { ConformanceThreadCommand, ConformanceThreadData, ConformanceThreadMessage } from './thread.js';
 
@@ -283,4 +283,3 @@ export class Harness {
   }
 }
 
-export { ERRNO };
