@@ -69,7 +69,7 @@ const args = [
   // Node-API 8 is what Node 20 guarantees (node_api.h defaults to it too).
   '-DNAPI_VERSION=8',
   `-I${include}`,
-  source, '-o', tmp,
+  source, '-o', tmp, '-pthread',
 ];
 const run = spawnSync(cc, args, { stdio: ['ignore', 'inherit', 'inherit'] });
 if (run.error || run.status !== 0) {

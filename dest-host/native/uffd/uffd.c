@@ -26,9 +26,12 @@
 #include <linux/userfaultfd.h>
 #include <node_api.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -399,6 +402,199 @@ static napi_value js_uffdio_wake(napi_env env, napi_callback_info info) {
   return result_or_errno(env, ioctl((int)fd, UFFDIO_WAKE, &range));
 }
 
+/* ------------------------------------------------------------------ pollers */
+
+/*
+ * A poller lets a thread with an event loop (a resolver talking WebSocket)
+ * wait for a userfaultfd to become readable without blocking that loop.
+ * Node-API has no way to watch an fd, so each poller is one native thread
+ * of its own that waits in poll(2) when armed and tells the JS thread
+ * through a threadsafe function. One notification per arm: the JS side
+ * reads what is there, and arms again when it wants more.
+ *
+ * The poll is cut in slices of `slice_ms`, and a slice that times out just
+ * polls again: a poll holds the file it polls, and a close of the context
+ * (a dup2 of /dev/null over its number, see uffd-backend.ts) only releases
+ * the userfaultfd, and so wakes the threads blocked in its faults, once
+ * that poll returns. The next slice polls the /dev/null, which is readable
+ * at once: the JS side reads end of file and knows the context is closed.
+ *
+ * States are guarded by `lock`; the JS thread arms, disarms and stops, the
+ * poller thread waits and notifies.
+ */
+typedef struct poller {
+  int fd;
+  int stop_fd; /* eventfd: readable once stop is asked */
+  int slice_ms;
+  int armed;
+  int stopping;
+  int started;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  napi_threadsafe_function tsfn;
+  napi_env env;
+} poller;
+
+static void *poller_main(void *arg) {
+  poller *p = arg;
+  for (;;) {
+    pthread_mutex_lock(&p->lock);
+    while (!p->armed && !p->stopping) pthread_cond_wait(&p->cond, &p->lock);
+    int stopping = p->stopping;
+    pthread_mutex_unlock(&p->lock);
+    if (stopping) break;
+    struct pollfd fds[2] = {{.fd = p->fd, .events = POLLIN, .revents = 0}, {.fd = p->stop_fd, .events = POLLIN, .revents = 0}};
+    int r = poll(fds, 2, p->slice_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (fds[1].revents != 0) break;
+    if (r == 0) continue; /* a slice ended: poll again (and so let a close through) */
+    int revents = r < 0 ? POLLERR : fds[0].revents;
+    pthread_mutex_lock(&p->lock);
+    p->armed = 0;
+    pthread_mutex_unlock(&p->lock);
+    /* napi_closing once the env is going away: nobody to tell, stop. */
+    if (napi_call_threadsafe_function(p->tsfn, (void *)(intptr_t)revents, napi_tsfn_blocking) != napi_ok) break;
+  }
+  return NULL;
+}
+
+/* Runs on the JS thread: callback(revents). */
+static void poller_call_js(napi_env env, napi_value callback, void *context, void *data) {
+  (void)context;
+  if (env == NULL || callback == NULL) return;
+  napi_value undefined, arg;
+  if (napi_get_undefined(env, &undefined) != napi_ok) return;
+  if (napi_create_int32(env, (int32_t)(intptr_t)data, &arg) != napi_ok) return;
+  napi_call_function(env, undefined, callback, 1, &arg, NULL);
+}
+
+/* Stops the thread and frees everything but `p` itself. Idempotent. */
+static void poller_stop(poller *p) {
+  if (!p->started) return;
+  p->started = 0;
+  pthread_mutex_lock(&p->lock);
+  p->stopping = 1;
+  pthread_cond_signal(&p->cond);
+  pthread_mutex_unlock(&p->lock);
+  uint64_t one = 1;
+  ssize_t ignored = write(p->stop_fd, &one, sizeof one);
+  (void)ignored;
+  pthread_join(p->thread, NULL);
+  close(p->stop_fd);
+  napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+  pthread_mutex_destroy(&p->lock);
+  pthread_cond_destroy(&p->cond);
+}
+
+/* The env is going away (a worker exiting) with the poller still running. */
+static void poller_cleanup_hook(void *arg) { poller_stop(arg); }
+
+static void poller_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  poller *p = data;
+  if (p->started) {
+    napi_remove_env_cleanup_hook(env, poller_cleanup_hook, p);
+    poller_stop(p);
+  }
+  free(p);
+}
+
+static poller *get_poller(napi_env env, napi_value value) {
+  void *data = NULL;
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok || type != napi_external ||
+      napi_get_value_external(env, value, &data) != napi_ok || data == NULL) {
+    throw_type(env, "uffd.node: expected a poller");
+    return NULL;
+  }
+  return data;
+}
+
+/* pollerCreate(fd, sliceMs, callback) -> poller | -errno. Starts its thread, disarmed and unref'd. */
+static napi_value js_poller_create(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, slice;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &slice)) return NULL;
+  napi_valuetype type;
+  CHECK(napi_typeof(env, argv[2], &type));
+  if (type != napi_function) return throw_type(env, "uffd.node: expected a callback function");
+  poller *p = calloc(1, sizeof *p);
+  if (p == NULL) return make_i64(env, -ENOMEM);
+  p->fd = (int)fd;
+  p->slice_ms = slice > 0 && slice < INT32_MAX ? (int)slice : 100;
+  p->env = env;
+  p->stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (p->stop_fd < 0) {
+    int err = errno;
+    free(p);
+    return make_i64(env, -(int64_t)err);
+  }
+  napi_value name;
+  if (napi_create_string_utf8(env, "uffd-poller", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, NULL, poller_call_js, &p->tsfn) != napi_ok) {
+    close(p->stop_fd);
+    free(p);
+    return NULL;
+  }
+  /* Idle pollers must not keep a thread's event loop alive; arming refs it. */
+  napi_unref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_init(&p->lock, NULL);
+  pthread_cond_init(&p->cond, NULL);
+  int err = pthread_create(&p->thread, NULL, poller_main, p);
+  if (err != 0) {
+    napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+    close(p->stop_fd);
+    free(p);
+    return make_i64(env, -(int64_t)err);
+  }
+  /* Its name in /proc/self/task/TID/comm, for whoever looks at the threads (the tests count them). */
+  pthread_setname_np(p->thread, "uffd-poller");
+  p->started = 1;
+  napi_add_env_cleanup_hook(env, poller_cleanup_hook, p);
+  napi_value handle;
+  CHECK(napi_create_external(env, p, poller_finalize, NULL, &handle));
+  return handle;
+}
+
+/* pollerArm(poller): the next readiness calls back once (and holds the event loop until then). */
+static napi_value js_poller_arm(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (!p->started) return make_i64(env, -EBADF);
+  napi_ref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_lock(&p->lock);
+  p->armed = 1;
+  pthread_cond_signal(&p->cond);
+  pthread_mutex_unlock(&p->lock);
+  return make_i64(env, 0);
+}
+
+/* pollerIdle(poller): lets the event loop end while nothing is armed (called from the callback). */
+static napi_value js_poller_idle(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (p->started) napi_unref_threadsafe_function(env, p->tsfn);
+  return make_i64(env, 0);
+}
+
+/* pollerStop(poller): ends its thread (joins it). Idempotent. */
+static napi_value js_poller_stop(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (p->started) {
+    napi_remove_env_cleanup_hook(env, poller_cleanup_hook, p);
+    poller_stop(p);
+  }
+  return make_i64(env, 0);
+}
+
 /* ------------------------------------------------------------------ module */
 
 static int set_i64(napi_env env, napi_value obj, const char *name, int64_t value) {
@@ -428,6 +624,10 @@ NAPI_MODULE_INIT() {
       {"uffdioCopy", js_uffdio_copy},
       {"uffdioZeropage", js_uffdio_zeropage},
       {"uffdioWake", js_uffdio_wake},
+      {"pollerCreate", js_poller_create},
+      {"pollerArm", js_poller_arm},
+      {"pollerIdle", js_poller_idle},
+      {"pollerStop", js_poller_stop},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

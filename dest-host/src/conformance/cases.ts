@@ -595,4 +595,30 @@ export const CASES: readonly ConformanceCase[] = [
       return { touchWithNoContext, copyAfterRegister, untouchedPageFaults: h.read(ctx) };
     },
   },
+  {
+    id: 'read-async',
+    title: 'readAsync delivers faults without blocking the reader\'s event loop, and resolves EBADF once the context is closed',
+    expected: {
+      onThisThread: 'page 6, read, from a',
+      onAReaderThread: 'page 7, write, from b',
+      readerAfterClose: 'none (EBADF)',
+      waiters: 'resumed: zeros, resumed: zeros',
+    },
+    async run(h) {
+      const ctx = h.openAll();
+      const [a, b, r] = [await h.thread('a'), await h.thread('b'), await h.thread('reader')];
+      const pending = h.readAsync(ctx);
+      h.touch(a, 6);
+      const onThisThread = await pending;
+      h.readFrom(r, ctx, 'async');
+      h.touch(b, 7, true);
+      const onAReaderThread = await h.readResult(r);
+      await h.blocked(a, b);
+      h.readFrom(r, ctx, 'async');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      h.memory.close(ctx);
+      const readerAfterClose = await h.readResult(r);
+      return { onThisThread, onAReaderThread, readerAfterClose, waiters: `${await h.resumed(a)}, ${await h.resumed(b)}` };
+    },
+  },
 ];

@@ -165,10 +165,23 @@ export class Harness {
     t.worker.postMessage(cmd);
   }
 
-  /** Makes `t` a reader: it blocks in read(2) of `ctx` (Infinity: no timeout of its own). */
-  readFrom(t: CaseThread, ctx: number, timeoutMs = Infinity): void {
-    const cmd: ConformanceThreadCommand = { type: 'read', ctx, timeoutMs };
+  /** Makes `t` a reader: it blocks in read(2) of `ctx` (Infinity: no timeout of its own), or awaits readAsync. */
+  readFrom(t: CaseThread, ctx: number, how: 'blocking' | 'async' = 'blocking'): void {
+    const cmd: ConformanceThreadCommand = how === 'async' ? { type: 'read-async', ctx } : { type: 'read', ctx, timeoutMs: Infinity };
     t.worker.postMessage(cmd);
+  }
+
+  /** readAsync on this thread, as words (`still reading` after TIMEOUT_MS). */
+  async readAsync(ctx: number): Promise<string> {
+    const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<'timeout'>((resolve) => {
+      timer = setTimeout(() => resolve('timeout'), TIMEOUT_MS);
+    });
+    const r = await Promise.race([this.memory.readAsync(ctx, msg), timeout]);
+    clearTimeout(timer);
+    if (r === 'timeout') return 'still reading';
+    return r === 0 ? this.describeMessage(msg) : `none (${result(r)})`;
   }
 
   /** What `t`'s next read returned (up to TIMEOUT_MS): the message, `none (ERRNO)`, or `still reading`. */

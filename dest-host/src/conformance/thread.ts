@@ -12,7 +12,7 @@
  *   { type: 'ready', tid }                    attached; tid as fault messages carry it
  *   { type: 'touching', page, write }         about to touch
  *   { type: 'resumed', page, value }          the touch completed; value is word 0 of the page
- *   { type: 'read-result', result, message }  a blocking read of a context (the thread as a reader)
+ *   { type: 'read-result', result, message }  a read of a context, blocking or async (the thread as a reader)
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import type { BackendHandle, FaultMessage, MemoryBackendName } from '../memory/backend.js';
@@ -27,7 +27,9 @@ export interface ConformanceThreadData {
 export type ConformanceThreadCommand =
   | { type: 'touch'; page: number; write: boolean }
   /** A blocking read(2) of `ctx` from this thread (contexts are numbers every thread can use). */
-  | { type: 'read'; ctx: number; timeoutMs: number };
+  | { type: 'read'; ctx: number; timeoutMs: number }
+  /** The same through readAsync, this thread's event loop free meanwhile. */
+  | { type: 'read-async'; ctx: number };
 
 export type ConformanceThreadMessage =
   | { type: 'ready'; tid: number }
@@ -47,6 +49,11 @@ const lastWord = (memory.layout.pageSize >>> 2) - 1;
 const post = (m: ConformanceThreadMessage): void => port.postMessage(m);
 
 port.on('message', (cmd: ConformanceThreadCommand) => {
+  if (cmd.type === 'read-async') {
+    const message: FaultMessage = { address: 0, flags: 0, tid: 0 };
+    void memory.readAsync(cmd.ctx, message).then((result) => post({ type: 'read-result', result, message }));
+    return;
+  }
   if (cmd.type === 'read') {
     const message: FaultMessage = { address: 0, flags: 0, tid: 0 };
     const result = memory.read(cmd.ctx, message, cmd.timeoutMs);

@@ -105,6 +105,14 @@ export interface BackendMemory {
   /** Blocking read(2): 0, -EAGAIN after `timeoutMs` (Infinity: no timeout), -EBADF (closed). Blocks the thread. */
   read(ctx: number, msg: FaultMessage, timeoutMs: number): number;
   /**
+   * read(2) for a thread with an event loop (a resolver on a WebSocket):
+   * resolves 0 with `msg` filled, or -EBADF once the context is closed,
+   * without blocking the loop. One pending call per context in a thread.
+   * The uffd one keeps the event loop alive while pending; the emulation's
+   * does not (Atomics.waitAsync, nodejs/node#44729).
+   */
+  readAsync(ctx: number, msg: FaultMessage): Promise<number>;
+  /**
    * UFFDIO_COPY of `len` bytes of `src` to guest address `dst`: bytes copied
    * (less than `len` when it stopped at an installed page: the kernel's
    * EAGAIN), or -EEXIST / -ENOENT / -EINVAL / -EFAULT. Wakes this context's

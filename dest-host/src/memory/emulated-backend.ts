@@ -97,6 +97,11 @@ export class EmulatedMemory implements BackendMemory {
     return this.uffd.isOpen(ctx) ? -ERRNO.EAGAIN : -ERRNO.EBADF;
   }
 
+  async readAsync(ctx: number, msg: FaultMessage): Promise<number> {
+    // The emulation's readAsync resolves false only at end of file.
+    return (await this.uffd.readAsync(ctx, msg)) ? 0 : -ERRNO.EBADF;
+  }
+
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode = 0): number {
     const bytes = src instanceof Uint8Array ? src : new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
     return this.uffd.copy(ctx, dst, bytes, len, mode);

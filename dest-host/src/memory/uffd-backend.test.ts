@@ -7,7 +7,7 @@
  * opened.
  */
 import { spawnSync } from 'node:child_process';
-import { openSync, closeSync, readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { BackendUnavailableError, makeLayout } from '@postcopy/shared';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -88,6 +88,28 @@ describe.runIf(linux)('uffd memory backend (Linux)', () => {
     expect(child.signal, `the child hung until killed; stderr: ${child.stderr}`).toBeNull();
     expect(child.stdout).toBe('page 3, read, from a\nexiting with a thread blocked in a fault\n');
     expect(child.status).toBe(3);
+  });
+
+  it('a worker waiting in readAsync can be terminated, and its poller thread goes with it', async () => {
+    const h = (harness = Harness.create(uffdBackend));
+    const ctx = h.openAll();
+    const pollers = (): number =>
+      readdirSync('/proc/self/task').filter((tid) => {
+        try {
+          return readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim() === 'uffd-poller';
+        } catch {
+          return false; // a thread that just ended
+        }
+      }).length;
+    const before = pollers();
+    const r = await h.thread('reader');
+    h.readFrom(r, ctx, 'async');
+    await sleep(50);
+    expect(pollers()).toBe(before + 1);
+    await Promise.race([r.worker.terminate(), sleep(TIMEOUT_MS)]);
+    expect(r.exited).toBe(true);
+    // The env cleanup hook stopped and joined the poller thread.
+    expect(pollers()).toBe(before);
   });
 
   it('close keeps the context number taken (by /dev/null) until dispose, so no later file can be read as the context', () => {

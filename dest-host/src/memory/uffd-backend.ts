@@ -40,7 +40,7 @@ import { closeSync, constants as fsConstants, openSync, readFileSync, readlinkSy
 import { BackendUnavailableError, formatBytes, makeMemslotLayout, type GuestLayout, type MemslotLayout } from '@postcopy/shared';
 import { ERRNO } from '../uffd/layout.js';
 import type { BackendHandle, BackendMemory, FaultMessage, GuestMemorySpec, GuestThread, MemoryBackend, OpenOptions } from './backend.js';
-import { errnoName, MSG_FIELD, requireUffdNative, type UffdNative } from './uffd-native.js';
+import { errnoName, MSG_FIELD, requireUffdNative, type UffdNative, type UffdPoller } from './uffd-native.js';
 
 export interface UffdHandle extends BackendHandle {
   readonly backend: 'uffd';
@@ -94,6 +94,8 @@ export class UffdMemory implements BackendMemory {
   private readonly msgOut = new Float64Array(MSG_FIELD.LENGTH);
   /** Contexts this thread opened: dispose() frees their numbers. */
   private readonly opened = new Set<number>();
+  /** readAsync's pollers, one per context this thread reads asynchronously. */
+  private readonly readers = new Map<number, AsyncReader>();
   private disposed = false;
 
   static create(spec: GuestMemorySpec): UffdMemory {
@@ -258,6 +260,23 @@ export class UffdMemory implements BackendMemory {
     }
   }
 
+  async readAsync(ctx: number, msg: FaultMessage): Promise<number> {
+    const now = this.tryRead(ctx, msg);
+    if (now !== -ERRNO.EAGAIN) return now;
+    let reader = this.readers.get(ctx);
+    if (reader === undefined) {
+      reader = new AsyncReader(this.native, ctx);
+      this.readers.set(ctx, reader);
+    }
+    const r = await reader.next(() => this.tryRead(ctx, msg));
+    if (r === -ERRNO.EBADF) {
+      // Closed: its poller has nothing left to watch.
+      reader.stop();
+      this.readers.delete(ctx);
+    }
+    return r;
+  }
+
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode = 0): number {
     const bad = this.checkRange(dst, len, -ERRNO.ENOENT);
     if (bad !== 0) return bad;
@@ -301,6 +320,8 @@ export class UffdMemory implements BackendMemory {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    for (const reader of this.readers.values()) reader.stop();
+    this.readers.clear();
     // Close first: no thread may stay blocked on memory about to go away.
     for (const fd of this.opened) {
       this.native.close(fd);
@@ -330,6 +351,57 @@ export class UffdMemory implements BackendMemory {
     if (!this.aligned(start, len)) return -ERRNO.EINVAL;
     if (start + len > this.layout.guestBytes) return outside;
     return 0;
+  }
+}
+
+/**
+ * readAsync's side of a native poller (uffd.c): arms it, and on each
+ * readiness tries the read; a message another reader took first (EAGAIN)
+ * arms it again. The poller's slices (POLL_SLICE_MS) let a close through,
+ * after which the read finds the /dev/null and gives EBADF.
+ */
+class AsyncReader {
+  private readonly poller: UffdPoller;
+  private pending: { attempt: () => number; resolve: (result: number) => void } | undefined;
+
+  constructor(
+    private readonly native: UffdNative,
+    ctx: number,
+  ) {
+    const poller = native.pollerCreate(ctx, POLL_SLICE_MS, (revents) => this.ready(revents));
+    if (typeof poller === 'number') throw new Error(`expected a poller for userfaultfd context ${ctx}, got ${errnoName(poller)}`);
+    this.poller = poller;
+  }
+
+  next(attempt: () => number): Promise<number> {
+    if (this.pending !== undefined) throw new Error('expected one readAsync at a time per context in a thread, got a second while the first is pending');
+    return new Promise((resolve) => {
+      this.pending = { attempt, resolve };
+      this.native.pollerArm(this.poller);
+    });
+  }
+
+  stop(): void {
+    this.native.pollerStop(this.poller);
+    const pending = this.pending;
+    this.pending = undefined;
+    pending?.resolve(-ERRNO.EBADF);
+  }
+
+  private ready(_revents: number): void {
+    const pending = this.pending;
+    if (pending === undefined) {
+      this.native.pollerIdle(this.poller);
+      return;
+    }
+    const r = pending.attempt();
+    if (r === -ERRNO.EAGAIN) {
+      this.native.pollerArm(this.poller);
+      return;
+    }
+    this.pending = undefined;
+    this.native.pollerIdle(this.poller);
+    pending.resolve(r);
   }
 }
 

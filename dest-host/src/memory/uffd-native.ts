@@ -82,7 +82,23 @@ export interface UffdNative {
   /** UFFDIO_ZEROPAGE: the `zeropage` field, bytes zeroed or -errno. */
   uffdioZeropage(fd: number, dst: number, len: number, mode: number): number;
   uffdioWake(fd: number, start: number, len: number): number;
+  /**
+   * A native thread that polls `fd` (in slices of `sliceMs`) while armed and
+   * calls `callback(revents)` on this thread once per arm; or -errno.
+   * Idle (disarmed) it does not keep the event loop alive; armed it does.
+   */
+  pollerCreate(fd: number, sliceMs: number, callback: (revents: number) => void): UffdPoller | number;
+  pollerArm(poller: UffdPoller): number;
+  /** Lets the event loop end while disarmed (after a callback). */
+  pollerIdle(poller: UffdPoller): number;
+  /** Ends the poller's thread. Idempotent. */
+  pollerStop(poller: UffdPoller): number;
   constants: UffdNativeConstants;
+}
+
+/** An opaque native poller (a Node-API external). */
+export interface UffdPoller {
+  readonly __uffdPoller: never;
 }
 
 export type NativeLoad = { ok: true; native: UffdNative } | { ok: false; reason: string };
