@@ -16,7 +16,7 @@ import { parseArgs } from 'node:util';
 import { runCli, UsageError } from '@postcopy/shared';
 import { MEMORY_BACKENDS } from '../memory/backend.js';
 import { memoryBackend } from '../memory/backends.js';
-import { formatCase, runConformance } from './run.js';
+import { checkAvailable, formatCase, runConformance } from './run.js';
 
 const USAGE = `usage: npm run conformance -- --backend ${MEMORY_BACKENDS.join('|')} [--json]`;
 
@@ -37,6 +37,7 @@ runCli('conformance', async () => {
   if (values.backend === undefined) throw new UsageError(`--backend: expected one of ${MEMORY_BACKENDS.join(', ')}, got nothing\n${USAGE}`);
   const backend = memoryBackend(values.backend, '--backend');
   const json = values.json === true;
+  await checkAvailable(backend);
   if (!json) process.stdout.write(`userfaultfd conformance on the ${backend.name} backend (Linux ${release()}, Node ${process.version})\n\n`);
   const report = await runConformance(backend, undefined, (r) => {
     if (!json) process.stdout.write(`${formatCase(r)}\n\n`);

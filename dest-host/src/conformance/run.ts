@@ -44,6 +44,19 @@ export async function runCase(backend: MemoryBackend, c: ConformanceCase): Promi
   return { id: c.id, title: c.title, pass: isDeepStrictEqual(observed, c.expected), observed, expected: c.expected };
 }
 
+/**
+ * Throws BackendUnavailableError, saying why, where the backend cannot run
+ * (no addon, no permission...): maps a guest, opens and closes a context.
+ */
+export async function checkAvailable(backend: MemoryBackend): Promise<void> {
+  const h = Harness.create(backend);
+  try {
+    h.open();
+  } finally {
+    await h.dispose();
+  }
+}
+
 export async function runConformance(
   backend: MemoryBackend,
   cases: readonly ConformanceCase[] = CASES,
