@@ -134,14 +134,18 @@ export interface BackendMemory {
    * close(2): 0, or -EBADF if already closed. Every thread blocked on the
    * context wakes and reads zero-filled memory (its page was never
    * installed: a run after this must not be reported verified); the
-   * context's ranges are no longer registered. On uffd a thread blocked in
-   * poll on it sees the close when its poll returns (its timeout).
+   * context's ranges are no longer registered. On uffd the close takes
+   * effect once no thread is inside a poll(2) of it; read and readAsync poll
+   * in slices of 100 ms (POLL_SLICE_MS), so that is within 100 ms, and they
+   * then return -EBADF.
    */
   close(ctx: number): number;
   /**
-   * Releases guest memory (munmap on uffd). Only by its creator, and only
-   * once every thread attached to it has exited: a thread touching unmapped
-   * memory kills the process.
+   * Closes the contexts this thread opened, then releases guest memory
+   * (munmap on uffd, by its creator only). Call it once every thread
+   * attached to the memory has exited (close the contexts first if some may
+   * be blocked in a fault: they cannot be terminated): a thread touching
+   * unmapped memory kills the process.
    */
   dispose(): void;
 }
