@@ -9,3 +9,8 @@ export * from './strategies/index.js';
 export * from './workload/workloads.js';
 export * from './status-server.js';
 export * from './report-builder.js';
+export * from './memory/backend.js';
+export * from './memory/backends.js';
+export * from './memory/emulated-backend.js';
+export * from './memory/uffd-backend.js';
+export { loadUffdNative, errnoName } from './memory/uffd-native.js';

@@ -1,4 +1,4 @@
-import { USAGE_EXIT_CODE, UsageError } from './errors.js';
+import { BackendUnavailableError, USAGE_EXIT_CODE, UsageError } from './errors.js';
 
 /** Commander's exit hook for every command of the project: help exits 0, any usage error exits 2. */
 export function exitOnUsageError(err: { exitCode: number }): never {
@@ -7,7 +7,8 @@ export function exitOnUsageError(err: { exitCode: number }): never {
 
 /**
  * Runs a command's `main` and exits with its code; an error is printed as
- * `NAME: message` and exits 2 for a usage error, 1 for anything else.
+ * `NAME: message` and exits 2 for a usage error or a memory backend that
+ * cannot run here, 1 for anything else.
  */
 export function runCli(name: string, main: () => Promise<number>): void {
   main().then(
@@ -15,7 +16,7 @@ export function runCli(name: string, main: () => Promise<number>): void {
     (err: unknown) => {
       const e = err as Error;
       process.stderr.write(`${name}: ${e.message}\n`);
-      process.exit(e instanceof UsageError ? USAGE_EXIT_CODE : 1);
+      process.exit(e instanceof UsageError || e instanceof BackendUnavailableError ? USAGE_EXIT_CODE : 1);
     },
   );
 }

@@ -65,6 +65,20 @@ export class WatchdogError extends PostcopyError {
   }
 }
 
+/**
+ * A memory backend cannot run here: not Linux, the addon not built, the kernel
+ * refuses a userfaultfd (permissions), no huge pages reserved, or something the
+ * kernel does not have (a per-thread userfaultfd). The message says which, and
+ * what would allow it. Hosts exit with {@link USAGE_EXIT_CODE}, as for a bad option.
+ */
+export class BackendUnavailableError extends PostcopyError {
+  readonly backend: string;
+  constructor(backend: string, message: string) {
+    super('ERR_POSTCOPY_BACKEND_UNAVAILABLE', message);
+    this.backend = backend;
+  }
+}
+
 export const USAGE_EXIT_CODE = 2;
 
 /** Describes a value for an error message: `70000 (number)`, `"x" (string)`. */

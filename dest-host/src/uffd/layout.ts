@@ -19,6 +19,7 @@ export const HEADER = {
   EEXIST: 8,
   WAKE_CALLS: 9,
   THREADS_WOKEN: 10,
+  DISCARDS: 11,
   LENGTH: 16,
 } as const;
 
@@ -41,8 +42,13 @@ export const THREAD = {
   STRIDE: 4,
 } as const;
 
-/** Registered ranges a context may hold. */
-export const MAX_RANGES = 8;
+/**
+ * Range entries a context may hold. Entries are never reused: UNREGISTER
+ * empties an entry (end = start) and appends what is left of it, so a
+ * thread scanning the ranges without a lock never sees a page registered
+ * that was not (see Userfaultfd.unregister).
+ */
+export const MAX_RANGES = 16;
 /** Pending messages a context can hold before a faulting thread has to wait for room. */
 export const QUEUE_CAPACITY = 1024;
 
@@ -75,7 +81,7 @@ export const CONTEXT = {
    * message nor a close can slip in between their check and their sleep.
    */
   EVENTS: 7,
-  /** Pages [start, end) per range, MAX_RANGES pairs. */
+  /** Pages [start, end) per range, MAX_RANGES pairs; an emptied entry has end = start. */
   RANGES: 8,
   RING: 8 + 2 * MAX_RANGES,
   STRIDE: 8 + 2 * MAX_RANGES + QUEUE_CAPACITY * MSG.STRIDE,
@@ -86,6 +92,11 @@ export const UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0;
 
 /** UFFDIO_COPY_MODE_DONTWAKE / UFFDIO_ZEROPAGE_MODE_DONTWAKE. */
 export const MODE_DONTWAKE = 1 << 0;
+/**
+ * UFFDIO_COPY_MODE_WP: install write-protected. Only for ranges registered
+ * in WP mode, which nothing here registers, so a COPY with it is EINVAL.
+ */
+export const MODE_WP = 1 << 1;
 
 /** errno values as the ioctls report them (negated in results). */
 export const ERRNO = {
@@ -95,13 +106,24 @@ export const ERRNO = {
   EINVAL: 22,
   EFAULT: 14,
   ESRCH: 3,
+  EBADF: 9,
+  ENOMEM: 12,
+  EBUSY: 16,
+  EINTR: 4,
+  ENOTTY: 25,
+  EPERM: 1,
+  ENOSYS: 38,
 } as const;
 
 /** pte states in the page table array. */
 export const PTE = {
   NONE: 0,
   PRESENT: 1,
-  /** A COPY holds the page: data is being written; faults still see it missing. */
+  /**
+   * Someone holds the page (the page table lock): a COPY or ZEROPAGE writing
+   * it, a fault on unregistered memory zero-filling it, or a discard zeroing
+   * it. Faults still see it missing.
+   */
   INSTALLING: 2,
 } as const;
 

@@ -9,7 +9,7 @@ import { makeLayout, makeMemslotLayout, startWorker, type GuestLayout } from '@p
 import { afterEach, describe, expect, it } from 'vitest';
 import { GuestMemory } from '../memory/guest-memory.js';
 import type { FaultingThreadData, FaultingThreadMessage } from './fixtures/faulting-thread.js';
-import { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE, UffdMessage, Userfaultfd } from './userfaultfd.js';
+import { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE, UffdMessage, Userfaultfd } from './userfaultfd.js';
 
 const PAGE = 4096;
 const HUGE = 2 * 1024 * 1024;
@@ -377,14 +377,126 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     expect(uffd.copy(ctx, 7 * PAGE, src, 2 * PAGE)).toBe(-ERRNO.ENOENT); // straddles the end
     expect(uffd.copy(ctx, 16 * PAGE, src, PAGE)).toBe(-ERRNO.ENOENT); // past the guest
     expect(uffd.zeropage(ctx, 9 * PAGE, PAGE)).toBe(-ERRNO.ENOENT);
-    expect(uffd.copy(empty, 0, src, PAGE)).toBe(-ERRNO.ENOENT);
-    expect(uffd.zeropage(empty, 0, PAGE)).toBe(-ERRNO.ENOENT);
-    for (const p of [0, 7, 8, 9]) expect(uffd.isPresent(p)).toBe(false);
+    expect(uffd.copy(empty, 8 * PAGE, src, PAGE)).toBe(-ERRNO.ENOENT);
+    expect(uffd.zeropage(empty, 9 * PAGE, PAGE)).toBe(-ERRNO.ENOENT);
+    for (const p of [7, 8, 9]) expect(uffd.isPresent(p)).toBe(false);
     expect(uffd.counters()).toMatchObject({ copies: 0, zeropages: 0, eexist: 0 });
 
     // Inside the registered range it works.
     expect(uffd.copy(ctx, 7 * PAGE, src, PAGE)).toBe(PAGE);
     expect(uffd.isPresent(7)).toBe(true);
+    // Once ctx is closed its pages are registered nowhere: ENOENT there too.
+    uffd.close(ctx);
+    expect(uffd.copy(empty, 6 * PAGE, src, PAGE)).toBe(-ERRNO.ENOENT);
+  });
+
+  it('COPY on a context into pages another context registers succeeds, and wakes only its own context (find_dst_vma)', async () => {
+    // The kernel checks that the range is registered with *a* userfaultfd
+    // (mm/userfaultfd.c, find_dst_vma), not with the one the ioctl came on.
+    // The emulation used to answer ENOENT here; a real kernel copies.
+    const f = setup();
+    const { uffd, memory } = f;
+    const low = uffd.open();
+    const high = uffd.open();
+    expect(uffd.register(low, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.register(high, 8 * PAGE, 8 * PAGE)).toBe(0);
+    const t = startThread(f, 1, 9, false);
+    expect(readMessage(uffd, high)).toEqual({ address: 9 * PAGE, flags: 0, tid: 1 });
+    await settle();
+
+    expect(uffd.copy(low, 9 * PAGE, pageData(9), PAGE)).toBe(PAGE);
+    expect(firstDifference(memory.pageBytes(9), pageData(9))).toBe(-1);
+    await expectStaysBlocked(uffd, t); // low had no waiter there; high's thread is not low's to wake
+    expect(uffd.copy(high, 9 * PAGE, pageData(90), PAGE)).toBe(-ERRNO.EEXIST);
+    expect(uffd.wake(high, 9 * PAGE, PAGE)).toBe(0);
+    expect(await t.waitFor('resumed')).toEqual({ type: 'resumed', tid: 1, wakeups: 1, firstWord: firstWord(9) });
+    // A range across the two contexts is no single registered vma.
+    expect(uffd.copy(low, 7 * PAGE, concat(pageData(7), pageData(8)), 2 * PAGE)).toBe(-ERRNO.ENOENT);
+  });
+
+  it('REGISTER of pages another process-wide context has fails with -EBUSY; per-thread contexts may overlap', () => {
+    const f = setup();
+    const { uffd } = f;
+    const a = uffd.open();
+    const b = uffd.open();
+    expect(uffd.register(a, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.register(b, 4 * PAGE, 8 * PAGE)).toBe(-ERRNO.EBUSY); // overlaps 4..7
+    expect(uffd.register(b, 8 * PAGE, 8 * PAGE)).toBe(0);
+    expect(uffd.register(a, 0, 8 * PAGE)).toBe(0); // again: nothing to do
+    expect(uffd.register(a, 2 * PAGE, 2 * PAGE)).toBe(0);
+    const own = uffd.open(1); // the per-thread proposal: overlapping is its point
+    expect(uffd.register(own, 0, f.layout.guestBytes)).toBe(0);
+    // b can take a's pages once a is closed (the kernel's release unregisters them).
+    uffd.close(a);
+    expect(uffd.register(b, 0, 8 * PAGE)).toBe(0);
+  });
+
+  it('UNREGISTER wakes the range\'s waiters, which read a zero page; COPY there is then ENOENT', async () => {
+    const f = setup();
+    const { uffd } = f;
+    const ctx = openAll(f);
+    f.memory.store(6, 0, 0x5a5a5a5a); // a missing page's stale bytes never show
+    const t = startThread(f, 1, 6, true);
+    const other = startThread(f, 2, 12, false);
+    expect([readMessage(uffd, ctx).tid, readMessage(uffd, ctx).tid].sort()).toEqual([1, 2]);
+    await settle();
+    expect(uffd.unregister(ctx, 4 * PAGE, 4 * PAGE)).toBe(0); // pages 4..7
+    // Two returns from handleFault: the wake-up, then the retry's plain fault (a zero page).
+    expect(await t.waitFor('resumed')).toEqual({ type: 'resumed', tid: 1, wakeups: 2, firstWord: 0 });
+    expect(uffd.copy(ctx, 5 * PAGE, pageData(5), PAGE)).toBe(-ERRNO.ENOENT);
+    expect(uffd.copy(ctx, 3 * PAGE, pageData(3), PAGE)).toBe(PAGE); // the rest stays registered
+    expect(uffd.copy(ctx, 8 * PAGE, pageData(8), PAGE)).toBe(PAGE);
+    await expectStaysBlocked(uffd, other);
+    expect(uffd.copy(ctx, 12 * PAGE, pageData(12), PAGE)).toBe(PAGE);
+    expect(await other.waitFor('resumed')).toMatchObject({ firstWord: firstWord(12) });
+    expect(uffd.unregister(ctx, PAGE + 1, PAGE)).toBe(-ERRNO.EINVAL);
+  });
+
+  it('COPY and ZEROPAGE modes other than DONTWAKE are -EINVAL (WP after the range lookup), installing nothing', () => {
+    const f = setup();
+    const { uffd } = f;
+    const ctx = uffd.open();
+    expect(uffd.register(ctx, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, 1 << 2)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_WP)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_WP | MODE_DONTWAKE)).toBe(-ERRNO.EINVAL);
+    expect(uffd.copy(ctx, 9 * PAGE, pageData(9), PAGE, MODE_WP)).toBe(-ERRNO.ENOENT); // the range is looked up first
+    expect(uffd.zeropage(ctx, PAGE, PAGE, MODE_WP)).toBe(-ERRNO.EINVAL);
+    expect(uffd.isPresent(1)).toBe(false);
+    expect(uffd.copy(ctx, PAGE, pageData(1), PAGE, MODE_DONTWAKE)).toBe(PAGE);
+  });
+
+  it('UNREGISTER through a context of pages another process-wide context registers is -EINVAL and changes nothing', () => {
+    const f = setup();
+    const { uffd } = f;
+    const owner = uffd.open();
+    const other = uffd.open();
+    expect(uffd.register(owner, 0, 8 * PAGE)).toBe(0);
+    expect(uffd.unregister(other, 0, 8 * PAGE)).toBe(-ERRNO.EINVAL);
+    expect(uffd.unregister(other, 4 * PAGE, 8 * PAGE)).toBe(-ERRNO.EINVAL); // overlapping is enough
+    expect(uffd.unregister(other, 8 * PAGE, 8 * PAGE)).toBe(0); // nobody's pages: nothing to do
+    expect(uffd.copy(owner, 2 * PAGE, pageData(2), PAGE)).toBe(PAGE); // still registered
+  });
+
+  it('discard makes installed pages missing again (zeroed, pte NONE): the next touch faults and a COPY installs anew', async () => {
+    const f = setup();
+    const { uffd, memory } = f;
+    const ctx = openAll(f);
+    expect(uffd.copy(ctx, 4 * PAGE, concat(pageData(4), pageData(5)), 2 * PAGE)).toBe(2 * PAGE);
+    expect(uffd.discard(4 * PAGE, PAGE)).toBe(0);
+    expect(uffd.isPresent(4)).toBe(false);
+    expect(uffd.isPresent(5)).toBe(true);
+    expect(firstDifference(memory.pageBytes(4), new Uint8Array(PAGE))).toBe(-1);
+    expect(uffd.discard(0, f.layout.guestBytes)).toBe(0); // missing pages stay missing
+    expect(uffd.isPresent(5)).toBe(false);
+    expect(uffd.counters()).toMatchObject({ discards: 2 });
+
+    const t = startThread(f, 1, 4, false);
+    expect(readMessage(uffd, ctx)).toEqual({ address: 4 * PAGE, flags: 0, tid: 1 });
+    expect(uffd.copy(ctx, 4 * PAGE, pageData(44), PAGE)).toBe(PAGE); // not EEXIST
+    expect(await t.waitFor('resumed')).toMatchObject({ firstWord: firstWord(44) });
+    expect(uffd.discard(PAGE + 8, PAGE)).toBe(-ERRNO.EINVAL);
+    expect(uffd.discard(15 * PAGE, 2 * PAGE)).toBe(-ERRNO.EINVAL);
   });
 
   it('COPY at a misaligned address or length fails with -EINVAL (so do ZEROPAGE, WAKE, REGISTER)', () => {
@@ -627,17 +739,22 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     expect(elapsed).toBeLessThan(2000);
   });
 
-  it('close wakes the threads blocked on that context', async () => {
+  it('close wakes the threads blocked on that context, and they read a zero page (never installed: not verified)', async () => {
     const f = setup();
     const { uffd } = f;
     const ctx = openAll(f);
+    f.memory.store(5, 0, 0x5a5a5a5a); // stale bytes of the missing page do not show through
     const t = startThread(f, 1, 5, true);
     expect(readMessage(uffd, ctx).tid).toBe(1);
     await settle();
     uffd.close(ctx);
     await t.waitForWakeups(1);
-    // The retry finds no open context covering the page: the emulation's SIGBUS.
-    expect(await t.waitFor('sigbus')).toMatchObject({ type: 'sigbus', tid: 1, wakeups: 1 });
+    // The kernel's release unregisters the range (fs/userfaultfd.c,
+    // userfaultfd_release); the retry is a plain anonymous fault: zeros.
+    // (The emulation used to throw a SIGBUS here.) Two returns from
+    // handleFault: the wake-up, then the retry's plain fault.
+    expect(await t.waitFor('resumed')).toEqual({ type: 'resumed', tid: 1, wakeups: 2, firstWord: 0 });
+    expect(uffd.isPresent(5)).toBe(true);
     expect(uffd.blockedPage(1)).toBe(-1);
     expect(uffd.counters()).toMatchObject({ faults: 1, threadsWoken: 1 });
   });

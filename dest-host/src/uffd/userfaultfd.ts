@@ -6,13 +6,22 @@
  * are woken with Atomics.notify, so a blocked vCPU is really a blocked thread.
  *
  * The API follows the ioctls: open (userfaultfd(2) + UFFDIO_API), register
- * (UFFDIO_REGISTER, missing mode), read (read(2) of struct uffd_msg), copy
- * (UFFDIO_COPY), zeropage (UFFDIO_ZEROPAGE), wake (UFFDIO_WAKE). Results are
- * errno-style: what the kernel writes to `uffdio_copy.copy` — bytes copied, or
- * a negated errno when nothing was copied.
+ * (UFFDIO_REGISTER, missing mode), unregister (UFFDIO_UNREGISTER), read
+ * (read(2) of struct uffd_msg), copy (UFFDIO_COPY), zeropage
+ * (UFFDIO_ZEROPAGE), wake (UFFDIO_WAKE), close (close(2)), and discard
+ * (madvise(MADV_DONTNEED)). Results are errno-style: what the kernel writes to
+ * `uffdio_copy.copy` — bytes copied, or a negated errno when nothing was copied.
+ *
+ * Memory no open context registers behaves as plain anonymous memory: a
+ * touch of a missing page there installs a zero-filled page, as the kernel's
+ * do_anonymous_page does once a userfaultfd is closed or unregistered.
+ *
+ * The conformance suite (dest-host/src/conformance) runs the same cases on
+ * this and on the kernel's userfaultfd and expects the same results.
  *
  * References: Linux fs/userfaultfd.c (handle_userfault, userfaultfd_must_wait,
- * __wake_userfault, userfaultfd_release) and mm/userfaultfd.c (mfill_atomic).
+ * __wake_userfault, userfaultfd_register, userfaultfd_unregister,
+ * userfaultfd_release) and mm/userfaultfd.c (mfill_atomic, find_dst_vma).
  */
 import type { GuestMemory } from '../memory/guest-memory.js';
 import {
@@ -21,6 +30,7 @@ import {
   HEADER,
   MAX_RANGES,
   MODE_DONTWAKE,
+  MODE_WP,
   MSG,
   PTE,
   QUEUE_CAPACITY,
@@ -31,7 +41,7 @@ import {
   threadBase,
 } from './layout.js';
 
-export { ERRNO, MODE_DONTWAKE, UFFD_PAGEFAULT_FLAG_WRITE } from './layout.js';
+export { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE } from './layout.js';
 
 /** struct uffd_msg (UFFD_EVENT_PAGEFAULT): filled in place by read, never allocated per read. */
 export class UffdMessage {
@@ -55,11 +65,7 @@ export interface UffdCounters {
   eexist: number;
   wakeCalls: number;
   threadsWoken: number;
-}
-
-/** Thrown to a faulting thread when no open context covers the address (the kernel's SIGBUS). */
-export class UnhandledFaultError extends Error {
-  readonly code = 'ERR_POSTCOPY_SIGBUS';
+  discards: number;
 }
 
 export class Userfaultfd {
@@ -120,18 +126,66 @@ export class Userfaultfd {
     return ctx;
   }
 
-  /** UFFDIO_REGISTER (UFFDIO_REGISTER_MODE_MISSING). Returns 0 or -EINVAL. */
+  /**
+   * UFFDIO_REGISTER (UFFDIO_REGISTER_MODE_MISSING). Returns 0, -EINVAL
+   * (misaligned, outside the guest, out of range entries) or -EBUSY.
+   *
+   * EBUSY: the kernel lets one userfaultfd own a vma, "or we wouldn't know
+   * which one to deliver the userfaults to" (fs/userfaultfd.c,
+   * userfaultfd_register), so a process-wide context cannot register pages
+   * another open process-wide context has. Per-thread contexts (the proposal
+   * the emulation models) are exempt: several of them cover the same pages.
+   * Registering pages this context already has changes nothing (the
+   * kernel's "Nothing to do: this vma is already registered").
+   */
   register(ctx: number, start: number, len: number): number {
     if (!this.aligned(start, len)) return -ERRNO.EINVAL;
     const base = this.contextBaseChecked(ctx);
-    const n = this.ctl[base + CONTEXT.RANGE_COUNT]!;
-    if (n >= MAX_RANGES) return -ERRNO.EINVAL;
     const first = start / this.pageSize;
     const end = first + len / this.pageSize;
     if (end > this.totalPages) return -ERRNO.EINVAL;
-    this.ctl[base + CONTEXT.RANGES + 2 * n] = first;
-    this.ctl[base + CONTEXT.RANGES + 2 * n + 1] = end;
-    Atomics.store(this.ctl, base + CONTEXT.RANGE_COUNT, n + 1);
+    if (this.ctl[base + CONTEXT.BOUND_TID] === -1 && this.busy(ctx, first, end)) return -ERRNO.EBUSY;
+    if (this.covers(ctx, first, end)) return 0;
+    return this.addRange(base, first, end) ? 0 : -ERRNO.EINVAL;
+  }
+
+  /**
+   * UFFDIO_UNREGISTER: pages [start, start+len) are no longer this context's.
+   * Its threads blocked there are woken (userfaultfd_unregister wakes "any
+   * concurrent pending userfault while we unregister, so they will not hang
+   * permanently"); their retry finds the page unregistered and reads a zero
+   * page. Returns 0, -EINVAL, or -ENOMEM when the range entries run out.
+   *
+   * Pages another open process-wide context registers cannot be unregistered
+   * through this one: EINVAL, and nothing changes (Linux 6.18 refuses it, as
+   * the conformance case unregister-other-context shows). Pages nobody
+   * registers are skipped, as the kernel skips vmas with no userfaultfd.
+   */
+  unregister(ctx: number, start: number, len: number): number {
+    if (!this.aligned(start, len)) return -ERRNO.EINVAL;
+    const base = this.contextBaseChecked(ctx);
+    const first = start / this.pageSize;
+    const end = first + len / this.pageSize;
+    if (end > this.totalPages) return -ERRNO.EINVAL;
+    if (this.ctl[base + CONTEXT.BOUND_TID] === -1 && this.busy(ctx, first, end)) return -ERRNO.EINVAL;
+    const ctl = this.ctl;
+    const n = Atomics.load(ctl, base + CONTEXT.RANGE_COUNT);
+    for (let i = 0; i < n; i++) {
+      const at = base + CONTEXT.RANGES + 2 * i;
+      const s = ctl[at]!;
+      const e = Atomics.load(ctl, at + 1);
+      if (e <= first || s >= end) continue;
+      // What is left of the entry goes in new entries first, then the entry
+      // is emptied (end = start; start never changes): a scan of the ranges
+      // at any moment sees each page that stays registered as registered.
+      if (s < first && !this.addRange(base, s, first)) return -ERRNO.ENOMEM;
+      if (e > end && !this.addRange(base, end, e)) return -ERRNO.ENOMEM;
+      Atomics.store(ctl, at + 1, s);
+    }
+    // A faulting thread stores its odd SEQ before it checks that its context
+    // still covers the page (handleFault); we emptied the entries before this
+    // scan: either it sees the page gone and leaves, or we see it and wake it.
+    this.wakeRange(ctx, first, end);
     return 0;
   }
 
@@ -232,7 +286,10 @@ export class Userfaultfd {
    * - stopping at an installed page after copying some: returns the bytes
    *   copied (the kernel fails with EAGAIN and sets copy to them) and wakes
    *   the copied range;
-   * - outside this context's registered ranges: -ENOENT; misaligned: -EINVAL.
+   * - outside every open context's registered ranges (or across two
+   *   contexts' ranges): -ENOENT; into another context's range: copies, and
+   *   wakes only this context's waiters (who have none there);
+   * - misaligned, or a mode other than DONTWAKE: -EINVAL.
    */
   copy(ctx: number, dst: number, src: Uint8Array, len: number, mode = 0): number {
     return this.fill(ctx, dst, src, len, mode, false);
@@ -245,6 +302,8 @@ export class Userfaultfd {
    */
   zeropage(ctx: number, dst: number, len: number, mode = 0): number {
     if (this.pageSize !== 4096) return -ERRNO.EINVAL;
+    // userfaultfd_zeropage: DONTWAKE is its only mode bit.
+    if (this.aligned(dst, len) && (mode & ~MODE_DONTWAKE) !== 0) return -ERRNO.EINVAL;
     return this.fill(ctx, dst, undefined, len, mode, true);
   }
 
@@ -263,9 +322,17 @@ export class Userfaultfd {
 
   private fill(ctx: number, dst: number, src: Uint8Array | undefined, len: number, mode: number, zero: boolean): number {
     if (!this.aligned(dst, len)) return -ERRNO.EINVAL;
+    // userfaultfd_copy: mode bits other than DONTWAKE and WP are EINVAL at once.
+    if ((mode & ~(MODE_DONTWAKE | MODE_WP)) !== 0) return -ERRNO.EINVAL;
+    this.contextBaseChecked(ctx);
     const first = dst / this.pageSize;
     const end = first + len / this.pageSize;
-    if (end > this.totalPages || !this.covers(ctx, first, end)) return -ERRNO.ENOENT;
+    // mm/userfaultfd.c find_dst_vma: the range must lie in one vma registered
+    // with *a* userfaultfd, not necessarily the one the ioctl is issued on.
+    // Which context the COPY is issued on only decides whom it wakes.
+    if (end > this.totalPages || !this.registered(first, end)) return -ERRNO.ENOENT;
+    // mfill_atomic: WP needs a range registered in WP mode, and none is.
+    if ((mode & MODE_WP) !== 0) return -ERRNO.EINVAL;
     if (src !== undefined && src.length < len) return -ERRNO.EFAULT;
     let page = first;
     for (; page < end; page++) {
@@ -302,12 +369,19 @@ export class Userfaultfd {
    * ZEROPAGE or WAKE on this context wakes it. Returns when woken; the caller
    * retries the access and faults again if the page is still missing (which
    * delivers a new message), exactly as the kernel's retry does.
+   *
+   * When no open context registers the page (never registered, unregistered,
+   * or its context closed), the fault is an ordinary one: the page is
+   * installed zero-filled and no message is queued.
    */
   handleFault(tid: number, page: number, write: boolean): void {
     const ctl = this.ctl;
     const tb = threadBase(tid);
     const ctx = this.route(tid, page);
-    if (ctx < 0) throw new UnhandledFaultError(`thread ${tid} faulted on page ${page}, which no open userfaultfd context registers`);
+    if (ctx < 0) {
+      this.faultUnregistered(page);
+      return;
+    }
     const seq = Atomics.load(ctl, tb + THREAD.SEQ);
     const waiting = seq + 1;
     Atomics.store(ctl, tb + THREAD.WAIT_CTX, ctx);
@@ -323,14 +397,51 @@ export class Userfaultfd {
     // or the installer sees us waiting and wakes us: no lost wake-up.
     // The same goes for close (the kernel's ctx->released check after
     // queueing): close stores OPEN = 0 before it scans, so either we see the
-    // context closed here, or close sees us waiting and wakes us.
-    if (Atomics.load(this.ptes, page) === PTE.PRESENT || !this.isOpenRaw(ctx)) {
+    // context closed here, or close sees us waiting and wakes us. And for
+    // unregister, which empties the range entries before it scans.
+    if (Atomics.load(this.ptes, page) === PTE.PRESENT || !this.isOpenRaw(ctx) || !this.covers(ctx, page, page + 1)) {
       Atomics.compareExchange(ctl, tb + THREAD.SEQ, waiting, waiting + 1);
       return;
     }
     while (Atomics.load(ctl, tb + THREAD.SEQ) === waiting) {
       Atomics.wait(ctl, tb + THREAD.SEQ, waiting);
     }
+  }
+
+  /**
+   * Drops pages [start, start+len) so they are missing again: zeroed, pte
+   * NONE; the next touch faults (madvise(MADV_DONTNEED) on the real thing,
+   * QEMU's ram_discard_range at the switch to postcopy). Nobody is woken.
+   * Returns 0 or -EINVAL (misaligned, outside the guest).
+   *
+   * A page a COPY holds (INSTALLING) is discarded once the COPY is done: in
+   * the kernel both take the page table lock, so one of them goes first. A
+   * thread reading the page while it is discarded may see it half zeroed:
+   * discard before the threads that use the pages run.
+   */
+  discard(start: number, len: number): number {
+    if (!this.aligned(start, len)) return -ERRNO.EINVAL;
+    const first = start / this.pageSize;
+    const end = first + len / this.pageSize;
+    if (end > this.totalPages) return -ERRNO.EINVAL;
+    let dropped = 0;
+    for (let page = first; page < end; page++) {
+      for (;;) {
+        // Hold the page as an installer does, so no COPY can fill it while
+        // it is being zeroed; faults see it missing throughout.
+        const was = Atomics.compareExchange(this.ptes, page, PTE.PRESENT, PTE.INSTALLING);
+        if (was === PTE.PRESENT) {
+          this.memory.zeroPage(page);
+          Atomics.store(this.ptes, page, PTE.NONE);
+          dropped++;
+          break;
+        }
+        if (was === PTE.NONE) break;
+        Atomics.wait(this.ptes, page, PTE.INSTALLING, 1);
+      }
+    }
+    if (dropped > 0) Atomics.add(this.ctl, HEADER.DISCARDS, dropped);
+    return 0;
   }
 
   /** Whether thread `tid` is blocked in a fault now, and on which page (diagnostics, watchdog). */
@@ -348,6 +459,7 @@ export class Userfaultfd {
       eexist: Atomics.load(c, HEADER.EEXIST),
       wakeCalls: Atomics.load(c, HEADER.WAKE_CALLS),
       threadsWoken: Atomics.load(c, HEADER.THREADS_WOKEN),
+      discards: Atomics.load(c, HEADER.DISCARDS),
     };
   }
 
@@ -370,15 +482,80 @@ export class Userfaultfd {
     return contextBase(this.maxThreads, ctx);
   }
 
+  /**
+   * Whether `ctx` registers every page of [first, end). Ranges of one
+   * context that touch count as one, as the kernel merges the vmas of one
+   * userfaultfd registered twice side by side.
+   */
   private covers(ctx: number, first: number, end: number): boolean {
     const base = contextBase(this.maxThreads, ctx);
     const n = Atomics.load(this.ctl, base + CONTEXT.RANGE_COUNT);
-    for (let i = 0; i < n; i++) {
-      const s = this.ctl[base + CONTEXT.RANGES + 2 * i]!;
-      const e = this.ctl[base + CONTEXT.RANGES + 2 * i + 1]!;
-      if (first >= s && end <= e) return true;
+    let at = first;
+    // Each pass moves `at` past one entry that contains it; n passes at most.
+    for (let pass = 0; pass < n && at < end; pass++) {
+      let moved = false;
+      for (let i = 0; i < n; i++) {
+        const s = this.ctl[base + CONTEXT.RANGES + 2 * i]!;
+        const e = Atomics.load(this.ctl, base + CONTEXT.RANGES + 2 * i + 1);
+        if (s <= at && at < e) {
+          at = e;
+          moved = true;
+        }
+      }
+      if (!moved) return false;
+    }
+    return at >= end;
+  }
+
+  /** Whether one open context registers all of [first, end) (a COPY's "single registered vma"). */
+  private registered(first: number, end: number): boolean {
+    const open = Math.min(this.maxContexts, Atomics.load(this.ctl, HEADER.CONTEXTS_OPEN));
+    for (let ctx = 0; ctx < open; ctx++) {
+      if (this.isOpenRaw(ctx) && this.covers(ctx, first, end)) return true;
     }
     return false;
+  }
+
+  /** Whether an open process-wide context other than `ctx` registers any page of [first, end). */
+  private busy(ctx: number, first: number, end: number): boolean {
+    const open = Math.min(this.maxContexts, Atomics.load(this.ctl, HEADER.CONTEXTS_OPEN));
+    for (let other = 0; other < open; other++) {
+      if (other === ctx || !this.isOpenRaw(other)) continue;
+      const base = contextBase(this.maxThreads, other);
+      if (this.ctl[base + CONTEXT.BOUND_TID] !== -1) continue;
+      const n = Atomics.load(this.ctl, base + CONTEXT.RANGE_COUNT);
+      for (let i = 0; i < n; i++) {
+        const s = this.ctl[base + CONTEXT.RANGES + 2 * i]!;
+        const e = Atomics.load(this.ctl, base + CONTEXT.RANGES + 2 * i + 1);
+        if (s < end && first < e) return true;
+      }
+    }
+    return false;
+  }
+
+  /** Appends range entry [first, end) to the context at `base`; false when the entries ran out. */
+  private addRange(base: number, first: number, end: number): boolean {
+    const n = this.ctl[base + CONTEXT.RANGE_COUNT]!;
+    if (n >= MAX_RANGES) return false;
+    this.ctl[base + CONTEXT.RANGES + 2 * n] = first;
+    Atomics.store(this.ctl, base + CONTEXT.RANGES + 2 * n + 1, end);
+    // Publishing the count makes the entry visible to scans, which load it first.
+    Atomics.store(this.ctl, base + CONTEXT.RANGE_COUNT, n + 1);
+    return true;
+  }
+
+  /**
+   * A fault no context takes: do_anonymous_page() installs a zero-filled
+   * page. Whoever moves the pte off NONE fills it; a thread finding it held
+   * (INSTALLING) waits a moment and the caller's retry looks again.
+   */
+  private faultUnregistered(page: number): void {
+    if (Atomics.compareExchange(this.ptes, page, PTE.NONE, PTE.INSTALLING) === PTE.NONE) {
+      this.memory.zeroPage(page);
+      Atomics.store(this.ptes, page, PTE.PRESENT);
+      return;
+    }
+    Atomics.wait(this.ptes, page, PTE.INSTALLING, 1);
   }
 
   /** Which context a fault of `tid` on `page` goes to: its own, else a process-wide one; -1 if none. */

@@ -1,0 +1,675 @@
+/*
+ * uffd.node: the system calls and ioctls of the `uffd` memory backend, over
+ * Node-API only (node_api.h; no V8, no libuv).
+ *
+ * One small function per system call or ioctl. Each returns what the kernel
+ * returned: a non-negative result, or a negated errno. Nothing here decides
+ * anything: validation, names, policy and error messages live in TypeScript
+ * above it (dest-host/src/memory/uffd-native.ts and uffd-backend.ts), in the
+ * manner of sodium-native.
+ *
+ * A wrong argument *type* is a programming error and throws a TypeError; a
+ * kernel error is a return value.
+ *
+ * Addresses cross into JavaScript as numbers: x86-64 and arm64 user addresses
+ * are below 2^48, well inside the 2^53 a double holds exactly.
+ *
+ * References: Linux fs/userfaultfd.c (userfaultfd(2), the ioctls, read(2) of
+ * struct uffd_msg), mm/userfaultfd.c (mfill_atomic: what UFFDIO_COPY and
+ * UFFDIO_ZEROPAGE do page by page), include/uapi/linux/userfaultfd.h, and
+ * tools/testing/selftests/mm/uffd-common.c for how the kernel's own tests
+ * drive them.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <node_api.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef MAP_HUGE_SHIFT
+#define MAP_HUGE_SHIFT 26
+#endif
+#ifndef MAP_HUGE_2MB
+#define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+/* /dev/userfaultfd (Linux 6.1): include/uapi/linux/userfaultfd.h */
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+
+/* ------------------------------------------------------------------ helpers */
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) return NULL;                                        \
+  } while (0)
+
+static napi_value throw_type(napi_env env, const char *message) {
+  napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+  return NULL;
+}
+
+/* Fetches exactly `n` arguments into argv; throws when fewer were passed. */
+static int get_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  if (argc < n) {
+    napi_throw_type_error(env, "ERR_MISSING_ARGS", "uffd.node: too few arguments");
+    return 0;
+  }
+  return 1;
+}
+
+/* A number argument as int64 (integers only; the TypeScript layer checks ranges). */
+static int get_i64(napi_env env, napi_value value, int64_t *out) {
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok) return 0;
+  if (type != napi_number) {
+    throw_type(env, "uffd.node: expected a number");
+    return 0;
+  }
+  return napi_get_value_int64(env, value, out) == napi_ok;
+}
+
+static napi_value make_i64(napi_env env, int64_t value) {
+  napi_value result;
+  /* napi_create_int64 goes through a double: exact below 2^53. */
+  CHECK(napi_create_int64(env, value, &result));
+  return result;
+}
+
+/* The kernel's way: a result, or -errno. */
+static napi_value result_or_errno(napi_env env, int64_t r) {
+  return make_i64(env, r < 0 ? -(int64_t)errno : r);
+}
+
+/* The bytes of a TypedArray or DataView argument (its byteOffset applied). */
+static int get_bytes(napi_env env, napi_value value, void **data, size_t *length) {
+  bool is_typed = false;
+  if (napi_is_typedarray(env, value, &is_typed) != napi_ok) return 0;
+  if (is_typed) {
+    napi_typedarray_type type;
+    size_t count;
+    napi_value ab;
+    size_t offset;
+    if (napi_get_typedarray_info(env, value, &type, &count, data, &ab, &offset) != napi_ok) return 0;
+    size_t unit = 1;
+    switch (type) {
+      case napi_int16_array: case napi_uint16_array: unit = 2; break;
+      case napi_int32_array: case napi_uint32_array: case napi_float32_array: unit = 4; break;
+      case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: unit = 8; break;
+      default: unit = 1;
+    }
+    *length = count * unit;
+    return 1;
+  }
+  bool is_view = false;
+  if (napi_is_dataview(env, value, &is_view) != napi_ok) return 0;
+  if (is_view) {
+    napi_value ab;
+    size_t offset;
+    return napi_get_dataview_info(env, value, length, data, &ab, &offset) == napi_ok;
+  }
+  throw_type(env, "uffd.node: expected a TypedArray or DataView");
+  return 0;
+}
+
+/* A typed array of a given kind with at least `min` elements. */
+static int get_typed(napi_env env, napi_value value, napi_typedarray_type want, size_t min, void **data) {
+  bool is_typed = false;
+  if (napi_is_typedarray(env, value, &is_typed) != napi_ok) return 0;
+  napi_typedarray_type type;
+  size_t count;
+  napi_value ab;
+  size_t offset;
+  if (!is_typed || napi_get_typedarray_info(env, value, &type, &count, data, &ab, &offset) != napi_ok ||
+      type != want || count < min) {
+    throw_type(env, want == napi_float64_array ? "uffd.node: expected a Float64Array of the right length"
+                                               : "uffd.node: expected a BigUint64Array of the right length");
+    return 0;
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ threads */
+
+/* gettid(2): the id the kernel puts in uffd_msg.pagefault.feat.ptid (UFFD_FEATURE_THREAD_ID). */
+static napi_value js_gettid(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_i64(env, (int64_t)syscall(SYS_gettid));
+}
+
+/* ------------------------------------------------------------------ memory */
+
+/* mmap(NULL, length, prot, flags, -1, 0) -> address | -errno */
+static napi_value js_mmap(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t length, prot, flags;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &length) || !get_i64(env, argv[1], &prot) ||
+      !get_i64(env, argv[2], &flags))
+    return NULL;
+  void *p = mmap(NULL, (size_t)length, (int)prot, (int)flags, -1, 0);
+  if (p == MAP_FAILED) return make_i64(env, -(int64_t)errno);
+  return make_i64(env, (int64_t)(uintptr_t)p);
+}
+
+/* munmap(address, length) -> 0 | -errno */
+static napi_value js_munmap(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t addr, length;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &addr) || !get_i64(env, argv[1], &length)) return NULL;
+  return result_or_errno(env, munmap((void *)(uintptr_t)addr, (size_t)length));
+}
+
+/* madvise(address, length, advice) -> 0 | -errno (MADV_DONTNEED: QEMU's ram_discard_range) */
+static napi_value js_madvise(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t addr, length, advice;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &addr) || !get_i64(env, argv[1], &length) ||
+      !get_i64(env, argv[2], &advice))
+    return NULL;
+  return result_or_errno(env, madvise((void *)(uintptr_t)addr, (size_t)length, (int)advice));
+}
+
+/*
+ * An ArrayBuffer over [address, address + length), in the calling thread's
+ * isolate: every worker calls this for itself, so each has its own
+ * ArrayBuffer over the one mapping. No finalizer: the mapping belongs to
+ * whoever mapped it, and must outlive every ArrayBuffer over it.
+ *
+ * Builds of Node with the V8 sandbox refuse external buffers: the call
+ * returns napi_no_external_buffers_allowed (Node 20's headers have the
+ * status; Electron 21 and later are such builds). Official Node 20 builds
+ * have no sandbox and allow them, in the main thread and in every worker:
+ * dest-host/src/memory/uffd-backend.test.ts and the conformance suite make
+ * one per thread over the same mapping. Either way a failure is thrown with
+ * its status, so the TypeScript layer can say what happened.
+ */
+static napi_value js_external_arraybuffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t addr, length;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &addr) || !get_i64(env, argv[1], &length)) return NULL;
+  napi_value ab;
+  napi_status status = napi_create_external_arraybuffer(env, (void *)(uintptr_t)addr, (size_t)length, NULL, NULL, &ab);
+  if (status != napi_ok) {
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) return NULL;
+    char code[32];
+    snprintf(code, sizeof code, "NAPI_STATUS_%d", (int)status);
+    napi_throw_error(env, code,
+                     status == napi_no_external_buffers_allowed
+                         ? "napi_create_external_arraybuffer: napi_no_external_buffers_allowed"
+                         : "napi_create_external_arraybuffer failed");
+    return NULL;
+  }
+  return ab;
+}
+
+/* ------------------------------------------------------------------ file descriptors */
+
+/* userfaultfd(2) -> fd | -errno. EPERM: no CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0 (fs/userfaultfd.c). */
+static napi_value js_userfaultfd(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t flags;
+  if (!get_args(env, info, 1, argv) || !get_i64(env, argv[0], &flags)) return NULL;
+#ifdef SYS_userfaultfd
+  return result_or_errno(env, syscall(SYS_userfaultfd, (int)flags));
+#else
+  return make_i64(env, -ENOSYS);
+#endif
+}
+
+/* ioctl(devfd, USERFAULTFD_IOC_NEW, flags) on an open /dev/userfaultfd -> fd | -errno */
+static napi_value js_userfaultfd_ioc_new(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t devfd, flags;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &devfd) || !get_i64(env, argv[1], &flags)) return NULL;
+  return result_or_errno(env, ioctl((int)devfd, USERFAULTFD_IOC_NEW, (int)flags));
+}
+
+/* close(fd) -> 0 | -errno */
+static napi_value js_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_i64(env, argv[0], &fd)) return NULL;
+  return result_or_errno(env, close((int)fd));
+}
+
+/* dup2(oldfd, newfd) -> newfd | -errno */
+static napi_value js_dup2(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t oldfd, newfd;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &oldfd) || !get_i64(env, argv[1], &newfd)) return NULL;
+  return result_or_errno(env, dup2((int)oldfd, (int)newfd));
+}
+
+/*
+ * poll(2) for POLLIN on one fd -> revents (> 0) | 0 on timeout | -errno.
+ * timeout_ms < 0 waits for ever. Blocks the calling thread: for workers.
+ * userfaultfd_poll() answers EPOLLERR unless the fd is O_NONBLOCK.
+ */
+static napi_value js_poll_in(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd, timeout;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &timeout)) return NULL;
+  struct pollfd p = {.fd = (int)fd, .events = POLLIN, .revents = 0};
+  int r = poll(&p, 1, timeout > INT32_MAX ? INT32_MAX : (int)timeout);
+  return make_i64(env, r < 0 ? -(int64_t)errno : r == 0 ? 0 : p.revents);
+}
+
+/* Field indices of the Float64Array read_msg fills (mirrored as MSG_FIELD in uffd-native.ts). */
+enum { MSG_EVENT = 0, MSG_FLAGS = 1, MSG_ADDRESS = 2, MSG_PTID = 3, MSG_FIELDS = 4 };
+
+/*
+ * read(2) of one struct uffd_msg -> bytes read (32) | 0 at end of file | -errno
+ * (-EAGAIN: nothing pending on the O_NONBLOCK fd). Fills out[MSG_*].
+ * Only UFFD_EVENT_PAGEFAULT carries flags, address and ptid; other events
+ * leave them 0 (none are enabled by this backend).
+ */
+static napi_value js_read_msg(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t fd;
+  double *out;
+  if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &fd) ||
+      !get_typed(env, argv[1], napi_float64_array, MSG_FIELDS, (void **)&out))
+    return NULL;
+  struct uffd_msg msg;
+  memset(&msg, 0, sizeof msg);
+  ssize_t n = read((int)fd, &msg, sizeof msg);
+  if (n < 0) return make_i64(env, -(int64_t)errno);
+  out[MSG_EVENT] = msg.event;
+  out[MSG_FLAGS] = 0;
+  out[MSG_ADDRESS] = 0;
+  out[MSG_PTID] = 0;
+  if (n == (ssize_t)sizeof msg && msg.event == UFFD_EVENT_PAGEFAULT) {
+    out[MSG_FLAGS] = (double)msg.arg.pagefault.flags;
+    out[MSG_ADDRESS] = (double)msg.arg.pagefault.address;
+    out[MSG_PTID] = (double)msg.arg.pagefault.feat.ptid;
+  }
+  return make_i64(env, n);
+}
+
+/* ------------------------------------------------------------------ ioctls */
+
+/* UFFDIO_API -> 0 | -errno; out[0] = features granted, out[1] = ioctls (a BigUint64Array of 2). */
+static napi_value js_uffdio_api(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, features;
+  uint64_t *out;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &features) ||
+      !get_typed(env, argv[2], napi_biguint64_array, 2, (void **)&out))
+    return NULL;
+  struct uffdio_api api = {.api = UFFD_API, .features = (uint64_t)features, .ioctls = 0};
+  int r = ioctl((int)fd, UFFDIO_API, &api);
+  out[0] = api.features;
+  out[1] = api.ioctls;
+  return result_or_errno(env, r);
+}
+
+/* UFFDIO_REGISTER -> 0 | -errno; out[0] = the ioctls the range supports (a BigUint64Array of 1). */
+static napi_value js_uffdio_register(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t fd, start, len, mode;
+  uint64_t *out;
+  if (!get_args(env, info, 5, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &start) ||
+      !get_i64(env, argv[2], &len) || !get_i64(env, argv[3], &mode) ||
+      !get_typed(env, argv[4], napi_biguint64_array, 1, (void **)&out))
+    return NULL;
+  struct uffdio_register reg = {.range = {.start = (uint64_t)start, .len = (uint64_t)len}, .mode = (uint64_t)mode};
+  int r = ioctl((int)fd, UFFDIO_REGISTER, &reg);
+  out[0] = r == 0 ? reg.ioctls : 0;
+  return result_or_errno(env, r);
+}
+
+/* UFFDIO_UNREGISTER -> 0 | -errno (wakes the range's waiters: userfaultfd_unregister) */
+static napi_value js_uffdio_unregister(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, start, len;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &start) ||
+      !get_i64(env, argv[2], &len))
+    return NULL;
+  struct uffdio_range range = {.start = (uint64_t)start, .len = (uint64_t)len};
+  return result_or_errno(env, ioctl((int)fd, UFFDIO_UNREGISTER, &range));
+}
+
+/*
+ * What a UFFDIO_COPY or UFFDIO_ZEROPAGE result field says, as one number.
+ * userfaultfd_copy() writes the field only once mfill_atomic ran: bytes
+ * copied (> 0; with the ioctl failing EAGAIN when short of len), or a
+ * negated errno (EEXIST, ENOENT, ...). Validation errors before that
+ * (EINVAL for a misaligned range) leave the field as we set it (0) and come
+ * back as the ioctl's errno. So: the field when it was written, else -errno.
+ */
+static int64_t fill_result(int r, int64_t field) {
+  if (r == 0) return field;
+  int err = errno;
+  return field != 0 ? field : -(int64_t)err;
+}
+
+/* UFFDIO_COPY -> bytes copied | -errno (the `copy` field); src is a TypedArray/DataView of at least len bytes. */
+static napi_value js_uffdio_copy(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t fd, dst, len, mode;
+  void *src;
+  size_t src_len;
+  if (!get_args(env, info, 5, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &dst) ||
+      !get_bytes(env, argv[2], &src, &src_len) || !get_i64(env, argv[3], &len) || !get_i64(env, argv[4], &mode))
+    return NULL;
+  /* The kernel would read past the view into whatever follows it: refuse, as the emulation does. */
+  if (len < 0 || (uint64_t)len > src_len) return make_i64(env, -EFAULT);
+  struct uffdio_copy copy = {.dst = (uint64_t)dst, .src = (uint64_t)(uintptr_t)src, .len = (uint64_t)len,
+                             .mode = (uint64_t)mode, .copy = 0};
+  int r = ioctl((int)fd, UFFDIO_COPY, &copy);
+  return make_i64(env, fill_result(r, copy.copy));
+}
+
+/* UFFDIO_ZEROPAGE -> bytes zeroed | -errno (the `zeropage` field) */
+static napi_value js_uffdio_zeropage(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int64_t fd, dst, len, mode;
+  if (!get_args(env, info, 4, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &dst) ||
+      !get_i64(env, argv[2], &len) || !get_i64(env, argv[3], &mode))
+    return NULL;
+  struct uffdio_zeropage zp = {.range = {.start = (uint64_t)dst, .len = (uint64_t)len}, .mode = (uint64_t)mode,
+                               .zeropage = 0};
+  int r = ioctl((int)fd, UFFDIO_ZEROPAGE, &zp);
+  return make_i64(env, fill_result(r, zp.zeropage));
+}
+
+/* UFFDIO_WAKE -> 0 | -errno */
+static napi_value js_uffdio_wake(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, start, len;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &start) ||
+      !get_i64(env, argv[2], &len))
+    return NULL;
+  struct uffdio_range range = {.start = (uint64_t)start, .len = (uint64_t)len};
+  return result_or_errno(env, ioctl((int)fd, UFFDIO_WAKE, &range));
+}
+
+/* ------------------------------------------------------------------ pollers */
+
+/*
+ * A poller lets a thread with an event loop (a resolver talking WebSocket)
+ * wait for a userfaultfd to become readable without blocking that loop.
+ * Node-API has no way to watch an fd, so each poller is one native thread
+ * of its own that waits in poll(2) when armed and tells the JS thread
+ * through a threadsafe function. One notification per arm: the JS side
+ * reads what is there, and arms again when it wants more.
+ *
+ * The poll is cut in slices of `slice_ms`, and a slice that times out just
+ * polls again: a poll holds the file it polls, and a close of the context
+ * (a dup2 of /dev/null over its number, see uffd-backend.ts) only releases
+ * the userfaultfd, and so wakes the threads blocked in its faults, once
+ * that poll returns. The next slice polls the /dev/null, which is readable
+ * at once: the JS side reads end of file and knows the context is closed.
+ *
+ * States are guarded by `lock`; the JS thread arms, disarms and stops, the
+ * poller thread waits and notifies.
+ */
+typedef struct poller {
+  int fd;
+  int stop_fd; /* eventfd: readable once stop is asked */
+  int slice_ms;
+  int armed;
+  int stopping;
+  int started;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  napi_threadsafe_function tsfn;
+  napi_env env;
+} poller;
+
+static void *poller_main(void *arg) {
+  poller *p = arg;
+  for (;;) {
+    pthread_mutex_lock(&p->lock);
+    while (!p->armed && !p->stopping) pthread_cond_wait(&p->cond, &p->lock);
+    int stopping = p->stopping;
+    pthread_mutex_unlock(&p->lock);
+    if (stopping) break;
+    struct pollfd fds[2] = {{.fd = p->fd, .events = POLLIN, .revents = 0}, {.fd = p->stop_fd, .events = POLLIN, .revents = 0}};
+    int r = poll(fds, 2, p->slice_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (fds[1].revents != 0) break;
+    if (r == 0) continue; /* a slice ended: poll again (and so let a close through) */
+    int revents = r < 0 ? POLLERR : fds[0].revents;
+    pthread_mutex_lock(&p->lock);
+    p->armed = 0;
+    pthread_mutex_unlock(&p->lock);
+    /* napi_closing once the env is going away: nobody to tell, stop. */
+    if (napi_call_threadsafe_function(p->tsfn, (void *)(intptr_t)revents, napi_tsfn_blocking) != napi_ok) break;
+  }
+  return NULL;
+}
+
+/* Runs on the JS thread: callback(revents). */
+static void poller_call_js(napi_env env, napi_value callback, void *context, void *data) {
+  (void)context;
+  if (env == NULL || callback == NULL) return;
+  napi_value undefined, arg;
+  if (napi_get_undefined(env, &undefined) != napi_ok) return;
+  if (napi_create_int32(env, (int32_t)(intptr_t)data, &arg) != napi_ok) return;
+  napi_call_function(env, undefined, callback, 1, &arg, NULL);
+}
+
+/* Stops the thread and frees everything but `p` itself. Idempotent. */
+static void poller_stop(poller *p) {
+  if (!p->started) return;
+  p->started = 0;
+  pthread_mutex_lock(&p->lock);
+  p->stopping = 1;
+  pthread_cond_signal(&p->cond);
+  pthread_mutex_unlock(&p->lock);
+  uint64_t one = 1;
+  ssize_t ignored = write(p->stop_fd, &one, sizeof one);
+  (void)ignored;
+  pthread_join(p->thread, NULL);
+  close(p->stop_fd);
+  napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+  pthread_mutex_destroy(&p->lock);
+  pthread_cond_destroy(&p->cond);
+}
+
+/* The env is going away (a worker exiting) with the poller still running. */
+static void poller_cleanup_hook(void *arg) { poller_stop(arg); }
+
+static void poller_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  poller *p = data;
+  if (p->started) {
+    napi_remove_env_cleanup_hook(env, poller_cleanup_hook, p);
+    poller_stop(p);
+  }
+  free(p);
+}
+
+static poller *get_poller(napi_env env, napi_value value) {
+  void *data = NULL;
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok || type != napi_external ||
+      napi_get_value_external(env, value, &data) != napi_ok || data == NULL) {
+    throw_type(env, "uffd.node: expected a poller");
+    return NULL;
+  }
+  return data;
+}
+
+/* pollerCreate(fd, sliceMs, callback) -> poller | -errno. Starts its thread, disarmed and unref'd. */
+static napi_value js_poller_create(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, slice;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &slice)) return NULL;
+  napi_valuetype type;
+  CHECK(napi_typeof(env, argv[2], &type));
+  if (type != napi_function) return throw_type(env, "uffd.node: expected a callback function");
+  poller *p = calloc(1, sizeof *p);
+  if (p == NULL) return make_i64(env, -ENOMEM);
+  p->fd = (int)fd;
+  p->slice_ms = slice > 0 && slice < INT32_MAX ? (int)slice : 100;
+  p->env = env;
+  p->stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (p->stop_fd < 0) {
+    int err = errno;
+    free(p);
+    return make_i64(env, -(int64_t)err);
+  }
+  napi_value name;
+  if (napi_create_string_utf8(env, "uffd-poller", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(env, argv[2], NULL, name, 0, 1, NULL, NULL, NULL, poller_call_js, &p->tsfn) != napi_ok) {
+    close(p->stop_fd);
+    free(p);
+    return NULL;
+  }
+  /* Idle pollers must not keep a thread's event loop alive; arming refs it. */
+  napi_unref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_init(&p->lock, NULL);
+  pthread_cond_init(&p->cond, NULL);
+  int err = pthread_create(&p->thread, NULL, poller_main, p);
+  if (err != 0) {
+    napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+    close(p->stop_fd);
+    free(p);
+    return make_i64(env, -(int64_t)err);
+  }
+  /* Its name in /proc/self/task/TID/comm, for whoever looks at the threads (the tests count them). */
+  pthread_setname_np(p->thread, "uffd-poller");
+  p->started = 1;
+  napi_add_env_cleanup_hook(env, poller_cleanup_hook, p);
+  napi_value handle;
+  CHECK(napi_create_external(env, p, poller_finalize, NULL, &handle));
+  return handle;
+}
+
+/* pollerArm(poller): the next readiness calls back once (and holds the event loop until then). */
+static napi_value js_poller_arm(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (!p->started) return make_i64(env, -EBADF);
+  napi_ref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_lock(&p->lock);
+  p->armed = 1;
+  pthread_cond_signal(&p->cond);
+  pthread_mutex_unlock(&p->lock);
+  return make_i64(env, 0);
+}
+
+/* pollerIdle(poller): lets the event loop end while nothing is armed (called from the callback). */
+static napi_value js_poller_idle(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (p->started) napi_unref_threadsafe_function(env, p->tsfn);
+  return make_i64(env, 0);
+}
+
+/* pollerStop(poller): ends its thread (joins it). Idempotent. */
+static napi_value js_poller_stop(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  poller *p = get_poller(env, argv[0]);
+  if (p == NULL) return NULL;
+  if (p->started) {
+    napi_remove_env_cleanup_hook(env, poller_cleanup_hook, p);
+    poller_stop(p);
+  }
+  return make_i64(env, 0);
+}
+
+/* ------------------------------------------------------------------ module */
+
+static int set_i64(napi_env env, napi_value obj, const char *name, int64_t value) {
+  napi_value v = make_i64(env, value);
+  return v != NULL && napi_set_named_property(env, obj, name, v) == napi_ok;
+}
+
+NAPI_MODULE_INIT() {
+  static const struct {
+    const char *name;
+    napi_callback fn;
+  } fns[] = {
+      {"gettid", js_gettid},
+      {"mmap", js_mmap},
+      {"munmap", js_munmap},
+      {"madvise", js_madvise},
+      {"externalArrayBuffer", js_external_arraybuffer},
+      {"userfaultfd", js_userfaultfd},
+      {"userfaultfdIocNew", js_userfaultfd_ioc_new},
+      {"close", js_close},
+      {"dup2", js_dup2},
+      {"pollIn", js_poll_in},
+      {"readMsg", js_read_msg},
+      {"uffdioApi", js_uffdio_api},
+      {"uffdioRegister", js_uffdio_register},
+      {"uffdioUnregister", js_uffdio_unregister},
+      {"uffdioCopy", js_uffdio_copy},
+      {"uffdioZeropage", js_uffdio_zeropage},
+      {"uffdioWake", js_uffdio_wake},
+      {"pollerCreate", js_poller_create},
+      {"pollerArm", js_poller_arm},
+      {"pollerIdle", js_poller_idle},
+      {"pollerStop", js_poller_stop},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value fn;
+    CHECK(napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &fn));
+    CHECK(napi_set_named_property(env, exports, fns[i].name, fn));
+  }
+
+  napi_value c;
+  CHECK(napi_create_object(env, &c));
+  static const struct {
+    const char *name;
+    int64_t value;
+  } constants[] = {
+      {"PROT_READ", PROT_READ},
+      {"PROT_WRITE", PROT_WRITE},
+      {"MAP_PRIVATE", MAP_PRIVATE},
+      {"MAP_ANONYMOUS", MAP_ANONYMOUS},
+      {"MAP_NORESERVE", MAP_NORESERVE},
+      {"MAP_HUGETLB", MAP_HUGETLB},
+      {"MAP_HUGE_2MB", MAP_HUGE_2MB},
+      {"MADV_DONTNEED", MADV_DONTNEED},
+      {"MADV_NOHUGEPAGE", MADV_NOHUGEPAGE},
+      {"O_CLOEXEC", O_CLOEXEC},
+      {"O_NONBLOCK", O_NONBLOCK},
+      {"UFFD_USER_MODE_ONLY", UFFD_USER_MODE_ONLY},
+      {"UFFD_FEATURE_MISSING_HUGETLBFS", UFFD_FEATURE_MISSING_HUGETLBFS},
+      {"UFFD_FEATURE_THREAD_ID", UFFD_FEATURE_THREAD_ID},
+      {"UFFDIO_REGISTER_MODE_MISSING", UFFDIO_REGISTER_MODE_MISSING},
+      {"UFFDIO_COPY_MODE_DONTWAKE", UFFDIO_COPY_MODE_DONTWAKE},
+      {"UFFDIO_ZEROPAGE_MODE_DONTWAKE", UFFDIO_ZEROPAGE_MODE_DONTWAKE},
+      {"UFFD_EVENT_PAGEFAULT", UFFD_EVENT_PAGEFAULT},
+      {"UFFD_PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE},
+      {"_UFFDIO_ZEROPAGE", _UFFDIO_ZEROPAGE},
+      {"POLLIN", POLLIN},
+      {"POLLERR", POLLERR},
+      {"POLLHUP", POLLHUP},
+      {"POLLNVAL", POLLNVAL},
+      {"UFFD_MSG_SIZE", (int64_t)sizeof(struct uffd_msg)},
+  };
+  for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++) {
+    if (!set_i64(env, c, constants[i].name, constants[i].value)) return NULL;
+  }
+  CHECK(napi_set_named_property(env, exports, "constants", c));
+  return exports;
+}

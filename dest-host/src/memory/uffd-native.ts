@@ -1,0 +1,157 @@
+/**
+ * The uffd addon (dest-host/native/uffd/uffd.c), typed, loaded once per
+ * thread, with the reason when it cannot be.
+ *
+ * The addon is one thin function per system call or ioctl returning what the
+ * kernel returned (a result, or -errno); this file only loads it and names
+ * its fields. What the results mean is decided in uffd-backend.ts.
+ *
+ * It is built by the root `build` script (dest-host/native/uffd/build.mjs),
+ * which records in build/status.json why it did not build where it could not
+ * (not Linux, no compiler, no Node headers). Both this file's location in
+ * src/ (tests) and in dist/ (built) are two levels below dest-host/, so the
+ * same relative path finds it.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { constants as osConstants } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { BackendUnavailableError } from '@postcopy/shared';
+
+/** Field indices of the Float64Array `readMsg` fills (MSG_* in uffd.c). */
+export const MSG_FIELD = {
+  EVENT: 0,
+  FLAGS: 1,
+  ADDRESS: 2,
+  PTID: 3,
+  LENGTH: 4,
+} as const;
+
+export interface UffdNativeConstants {
+  PROT_READ: number;
+  PROT_WRITE: number;
+  MAP_PRIVATE: number;
+  MAP_ANONYMOUS: number;
+  MAP_NORESERVE: number;
+  MAP_HUGETLB: number;
+  MAP_HUGE_2MB: number;
+  MADV_DONTNEED: number;
+  MADV_NOHUGEPAGE: number;
+  O_CLOEXEC: number;
+  O_NONBLOCK: number;
+  UFFD_USER_MODE_ONLY: number;
+  UFFD_FEATURE_MISSING_HUGETLBFS: number;
+  UFFD_FEATURE_THREAD_ID: number;
+  UFFDIO_REGISTER_MODE_MISSING: number;
+  UFFDIO_COPY_MODE_DONTWAKE: number;
+  UFFDIO_ZEROPAGE_MODE_DONTWAKE: number;
+  UFFD_EVENT_PAGEFAULT: number;
+  UFFD_PAGEFAULT_FLAG_WRITE: number;
+  /** Bit number of UFFDIO_ZEROPAGE in uffdio_register.ioctls. */
+  _UFFDIO_ZEROPAGE: number;
+  POLLIN: number;
+  POLLERR: number;
+  POLLHUP: number;
+  POLLNVAL: number;
+  UFFD_MSG_SIZE: number;
+}
+
+/** Every function returns what the kernel returned: a result >= 0, or -errno. */
+export interface UffdNative {
+  gettid(): number;
+  mmap(length: number, prot: number, flags: number): number;
+  munmap(address: number, length: number): number;
+  madvise(address: number, length: number, advice: number): number;
+  /** An ArrayBuffer of this thread's own over [address, address + length); throws where Node refuses external buffers. */
+  externalArrayBuffer(address: number, length: number): ArrayBuffer;
+  userfaultfd(flags: number): number;
+  userfaultfdIocNew(devfd: number, flags: number): number;
+  close(fd: number): number;
+  dup2(oldfd: number, newfd: number): number;
+  /** poll(2) for POLLIN: revents, 0 on timeout; timeoutMs < 0 waits for ever. */
+  pollIn(fd: number, timeoutMs: number): number;
+  /** read(2) of one struct uffd_msg into out[MSG_FIELD.*]: bytes read, 0 at end of file. */
+  readMsg(fd: number, out: Float64Array): number;
+  /** UFFDIO_API: out = [features available, ioctls]. */
+  uffdioApi(fd: number, features: number, out: BigUint64Array): number;
+  /** UFFDIO_REGISTER: out = [ioctls the range supports]. */
+  uffdioRegister(fd: number, start: number, len: number, mode: number, out: BigUint64Array): number;
+  uffdioUnregister(fd: number, start: number, len: number): number;
+  /** UFFDIO_COPY: the `copy` field, bytes copied or -errno. */
+  uffdioCopy(fd: number, dst: number, src: ArrayBufferView, len: number, mode: number): number;
+  /** UFFDIO_ZEROPAGE: the `zeropage` field, bytes zeroed or -errno. */
+  uffdioZeropage(fd: number, dst: number, len: number, mode: number): number;
+  uffdioWake(fd: number, start: number, len: number): number;
+  /**
+   * A native thread that polls `fd` (in slices of `sliceMs`) while armed and
+   * calls `callback(revents)` on this thread once per arm; or -errno.
+   * Idle (disarmed) it does not keep the event loop alive; armed it does.
+   */
+  pollerCreate(fd: number, sliceMs: number, callback: (revents: number) => void): UffdPoller | number;
+  pollerArm(poller: UffdPoller): number;
+  /** Lets the event loop end while disarmed (after a callback). */
+  pollerIdle(poller: UffdPoller): number;
+  /** Ends the poller's thread. Idempotent. */
+  pollerStop(poller: UffdPoller): number;
+  constants: UffdNativeConstants;
+}
+
+/** An opaque native poller (a Node-API external). */
+export interface UffdPoller {
+  readonly __uffdPoller: never;
+}
+
+export type NativeLoad = { ok: true; native: UffdNative } | { ok: false; reason: string };
+
+const addonDir = new URL('../../native/uffd/build/', import.meta.url);
+
+let loaded: NativeLoad | undefined;
+
+/** Loads the addon in this thread (once), or says why it cannot be. */
+export function loadUffdNative(): NativeLoad {
+  loaded ??= load();
+  return loaded;
+}
+
+/** The addon, or a {@link BackendUnavailableError} saying why it is not there. */
+export function requireUffdNative(): UffdNative {
+  const load = loadUffdNative();
+  if (!load.ok) throw new BackendUnavailableError('uffd', `the uffd memory backend is unavailable: ${load.reason}`);
+  return load.native;
+}
+
+function load(): NativeLoad {
+  if (process.platform !== 'linux') {
+    return { ok: false, reason: `userfaultfd(2) is Linux only, and this is ${process.platform}; use --memory-backend emulated` };
+  }
+  const path = fileURLToPath(new URL('uffd.node', addonDir));
+  if (!existsSync(path)) {
+    return { ok: false, reason: `the addon was not built (${path} is missing): ${buildStatusReason()}` };
+  }
+  try {
+    return { ok: true, native: createRequire(import.meta.url)(path) as UffdNative };
+  } catch (err) {
+    return { ok: false, reason: `the addon ${path} failed to load: ${(err as Error).message}` };
+  }
+}
+
+function buildStatusReason(): string {
+  const statusPath = fileURLToPath(new URL('status.json', addonDir));
+  try {
+    const status = JSON.parse(readFileSync(statusPath, 'utf8')) as { built?: boolean; reason?: string };
+    if (status.built === false && typeof status.reason === 'string') return `the build said: ${status.reason}`;
+  } catch {
+    // no status: the build step never ran
+  }
+  return 'run `npm run build` (it builds dest-host/native/uffd with the machine\'s C compiler and Node\'s headers)';
+}
+
+const errnoNames = new Map<number, string>();
+// First name wins: EAGAIN before its alias EWOULDBLOCK, and so on.
+for (const [name, value] of Object.entries(osConstants.errno)) if (!errnoNames.has(value)) errnoNames.set(value, name);
+
+/** `-17` → `EEXIST`; a non-negative result → its number as text. */
+export function errnoName(result: number): string {
+  if (result >= 0) return String(result);
+  return errnoNames.get(-result) ?? `errno ${-result}`;
+}
