@@ -45,6 +45,13 @@ export interface Listener {
    * or undefined when it may go on. The reason is logged once, here.
    */
   refusal(socket: Socket): string | undefined;
+  /**
+   * Destroys every TCP connection still open, those in the middle of a TLS
+   * handshake included: the HTTP server's closeAllConnections() knows only
+   * the sockets that reached HTTP, so a peer holding a half-done TLS
+   * handshake would keep a closing source alive until its handshake timeout.
+   */
+  destroyAll(): void;
 }
 
 /** Peer-controlled text (a certificate's names) made safe to print: printable ASCII, at most 80 characters. */
@@ -218,8 +225,13 @@ export async function listen(options: {
   };
   // The socket ws upgrades is the TLS socket for wss:// and the TCP socket for ws://.
   server.on(tls ? 'secureConnection' : 'connection', watch);
-  // Every TCP peer's address, while it is still there to read.
-  if (tls) server.on('connection', (raw: Socket) => void peers.set(raw, peerOf(raw)));
+  // Every TCP peer's address, while it is still there to read; and every TCP socket, for destroyAll().
+  const open = new Set<Socket>();
+  server.on('connection', (raw: Socket) => {
+    if (tls) peers.set(raw, peerOf(raw));
+    open.add(raw);
+    raw.once('close', () => open.delete(raw));
+  });
   if (tls) {
     server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
       options.onRejected?.(label(socket), describeTlsClientError(err, handshakeTimeoutMs));
@@ -257,5 +269,9 @@ export async function listen(options: {
       timers.delete(socket);
     },
     refusal,
+    destroyAll: () => {
+      for (const raw of open) raw.destroy();
+      open.clear();
+    },
   };
 }

@@ -272,6 +272,7 @@ export class SourceServer extends EventEmitter {
         this.listener.server.close(() => resolve());
         // Sockets that never became WebSockets (a TLS or HTTP handshake in progress).
         this.listener.server.closeAllConnections();
+        this.listener.destroyAll();
       });
     });
   }
