@@ -158,6 +158,8 @@ async function launchIn(runDir: string, env: NodeJS.ProcessEnv, options: LaunchO
   let stopKiller = false;
   try {
     const url = await source.url;
+    // The source's own `listening` line is read here, not shown: say where it listens (IPv6 in brackets).
+    say(`postcopy: source listening ${url}`);
     // To kill the source at a page count, the launcher reads the destination's GET /status.
     const destArgs = kills.length > 0 && !options.destArgs.includes('--status-port') ? [...options.destArgs, '--status-port', '0'] : options.destArgs;
     const watchStderr = piped || kills.length > 0;

@@ -115,8 +115,15 @@ export function explainTlsError(err: NodeJS.ErrnoException, url: string, serverN
       return `the source's certificate has expired (${code}): expected a certificate valid now`;
     case 'CERT_NOT_YET_VALID':
       return `the source's certificate is not valid yet (${code}): expected a certificate valid now`;
-    case 'ERR_TLS_CERT_ALTNAME_INVALID':
-      return `the source's certificate is not for ${JSON.stringify(name)} (${err.message}): expected a certificate naming the host in --source, or give --tls-server-name with a name it holds`;
+    case 'ERR_TLS_CERT_ALTNAME_INVALID': {
+      // Node's own message lists only the names of the host's kind ("IP:
+      // 127.0.0.1 is not in the cert's list: " for a certificate of DNS
+      // names), so say which names the certificate does hold.
+      const cert = (err as { cert?: { subjectaltname?: string; subject?: { CN?: string | string[] } } }).cert;
+      const held = cert?.subjectaltname ?? (cert?.subject?.CN !== undefined ? `CN=${String(cert.subject.CN)}` : undefined);
+      const got = held ? `got one for ${printableName(held)}` : `got one for other names (${err.message})`;
+      return `the source's certificate is not for ${JSON.stringify(name)}: expected a certificate naming ${JSON.stringify(name)} (${serverName !== undefined ? '--tls-server-name' : 'the host in --source'}), ${got}; give --tls-server-name with a name it holds`;
+    }
     case 'ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED':
     case 'ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE':
       return `the source requires a client certificate (--tls-verify-peer) and this destination sent none (${code}): give --tls-cert and --tls-key signed by the source's CA`;
@@ -135,6 +142,12 @@ export function explainTlsError(err: NodeJS.ErrnoException, url: string, serverN
     default:
       return undefined;
   }
+}
+
+/** Names from a peer's certificate, safe to print: printable ASCII, bounded. */
+function printableName(text: string): string {
+  const safe = text.replace(/[^\x20-\x7e]/g, '?');
+  return safe.length > 200 ? `${safe.slice(0, 199)}…` : safe;
 }
 
 function hostOfUrl(url: string): string {

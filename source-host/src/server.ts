@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import type { IncomingMessage, OutgoingHttpHeaders } from 'node:http';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
@@ -164,7 +165,8 @@ export function safeLabel(label: string): string {
  * - `destination-lost` (reason): the main channel closed before start, or a
  *   paused migration was not resumed in time;
  * - `rejected` (label, error): a peer was sent an error and disconnected, or
- *   failed its TLS handshake;
+ *   was cut before it became a WebSocket (a failed TLS handshake, a client
+ *   certificate refused, no upgrade in time: listener.ts);
  * - `keepalive-timeout` (silentMs): the main channel was silent for longer
  *   than `keepaliveMs` (a dead link sends no close) and was cut: a pause.
  */
@@ -206,6 +208,12 @@ export class SourceServer extends EventEmitter {
     this.migrationState = this.pausedByRestart ? 'paused' : 'fresh';
     if (this.pausedByRestart) this.startResumeTimer();
     wss.on('connection', (ws, req) => {
+      // verifyClient (in listen) already refused a peer whose client
+      // certificate is not accepted; this is the second lock on that door.
+      if (listener.refusal(req.socket) !== undefined) {
+        ws.terminate();
+        return;
+      }
       listener.upgraded(req.socket);
       this.accept(ws);
     });
@@ -231,12 +239,19 @@ export class SourceServer extends EventEmitter {
       port: options.port,
       tls: options.tls,
       handshakeTimeoutMs: options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs,
-      onTlsClientError: (peer, reason) => server?.emit('rejected', `TLS peer ${peer}`, new HandshakeError(reason)),
+      onRejected: (peer, reason) => server?.emit('rejected', peer, new HandshakeError(reason)),
     });
     const wss = new WebSocketServer({
       server: listener.server,
       perMessageDeflate: false,
       maxPayload: maxFrameBytes(image.layout.pageSize, image.layout.totalPages),
+      // Under --tls-verify-peer, a peer whose client certificate is not
+      // accepted gets a 403 saying why instead of a WebSocket (listener.ts).
+      verifyClient: (info: { req: IncomingMessage }, done: (ok: boolean, code?: number, message?: string, headers?: OutgoingHttpHeaders) => void) => {
+        const reason = listener.refusal(info.req.socket);
+        if (reason === undefined) done(true);
+        else done(false, 403, reason, { 'Content-Type': 'text/plain; charset=utf-8' });
+      },
     });
     server = new SourceServer(image, options, listener, wss);
     return server;
@@ -259,6 +274,7 @@ export class SourceServer extends EventEmitter {
         this.listener.server.close(() => resolve());
         // Sockets that never became WebSockets (a TLS or HTTP handshake in progress).
         this.listener.server.closeAllConnections();
+        this.listener.destroyAll();
       });
     });
   }

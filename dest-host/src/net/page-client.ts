@@ -1,3 +1,4 @@
+import type { ClientRequest, IncomingMessage } from 'node:http';
 import WebSocket from 'ws';
 import {
   ChannelRole,
@@ -80,6 +81,15 @@ interface Pending {
 interface Opened {
   ws: WebSocket;
   welcome: Welcome;
+}
+
+/** At most this much of a source's HTTP refusal is read and shown. */
+const MAX_REFUSAL_CHARS = 600;
+
+/** A source's refusal text made safe to print: printable ASCII on one line (no terminal escapes), bounded. */
+function printableRefusal(text: string): string {
+  const line = text.replace(/\s+/g, ' ').replace(/[^\x20-\x7e]/g, '?').trim();
+  return line.length > MAX_REFUSAL_CHARS ? `${line.slice(0, MAX_REFUSAL_CHARS - 1)}…` : line;
 }
 
 /** How often a paused fault channel re-checks whether it was closed meanwhile (ms). */
@@ -297,6 +307,23 @@ export class PageClient {
           // A TLS server reads an HTTP request as a broken handshake and drops the connection.
           fail(new ConnectionError(`the source at ${options.url} dropped the connection before the WebSocket upgrade (${err.code ?? err.message}): if it listens on wss://, expected --source wss://... (and --tls-ca)`));
         } else fail(new ConnectionError(`cannot reach the source at ${options.url}: ${err.code ?? ''} ${err.message}`.trim()));
+      });
+      ws.once('unexpected-response', (_req: ClientRequest, res: IncomingMessage) => {
+        // An HTTP answer instead of the upgrade: a source refusing this
+        // destination before any WebSocket (under --tls-verify-peer, a client
+        // certificate it does not accept: 403), which says why in the body.
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => {
+          if (body.length < MAX_REFUSAL_CHARS) body += chunk;
+        });
+        const done = (): void => {
+          const said = printableRefusal(body);
+          fail(new ConnectionError(`the source at ${options.url} refused this destination (HTTP ${res.statusCode ?? '?'}${res.statusMessage ? ` ${printableRefusal(res.statusMessage)}` : ''})${said ? `: ${said}` : ''}`));
+        };
+        res.once('end', done);
+        res.once('error', done);
+        res.once('close', done);
       });
       ws.once('close', (code, reason) =>
         fail(new ConnectionError(`the source at ${options.url} closed the connection during the handshake (code ${code}${reason.length ? `: ${reason.toString()}` : ''})`)),
