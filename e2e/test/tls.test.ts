@@ -174,6 +174,14 @@ describe('TLS refusals: a clear message, nothing served, and the source keeps se
       /refused this destination \(HTTP 403 Forbidden\): expected a client certificate valid now \(--tls-verify-peer\), got one that expired on \w{3} +\d+ [\d:]+ \d{4} GMT \(CERT_HAS_EXPIRED\)/,
       new RegExp(`^source: rejected TLS peer ${PEER}: expected a client certificate valid now \\(--tls-verify-peer\\), got one that expired on .* \\(CERT_HAS_EXPIRED\\)$`),
     );
+    // TLS is not a way in without the token: a destination with good certificates and a wrong token is refused at its hello.
+    await expectRefused(
+      source,
+      source.url,
+      [...destTls(certs), '--token', 'not-the-token'],
+      /dest: the source refused the handshake: expected a valid access token, got a wrong one/,
+      /^source: rejected main: expected a valid access token, got a wrong one$/,
+    );
     // Plain ws:// against the TLS source.
     await expectRefused(
       source,
@@ -182,16 +190,16 @@ describe('TLS refusals: a clear message, nothing served, and the source keeps se
       /dest: the source at ws:\/\/127\.0\.0\.1:\d+ dropped the connection before the WebSocket upgrade \(ECONNRESET\): if it listens on wss:\/\/, expected --source wss:\/\/\.\.\. \(and --tls-ca\)/,
       new RegExp(`^source: rejected TLS peer ${PEER}: expected a TLS handshake, got plain HTTP \\(a ws:// peer: it should use wss://\\)$`),
     );
-    expect(source.rejections()).toHaveLength(5);
+    expect(source.rejections()).toHaveLength(6);
     // A peer that is not Node (OpenSSL's own client) refuses the certificate with a TLS alert: the source says its certificate was refused.
     await opensslRefuses(source, certs.otherCa, /expected the peer to accept this source's certificate, got its refusal: it does not trust the CA that signed it \(ERR_SSL_TLSV1_ALERT_UNKNOWN_CA\)$/);
-    expect(source.rejections()).toHaveLength(6);
+    expect(source.rejections()).toHaveLength(7);
 
     // The same source process, after all that: a good destination migrates, verified over TLS.
     const good = await runDest(source.url, destTls(certs));
     const report = expectVerified(good, source.stderr());
     await expectMigratedOnce(source, report);
-    expect(source.rejections()).toHaveLength(6);
+    expect(source.rejections()).toHaveLength(7);
   });
 
   it('a source certificate for another name: refused; a wrong --tls-server-name too; the right one migrates', async () => {
