@@ -6,7 +6,6 @@ export * from './vmm/state.js';
 export * from './vmm/page-installer.js';
 export * from './net/page-client.js';
 export * from './strategies/index.js';
-export * from './workload/workloads.js';
 export * from './status-server.js';
 export * from './report-builder.js';
 export * from './memory/backend.js';

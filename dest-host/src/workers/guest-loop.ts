@@ -1,8 +1,7 @@
-import { verifyPage, type ImageSpec } from '@postcopy/shared';
+import { rng, verifyPage, type AccessPattern, type ImageSpec } from '@postcopy/shared';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { Userfaultfd } from '../uffd/userfaultfd.js';
 import { COUNTER, type VmmState } from '../vmm/state.js';
-import { rng, type AccessPattern } from '../workload/workloads.js';
 import type { GuestThreadResult } from './protocol.js';
 
 export interface GuestLoop {

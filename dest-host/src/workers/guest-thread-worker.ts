@@ -4,11 +4,10 @@
  * barrier), runs its access pattern, reports its faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole } from '@postcopy/shared';
+import { ChannelRole, accessPattern, ioPattern } from '@postcopy/shared';
 import { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
-import { accessPattern, ioPattern } from '../workload/workloads.js';
 import { attach, followSession, nextCommand, report, runWorker } from './attach.js';
 import { runGuestLoop } from './guest-loop.js';
 import type { GuestThreadData } from './protocol.js';

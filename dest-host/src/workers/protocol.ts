@@ -1,9 +1,8 @@
-import type { ImageSpec, StrategyName } from '@postcopy/shared';
+import type { ImageSpec, StrategyName, WorkloadSpec } from '@postcopy/shared';
 import type { ClientTls } from '../net/page-client.js';
 import type { GuestMemoryBuffers } from '../memory/guest-memory.js';
 import type { UffdBuffers } from '../uffd/userfaultfd.js';
 import type { VmmBuffers } from '../vmm/state.js';
-import type { WorkloadSpec } from '../workload/workloads.js';
 
 /** Where a worker's own connection goes (kvm-exit vCPUs, resolvers). */
 export interface SourceEndpoint {

@@ -1,6 +1,10 @@
-import { rng, type WorkloadName } from '@postcopy/shared';
-
-export { rng };
+/**
+ * The guest's workloads: which pages a vCPU or I/O thread touches, in which
+ * order. Both hosts run guests (the destination after switchover, the
+ * source during precopy), so these live here rather than in either host.
+ */
+import { rng } from '../random.js';
+import type { WorkloadName } from '../report.js';
 
 /** What a vCPU (or I/O thread) does: which pages it touches, in which order. */
 export interface WorkloadSpec {
