@@ -101,12 +101,12 @@ describe('the destination fails clearly, never hangs', () => {
     cleanups.push(() => new Promise<void>((r) => wss.close(() => r())));
     await new Promise<void>((r) => wss.once('listening', () => r()));
     wss.on('connection', (ws) => {
-      ws.once('message', () => ws.send(pack([MessageType.Welcome, 99, 4 * 1024 * 1024, 4096, 1024, 'a'.repeat(64), 1, 0, 0, 0, 'b'.repeat(64)])));
+      ws.once('message', () => ws.send(pack([MessageType.Welcome, 99, 4 * 1024 * 1024, 4096, 1024, 'a'.repeat(64), 1, 0, 0, 0, 'b'.repeat(64), 0])));
     });
     const port = (wss.address() as { port: number }).port;
     const r = await runNode(DEST, ['--source', `ws://127.0.0.1:${port}`, '--memory', '4MiB', '--token', 't'], { timeoutMs: 20_000 });
     expect(r.code).toBe(1);
-    expect(r.stderr).toContain('expected protocol version 2, the source speaks 99');
+    expect(r.stderr).toContain('expected protocol version 3, the source speaks 99');
   });
 
   it('a source that accepts and then says nothing', async () => {

@@ -67,6 +67,7 @@ const honestWelcome: Welcome = {
   linkDelayUs: 0,
   linkBandwidthBps: 0,
   secret: '',
+  mode: 'postcopy',
 };
 const FAKE_SECRET = '9a'.repeat(32);
 
@@ -174,6 +175,10 @@ class FakeSource {
       peakRssBytes: 0,
       repliesUndeliverable: 0,
       keepaliveTimeouts: 0,
+      migration: {
+        setupTimeMs: 0, totalTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, downtimeLimitMs: 300, switchoverReason: 'none',
+        rounds: 0, dirtySyncCount: 0, pagesSent: 0, pagesResent: 0, bytes: 0, dirtyPagesRate: 0, throttlePercent: 0, perRound: [], discardPages: 0, discardRanges: 0,
+      },
     };
   }
 
@@ -388,7 +393,7 @@ describe('the destination against a malicious source', () => {
 
   it('a welcome of the wrong shape', async () => {
     const r = await runAgainst({ welcome: () => pack([MessageType.Welcome, PROTOCOL_VERSION, GUEST_BYTES, PAGE_SIZE]) });
-    expectRejected(r, /not a valid welcome: welcome: expected 10 fields, got 3/);
+    expectRejected(r, /not a valid welcome: welcome: expected 11 fields, got 3/);
     expect(r.report).toBeUndefined();
   });
 

@@ -16,6 +16,7 @@ import { describe, expect, it } from 'vitest';
 import { decode, encode, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout, type GuestLayout } from './layout.js';
+import { coalesce } from './precopy.js';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, maxPushPages, type Message } from './protocol.js';
 
 const SEED = 0x5eed_c0de;
@@ -44,7 +45,7 @@ const TYPE_CODES = Object.values(MessageType) as number[];
 /** Message types that only make sense once the layout is known. */
 const NEEDS_LAYOUT = new Set<Message['type']>([
   'request', 'page', 'zero-page', 'already-sent', 'sent-on-main', 'pushed', 'pushed-zero', 'complete', 'finish',
-  'resume', 'resumed',
+  'resume', 'resumed', 'precopy-pages', 'precopy-zero', 'discard', 'switchover', 'running', 'hash-request', 'page-hashes',
 ]);
 
 const isU32 = (v: unknown): boolean => typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= MAX_U32;
@@ -74,7 +75,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       if (!isHex64(m.imageDigest)) return 'welcome.imageDigest';
       if (typeof m.zeroFraction !== 'number' || !(m.zeroFraction >= 0 && m.zeroFraction <= 1)) return 'welcome.zeroFraction';
       if (m.secret !== '' && !/^[0-9a-f]{64}$/.test(m.secret)) return 'welcome.secret';
-      return undefined;
+      return ['postcopy', 'precopy', 'hybrid'].includes(m.mode) ? undefined : `welcome.mode ${String(m.mode)}`;
     case 'start':
       return typeof m.push === 'boolean' && typeof m.preempt === 'boolean' ? undefined : 'start flags';
     case 'request':
@@ -119,8 +120,38 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
         m.repliesUndeliverable, m.keepaliveTimeouts,
       ];
       if (!counters.every(isCount)) return 'summary counters';
+      const g = m.migration;
+      const figures = [g.setupTimeMs, g.totalTimeMs, g.downtimeMs, g.expectedDowntimeMs, g.downtimeLimitMs, g.rounds, g.dirtySyncCount, g.pagesSent, g.pagesResent, g.bytes, g.dirtyPagesRate, g.throttlePercent, g.discardPages, g.discardRanges];
+      const nonNegative = (v: unknown): boolean => typeof v === 'number' && Number.isFinite(v) && v >= 0;
+      if (!figures.every(nonNegative)) return 'summary.migration figures';
+      if (!g.perRound.every((r) => [r.round, r.pagesSent, r.pagesDirtied, r.ms, r.mbps].every(nonNegative))) return 'summary.migration.perRound';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
     }
+    case 'precopy-pages': {
+      if (!isU32(m.round) || m.round === 0) return `precopy-pages.round ${m.round}`;
+      if (!inGuest(m.page)) return `precopy-pages.page ${m.page}`;
+      const n = m.data.length / layout!.pageSize;
+      if (!Number.isInteger(n) || n < 1 || n > maxPushPages(layout!.pageSize) || m.page + n > layout!.totalPages) return `precopy-pages.data of ${m.data.length} bytes`;
+      return undefined;
+    }
+    case 'precopy-zero':
+      if (!isU32(m.round) || m.round === 0) return `precopy-zero.round ${m.round}`;
+      return inGuest(m.page) ? undefined : `precopy-zero.page ${m.page}`;
+    case 'discard': {
+      let end = 0;
+      for (const r of m.ranges) {
+        if (!(r.count >= 1) || r.first < end || r.first + r.count > layout!.totalPages) return `discard range ${r.first}+${r.count}`;
+        end = r.first + r.count;
+      }
+      return m.ranges.length >= 1 ? undefined : 'discard with no ranges';
+    }
+    case 'switchover':
+      return typeof m.postcopy === 'boolean' ? undefined : 'switchover.postcopy';
+    case 'running':
+    case 'hash-request':
+      return undefined;
+    case 'page-hashes':
+      return m.hashes.length === 4 * layout!.totalPages && m.phases.length === layout!.totalPages ? undefined : 'page-hashes sizes';
     case 'error':
       if (typeof m.code !== 'string' || m.code.length > 64) return 'error.code';
       return typeof m.message === 'string' && m.message.length <= 4096 ? undefined : 'error.message';
@@ -173,6 +204,26 @@ const u32 = fc.nat({ max: MAX_U32 });
 const count = fc.oneof(fc.nat(), fc.constantFrom(0, MAX_U32, MAX_U32 + 1, 2 ** 40, Number.MAX_SAFE_INTEGER));
 const hex64 = fc.uint8Array({ minLength: 32, maxLength: 32 }).map((b) => Buffer.from(b).toString('hex'));
 
+const figure = fc.oneof(fc.nat(), fc.double({ min: 0, max: 1e9, noNaN: true }).map((x) => x + 0));
+const migrationArb = fc.record({
+  setupTimeMs: figure,
+  totalTimeMs: figure,
+  downtimeMs: figure,
+  expectedDowntimeMs: figure,
+  downtimeLimitMs: figure,
+  switchoverReason: fc.constantFrom('none', 'converged', 'rounds', 'migrate-start-postcopy', 'auto-converge', 'skip-precopy'),
+  rounds: fc.nat(),
+  dirtySyncCount: fc.nat(),
+  pagesSent: fc.nat(),
+  pagesResent: fc.nat(),
+  bytes: fc.nat(),
+  dirtyPagesRate: figure,
+  throttlePercent: fc.nat({ max: 99 }),
+  perRound: fc.array(fc.record({ round: fc.nat(), pagesSent: fc.nat(), pagesDirtied: fc.nat(), ms: figure, mbps: figure }), { maxLength: 3 }),
+  discardPages: fc.nat(),
+  discardRanges: fc.nat(),
+});
+
 /** Every message type, each field drawn from its whole valid range for `layout`. */
 function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
   const { pageSize, totalPages } = layout;
@@ -207,6 +258,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       linkDelayUs: u32,
       linkBandwidthBps: count,
       secret: fc.oneof(fc.constant(''), hex64),
+      mode: fc.constantFrom('postcopy' as const, 'precopy' as const, 'hybrid' as const),
     }),
     fc.record({ type: fc.constant('start' as const), push: fc.boolean(), preempt: fc.boolean() }),
     reply('request'),
@@ -242,7 +294,17 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       peakRssBytes: count,
       repliesUndeliverable: count,
       keepaliveTimeouts: count,
+      migration: migrationArb,
     }),
+    fc.record({ type: fc.constant('precopy-pages' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page, data: bytesOf(pageSize) }),
+    fc.record({ type: fc.constant('precopy-zero' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page }),
+    fc.uniqueArray(fc.nat({ max: totalPages - 1 }), { minLength: 1, maxLength: Math.min(50, totalPages) }).map((pages): Message => ({ type: 'discard', ranges: coalesce([...pages].sort((a, b) => a - b)) })),
+    fc.record({ type: fc.constant('switchover' as const), postcopy: fc.boolean() }),
+    fc.constant<Message>({ type: 'running' }),
+    fc.constant<Message>({ type: 'hash-request' }),
+    ...(totalPages <= 2 ** 16
+      ? [fc.record({ type: fc.constant('page-hashes' as const), hashes: bytesOf(4 * totalPages), phases: bytesOf(totalPages) })]
+      : []),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
   );
 }
@@ -296,8 +358,8 @@ const anyField: fc.Arbitrary<unknown> = fc.oneof(
 
 /** Length of each message type's array, so most generated arrays have the right shape. */
 const ARITY: Record<number, number> = {
-  [MessageType.Hello]: 7,
-  [MessageType.Welcome]: 10,
+  [MessageType.Hello]: 8,
+  [MessageType.Welcome]: 12,
   [MessageType.Start]: 3,
   [MessageType.Request]: 3,
   [MessageType.Page]: 4,
@@ -310,6 +372,15 @@ const ARITY: Record<number, number> = {
   [MessageType.Finish]: 2,
   [MessageType.Summary]: 2,
   [MessageType.Error]: 3,
+  [MessageType.Resume]: 5,
+  [MessageType.Resumed]: 3,
+  [MessageType.PrecopyPages]: 4,
+  [MessageType.PrecopyZero]: 3,
+  [MessageType.Discard]: 2,
+  [MessageType.Switchover]: 2,
+  [MessageType.Running]: 1,
+  [MessageType.HashRequest]: 1,
+  [MessageType.PageHashes]: 3,
 };
 
 /** [valid type, ...arbitrary fields]: mostly the right count, sometimes not. */

@@ -52,6 +52,27 @@ const summary: Summary = {
   peakRssBytes: 123 * 1024 * 1024,
   repliesUndeliverable: 2,
   keepaliveTimeouts: 1,
+  migration: {
+    setupTimeMs: 1.5,
+    totalTimeMs: 812.25,
+    downtimeMs: 12.5,
+    expectedDowntimeMs: 9.75,
+    downtimeLimitMs: 300,
+    switchoverReason: 'rounds',
+    rounds: 2,
+    dirtySyncCount: 3,
+    pagesSent: 70,
+    pagesResent: 6,
+    bytes: 70 * 4096,
+    dirtyPagesRate: 1234.5,
+    throttlePercent: 20,
+    perRound: [
+      { round: 1, pagesSent: 64, pagesDirtied: 6, ms: 10.5, mbps: 199.7 },
+      { round: 2, pagesSent: 6, pagesDirtied: 2, ms: 1.25, mbps: 157.3 },
+    ],
+    discardPages: 2,
+    discardRanges: 1,
+  },
 };
 
 const receivedmap = new Uint8Array(8);
@@ -91,6 +112,7 @@ const samples: Message[] = [
     linkDelayUs: 200,
     linkBandwidthBps: 10_000_000_000,
     secret: '0123456789abcdef'.repeat(4),
+    mode: 'hybrid',
   },
   { type: 'start', push: true, preempt: false },
   { type: 'start', push: false, preempt: true },
@@ -107,6 +129,13 @@ const samples: Message[] = [
   { type: 'resume', push: true, preempt: false, receivedmap, requestedmap: new Uint8Array(8).fill(0x10) },
   { type: 'resumed', pagesMarkedUnsent: 12, restarted: true },
   summary,
+  { type: 'precopy-pages', round: 1, page: 60, data: Buffer.concat([pageData(60), pageData(61)]) },
+  { type: 'precopy-zero', round: 3, page: 2 },
+  { type: 'discard', ranges: [{ first: 0, count: 2 }, { first: 5, count: 1 }, { first: 10, count: 54 }] },
+  { type: 'switchover', postcopy: true },
+  { type: 'running' },
+  { type: 'hash-request' },
+  { type: 'page-hashes', hashes: new Uint8Array(4 * 64).fill(7), phases: new Uint8Array(64).fill(1) },
   { type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'request.page: expected a whole number from 0 to 63, got 64 (number)' },
 ];
 
@@ -124,7 +153,7 @@ describe('round trip', () => {
       expect(normalize(decoded)).toEqual(normalize(message));
       if ('data' in message) {
         const data = (decoded as { data: Uint8Array }).data;
-        expect(data.length).toBe(PAGE);
+        expect(data.length).toBe(message.data.length);
         expect(Buffer.compare(Buffer.from(data), Buffer.from(message.data))).toBe(0);
       }
     });
@@ -198,12 +227,52 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('an unknown or non-number type', () => {
-    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 21 or 23', '99 (number)');
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 20, 21 or 23 to 29', '99 (number)');
     expectRejected(pack([0]), 'message type', '0 (number)');
-    expectRejected(pack([20, 1]), 'message type', '20 (number)');
+    expectRejected(pack([22, 1]), 'message type', '22 (number)');
     expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');
     expectRejected(pack([4.5, 1, 2]), 'message type', '4.5 (number)');
     expectRejected(pack([null, 1, 2]), 'message type', 'null');
+  });
+
+  it('a discard whose ranges leave the guest, overlap, are unsorted or empty', () => {
+    const ranges = (...pairs: number[]): Uint8Array => {
+      const b = Buffer.alloc(pairs.length * 4);
+      pairs.forEach((v, i) => b.writeUInt32LE(v, i * 4));
+      return b;
+    };
+    expect(decode(pack([MessageType.Discard, ranges(0, 2, 2, 3, 63, 1)]), limits)).toEqual({
+      type: 'discard',
+      ranges: [{ first: 0, count: 2 }, { first: 2, count: 3 }, { first: 63, count: 1 }],
+    });
+    expectRejected(pack([MessageType.Discard, ranges(60, 5)]), 'discard.ranges', 'inside the guest', 'pages 60 to 64');
+    expectRejected(pack([MessageType.Discard, ranges(64, 1)]), 'discard.ranges', 'inside the guest');
+    expectRejected(pack([MessageType.Discard, ranges(0, 4, 3, 2)]), 'discard.ranges', 'sorted ranges that do not overlap', 'from page 3 after one that ends at page 3');
+    expectRejected(pack([MessageType.Discard, ranges(10, 1, 5, 1)]), 'discard.ranges', 'sorted ranges that do not overlap');
+    expectRejected(pack([MessageType.Discard, ranges(3, 0)]), 'discard.ranges', 'at least 1 page');
+    expectRejected(pack([MessageType.Discard, new Uint8Array(7)]), 'discard.ranges', 'pairs of 8 bytes', '7 bytes');
+    expectRejected(pack([MessageType.Discard, new Uint8Array(0)]), 'discard.ranges', '1 to 8192 ranges');
+    expectRejected(pack([MessageType.Discard, [0, 1]]), 'discard.ranges', 'array of 2');
+    // Before the handshake the guest's size is unknown: no discard can be checked.
+    expect(rejection(pack([MessageType.Discard, ranges(0, 1)]), {})).toMatch(/expected the handshake/);
+  });
+
+  it('precopy pages, page hashes and a welcome mode out of range', () => {
+    expectRejected(pack([MessageType.PrecopyPages, 0, 1, pageData(1)]), 'precopy-pages.round', 'from 1, got 0');
+    expectRejected(pack([MessageType.PrecopyPages, 1, 63, Buffer.concat([pageData(63), pageData(0)])]), 'precopy-pages.data', '1 to 1 whole pages');
+    expectRejected(pack([MessageType.PrecopyPages, 1, 2, new Uint8Array(100)]), 'precopy-pages.data', 'whole pages');
+    expectRejected(pack([MessageType.PrecopyZero, 1, 64]), 'precopy-zero', 'page');
+    expectRejected(pack([MessageType.PageHashes, new Uint8Array(4 * 63), new Uint8Array(64)]), 'page-hashes.hashes', `${4 * 64} bytes`);
+    expectRejected(pack([MessageType.PageHashes, new Uint8Array(4 * 64), new Uint8Array(63)]), 'page-hashes.phases', '64 bytes');
+    expectRejected(pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, DIGEST, 1, 0, 0, 0, '', 3]), 'welcome.mode', 'from 0 to 2', '3 (number)');
+    const { type: _t, ...fields } = summary;
+    const badReason = { ...fields, migration: { ...fields.migration, switchoverReason: 'whenever' } };
+    expectRejected(pack([MessageType.Summary, badReason]), 'summary.migration.switchoverReason', 'converged', '"whenever" (string)');
+    const badRound = { ...fields, migration: { ...fields.migration, perRound: [{ round: 1, pagesSent: -1, pagesDirtied: 0, ms: 1, mbps: 1 }] } };
+    expectRejected(pack([MessageType.Summary, badRound]), 'summary.migration.perRound[0].pagesSent', '-1 (number)');
+    const noMigration: Record<string, unknown> = { ...fields };
+    delete noMigration.migration;
+    expectRejected(pack([MessageType.Summary, noMigration]), 'summary.migration', 'object of figures', 'undefined');
   });
 
   it('a wrong field count', () => {
@@ -298,7 +367,7 @@ describe('rejects malformed frames with ProtocolError', () => {
 
   it('a welcome with a bad digest', () => {
     const welcome = (digest: unknown, zeroFraction: unknown = 0): Uint8Array =>
-      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction, 0, 0, '']);
+      pack([MessageType.Welcome, PROTOCOL_VERSION, layout.guestBytes, PAGE, layout.totalPages, digest, 1, zeroFraction, 0, 0, '', 0]);
     expect(decode(welcome(DIGEST))).toMatchObject({ type: 'welcome', imageDigest: DIGEST });
     expectRejected(welcome('not-a-digest'), 'welcome.imageDigest', '64 hex digits', '"not-a-digest" (string)');
     expectRejected(welcome('AB'.repeat(32)), 'welcome.imageDigest', '64 hex digits', '"ABAB');
@@ -347,7 +416,7 @@ function checkDecoded(message: Message): void {
     expect(Number.isInteger(message.page) && message.page >= 0 && message.page < layout.totalPages).toBe(true);
   }
   if ('id' in message) expect(Number.isInteger(message.id) && message.id >= 0 && message.id <= 0xffffffff).toBe(true);
-  if ('data' in message) expect(message.data.length).toBe(PAGE);
+  if ('data' in message) expect(message.data.length % PAGE === 0 && message.data.length > 0).toBe(true);
   if (message.type === 'finish') expect(message.receivedmap.length).toBe(8);
 }
 

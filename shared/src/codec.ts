@@ -1,12 +1,16 @@
 import { Packr, Unpackr } from 'msgpackr';
 import { ProtocolError, describe } from './errors.js';
 import type { GuestLayout } from './layout.js';
+import { MIGRATION_MODES, MODE_CODE, decodeRanges, encodeRanges, type MigrationMode } from './precopy.js';
 import {
   ChannelRole,
+  MAX_DISCARD_RANGES,
   MIGRATION_SECRET_PATTERN,
   MessageType,
   maxPushPages,
   type Message,
+  type MigrationSummary,
+  type PrecopyRound,
   type SourceSummary,
 } from './protocol.js';
 
@@ -29,6 +33,28 @@ const SUMMARY_FIELDS = [
   'repliesUndeliverable',
   'keepaliveTimeouts',
 ] as const satisfies readonly (keyof SourceSummary)[];
+
+/** The numbers of the summary's `migration` figures (its switchover reason is the one string). */
+const MIGRATION_FIELDS = [
+  'setupTimeMs',
+  'totalTimeMs',
+  'downtimeMs',
+  'expectedDowntimeMs',
+  'downtimeLimitMs',
+  'rounds',
+  'dirtySyncCount',
+  'pagesSent',
+  'pagesResent',
+  'bytes',
+  'dirtyPagesRate',
+  'throttlePercent',
+  'discardPages',
+  'discardRanges',
+] as const satisfies readonly (keyof MigrationSummary)[];
+const ROUND_FIELDS = ['round', 'pagesSent', 'pagesDirtied', 'ms', 'mbps'] as const satisfies readonly (keyof PrecopyRound)[];
+const SWITCHOVER_REASONS = ['none', 'converged', 'rounds', 'migrate-start-postcopy', 'auto-converge', 'skip-precopy'] as const;
+/** The summary carries at most this many rounds (the rest are counted, not listed). */
+export const MAX_REPORTED_ROUNDS = 1000;
 
 /** Encodes one message into one frame. */
 export function encode(message: Message): Buffer {
@@ -57,6 +83,7 @@ export function encode(message: Message): Buffer {
         message.linkDelayUs,
         message.linkBandwidthBps,
         message.secret,
+        MODE_CODE[message.mode],
       ]);
     case 'start':
       return packr.pack([MessageType.Start, message.push, message.preempt]);
@@ -79,10 +106,31 @@ export function encode(message: Message): Buffer {
     case 'finish':
       return packr.pack([MessageType.Finish, message.receivedmap]);
     case 'summary': {
-      const fields: Record<string, number | string> = { digestOfReceived: message.digestOfReceived };
+      const fields: Record<string, unknown> = { digestOfReceived: message.digestOfReceived };
       for (const f of SUMMARY_FIELDS) fields[f] = message[f];
+      const m = message.migration;
+      const migration: Record<string, unknown> = {
+        switchoverReason: m.switchoverReason,
+        perRound: m.perRound.slice(0, MAX_REPORTED_ROUNDS).map((r) => Object.fromEntries(ROUND_FIELDS.map((k) => [k, r[k]]))),
+      };
+      for (const f of MIGRATION_FIELDS) migration[f] = m[f];
+      fields.migration = migration;
       return packr.pack([MessageType.Summary, fields]);
     }
+    case 'precopy-pages':
+      return packr.pack([MessageType.PrecopyPages, message.round, message.page, message.data]);
+    case 'precopy-zero':
+      return packr.pack([MessageType.PrecopyZero, message.round, message.page]);
+    case 'discard':
+      return packr.pack([MessageType.Discard, encodeRanges(message.ranges)]);
+    case 'switchover':
+      return packr.pack([MessageType.Switchover, message.postcopy]);
+    case 'running':
+      return packr.pack([MessageType.Running]);
+    case 'hash-request':
+      return packr.pack([MessageType.HashRequest]);
+    case 'page-hashes':
+      return packr.pack([MessageType.PageHashes, message.hashes, message.phases]);
     case 'resume':
       return packr.pack([MessageType.Resume, message.push, message.preempt, message.receivedmap, message.requestedmap]);
     case 'resumed':
@@ -210,7 +258,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       };
     }
     case MessageType.Welcome: {
-      expectLength(f, 11);
+      expectLength(f, 12);
       const zeroFraction = f[7];
       if (typeof zeroFraction !== 'number' || !(zeroFraction >= 0 && zeroFraction <= 1)) {
         throw new ProtocolError(`welcome.zeroFraction: expected a number from 0 to 1, got ${describe(zeroFraction)}`);
@@ -231,6 +279,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         linkDelayUs: expectUint(f, 8, 'linkDelayUs', MAX_U32),
         linkBandwidthBps: expectUint(f, 9, 'linkBandwidthBps'),
         secret: expectSecret(f, 10),
+        mode: MIGRATION_MODES[expectUint(f, 11, 'mode', MIGRATION_MODES.length - 1)] as MigrationMode,
       };
     }
     case MessageType.Start:
@@ -324,12 +373,99 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         throw new ProtocolError(`summary.digestOfReceived: expected 64 hex digits, got ${describe(digest)}`);
       }
       summary.digestOfReceived = digest;
+      summary.migration = decodeMigration(fields.migration);
       return summary as unknown as Message;
+    }
+    case MessageType.PrecopyPages: {
+      expectLength(f, 4);
+      const layout = requireLayout(f, limits);
+      const round = expectUint(f, 1, 'round', MAX_U32);
+      const page = expectPage(f, 2, limits);
+      const data = f[3];
+      const most = Math.min(maxPushPages(layout.pageSize), layout.totalPages - page);
+      if (!(data instanceof Uint8Array) || data.length === 0 || data.length % layout.pageSize !== 0 || data.length > most * layout.pageSize) {
+        throw new ProtocolError(`precopy-pages.data: expected 1 to ${most} whole pages of ${layout.pageSize} bytes from page ${page}, got ${describe(data)}`);
+      }
+      if (round === 0) throw new ProtocolError(`precopy-pages.round: expected a round from 1, got 0`);
+      return { type: 'precopy-pages', round, page, data };
+    }
+    case MessageType.PrecopyZero: {
+      expectLength(f, 3);
+      const round = expectUint(f, 1, 'round', MAX_U32);
+      if (round === 0) throw new ProtocolError(`precopy-zero.round: expected a round from 1, got 0`);
+      return { type: 'precopy-zero', round, page: expectPage(f, 2, limits) };
+    }
+    case MessageType.Discard: {
+      expectLength(f, 2);
+      const layout = requireLayout(f, limits);
+      const bytes = f[1];
+      if (!(bytes instanceof Uint8Array) || bytes.length === 0 || bytes.length > MAX_DISCARD_RANGES * 8) {
+        throw new ProtocolError(`discard.ranges: expected 1 to ${MAX_DISCARD_RANGES} ranges of 8 bytes, got ${describe(bytes)}`);
+      }
+      return { type: 'discard', ranges: decodeRanges(bytes, layout.totalPages, 'discard.ranges') };
+    }
+    case MessageType.Switchover:
+      expectLength(f, 2);
+      requireLayout(f, limits);
+      return { type: 'switchover', postcopy: expectBoolean(f, 1, 'postcopy') };
+    case MessageType.Running:
+      expectLength(f, 1);
+      requireLayout(f, limits);
+      return { type: 'running' };
+    case MessageType.HashRequest:
+      expectLength(f, 1);
+      requireLayout(f, limits);
+      return { type: 'hash-request' };
+    case MessageType.PageHashes: {
+      expectLength(f, 3);
+      const layout = requireLayout(f, limits);
+      return { type: 'page-hashes', hashes: expectBytes(f, 1, 'hashes', 4 * layout.totalPages), phases: expectBytes(f, 2, 'phases', layout.totalPages) };
     }
     case MessageType.Error:
       expectLength(f, 3);
       return { type: 'error', code: expectString(f, 1, 'code', 64), message: expectString(f, 2, 'message', 4096) };
     default:
-      throw new ProtocolError(`expected a message type from 1 to 14, 21 or 23, got ${describe(type)}`);
+      throw new ProtocolError(`expected a message type from 1 to 14, 20, 21 or 23 to 29, got ${describe(type)}`);
   }
+}
+
+function isCount(v: unknown): v is number {
+  return typeof v === 'number' && Number.isFinite(v) && v >= 0;
+}
+
+/** The summary's `migration` figures: every field present and in range. */
+function decodeMigration(value: unknown): MigrationSummary {
+  if (typeof value !== 'object' || value === null || Array.isArray(value) || value instanceof Uint8Array) {
+    throw new ProtocolError(`summary.migration: expected an object of figures, got ${describe(value)}`);
+  }
+  const m = value as Record<string, unknown>;
+  const out: Record<string, unknown> = {};
+  for (const name of MIGRATION_FIELDS) {
+    const v = m[name];
+    if (!isCount(v)) throw new ProtocolError(`summary.migration.${name}: expected a number >= 0, got ${describe(v)}`);
+    out[name] = v;
+  }
+  const reason = m.switchoverReason;
+  if (typeof reason !== 'string' || !(SWITCHOVER_REASONS as readonly string[]).includes(reason)) {
+    throw new ProtocolError(`summary.migration.switchoverReason: expected one of ${SWITCHOVER_REASONS.join(', ')}, got ${describe(reason)}`);
+  }
+  out.switchoverReason = reason;
+  const rounds = m.perRound;
+  if (!Array.isArray(rounds) || rounds.length > MAX_REPORTED_ROUNDS) {
+    throw new ProtocolError(`summary.migration.perRound: expected an array of at most ${MAX_REPORTED_ROUNDS} rounds, got ${describe(rounds)}`);
+  }
+  out.perRound = rounds.map((r: unknown, i) => {
+    if (typeof r !== 'object' || r === null || Array.isArray(r) || r instanceof Uint8Array) {
+      throw new ProtocolError(`summary.migration.perRound[${i}]: expected an object of ${ROUND_FIELDS.join(', ')}, got ${describe(r)}`);
+    }
+    const round = r as Record<string, unknown>;
+    return Object.fromEntries(
+      ROUND_FIELDS.map((k) => {
+        const v = round[k];
+        if (!isCount(v)) throw new ProtocolError(`summary.migration.perRound[${i}].${k}: expected a number >= 0, got ${describe(v)}`);
+        return [k, v];
+      }),
+    );
+  });
+  return out as unknown as MigrationSummary;
 }

@@ -43,3 +43,33 @@ export function bitmapCount(bitmap: Uint8Array): number {
   }
   return count;
 }
+
+/**
+ * A 32-bit FNV-1a hash of every page (over its 32-bit words), 4 bytes a page,
+ * little-endian: cheap enough for both hosts to compute over the whole guest
+ * when their digests differ, to name the pages that do.
+ */
+export function pageHashes(source: PageSource, totalPages: number): Uint8Array {
+  const out = new Uint8Array(totalPages * 4);
+  const view = new DataView(out.buffer);
+  for (let page = 0; page < totalPages; page++) {
+    const bytes = source.pageBytes(page);
+    const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2);
+    let h = 0x811c9dc5;
+    for (let i = 0; i < words.length; i++) h = Math.imul(h ^ words[i]!, 0x01000193);
+    view.setUint32(page * 4, h >>> 0, true);
+  }
+  return out;
+}
+
+/** The first pages (at most `limit`) whose hashes differ between `a` and `b`, ascending. */
+export function differingPages(a: Uint8Array, b: Uint8Array, limit: number, include?: (page: number) => boolean): number[] {
+  const pages: number[] = [];
+  const n = Math.min(a.length, b.length) >>> 2;
+  for (let page = 0; page < n && pages.length < limit; page++) {
+    if (include && !include(page)) continue;
+    const i = page * 4;
+    if (a[i] !== b[i] || a[i + 1] !== b[i + 1] || a[i + 2] !== b[i + 2] || a[i + 3] !== b[i + 3]) pages.push(page);
+  }
+  return pages;
+}

@@ -83,7 +83,12 @@ export const USAGE_EXIT_CODE = 2;
 
 /** Describes a value for an error message: `70000 (number)`, `"x" (string)`. */
 export function describe(value: unknown): string {
-  if (typeof value === 'string') return `${JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value)} (string)`;
+  if (typeof value === 'string') {
+    // JSON.stringify escapes C0 controls but not DEL (0x7f) or C1 controls: a
+    // peer's text must never put raw control characters in a message or a log.
+    const quoted = JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value).replace(/[\x7f-\x9f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+    return `${quoted} (string)`;
+  }
   if (value === null) return 'null';
   if (value instanceof Uint8Array) return `${value.length} bytes`;
   if (Array.isArray(value)) return `array of ${value.length}`;

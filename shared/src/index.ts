@@ -4,6 +4,7 @@ export * from './layout.js';
 export * from './content.js';
 export * from './digest.js';
 export * from './protocol.js';
+export * from './precopy.js';
 export * from './codec.js';
 export * from './stats.js';
 export * from './report.js';

@@ -8,17 +8,28 @@
  * it still waits for) in place of `start`; after the source's `resumed`, its
  * fault channels reconnect and re-send their pending requests with their ids.
  *
- * Planned extensions keep their type numbers reserved so that old peers reject
- * them cleanly: a precopy phase with dirty tracking and discard of re-dirtied
- * pages (20), and a separate listener for urgent pages (22, QEMU's
- * postcopy-preempt channel; today preempt reuses the fault channels).
+ * The phases before postcopy (precopy, issue 10): after `start` the source
+ * sends the guest's pages in rounds (`precopy-pages`, `precopy-zero`) while
+ * its vCPUs keep writing; at switchover it sends the `discard` set (pages
+ * sent before and dirtied again since, QEMU's MIG_CMD_POSTCOPY_RAM_DISCARD)
+ * and `switchover`, and the destination answers `running` once its vCPUs run
+ * (the end of the downtime). A digest mismatch at the end makes the
+ * destination ask for `page-hashes` to name the pages that differ.
+ *
+ * Reserved so that old peers reject it cleanly: a separate listener for
+ * urgent pages (22, QEMU's postcopy-preempt channel; today preempt reuses the
+ * fault channels).
  */
+
+import type { MigrationMode, PageRange } from './precopy.js';
 
 /**
  * Version 2: hello and welcome carry the migration's secret (every channel
  * is bound to its migration), and the summary the source's keepalive count.
+ * Version 3: precopy (the welcome's mode, precopy pages, discard,
+ * switchover, running, page hashes; the summary's migration figures).
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -47,10 +58,16 @@ export const MessageType = {
   Summary: 12,
   Error: 13,
   SentOnMain: 14,
-  // Reserved for what comes next (decoders reject them as unknown today):
-  // 20 Discard (precopy re-dirtied pages), 22 PreemptHello (urgent channel).
+  Discard: 20,
   Resume: 21,
+  // Reserved (decoders reject it as unknown today): 22 PreemptHello (urgent channel).
   Resumed: 23,
+  PrecopyPages: 24,
+  PrecopyZero: 25,
+  Switchover: 26,
+  Running: 27,
+  HashRequest: 28,
+  PageHashes: 29,
 } as const;
 export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
 
@@ -91,6 +108,8 @@ export interface Welcome {
   linkBandwidthBps: number;
   /** The new migration's secret, on the main channel that started it; '' on every other channel (never echoed). */
   secret: string;
+  /** How the migration runs (the source decides): see {@link MigrationMode}. */
+  mode: MigrationMode;
 }
 
 export interface Start {
@@ -219,10 +238,117 @@ export interface SourceSummary {
   repliesUndeliverable: number;
   /** Times the source's keepalive found the destination's main channel silent and cut it. */
   keepaliveTimeouts: number;
+  /** How the migration ran before (and instead of) postcopy: the source's figures. */
+  migration: MigrationSummary;
+}
+
+/** One precopy round (QEMU counts a dirty sync per round). */
+export interface PrecopyRound {
+  round: number;
+  /** Pages sent in the round (its dirty set at the sync that began it). */
+  pagesSent: number;
+  /** Pages the guest dirtied while it ran: found dirty at the sync that ended it. */
+  pagesDirtied: number;
+  ms: number;
+  /** Page bytes sent over the round's time, megabits per second. */
+  mbps: number;
+}
+
+/** What the source reports about the phases before postcopy (QEMU's query-migrate names where it has them). */
+export interface MigrationSummary {
+  /** From start to the first page sent, ms (QEMU's setup-time). */
+  setupTimeMs: number;
+  /** From start to the destination's finish, ms (QEMU's total-time). */
+  totalTimeMs: number;
+  /** From the source's vCPUs stopping to the destination's `running`, ms (includes one trip of the link); 0 in postcopy mode. */
+  downtimeMs: number;
+  /** The expected downtime at the last decision: pending bytes / bandwidth, ms (QEMU's expected-downtime). */
+  expectedDowntimeMs: number;
+  downtimeLimitMs: number;
+  /** `converged`, `rounds` (--postcopy-after-rounds), `migrate-start-postcopy`, `auto-converge`; `none` in postcopy mode. */
+  switchoverReason: string;
+  rounds: number;
+  dirtySyncCount: number;
+  /** Pages sent in precopy rounds and stop-and-copy, re-sends included. */
+  pagesSent: number;
+  /** Of those, sends of a page sent before (it was dirtied again). */
+  pagesResent: number;
+  /** Page bytes sent in precopy. */
+  bytes: number;
+  /** Pages the guest dirtied per second while precopy ran (QEMU's dirty-pages-rate). */
+  dirtyPagesRate: number;
+  /** The source vCPUs' throttle at switchover, percent (auto-converge). */
+  throttlePercent: number;
+  perRound: PrecopyRound[];
+  /** Pages dropped on the destination at the switch to postcopy, and in how many ranges. */
+  discardPages: number;
+  discardRanges: number;
 }
 
 export interface Summary extends SourceSummary {
   type: 'summary';
+}
+
+/**
+ * Precopy: a run of consecutive pages sent in round `round` (1 = the first,
+ * whole-memory pass), their contents back to back (a whole number of pages,
+ * at most {@link MAX_PUSH_FRAME_BYTES}). The guest still runs on the source:
+ * a later round may send a page again, and the destination overwrites it.
+ */
+export interface PrecopyPages {
+  type: 'precopy-pages';
+  round: number;
+  page: number;
+  data: Uint8Array;
+}
+
+export interface PrecopyZero {
+  type: 'precopy-zero';
+  round: number;
+  page: number;
+}
+
+/**
+ * At the switch to postcopy: pages the destination received in precopy that
+ * the guest dirtied again since; the destination drops them (receivedmap
+ * cleared, the page missing again so that the next touch faults). Sorted,
+ * coalesced, non-overlapping ranges.
+ */
+export interface Discard {
+  type: 'discard';
+  ranges: PageRange[];
+}
+
+/**
+ * The source's vCPUs have stopped and what had to go before the guest may run
+ * on the destination has gone: with `postcopy` false (precopy) every page, and
+ * the destination starts its vCPUs with all of its memory; with `postcopy`
+ * true (hybrid) the discard set, and postcopy begins.
+ */
+export interface Switchover {
+  type: 'switchover';
+  postcopy: boolean;
+}
+
+/** Destination to source: its vCPUs run (the downtime ends). */
+export interface Running {
+  type: 'running';
+}
+
+/** Destination to source, after `summary`: the digests differ; which pages? */
+export interface HashRequest {
+  type: 'hash-request';
+}
+
+/**
+ * A 32-bit FNV-1a hash of every page of the source's memory as it is now (its
+ * vCPUs stopped at switchover), little-endian, and the phase that last sent
+ * each page (see PHASE in precopy.ts), one byte a page.
+ */
+export interface PageHashes {
+  type: 'page-hashes';
+  hashes: Uint8Array;
+  phases: Uint8Array;
 }
 
 export interface ErrorMessage {
@@ -247,6 +373,13 @@ export type Message =
   | Summary
   | Resume
   | Resumed
+  | PrecopyPages
+  | PrecopyZero
+  | Discard
+  | Switchover
+  | Running
+  | HashRequest
+  | PageHashes
   | ErrorMessage;
 
 export type Reply = PageReply | ZeroPageReply | AlreadySentReply | SentOnMainReply;
@@ -259,7 +392,18 @@ export function maxPushPages(pageSize: number): number {
   return Math.max(1, Math.floor(MAX_PUSH_FRAME_BYTES / pageSize));
 }
 
-/** Largest legal frame: a page or a pushed run plus a small header, or a resume's two bitmaps. */
+/** Most ranges one `discard` frame carries (a bigger set goes in several frames). */
+export const MAX_DISCARD_RANGES = 8192;
+
+/**
+ * Largest legal frame a source may receive: a page or a pushed run plus a
+ * small header, or a resume's two bitmaps.
+ */
 export function maxFrameBytes(pageSize: number, totalPages: number): number {
   return Math.max(pageSize * maxPushPages(pageSize), 2 * Math.ceil(totalPages / 8)) + 1024;
+}
+
+/** Largest legal frame a destination may receive: that, a full discard frame, the page hashes (5 bytes a page), or a summary of many rounds. */
+export function maxDestFrameBytes(pageSize: number, totalPages: number): number {
+  return Math.max(maxFrameBytes(pageSize, totalPages), MAX_DISCARD_RANGES * 8 + 1024, 5 * totalPages + 1024, 256 * 1024);
 }

@@ -60,8 +60,14 @@ export function readSecretFile(path: string): string {
 
 /** Where the source's migration stands, as far as admitting a channel goes. */
 export interface AdmissionState {
-  /** `fresh` (no start yet), `active`, `paused`, `finished`, `lost` (see SourceServer). */
-  state: 'fresh' | 'active' | 'paused' | 'finished' | 'lost';
+  /**
+   * `fresh` (no start yet), `precopy` (rounds, or the switchover: the guest
+   * has not left), `running` (postcopy, or precopy done), `paused`, `ended`
+   * (the summary went out, or the migration failed or was cancelled).
+   */
+  phase: 'fresh' | 'precopy' | 'running' | 'paused' | 'ended';
+  /** How it ended, for the refusal (`finished`, `failed`, `cancelled`). */
+  endedAs?: string;
   /** A main channel holds the migration now. */
   hasMain: boolean;
   /** The secret was given out (a main channel took the migration) or inherited (`--resume`). */
@@ -103,8 +109,7 @@ export function admit(hello: Hello, s: AdmissionState): Admission {
     );
   }
   // Only the migration's own channels learn that it has ended.
-  const ended = (): HandshakeError =>
-    new HandshakeError(`expected a channel of a running migration, got ${s.label} after the migration ${s.state === 'finished' ? 'finished' : 'was lost'}`);
+  const ended = (): HandshakeError => new HandshakeError(`expected a channel of a running migration, got ${s.label} after the migration ${s.endedAs ?? 'ended'}`);
   if (hello.role === ChannelRole.Main) {
     if (!presented) {
       if (s.hasMain || s.secretIssued) {
@@ -118,11 +123,13 @@ export function admit(hello: Hello, s: AdmissionState): Admission {
       return { kind: 'new-main' };
     }
     // The secret: the migration's own destination. Before start there is nothing to resume.
-    if (s.state === 'finished' || s.state === 'lost') throw ended();
-    if (s.state === 'fresh') throw new HandshakeError(`expected one main channel, got a second one (${s.label}) before the migration started`);
+    if (s.phase === 'ended') throw ended();
+    if (s.phase === 'fresh') throw new HandshakeError(`expected one main channel, got a second one (${s.label}) before the migration started`);
+    // A connection lost before the switchover cancels the migration (the guest never left): nothing to resume.
+    if (s.phase === 'precopy') throw new HandshakeError(`expected no resume during precopy (a lost connection cancels it), got a main channel with the secret (${s.label})`);
     return { kind: 'resume-main', takeover: s.hasMain };
   }
-  if (!presented && s.unbound && s.secretIssued && s.state !== 'finished' && s.state !== 'lost') return { kind: 'fault' };
+  if (!presented && s.unbound && s.secretIssued && s.phase !== 'ended') return { kind: 'fault' };
   if (!presented) {
     throw new HandshakeError(
       s.secretIssued
@@ -130,6 +137,6 @@ export function admit(hello: Hello, s: AdmissionState): Admission {
         : `expected a fault channel of a running migration, got ${s.label} before any migration started (its main channel comes first)`,
     );
   }
-  if (s.state === 'finished' || s.state === 'lost') throw ended();
+  if (s.phase === 'ended') throw ended();
   return { kind: 'fault' };
 }

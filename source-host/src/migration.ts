@@ -1,4 +1,4 @@
-import { bitmapBytes, bitmapHas, digestPages, encode, maxPushPages, type Resume, type SourceSummary } from '@postcopy/shared';
+import { PHASE, bitmapBytes, bitmapHas, digestPages, encode, maxPushPages, type Resume, type SourceSummary } from '@postcopy/shared';
 import type { GuestImage } from './image.js';
 import { Scheduler } from './scheduler.js';
 import { Sentmap } from './sentmap.js';
@@ -63,6 +63,8 @@ export type ResumeRequest = Omit<Resume, 'type'>;
  */
 export class SourceMigration {
   readonly sentmap: Sentmap;
+  /** Which phase last sent each page (PHASE in shared/precopy.ts): postcopy's sends mark it here, precopy's in precopy.ts. */
+  readonly phases: Uint8Array;
   readonly stats: SourceStats = {
     requests: 0,
     replies: 0,
@@ -101,6 +103,7 @@ export class SourceMigration {
     options: Partial<MigrationOptions> = {},
   ) {
     this.sentmap = new Sentmap(image.layout.totalPages);
+    this.phases = new Uint8Array(image.layout.totalPages);
     this.options = { ...MIGRATION_DEFAULTS, ...options };
   }
 
@@ -144,6 +147,7 @@ export class SourceMigration {
       this.stats.repliesPage++;
     }
     this.sentmap.mark(page);
+    this.phases[page] = PHASE.POSTCOPY;
   }
 
   /** Starts pushing every page not yet sent on `channel`, in the background. */
@@ -260,6 +264,7 @@ export class SourceMigration {
       if (this.image.isZero(page)) {
         frames.push(encode({ type: 'pushed-zero', page }));
         this.sentmap.mark(page);
+        this.phases[page] = PHASE.POSTCOPY;
         this.stats.pagesPushed++;
         this.stats.pagesZero++;
         this.pushCursor++;
@@ -278,7 +283,10 @@ export class SourceMigration {
         end++;
       }
       frames.push(encode({ type: 'pushed', page, data: this.image.pagesBytes(page, end - page) }));
-      for (let p = page; p < end; p++) this.sentmap.mark(p);
+      for (let p = page; p < end; p++) {
+        this.sentmap.mark(p);
+        this.phases[p] = PHASE.POSTCOPY;
+      }
       this.stats.pagesPushed += end - page;
       pushed += end - page;
       this.pushCursor = end;
@@ -310,7 +318,7 @@ export class SourceMigration {
   }
 
   /** The destination is done: compare its receivedmap with the sentmap and digest what it received. */
-  summarize(receivedmap: Uint8Array): Omit<SourceSummary, 'keepaliveTimeouts'> {
+  summarize(receivedmap: Uint8Array): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration'> {
     const total = this.image.layout.totalPages;
     let sentNotReceived = 0;
     let receivedNotSent = 0;
@@ -332,9 +340,11 @@ export class SourceMigration {
       pagesPushed: this.stats.pagesPushed,
       pagesZero: this.stats.pagesZero,
       pagesSentTwice: this.sentmap.pagesSentTwice,
-      // Every page received: the same bytes in the same order as the image
-      // digest computed at start-up, so it is not hashed a second time.
-      digestOfReceived: received === total ? this.image.digest : digestPages(this.image, total, (page) => bitmapHas(receivedmap, page)),
+      // Every page received, of an image the guest never changed here: the
+      // same bytes in the same order as the digest computed at start-up, so
+      // it is not hashed a second time.
+      digestOfReceived:
+        received === total && !this.image.changed ? this.image.digest : digestPages(this.image, total, (page) => bitmapHas(receivedmap, page)),
       sentNotReceived,
       receivedNotSent,
       peakRssBytes: process.resourceUsage().maxRSS * 1024,

@@ -202,13 +202,13 @@ describe('source recovery: paused, resumed', () => {
     fault.ws.send(encode({ type: 'request', id: 2, page: 4 }));
     expect(await fault.next('page', 2)).toMatchObject({ id: 2, page: 4 });
     expect(fault.messages.map((m) => m.type)).toEqual(['welcome', 'page', 'page']);
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
 
     // The connection is lost (no close handshake): paused, and the old fault channel is cut.
     const paused = nextEvent<[string]>(server, 'paused');
     main.ws.terminate();
     expect((await paused)[0]).toMatch(/main channel closed before the migration finished/);
-    expect(server.state).toBe('paused');
+    expect(server.state).toBe('postcopy-paused');
     await within(fault.closed, 5000, 'the old fault channel to be cut');
 
     // A fault channel may not come back before the main channel has resumed.
@@ -223,7 +223,7 @@ describe('source recovery: paused, resumed', () => {
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([3]), requestedmap: bitmapOf([3, 7, 9]) }));
     expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 1, restarted: false });
     expect(await resumedEvent).toEqual([1, false]);
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
     await main2.next('page', 3);
     const types = main2.messages.map((m) => m.type);
     expect(types.indexOf('resumed')).toBe(1);
@@ -247,7 +247,7 @@ describe('source recovery: paused, resumed', () => {
     const summary = await main2.next('summary');
     expect(summary).toMatchObject({ pagesSent: 4, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0, requests: 4, replies: 4, repliesUndeliverable: 0 });
     expect(summary.replies + summary.repliesUndeliverable).toBe(summary.requests);
-    expect(server.state).toBe('finished');
+    expect(server.state).toBe('completed');
     expect(server.migration.stats).toMatchObject({ resumes: 1, pagesResentRequested: 2 });
   });
 
@@ -274,7 +274,7 @@ describe('source recovery: paused, resumed', () => {
     expect(lostAt - pausedAt).toBeGreaterThanOrEqual(TIMEOUT - 15);
     // Had the dropped attempt restarted the timer, it could not have fired before this.
     expect(lostAt).toBeLessThan(attemptDroppedAt + TIMEOUT);
-    expect(server.state).toBe('lost');
+    expect(server.state).toBe('failed');
   });
 
   it('a main channel lost before start is destination-lost at once', async () => {
@@ -288,7 +288,7 @@ describe('source recovery: paused, resumed', () => {
   it('a --resume source begins paused: it refuses start and fault channels, resumes with restarted=true and sends the requested pages', async () => {
     const secret = 'c0de'.repeat(16);
     const server = await listenWith({ resume: true, resumeTimeoutMs: 5000, secret });
-    expect(server.state).toBe('paused');
+    expect(server.state).toBe('postcopy-paused');
     const fault = await connect(server.url);
     fault.ws.send(helloFrame(ChannelRole.Fault, 'vcpu0', secret));
     await expectRefused(fault, 'ERR_POSTCOPY_PAUSED', /^the migration is paused: expected/, 1013);
@@ -300,7 +300,7 @@ describe('source recovery: paused, resumed', () => {
     const main = await channel(server.url, ChannelRole.Main, 'main', secret);
     main.ws.send(encode({ type: 'start', push: true, preempt: true }));
     await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume: the migration is paused (this source was started with --resume)', 1002);
-    expect(server.state).toBe('paused');
+    expect(server.state).toBe('postcopy-paused');
 
     const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([0, 1]), requestedmap: bitmapOf([1, 5, 6]) }));
@@ -354,14 +354,14 @@ describe('source recovery: paused, resumed', () => {
     const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
     main.ws.send(encode({ type: 'resume', push: true, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
-    await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume only while the migration is paused, got it while it is active', 1002);
-    await waitFor(() => server.state === 'paused', 'the pause');
+    await expectRefused(main, 'ERR_POSTCOPY_PROTOCOL', 'expected resume only while the migration is paused, got it while it is postcopy-active', 1002);
+    await waitFor(() => server.state === 'postcopy-paused', 'the pause');
 
     const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
     await main2.next('resumed');
     main2.ws.send(encode({ type: 'start', push: false, preempt: true }));
-    await expectRefused(main2, 'ERR_POSTCOPY_PROTOCOL', 'expected start once, got it again (the migration is active)', 1002);
+    await expectRefused(main2, 'ERR_POSTCOPY_PROTOCOL', 'expected start once, got it again (the migration is postcopy-active)', 1002);
   });
 });
 
@@ -431,7 +431,7 @@ describe('every channel is bound to its migration (the secret)', () => {
     const main = await channel(server.url, ChannelRole.Main, 'main');
     const secret = secretOf(main);
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
-    await waitFor(() => server.state === 'active', 'the start');
+    await waitFor(() => server.state === 'postcopy-active', 'the start');
 
     await outsider(server.url, ChannelRole.Fault, '', /^expected the migration's secret in a fault channel's hello, got none: outsider is not part of the migration/);
     await outsider(server.url, ChannelRole.Fault, 'f'.repeat(64), /^expected the secret of the migration this source runs, got another one/);
@@ -440,7 +440,7 @@ describe('every channel is bound to its migration (the secret)', () => {
     await outsider(server.url, ChannelRole.Main, otherSecret, /^expected the secret of the migration this source runs, got another one/);
     expect(server.migration.stats.requests).toBe(0);
     expect(server.migration.sentmap.sent).toBe(0);
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
 
     // The real destination's channels are served as ever.
     const fault = await channel(server.url, ChannelRole.Fault, 'vcpu0', secret);
@@ -463,7 +463,7 @@ describe('every channel is bound to its migration (the secret)', () => {
     await paused;
     await outsider(server.url, ChannelRole.Main, '', /^expected the migration's secret on a main channel that resumes it, got none/);
     await outsider(server.url, ChannelRole.Main, 'e'.repeat(64), /^expected the secret of the migration this source runs/);
-    expect(server.state).toBe('paused');
+    expect(server.state).toBe('postcopy-paused');
     const main2 = await channel(server.url, ChannelRole.Main, 'main', secret);
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([]), requestedmap: bitmapOf([]) }));
     expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: false });
@@ -485,7 +485,7 @@ describe('every channel is bound to its migration (the secret)', () => {
     await within(fault.closed, 5000, 'the old fault channel to be cut');
     main2.ws.send(encode({ type: 'resume', push: false, preempt: true, receivedmap: bitmapOf([2]), requestedmap: bitmapOf([]) }));
     expect(await main2.next('resumed')).toEqual({ type: 'resumed', pagesMarkedUnsent: 0, restarted: false });
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
   });
 
   it('a source restarted with --resume refuses a main channel that presents no secret, or another one', async () => {
@@ -501,7 +501,7 @@ describe('every channel is bound to its migration (the secret)', () => {
   it('a fresh source refuses a main channel that presents a secret (there is no migration to resume)', async () => {
     const server = await listenWith();
     await outsider(server.url, ChannelRole.Main, 'a'.repeat(64), /^expected no migration secret \(this source has no migration to resume; .*--resume.*--secret-file/);
-    expect(server.state).toBe('fresh');
+    expect(server.state).toBe('setup');
   });
 });
 
@@ -513,7 +513,7 @@ describe('source keepalive', () => {
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
     // A peer that answers pings is never cut.
     await new Promise((r) => setTimeout(r, 500));
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
     const timeout = nextEvent<[number]>(server, 'keepalive-timeout');
     const paused = nextEvent<[string]>(server, 'paused');
     // Stop reading: no pong goes back, as when the link dies.
@@ -535,7 +535,7 @@ describe('source keepalive', () => {
     main.ws.send(encode({ type: 'start', push: false, preempt: true }));
     (main.ws as unknown as { _socket: import('node:net').Socket })._socket.pause();
     await new Promise((r) => setTimeout(r, 600));
-    expect(server.state).toBe('active');
+    expect(server.state).toBe('postcopy-active');
     expect(server.keepaliveTimeouts).toBe(0);
   });
 });

@@ -16,11 +16,13 @@ import {
   type Message,
   type SourceSummary,
 } from '@postcopy/shared';
-import { admit, generateSecret, tokensEqual } from './access.js';
+import { admit, generateSecret, tokensEqual, type AdmissionState } from './access.js';
+import { MigrationController, type ControllerOptions } from './controller.js';
 import type { GuestImage } from './image.js';
+import type { SourceState } from './lifecycle.js';
 import { Link, NO_LINK, type LinkSpec } from './link.js';
 import { listen, type Listener, type ListenerTls } from './listener.js';
-import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
+import type { Channel, MigrationOptions, SourceMigration } from './migration.js';
 
 export { generateToken, tokensEqual } from './access.js';
 
@@ -29,6 +31,12 @@ export interface SourceServerOptions {
   port: number;
   token: string;
   migration?: Partial<MigrationOptions>;
+  /** How the migration runs (default postcopy) and, for precopy, its guest and decisions. */
+  mode?: ControllerOptions['mode'];
+  precopy?: ControllerOptions['precopy'];
+  guest?: ControllerOptions['guest'];
+  /** Testing only: the dirty log forgets every Nth dirty bit. */
+  loseDirtyBitsEvery?: number;
   /** A peer that has not completed its hello within this time is sent an error and dropped (default 10 s). */
   handshakeTimeoutMs?: number;
   /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
@@ -64,14 +72,8 @@ export const SERVER_DEFAULTS = {
   keepaliveMs: 10_000,
 } as const;
 
-/**
- * Where the migration stands: `fresh` (no start yet), `active` (after start
- * or resume), `paused` (the main channel was lost before finish, or this
- * process was restarted with `--resume`: waiting for a resume), `finished`
- * (the summary went out), `lost` (the destination is gone for good:
- * `destination-lost` was emitted).
- */
-export type MigrationState = 'fresh' | 'active' | 'paused' | 'finished' | 'lost';
+/** Where the migration stands: QEMU's MigrationStatus names (see lifecycle.ts). */
+export type MigrationState = SourceState;
 
 /** The server is at its connection limit: retry later (close code 1013). */
 export class BusyError extends PostcopyError {
@@ -169,15 +171,16 @@ export function safeLabel(label: string): string {
  *   certificate refused, no upgrade in time: listener.ts);
  * - `keepalive-timeout` (silentMs): the main channel was silent for longer
  *   than `keepaliveMs` (a dead link sends no close) and was cut: a pause.
+ * - and the controller's: `cancelled` (reason: the connection was lost
+ *   during precopy), `failed` (error: precopy did not converge),
+ *   `switchover`, `running`, `state` (see controller.ts).
  */
 export class SourceServer extends EventEmitter {
+  /** The migration's phases and what happens in each (lifecycle.ts, controller.ts). */
+  readonly controller: MigrationController;
   readonly migration: SourceMigration;
   private readonly wss: WebSocketServer;
   private main: WsChannel | undefined;
-  private migrationState: MigrationState;
-  /** Paused because this process was restarted (`--resume`) and not resumed since, rather than a lost connection. */
-  private pausedByRestart: boolean;
-  private resumeTimer: NodeJS.Timeout | undefined;
   private closing = false;
   /** Every open connection, with or without a hello (the connection limit counts them all). */
   private readonly connections = new Set<WsChannel>();
@@ -196,17 +199,34 @@ export class SourceServer extends EventEmitter {
     wss: WebSocketServer,
   ) {
     super();
-    this.migration = new SourceMigration(image, options.migration);
-    this.link = new Link(options.link ?? NO_LINK);
-    this.wss = wss;
-    this.pausedByRestart = options.resume === true;
-    if (this.pausedByRestart && options.secret === undefined) {
+    const restarted = options.resume === true;
+    if (restarted && options.secret === undefined) {
       throw new RangeError('a source started with --resume needs the secret of the migration it resumes (options.secret)');
     }
+    this.controller = new MigrationController(image, {
+      mode: options.mode ?? 'postcopy',
+      ...(options.migration ? { migration: options.migration } : {}),
+      ...(options.precopy ? { precopy: options.precopy } : {}),
+      ...(options.guest ? { guest: options.guest } : {}),
+      ...(options.loseDirtyBitsEvery !== undefined ? { loseDirtyBitsEvery: options.loseDirtyBitsEvery } : {}),
+      restarted,
+      resumeTimeoutMs: options.resumeTimeoutMs ?? SERVER_DEFAULTS.resumeTimeoutMs,
+    });
+    // The old session's fault channels go when the migration pauses: the
+    // destination reconnects them after `resumed` and re-sends their pending
+    // requests (their answers still queued count as undeliverable). Peers
+    // without a hello are left to the handshake timeout. Before `paused` is
+    // heard elsewhere, so a listener sees them gone.
+    this.controller.on('paused', () => this.cutFaultChannels());
+    this.controller.on('cancelled', () => this.cutFaultChannels());
+    for (const event of ['paused', 'resumed', 'destination-lost', 'cancelled', 'failed', 'switchover', 'running', 'finished', 'state']) {
+      this.controller.on(event, (...args: unknown[]) => this.emit(event, ...args));
+    }
+    this.migration = this.controller.migration;
+    this.link = new Link(options.link ?? NO_LINK);
+    this.wss = wss;
     this.secret = options.secret ?? generateSecret();
-    this.secretIssued = this.pausedByRestart;
-    this.migrationState = this.pausedByRestart ? 'paused' : 'fresh';
-    if (this.pausedByRestart) this.startResumeTimer();
+    this.secretIssued = restarted;
     wss.on('connection', (ws, req) => {
       // verifyClient (in listen) already refused a peer whose client
       // certificate is not accepted; this is the second lock on that door.
@@ -220,7 +240,7 @@ export class SourceServer extends EventEmitter {
   }
 
   get state(): MigrationState {
-    return this.migrationState;
+    return this.controller.state;
   }
 
   /** Connections open now, with or without a hello (what the connection limit counts). */
@@ -265,8 +285,7 @@ export class SourceServer extends EventEmitter {
   close(): Promise<void> {
     // Channels closed from here on are this server's doing: no pause, no destination-lost.
     this.closing = true;
-    clearTimeout(this.resumeTimer);
-    this.migration.stop();
+    void this.controller.close();
     this.link.stop();
     for (const ws of this.wss.clients) ws.terminate();
     return new Promise((resolve) => {
@@ -321,41 +340,16 @@ export class SourceServer extends EventEmitter {
 
   private mainClosed(): void {
     if (this.closing) return;
-    switch (this.migrationState) {
-      case 'finished':
-        // The main channel stays taken: nobody takes over a finished migration.
-        return;
-      case 'fresh':
-        // Died before start: there is nothing to resume.
-        this.main = undefined;
-        this.lose(`the destination's main channel closed before the migration started`);
-        return;
-      case 'active':
-        this.main = undefined;
-        this.pause(`the destination's main channel closed before the migration finished`);
-        return;
-      case 'paused':
-      case 'lost':
-        // A resume attempt that dropped: still paused, the timer keeps running.
-        this.main = undefined;
-        return;
-    }
+    // After the summary the main channel stays taken: nobody takes over a finished migration.
+    if (this.controller.lifecycle.ended) return;
+    this.main = undefined;
+    this.controller.mainLost(`the destination's main channel closed before the migration finished`);
   }
 
-  /** The main channel is gone during the migration (QEMU's postcopy-paused): wait for the destination to resume. */
-  private pause(reason: string): void {
-    this.migrationState = 'paused';
-    this.pausedByRestart = false;
-    this.migration.pause();
-    // The old session's fault channels go too: the destination reconnects
-    // them after `resumed` and re-sends their pending requests. Their
-    // answers still queued count as undeliverable. Peers without a hello
-    // are left to the handshake timeout.
+  private cutFaultChannels(): void {
     for (const other of this.connections) {
       if (other.role === ChannelRole.Fault) other.ws.terminate();
     }
-    this.emit('paused', reason);
-    this.startResumeTimer();
   }
 
   /** Cuts the main channel when the destination goes silent (a dead link closes nothing). */
@@ -366,29 +360,6 @@ export class SourceServer extends EventEmitter {
       this.keepaliveTimeouts++;
       this.emit('keepalive-timeout', silentMs);
     });
-  }
-
-  private startResumeTimer(): void {
-    clearTimeout(this.resumeTimer);
-    const ms = this.resumeTimeoutMs;
-    const restarted = this.pausedByRestart;
-    this.resumeTimer = setTimeout(() => {
-      if (this.migrationState !== 'paused' || this.closing) return;
-      this.lose(
-        restarted
-          ? `this source was restarted with --resume and the destination did not resume the migration within ${ms} ms`
-          : `the destination's connection was lost during postcopy and it did not resume within ${ms} ms`,
-      );
-    }, ms);
-    this.resumeTimer.unref();
-  }
-
-  /** The destination is gone for good. */
-  private lose(reason: string): void {
-    clearTimeout(this.resumeTimer);
-    this.migrationState = 'lost';
-    this.migration.stop();
-    this.emit('destination-lost', reason);
   }
 
   private reject(channel: WsChannel, err: Error): void {
@@ -425,77 +396,68 @@ export class SourceServer extends EventEmitter {
       this.handshake(channel, message);
       return;
     }
+    const main = (what: string): void => {
+      if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected ${what} on the main channel, got it on ${channel.label}`);
+    };
     switch (message.type) {
       case 'request':
-        // Only the new main channel can be open while paused (fault hellos are refused).
-        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused, got a request`);
-        void this.migration.request(channel, message.id, message.page);
+        this.controller.request(channel, message.id, message.page);
         return;
       case 'start':
-        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected start on the main channel, got it on ${channel.label}`);
-        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
-        if (this.migrationState !== 'fresh') throw new ProtocolError(`expected start once, got it again (the migration is ${this.migrationState})`);
-        this.migrationState = 'active';
-        this.migration.preempt = message.preempt;
-        this.migration.mainChannel = channel;
-        if (message.push) this.migration.startPush(channel);
+        main('start');
+        this.controller.start(channel, message);
         return;
       case 'resume':
-        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected resume on the main channel, got it on ${channel.label}`);
-        this.resume(channel, message);
+        main('resume');
+        // A resume is the migration's own destination coming back: only a
+        // main channel whose hello presented the secret can get here while
+        // paused (admit() refuses the rest), and this says so where it matters.
+        if (this.controller.lifecycle.isPaused && !channel.presentedSecret) {
+          throw new ProtocolError(`expected resume only on a main channel that presented the migration's secret, got it on ${channel.label}`);
+        }
+        this.controller.resume(channel, message);
         return;
-      case 'finish': {
-        if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected finish on the main channel, got it on ${channel.label}`);
-        if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
-        // Let queued answers go out first, so the summary counts every reply.
-        this.migration.stopPush();
-        void this.migration.onIdle().then(() => {
-          // The connection was lost meanwhile: the destination resumes and finishes again.
-          if (channel !== this.main || !channel.isOpen) return;
-          const summary: SourceSummary = { ...this.migration.summarize(message.receivedmap), keepaliveTimeouts: this.keepaliveTimeouts };
-          this.migrationState = 'finished';
-          clearTimeout(this.resumeTimer);
-          channel.send(encode({ type: 'summary', ...summary }));
-          this.emit('finished', summary);
-        });
+      case 'finish':
+        main('finish');
+        this.controller.finish(channel, message.receivedmap, () => this.keepaliveTimeouts);
         return;
-      }
+      case 'running':
+        main('running');
+        this.controller.running();
+        return;
+      case 'hash-request':
+        main('hash-request');
+        this.controller.hashRequest(channel);
+        return;
       default:
         // Worded as before resume existed: e2e/test/hostile-client.test.ts matches it.
         throw new ProtocolError(`expected request, start or finish, got ${message.type}`);
     }
   }
 
-  private pauseCause(): string {
-    return this.pausedByRestart ? 'this source was started with --resume' : 'its connection was lost';
-  }
-
-  private resume(channel: WsChannel, message: Extract<Message, { type: 'resume' }>): void {
-    switch (this.migrationState) {
-      case 'fresh':
-        throw new ProtocolError(
-          `expected start: this source has no migration to resume (start it with --resume to continue a migration whose source process died)`,
-        );
-      case 'paused':
-        break;
-      default:
-        throw new ProtocolError(`expected resume only while the migration is paused, got it while it is ${this.migrationState}`);
-    }
-    // A resume is the migration's own destination coming back: only a main
-    // channel whose hello presented the secret can get here while paused
-    // (admit() refuses the rest), and this says so where it matters.
-    if (!channel.presentedSecret) throw new ProtocolError(`expected resume only on a main channel that presented the migration's secret, got it on ${channel.label}`);
-    const restarted = this.pausedByRestart;
-    // Once the sentmap is reset and before the re-sent requested pages (on the
-    // same channel): active again, and `resumed` goes out.
-    const pagesMarkedUnsent = this.migration.resume(channel, message, (n) => {
-      this.migrationState = 'active';
-      this.pausedByRestart = false;
-      clearTimeout(this.resumeTimer);
-      this.resumeTimer = undefined;
-      channel.send(encode({ type: 'resumed', pagesMarkedUnsent: n, restarted }));
-    });
-    this.emit('resumed', pagesMarkedUnsent, restarted);
+  /** Where the migration stands, for admit(). */
+  private admission(label: string): AdmissionState {
+    const lifecycle = this.controller.lifecycle;
+    const state = lifecycle.state;
+    const phase: AdmissionState['phase'] = lifecycle.ended
+      ? 'ended'
+      : lifecycle.isPaused
+        ? 'paused'
+        : state === 'setup'
+          ? 'fresh'
+          : lifecycle.beforeSwitchover
+            ? 'precopy'
+            : 'running';
+    const endedAs = state === 'cancelled' ? 'was cancelled' : state === 'failed' ? 'failed' : 'finished';
+    return {
+      phase,
+      endedAs,
+      hasMain: this.main !== undefined,
+      secretIssued: this.secretIssued,
+      secret: this.secret,
+      label,
+      unbound: this.options.unsafeUnboundChannels === true,
+    };
   }
 
   private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
@@ -512,14 +474,7 @@ export class SourceServer extends EventEmitter {
         `expected guest layout ${formatBytes(guestBytes)} in ${formatBytes(pageSize)} pages, got ${formatBytes(hello.guestBytes)} in ${formatBytes(hello.pageSize)} pages`,
       );
     }
-    const admission = admit(hello, {
-      state: this.migrationState,
-      hasMain: this.main !== undefined,
-      secretIssued: this.secretIssued,
-      secret: this.secret,
-      label: channel.label,
-      unbound: this.options.unsafeUnboundChannels === true,
-    });
+    const admission = admit(hello, this.admission(channel.label));
     switch (admission.kind) {
       case 'new-main':
         this.main = channel;
@@ -534,14 +489,14 @@ export class SourceServer extends EventEmitter {
           // keepalive notices.
           this.main = undefined;
           old.ws.terminate();
-          if (this.migrationState === 'active') this.pause(`the destination opened a new main channel (${channel.label}): it lost the old one`);
+          this.controller.mainLost(`the destination opened a new main channel (${channel.label}): it lost the old one`);
         }
         this.main = channel;
         channel.presentedSecret = true;
         break;
       }
       case 'fault':
-        if (this.migrationState === 'paused') {
+        if (this.controller.lifecycle.isPaused) {
           throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
         }
         break;
@@ -562,6 +517,7 @@ export class SourceServer extends EventEmitter {
         linkBandwidthBps: this.link.spec.bandwidthBps,
         // Only the main channel that starts the migration learns the secret; nobody gets it echoed.
         secret: admission.kind === 'new-main' ? this.secret : '',
+        mode: this.controller.mode,
       }),
     );
   }

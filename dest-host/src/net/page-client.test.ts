@@ -40,6 +40,7 @@ class FakeSource {
               linkBandwidthBps: 0,
               // A fault channel presents the secret and is given none back.
               secret: m.secret === '' ? SECRET : '',
+              mode: 'postcopy',
             }),
           );
         } else if (m.type === 'request') {

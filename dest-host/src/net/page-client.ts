@@ -12,7 +12,7 @@ import {
   explainTlsError,
   formatBytes,
   makeLayout,
-  maxFrameBytes,
+  maxDestFrameBytes,
   type ChannelRoleCode,
   type GuestLayout,
   type Message,
@@ -285,7 +285,7 @@ export class PageClient {
       try {
         ws = new WebSocket(options.url, {
           perMessageDeflate: false,
-          maxPayload: maxFrameBytes(options.pageSize, options.guestBytes / options.pageSize),
+          maxPayload: maxDestFrameBytes(options.pageSize, options.guestBytes / options.pageSize),
           handshakeTimeout: options.connectTimeoutMs ?? 10_000,
           ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
           ...(tls?.cert !== undefined && tls.key !== undefined ? { cert: tls.cert, key: tls.key } : {}),

@@ -1,0 +1,320 @@
+/**
+ * What the source does in each phase of the migration (the transitions of
+ * lifecycle.ts, and their actions): start (precopy rounds with the guest
+ * running here, or postcopy at once), the switchover (stop the guest, the
+ * last pages or the discard set, then postcopy or the destination runs),
+ * postcopy's requests and push (migration.ts), a lost main channel (cancel
+ * before the switchover, pause after it), resume, and finish.
+ *
+ * The server (server.ts) owns the connections and who may join; it hands the
+ * main channel's commands here.
+ */
+import { EventEmitter } from 'node:events';
+import {
+  PostcopyError,
+  ProtocolError,
+  encode,
+  pageHashes,
+  type MigrationMode,
+  type MigrationSummary,
+  type Resume,
+  type SourceSummary,
+  type Start,
+} from '@postcopy/shared';
+import { DirtyLog } from './dirty-log.js';
+import { SourceGuest, type SourceGuestOptions } from './guest/source-guest.js';
+import type { GuestImage } from './image.js';
+import { SourceLifecycle, type SourceState } from './lifecycle.js';
+import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
+import { NotConvergedError, PRECOPY_DEFAULTS, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
+
+export interface ControllerOptions {
+  mode: MigrationMode;
+  migration?: Partial<MigrationOptions>;
+  /** Precopy's decisions (downtime limit, rounds, auto-converge, when hybrid switches). */
+  precopy?: Partial<Omit<PrecopyOptions, 'mode'>>;
+  /** The guest running on the source during precopy (its vCPUs, how fast and where they write). */
+  guest?: Partial<SourceGuestOptions>;
+  /** Testing only: the dirty log forgets every Nth dirty bit at a sync (the content check must catch it). */
+  loseDirtyBitsEvery?: number;
+  /** This process replaces a source that died (`--resume`). */
+  restarted: boolean;
+  resumeTimeoutMs: number;
+}
+
+/** The guest's defaults on the source: one vCPU, 1000 pages/s, over all of memory. */
+export const SOURCE_GUEST_DEFAULTS = { vcpus: 1, dirtyRate: 1000 } as const;
+
+/**
+ * Events:
+ * - `paused` (reason), `resumed` (pagesMarkedUnsent, restarted): recovery;
+ * - `destination-lost` (reason): the destination is gone for good;
+ * - `cancelled` (reason): the connection was lost before the switchover: the guest stays here;
+ * - `failed` (error): precopy did not converge (or the guest failed);
+ * - `switchover` (postcopy, discardPages), `running` (downtimeMs);
+ * - `finished` (summary);
+ * - `state` (to, from, reason): every transition.
+ */
+export class MigrationController extends EventEmitter {
+  readonly lifecycle: SourceLifecycle;
+  readonly migration: SourceMigration;
+  private readonly dirtyLog: DirtyLog | undefined;
+  private readonly guest: SourceGuest | undefined;
+  private readonly precopy: Precopy | undefined;
+  /** The destination's main channel now (undefined while paused or before a hello). */
+  main: Channel | undefined;
+  private startedAt: number | undefined;
+  private stoppedAt: number | undefined;
+  private resumeTimer: NodeJS.Timeout | undefined;
+  private pausedByRestart: boolean;
+  private closing = false;
+  private push = false;
+
+  constructor(
+    readonly image: GuestImage,
+    readonly options: ControllerOptions,
+  ) {
+    super();
+    this.lifecycle = new SourceLifecycle(options.restarted);
+    this.lifecycle.on('state', (...args: unknown[]) => this.emit('state', ...args));
+    this.migration = new SourceMigration(image, options.migration);
+    this.pausedByRestart = options.restarted;
+    if (options.mode !== 'postcopy') {
+      const { totalPages } = image.layout;
+      this.dirtyLog = new DirtyLog(totalPages, undefined, { loseEvery: options.loseDirtyBitsEvery ?? 0 });
+      this.guest = new SourceGuest(image, this.dirtyLog, {
+        vcpus: options.guest?.vcpus ?? SOURCE_GUEST_DEFAULTS.vcpus,
+        dirtyRate: options.guest?.dirtyRate ?? SOURCE_GUEST_DEFAULTS.dirtyRate,
+        dirtySetPages: options.guest?.dirtySetPages ?? totalPages,
+      });
+      this.precopy = new Precopy(image, this.dirtyLog, this.guest, this.migration.phases, { ...options.precopy, mode: options.mode });
+    }
+    if (options.restarted) this.startResumeTimer();
+  }
+
+  get mode(): MigrationMode {
+    return this.options.mode;
+  }
+
+  get state(): SourceState {
+    return this.lifecycle.state;
+  }
+
+  /** Precopy's progress (GET /status), while it runs. */
+  progress(): PrecopyProgress | undefined {
+    return this.precopy?.progress();
+  }
+
+  /** Dirty bits the testing-only fault dropped. */
+  get dirtyBitsLost(): number {
+    return this.dirtyLog?.lost ?? 0;
+  }
+
+  // ------------------------------------------------------------ commands
+
+  /** `start` on the main channel. */
+  start(main: Channel, message: Start): void {
+    if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
+    if (this.state !== 'setup') throw new ProtocolError(`expected start once, got it again (the migration is ${this.state})`);
+    this.startedAt = performance.now();
+    this.main = main;
+    this.push = message.push;
+    this.migration.preempt = message.preempt;
+    if (!this.precopy) {
+      this.lifecycle.start(false);
+      this.migration.mainChannel = main;
+      if (message.push) this.migration.startPush(main);
+      return;
+    }
+    this.lifecycle.start(true);
+    void this.runPrecopy(main).catch((err: Error) => this.precopyFailed(err));
+  }
+
+  /** The user's migrate-start-postcopy: only a hybrid migration in precopy can switch. */
+  startPostcopy(): { ok: true } | { ok: false; reason: string } {
+    if (this.mode !== 'hybrid' || this.state !== 'active') {
+      return { ok: false, reason: `expected a hybrid migration in precopy (active), got a ${this.mode} migration in state ${this.state}` };
+    }
+    this.precopy!.requestPostcopy();
+    return { ok: true };
+  }
+
+  private async runPrecopy(main: Channel): Promise<void> {
+    const precopy = this.precopy!;
+    await this.guest!.start((err) => this.precopyFailed(err));
+    const decision = await precopy.run(main, this.startedAt!);
+    if (this.state !== 'active') return; // cancelled meanwhile
+    this.lifecycle.switchover();
+    const result = await precopy.switchover(main, decision);
+    this.stoppedAt = result.stoppedAt;
+    if ((this.state as SourceState) !== 'device' || this.main !== main) return;
+    if (decision.postcopy) {
+      // Postcopy's exactly-once starts here: sent means sent in precopy and not dirtied since.
+      this.migration.sentmap.reset(result.sentForPostcopy);
+      this.lifecycle.switched(true);
+      this.migration.mainChannel = main;
+      if (this.push) this.migration.startPush(main);
+    } else {
+      this.lifecycle.switched(false);
+    }
+    // After the state: the destination's first requests may follow the switchover at once.
+    main.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
+    this.emit('switchover', decision.postcopy, result.discardPages, decision.reason);
+  }
+
+  private precopyFailed(err: Error): void {
+    if (this.lifecycle.ended) return;
+    if (err instanceof PrecopyCancelledError) return; // mainLost() has cancelled already
+    void this.guest?.close();
+    const reason = err instanceof NotConvergedError ? err.message : `precopy failed: ${err.message}`;
+    this.lifecycle.fail(reason);
+    const main = this.main;
+    if (main?.isOpen) main.send(encode({ type: 'error', code: (err as PostcopyError).code ?? 'ERR_POSTCOPY', message: reason }));
+    this.emit('failed', err);
+  }
+
+  /** The destination's vCPUs run: the downtime ends. */
+  running(): void {
+    if (this.stoppedAt === undefined) throw new ProtocolError(`expected running only after a switchover, got it in a ${this.mode} migration in state ${this.state}`);
+    if (this.precopy && this.precopy.downtimeMs === 0) {
+      this.precopy.downtimeMs = performance.now() - this.stoppedAt;
+      this.emit('running', this.precopy.downtimeMs);
+    }
+  }
+
+  /** A request from a fault channel (or the main one). */
+  request(channel: Channel, id: number, page: number): void {
+    if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused, got a request`);
+    if (this.lifecycle.beforeSwitchover) throw new ProtocolError(`expected no page requests before the switchover (the guest still runs on the source), got one for page ${page}`);
+    void this.migration.request(channel, id, page);
+  }
+
+  /** `resume` on a main channel that presented the secret (server.ts checks). */
+  resume(main: Channel, message: Resume): number {
+    if (this.state === 'setup') {
+      throw new ProtocolError(`expected start: this source has no migration to resume (start it with --resume to continue a migration whose source process died)`);
+    }
+    if (!this.lifecycle.isPaused) throw new ProtocolError(`expected resume only while the migration is paused, got it while it is ${this.state}`);
+    const restarted = this.pausedByRestart;
+    // Once the sentmap is reset and before the re-sent requested pages (on the
+    // same channel): active again, and `resumed` goes out.
+    const pagesMarkedUnsent = this.migration.resume(main, message, (n) => {
+      this.lifecycle.resume();
+      this.pausedByRestart = false;
+      clearTimeout(this.resumeTimer);
+      this.resumeTimer = undefined;
+      this.main = main;
+      main.send(encode({ type: 'resumed', pagesMarkedUnsent: n, restarted }));
+    });
+    this.emit('resumed', pagesMarkedUnsent, restarted);
+    return pagesMarkedUnsent;
+  }
+
+  /** `finish`: once queued answers have gone out, the summary. */
+  finish(main: Channel, receivedmap: Uint8Array, keepaliveTimeouts: () => number): void {
+    if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
+    if (this.lifecycle.beforeSwitchover || this.state === 'setup') throw new ProtocolError(`expected finish only once the guest runs on the destination, got it in state ${this.state}`);
+    this.migration.stopPush();
+    void this.migration.onIdle().then(() => {
+      // The connection was lost meanwhile: the destination resumes and finishes again.
+      if (main !== this.main || !main.isOpen) return;
+      const summary: SourceSummary = {
+        ...this.migration.summarize(receivedmap),
+        keepaliveTimeouts: keepaliveTimeouts(),
+        migration: this.figures(),
+      };
+      this.lifecycle.finish();
+      clearTimeout(this.resumeTimer);
+      main.send(encode({ type: 'summary', ...summary }));
+      this.emit('finished', summary);
+    });
+  }
+
+  /** The destination's digests differ from ours: every page's hash, and who sent it last. */
+  hashRequest(main: Channel): void {
+    main.send(encode({ type: 'page-hashes', hashes: pageHashes(this.image, this.image.layout.totalPages), phases: this.migration.phases }));
+  }
+
+  private figures(): MigrationSummary {
+    const total = this.startedAt === undefined ? 0 : performance.now() - this.startedAt;
+    return this.precopy ? this.precopy.summary(total) : postcopyOnlySummary(total, this.options.precopy?.downtimeLimitMs ?? PRECOPY_DEFAULTS.downtimeLimitMs);
+  }
+
+  // ------------------------------------------------------------ the main channel
+
+  /**
+   * The destination's main channel closed (or the destination came back
+   * with a new one: `takeover`). Before start the migration is lost; before
+   * the switchover it is cancelled (the guest never left); after it, paused.
+   */
+  mainLost(reason: string): void {
+    if (this.closing) return;
+    this.main = undefined;
+    if (this.lifecycle.ended) return;
+    switch (this.state) {
+      case 'setup':
+        this.lose(`the destination's main channel closed before the migration started`);
+        return;
+      case 'active':
+      case 'device':
+        this.cancel(`the destination's main channel closed during precopy (${reason})`);
+        return;
+      case 'postcopy-active':
+      case 'completed':
+        this.lifecycle.pause(reason);
+        this.pausedByRestart = false;
+        this.migration.pause();
+        this.emit('paused', reason);
+        this.startResumeTimer();
+        return;
+      case 'postcopy-paused':
+        // A resume attempt that dropped: still paused, the timer keeps running.
+        return;
+      default:
+        return;
+    }
+  }
+
+  /** QEMU's cancel: the guest runs on here again, nothing more goes out. */
+  private cancel(reason: string): void {
+    this.lifecycle.cancel(reason);
+    this.migration.stop();
+    // The guest keeps running on the source (it may have stopped for the switchover); it is ours still.
+    void this.guest?.close();
+    this.emit('cancelled', `${reason}: the migration is cancelled and the guest stays on the source`);
+  }
+
+  private startResumeTimer(): void {
+    clearTimeout(this.resumeTimer);
+    const ms = this.options.resumeTimeoutMs;
+    const restarted = this.pausedByRestart;
+    this.resumeTimer = setTimeout(() => {
+      if (!this.lifecycle.isPaused || this.closing) return;
+      this.lose(
+        restarted
+          ? `this source was restarted with --resume and the destination did not resume the migration within ${ms} ms`
+          : `the destination's connection was lost during postcopy and it did not resume within ${ms} ms`,
+      );
+    }, ms);
+    this.resumeTimer.unref();
+  }
+
+  /** The destination is gone for good. */
+  private lose(reason: string): void {
+    clearTimeout(this.resumeTimer);
+    this.lifecycle.fail(reason);
+    this.migration.stop();
+    this.emit('destination-lost', reason);
+  }
+
+  private pauseCause(): string {
+    return this.pausedByRestart ? 'this source was started with --resume' : 'its connection was lost';
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    clearTimeout(this.resumeTimer);
+    this.migration.stop();
+    await this.guest?.close();
+  }
+}

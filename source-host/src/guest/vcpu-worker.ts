@@ -1,0 +1,86 @@
+/**
+ * A source vCPU: runs the guest on the source during precopy. Each write
+ * increments the page's counter word (QEMU's migration test guest increments
+ * a byte of every page, walking memory), so that a page the migration missed
+ * cannot look right on the destination; then it clears the page's zero flag
+ * and marks it in the dirty log, in that order (see dirty-log.ts: the store
+ * must come before the bit).
+ *
+ * It walks its share of the dirty set page after page, at `dirtyRate` pages
+ * per second (0: as fast as it can), in timeslices of 10 ms; a throttle
+ * (auto-converge) adds sleep after each slice as QEMU's cpu_throttle_thread
+ * does: pct / (1 - pct) of a timeslice. It stops when RUN goes to 0, after
+ * finishing the write in progress (so the final sync sees it), and says so.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { counterWord } from '@postcopy/shared';
+import { DirtyLog } from '../dirty-log.js';
+import { CONTROL, TIMESLICE_MS, type SourceVcpuData } from './control.js';
+
+const data = workerData as SourceVcpuData;
+const ctl = new Int32Array(data.control);
+const { layout, pagesPerChunk } = data.image;
+const wordsPerPage = layout.pageSize >>> 2;
+const chunks = data.image.chunks.map((b) => new Uint32Array(b));
+const zero = new Uint8Array(data.image.zero);
+const dirty = new DirtyLog(layout.totalPages, data.dirtyLog);
+const cw = counterWord(layout.pageSize);
+
+/** One guest write: the counter word goes up by one; then the zero flag and the dirty bit. */
+function write(page: number): void {
+  const chunk = Math.floor(page / pagesPerChunk);
+  const words = chunks[chunk]!;
+  const i = (page - chunk * pagesPerChunk) * wordsPerPage + cw;
+  words[i] = (words[i]! + 1) >>> 0;
+  if (zero[page] !== 0) Atomics.store(zero, page, 0);
+  dirty.mark(page);
+}
+
+function sleep(ms: number): void {
+  // Wakes early when the migration stops the guest (it notifies RUN).
+  if (ms > 0) Atomics.wait(ctl, CONTROL.RUN, 1, ms);
+}
+
+function run(): void {
+  const writesSlot = CONTROL.WRITES + data.index;
+  let cursor = 0;
+  let written = 0;
+  const started = performance.now();
+  Atomics.add(ctl, CONTROL.STARTED, 1);
+  while (Atomics.load(ctl, CONTROL.RUN) === 1) {
+    const sliceEnd = performance.now() + TIMESLICE_MS;
+    let inSlice = 0;
+    for (;;) {
+      if (data.dirtyRate > 0) {
+        // Keep to the rate over the whole run: never ahead of rate × time.
+        const allowed = Math.floor(((performance.now() - started) / 1000) * data.dirtyRate);
+        if (written >= allowed) break;
+      }
+      write(data.first + cursor);
+      cursor = cursor + 1 === data.count ? 0 : cursor + 1;
+      written++;
+      inSlice++;
+      if ((inSlice & 63) === 0) {
+        Atomics.add(ctl, writesSlot, 64);
+        if (performance.now() >= sliceEnd || Atomics.load(ctl, CONTROL.RUN) !== 1) break;
+      }
+    }
+    Atomics.add(ctl, writesSlot, inSlice & 63);
+    const pct = Atomics.load(ctl, CONTROL.THROTTLE);
+    const left = sliceEnd - performance.now();
+    // The rest of a slice the rate left idle, then the throttle's share of sleep.
+    sleep(Math.max(0, left) + (pct > 0 ? (pct / (100 - pct)) * TIMESLICE_MS : 0));
+  }
+  Atomics.add(ctl, CONTROL.STOPPED, 1);
+  Atomics.notify(ctl, CONTROL.STOPPED);
+}
+
+parentPort!.once('message', () => {
+  try {
+    run();
+    parentPort!.postMessage({ type: 'stopped' });
+  } catch (err) {
+    parentPort!.postMessage({ type: 'error', message: (err as Error).message });
+  }
+});
+parentPort!.postMessage({ type: 'ready' });

@@ -1,0 +1,400 @@
+/**
+ * Precopy on the source (QEMU's migration/ram.c iterations): while the guest
+ * keeps running here, its memory goes to the destination in rounds. Round 1
+ * sends every page (QEMU's bulk stage); each later round sends the pages the
+ * guest dirtied during the one before, found by a dirty sync (read-and-clear
+ * of the dirty log). After each round the migration decides, as QEMU does
+ * (see convergence.ts): switch to postcopy (hybrid, when told to), stop and
+ * copy (the pending bytes fit the downtime limit), throttle the guest
+ * (auto-converge), go on, or give up after `maxRounds`.
+ *
+ * At the switchover the guest stops, a final sync takes what it dirtied last,
+ * and then:
+ * - precopy: those pages go too (stop-and-copy), and the destination runs
+ *   the guest with all of its memory;
+ * - hybrid: the pages among them that were sent before form the discard set
+ *   (QEMU's MIG_CMD_POSTCOPY_RAM_DISCARD): the destination drops them, and
+ *   postcopy fetches or pushes them again. What was sent and not dirtied
+ *   since counts as sent for postcopy's exactly-once rules.
+ */
+import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
+import {
+  MAX_DISCARD_RANGES,
+  PHASE,
+  PostcopyError,
+  coalesce,
+  encode,
+  formatBytes,
+  maxPushPages,
+  type MigrationSummary,
+  type PageRange,
+  type PrecopyRound,
+} from '@postcopy/shared';
+import { AutoConverge, bandwidthBytesPerMs, convergence } from './convergence.js';
+import { DirtyLog, bitSet, clearBit, popcount, setBit } from './dirty-log.js';
+import type { SourceGuest } from './guest/source-guest.js';
+import type { GuestImage } from './image.js';
+import type { Channel } from './migration.js';
+
+export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge';
+
+export interface PrecopyOptions {
+  mode: 'precopy' | 'hybrid';
+  /** QEMU's downtime-limit (default 300 ms). */
+  downtimeLimitMs: number;
+  /** QEMU's avail-switchover-bandwidth, bytes/s: the bandwidth the decision assumes instead of the one measured (0 = measured). */
+  availSwitchoverBytesPerSec: number;
+  /** A precopy that has not converged after this many rounds fails (unless auto-converge). */
+  maxRounds: number;
+  autoConverge: boolean;
+  /** Hybrid: switch to postcopy after this many rounds (QEMU never switches by itself; this stands for the user's migrate-start-postcopy). */
+  postcopyAfterRounds: number;
+  /** Bytes sent before yielding to the event loop (keepalive, control requests). */
+  batchBytes: number;
+  /** Sending pauses while the channel holds more than this. */
+  highWaterBytes: number;
+}
+
+export const PRECOPY_DEFAULTS: PrecopyOptions = {
+  mode: 'hybrid',
+  downtimeLimitMs: 300,
+  availSwitchoverBytesPerSec: 0,
+  maxRounds: 30,
+  autoConverge: false,
+  postcopyAfterRounds: 1,
+  batchBytes: 64 * 1024,
+  highWaterBytes: 512 * 1024,
+};
+
+/** With auto-converge there is no round limit, but a migration that throttles at 99 % and still does not converge must end too. */
+const AUTO_CONVERGE_ROUND_CAP = 1000;
+
+/** Precopy did not converge: the guest dirties memory faster than the link can send it. */
+export class NotConvergedError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_NOT_CONVERGED', message);
+  }
+}
+
+/** The destination's main channel went away during precopy: the migration is cancelled (the guest never left). */
+export class PrecopyCancelledError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_CANCELLED', message);
+  }
+}
+
+export interface SwitchoverDecision {
+  postcopy: boolean;
+  reason: SwitchoverReason;
+}
+
+/** What the switchover did. */
+export interface SwitchoverResult {
+  /** performance.now() when the guest was told to stop: the downtime starts. */
+  stoppedAt: number;
+  /** Hybrid: the discard set. */
+  discard: PageRange[];
+  discardPages: number;
+  /** Hybrid: the pages postcopy must count as sent (sent in precopy and not dirtied since), one bit a page, as a receivedmap. */
+  sentForPostcopy: Uint8Array;
+}
+
+/** Progress for GET /status. */
+export interface PrecopyProgress {
+  round: number;
+  /** Pages of this round not sent yet. */
+  pagesRemaining: number;
+  dirtyPagesRate: number;
+  expectedDowntimeMs: number;
+  throttlePercent: number;
+}
+
+export class Precopy {
+  private readonly options: PrecopyOptions;
+  /** Pages sent at least once (precopy or stop-and-copy). */
+  private readonly everSent: Int32Array;
+  /** The pages the current round sends; the next round's are gathered by the sync into `nextSet`. */
+  private roundSet: Int32Array;
+  private nextSet: Int32Array;
+  private readonly autoConverge = new AutoConverge();
+  private postcopyRequested = false;
+  private roundNumber = 0;
+  private remaining = 0;
+  private pagesSent = 0;
+  private pagesResent = 0;
+  private bytes = 0;
+  private syncs = 0;
+  private dirtiedTotal = 0;
+  private activeMs = 0;
+  private lastExpectedDowntimeMs = 0;
+  private lastDirtyRate = 0;
+  private readonly rounds: PrecopyRound[] = [];
+  private decision: SwitchoverDecision | undefined;
+  private switchoverResult: SwitchoverResult | undefined;
+  downtimeMs = 0;
+  /** From start to round 1's first page (QEMU's setup-time). */
+  setupTimeMs = 0;
+
+  constructor(
+    private readonly image: GuestImage,
+    private readonly dirtyLog: DirtyLog,
+    private readonly guest: SourceGuest,
+    /** The source's record of which phase last sent each page (see PHASE). */
+    private readonly phases: Uint8Array,
+    options: Partial<PrecopyOptions> = {},
+  ) {
+    this.options = { ...PRECOPY_DEFAULTS, ...options };
+    const words = Math.ceil(image.layout.totalPages / 32);
+    this.everSent = new Int32Array(words);
+    this.roundSet = new Int32Array(words);
+    this.nextSet = new Int32Array(words);
+  }
+
+  get mode(): 'precopy' | 'hybrid' {
+    return this.options.mode;
+  }
+
+  /** The user's migrate-start-postcopy (hybrid only): the current round stops and postcopy begins. */
+  requestPostcopy(): void {
+    this.postcopyRequested = true;
+  }
+
+  progress(): PrecopyProgress {
+    return {
+      round: this.roundNumber,
+      pagesRemaining: this.remaining,
+      dirtyPagesRate: Math.round(this.lastDirtyRate),
+      expectedDowntimeMs: Math.round(this.lastExpectedDowntimeMs * 1000) / 1000,
+      throttlePercent: this.guest.throttlePercent,
+    };
+  }
+
+  /**
+   * Runs rounds on `channel` until it is time to switch over. `startedAt` is
+   * when the migration started (for setup-time). Throws
+   * NotConvergedError, or PrecopyCancelledError when the channel closes.
+   */
+  async run(channel: Channel, startedAt: number): Promise<SwitchoverDecision> {
+    const { totalPages, pageSize } = this.image.layout;
+    // Logging starts now; the first round sends every page anyway.
+    this.dirtyLog.clear();
+    this.roundSet.fill(-1);
+    const tail = totalPages % 32;
+    if (tail !== 0) this.roundSet[this.roundSet.length - 1] = (1 << tail) - 1;
+    let roundPages = totalPages;
+    this.setupTimeMs = performance.now() - startedAt;
+    for (;;) {
+      this.roundNumber++;
+      const round = this.roundNumber;
+      const started = performance.now();
+      const bytesBefore = this.bytes;
+      const sent = await this.sendSet(channel, this.roundSet, roundPages, Math.min(round, PHASE.LAST_ROUND), () => this.postcopyRequested && this.options.mode === 'hybrid');
+      const ms = performance.now() - started;
+      this.activeMs += ms;
+      const roundBytes = this.bytes - bytesBefore;
+      // The sync at the end of the round: what the guest dirtied while it ran (and what this round did not get to).
+      this.nextSet.set(this.roundSet);
+      const dirtied = this.dirtyLog.sync(this.nextSet);
+      this.syncs++;
+      this.dirtiedTotal += dirtied;
+      const pending = countBits(this.nextSet);
+      const measured = bandwidthBytesPerMs(roundBytes, ms);
+      const assumed = this.options.availSwitchoverBytesPerSec > 0 ? this.options.availSwitchoverBytesPerSec / 1000 : measured;
+      const conv = convergence(pending * pageSize, assumed, this.options.downtimeLimitMs);
+      this.lastExpectedDowntimeMs = conv.expectedDowntimeMs;
+      this.lastDirtyRate = dirtied / Math.max(ms / 1000, 1e-6);
+      this.rounds.push({ round, pagesSent: sent, pagesDirtied: dirtied, ms: round3(ms), mbps: round3((roundBytes * 8) / 1e6 / Math.max(ms / 1000, 1e-6)) });
+      [this.roundSet, this.nextSet] = [this.nextSet, this.roundSet];
+      this.nextSet.fill(0);
+      roundPages = pending;
+
+      if (this.options.mode === 'hybrid' && this.postcopyRequested) return this.decide({ postcopy: true, reason: 'migrate-start-postcopy' });
+      if (this.options.mode === 'hybrid' && round >= this.options.postcopyAfterRounds) return this.decide({ postcopy: true, reason: 'rounds' });
+      if (conv.converged) return this.decide({ postcopy: false, reason: this.autoConverge.throttlePercent > 0 ? 'auto-converge' : 'converged' });
+      if (this.options.autoConverge) {
+        const step = this.autoConverge.period(dirtied * pageSize, roundBytes);
+        if (step !== undefined) this.guest.setThrottle(step);
+        if (round >= AUTO_CONVERGE_ROUND_CAP) throw this.notConverged(round, measured, conv.expectedDowntimeMs, `even throttled to ${this.guest.throttlePercent} %`);
+      } else if (round >= this.options.maxRounds) {
+        throw this.notConverged(round, measured, conv.expectedDowntimeMs, '');
+      }
+    }
+  }
+
+  private decide(decision: SwitchoverDecision): SwitchoverDecision {
+    this.decision = decision;
+    return decision;
+  }
+
+  private notConverged(round: number, bytesPerMs: number, expectedMs: number, extra: string): NotConvergedError {
+    const rate = this.lastDirtyRate;
+    const pageSize = this.image.layout.pageSize;
+    return new NotConvergedError(
+      `precopy did not converge in ${round} rounds${extra ? ` (${extra})` : ''}: the guest dirties ${Math.round(rate)} pages/s ` +
+        `(${formatBytes(Math.round(rate * pageSize))}/s) against a bandwidth of ${formatBytes(Math.round(bytesPerMs * 1000))}/s, ` +
+        `so the expected downtime is ${Math.round(expectedMs)} ms over the ${this.options.downtimeLimitMs} ms limit; ` +
+        `expected a dirty rate below the bandwidth: try --auto-converge, a larger --downtime-limit, or --mode hybrid`,
+    );
+  }
+
+  /**
+   * Switchover: stops the guest, takes the last dirty pages, and sends what
+   * must go before the destination runs: the rest of memory (precopy) or the
+   * discard set (hybrid), then `switchover`.
+   */
+  async switchover(channel: Channel, decision: SwitchoverDecision): Promise<SwitchoverResult> {
+    const stoppedAt = await this.guest.stop();
+    // Everything still dirty: the last round's sync left its pages in roundSet; the final sync adds the rest.
+    const dirtied = this.dirtyLog.sync(this.roundSet);
+    this.syncs++;
+    this.dirtiedTotal += dirtied;
+    const totalPages = this.image.layout.totalPages;
+    let result: SwitchoverResult;
+    if (!decision.postcopy) {
+      await this.sendSet(channel, this.roundSet, countBits(this.roundSet), PHASE.STOP_AND_COPY, () => false);
+      result = { stoppedAt, discard: [], discardPages: 0, sentForPostcopy: new Uint8Array(0) };
+    } else {
+      // Discard: sent before and dirtied since. Postcopy counts as sent what was sent and not dirtied since.
+      const discardPages: number[] = [];
+      const sentForPostcopy = new Uint8Array(Math.ceil(totalPages / 8));
+      for (let page = 0; page < totalPages; page++) {
+        const sent = bitSet(this.everSent, page);
+        const dirty = bitSet(this.roundSet, page);
+        if (sent && dirty) discardPages.push(page);
+        else if (sent) sentForPostcopy[page >>> 3]! |= 1 << (page & 7);
+      }
+      const discard = coalesce(discardPages);
+      for (let i = 0; i < discard.length; i += MAX_DISCARD_RANGES) {
+        channel.send(encode({ type: 'discard', ranges: discard.slice(i, i + MAX_DISCARD_RANGES) }));
+      }
+      result = { stoppedAt, discard, discardPages: discardPages.length, sentForPostcopy };
+    }
+    this.roundSet.fill(0);
+    this.remaining = 0;
+    channel.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
+    this.switchoverResult = result;
+    return result;
+  }
+
+  /**
+   * Sends every page set in `set` (a round's pages), ascending, as runs of
+   * consecutive pages (one frame each, up to MAX_PUSH_FRAME_BYTES) and zero
+   * notices; clears each page's bit as it goes. Yields to the event loop
+   * after every batch and waits while the channel is full. Returns the pages
+   * sent; stops early when `stop()` says so (their bits stay set).
+   */
+  private async sendSet(channel: Channel, set: Int32Array, pages: number, phase: number, stop: () => boolean): Promise<number> {
+    const { totalPages, pageSize } = this.image.layout;
+    const perFrame = maxPushPages(pageSize);
+    const batchPages = Math.max(1, Math.floor(this.options.batchBytes / pageSize));
+    const round = phase === PHASE.STOP_AND_COPY ? this.roundNumber + 1 : this.roundNumber;
+    this.remaining = pages;
+    let sent = 0;
+    let page = 0;
+    while (page < totalPages) {
+      if (!channel.isOpen) throw new PrecopyCancelledError(`the destination's main channel closed during precopy round ${this.roundNumber}`);
+      if (stop()) return sent;
+      let inBatch = 0;
+      let last: Promise<void> | undefined;
+      while (inBatch < batchPages && page < totalPages) {
+        // Skip clear words at once.
+        if ((page & 31) === 0 && set[page >>> 5] === 0) {
+          page += 32;
+          continue;
+        }
+        if (!bitSet(set, page)) {
+          page++;
+          continue;
+        }
+        if (this.image.isZero(page)) {
+          last = this.sendFrame(channel, encode({ type: 'precopy-zero', round, page }));
+          this.took(set, page, phase, 0);
+          page++;
+          inBatch++;
+          sent++;
+          continue;
+        }
+        let end = page + 1;
+        while (end < totalPages && end - page < perFrame && inBatch + (end - page) < batchPages && bitSet(set, end) && !this.image.isZero(end) && this.image.sameChunk(page, end)) end++;
+        last = this.sendFrame(channel, encode({ type: 'precopy-pages', round, page, data: this.image.pagesBytes(page, end - page) }));
+        for (let p = page; p < end; p++) this.took(set, p, phase, pageSize);
+        inBatch += end - page;
+        sent += end - page;
+        page = end;
+      }
+      this.remaining = Math.max(0, pages - sent);
+      // Back-pressure, then a turn of the event loop (pongs, control requests, a close).
+      if (last && channel.bufferedAmount > this.options.highWaterBytes) await last;
+      await yieldToEventLoop();
+    }
+    return sent;
+  }
+
+  private sendFrame(channel: Channel, frame: Uint8Array): Promise<void> {
+    return new Promise((resolve) => channel.send(frame, () => resolve()));
+  }
+
+  private took(set: Int32Array, page: number, phase: number, bytes: number): void {
+    clearBit(set, page);
+    if (bitSet(this.everSent, page)) this.pagesResent++;
+    else setBit(this.everSent, page);
+    this.phases[page] = phase;
+    this.pagesSent++;
+    this.bytes += bytes;
+  }
+
+  /** The source's figures for the summary. */
+  summary(totalTimeMs: number): MigrationSummary {
+    const r = this.switchoverResult;
+    return {
+      setupTimeMs: round3(this.setupTimeMs),
+      totalTimeMs: round3(totalTimeMs),
+      downtimeMs: round3(this.downtimeMs),
+      expectedDowntimeMs: Number.isFinite(this.lastExpectedDowntimeMs) ? round3(this.lastExpectedDowntimeMs) : 0,
+      downtimeLimitMs: this.options.downtimeLimitMs,
+      switchoverReason: this.decision?.reason ?? 'none',
+      rounds: this.roundNumber,
+      dirtySyncCount: this.dirtyLog.syncCount,
+      pagesSent: this.pagesSent,
+      pagesResent: this.pagesResent,
+      bytes: this.bytes,
+      dirtyPagesRate: round3(this.dirtiedTotal / Math.max(this.activeMs / 1000, 1e-6)),
+      throttlePercent: this.guest.throttlePercent,
+      perRound: this.rounds,
+      discardPages: r?.discardPages ?? 0,
+      discardRanges: r?.discard.length ?? 0,
+    };
+  }
+}
+
+function countBits(bits: Int32Array): number {
+  let n = 0;
+  for (let i = 0; i < bits.length; i++) if (bits[i] !== 0) n += popcount(bits[i]!);
+  return n;
+}
+
+function round3(x: number): number {
+  return Math.round(x * 1000) / 1000;
+}
+
+/** The summary's migration figures of a postcopy-only run. */
+export function postcopyOnlySummary(totalTimeMs: number, downtimeLimitMs: number): MigrationSummary {
+  return {
+    setupTimeMs: 0,
+    totalTimeMs: round3(totalTimeMs),
+    downtimeMs: 0,
+    expectedDowntimeMs: 0,
+    downtimeLimitMs,
+    switchoverReason: 'none',
+    rounds: 0,
+    dirtySyncCount: 0,
+    pagesSent: 0,
+    pagesResent: 0,
+    bytes: 0,
+    dirtyPagesRate: 0,
+    throttlePercent: 0,
+    perRound: [],
+    discardPages: 0,
+    discardRanges: 0,
+  };
+}
