@@ -2,6 +2,7 @@
 import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { GuestImage } from './image.js';
 import { readSecretFile, writeSecretFile } from './access.js';
+import { startControlServer } from './control-server.js';
 import { parseSourceOptions, sourceCommand } from './options.js';
 import { SourceServer, generateToken } from './server.js';
 
@@ -30,6 +31,8 @@ async function main(): Promise<number> {
     maxConnections: options.maxConnections,
     keepaliveMs: options.keepaliveMs,
     unsafeUnboundChannels: options.unsafeUnboundChannels,
+    mode: options.precopy.mode,
+    ...options.precopy.controller,
     ...(options.tls ? { tls: options.tls } : {}),
     ...(inherited !== undefined ? { secret: inherited } : {}),
   });
@@ -45,6 +48,16 @@ async function main(): Promise<number> {
   server.on('paused', (reason: string) => {
     process.stderr.write(`source: connection to the destination lost during postcopy (${reason}): paused, waiting up to ${options.resumeTimeoutMs} ms for it to resume\n`);
   });
+  const control = options.precopy.controlPort === undefined ? undefined : await startControlServer(server.controller, options.precopy.controlPort);
+  if (control) process.stderr.write(`control ${control.url}\n`);
+  server.on('switchover', (postcopy: boolean, discardPages: number, reason: string) => {
+    process.stderr.write(
+      `source: switchover (${reason}): the guest stopped here; ${postcopy ? `postcopy begins, ${discardPages} pages discarded on the destination` : 'the last dirty pages went (stop-and-copy)'}\n`,
+    );
+  });
+  server.on('running', (downtimeMs: number) => {
+    process.stderr.write(`source: the guest runs on the destination: downtime ${downtimeMs.toFixed(1)} ms\n`);
+  });
   server.on('keepalive-timeout', (silentMs: number) => {
     process.stderr.write(`source: the destination's main channel was silent for ${Math.round(silentMs)} ms (--keepalive-ms ${options.keepaliveMs}): cut it\n`);
   });
@@ -52,13 +65,27 @@ async function main(): Promise<number> {
     process.stderr.write(`source: resumed (${pagesMarkedUnsent} pages lost on the way marked unsent)\n`);
   });
   return await new Promise<number>((resolve) => {
+    const end = (code: number): void => {
+      control?.close();
+      void server.close().then(() => resolve(code));
+    };
     server.once('finished', () => {
       // Give the summary frame time to leave before the process goes.
-      setTimeout(() => void server.close().then(() => resolve(0)), 50);
+      setTimeout(() => end(0), 50);
     });
     server.once('destination-lost', (reason: string) => {
       process.stderr.write(`source: destination lost: ${reason}\n`);
-      void server.close().then(() => resolve(1));
+      end(1);
+    });
+    // QEMU's cancelled: the connection went before the switchover, and the guest never left.
+    server.once('cancelled', (reason: string) => {
+      process.stderr.write(`source: migration cancelled: ${reason}\n`);
+      end(1);
+    });
+    server.once('failed', (err: Error) => {
+      process.stderr.write(`source: migration failed: ${err.message}\n`);
+      // Give the error frame time to reach the destination.
+      setTimeout(() => end(1), 100);
     });
     for (const signal of ['SIGINT', 'SIGTERM'] as const) {
       process.once(signal, () => void server.close().then(() => resolve(130)));

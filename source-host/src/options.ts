@@ -12,6 +12,7 @@ import {
   type ImageSpec,
 } from '@postcopy/shared';
 import type { ListenerTls } from './listener.js';
+import { addPrecopyOptions, parsePrecopyOptions, type PrecopyCliOptions } from './precopy-options.js';
 import { parseBandwidth, type LinkSpec } from './link.js';
 import { SERVER_DEFAULTS } from './server.js';
 
@@ -60,6 +61,8 @@ export interface SourceOptions {
   secretFile: string | undefined;
   /** Testing only: admit fault channels without the migration's secret. */
   unsafeUnboundChannels: boolean;
+  /** The mode and, for precopy, the source's guest and precopy's decisions. */
+  precopy: PrecopyCliOptions;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
@@ -110,6 +113,7 @@ export function sourceCommand(): Command {
     .option('--keepalive-ms <ms>', 'ping the destination; cut its main channel (a pause) when it says nothing for this long, as a dead link sends no reset (0 = never)', SOURCE_DEFAULTS.keepaliveMs);
   addTlsOptions(cmd);
   cmd.addOption(new Option('--unsafe-unbound-channels', "testing only: admit fault channels that do not present the migration's secret (shows what an outsider with the token does to a migration)").default(false));
+  addPrecopyOptions(cmd);
   addLinkOptions(cmd);
   return addImageOptions(cmd);
 }
@@ -136,8 +140,16 @@ export function parseImageOptions(raw: Record<string, string>): { layout: GuestL
 }
 
 export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
+  const image = parseImageOptions(raw);
+  const precopy = parsePrecopyOptions(raw, image.layout);
+  if ((raw.resume as unknown) === true && precopy.mode !== 'postcopy') {
+    throw new UsageError(
+      `--resume: expected --mode postcopy with it (a restarted source rebuilds the guest from the seed and cannot know what the guest wrote during precopy), got --mode ${precopy.mode}`,
+    );
+  }
   return {
-    ...parseImageOptions(raw),
+    ...image,
+    precopy,
     host: parseHost('--host', raw.host!),
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,

@@ -240,7 +240,7 @@ export class Precopy {
   /**
    * Switchover: stops the guest, takes the last dirty pages, and sends what
    * must go before the destination runs: the rest of memory (precopy) or the
-   * discard set (hybrid), then `switchover`.
+   * discard set (hybrid). The caller sends `switchover` after it.
    */
   async switchover(channel: Channel, decision: SwitchoverDecision): Promise<SwitchoverResult> {
     const stoppedAt = await this.guest.stop();
@@ -271,7 +271,7 @@ export class Precopy {
     }
     this.roundSet.fill(0);
     this.remaining = 0;
-    channel.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
+    // The `switchover` frame is the caller's: it goes once postcopy is set up.
     this.switchoverResult = result;
     return result;
   }

@@ -84,6 +84,14 @@ export class SourceGuest {
       );
     }
     await Promise.all(ready);
+    // Every vCPU in its run loop: the guest runs (rounds that begin now see its writes).
+    for (;;) {
+      const started = Atomics.load(this.ctl, CONTROL.STARTED);
+      if (started >= vcpus) break;
+      if (this.failure) throw this.failure;
+      const wait = Atomics.waitAsync(this.ctl, CONTROL.STARTED, started, 100);
+      if (wait.async) await wait.value;
+    }
     this.running = true;
   }
 

@@ -47,6 +47,7 @@ function run(): void {
   let written = 0;
   const started = performance.now();
   Atomics.add(ctl, CONTROL.STARTED, 1);
+  Atomics.notify(ctl, CONTROL.STARTED);
   while (Atomics.load(ctl, CONTROL.RUN) === 1) {
     const sliceEnd = performance.now() + TIMESLICE_MS;
     let inSlice = 0;
