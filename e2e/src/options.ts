@@ -1,6 +1,6 @@
 import { Command } from 'commander';
-import { parseHost } from '@postcopy/shared';
-import { addImageOptions, addLinkOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps } from '@postcopy/source-host';
+import { UsageError, parseHost } from '@postcopy/shared';
+import { PRECOPY_FLAGS, addImageOptions, addLinkOptions, addPrecopyOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps, parsePrecopyOptions } from '@postcopy/source-host';
 import { addRunOptions, checkInjections, parseInjections, parseRunOptions } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
@@ -9,6 +9,7 @@ export function launcherCommand(): Command {
     .description('Runs a two-process local postcopy migration (source host + destination host on 127.0.0.1) and prints its report.');
   addImageOptions(cmd);
   addLinkOptions(cmd);
+  addPrecopyOptions(cmd);
   addRunOptions(cmd);
   cmd
     .option('--tls', 'run over TLS: make a throwaway CA and certificates for this run (removed afterwards); the source listens on wss:// and verifies the destination (--tls-verify-peer)')
@@ -41,20 +42,33 @@ export function splitArgs(raw: Record<string, unknown>): {
   host: string;
 } {
   const { layout } = parseImageOptions(raw as Record<string, string>);
+  // The guest on the source has as many vCPUs as the destination's, unless told otherwise.
+  const withSourceVcpus = { ...raw, sourceVcpus: raw.sourceVcpus ?? raw.vcpus };
+  const precopy = parsePrecopyOptions(withSourceVcpus, layout);
   parseLinkOptions(raw);
   parseMaxPushBps(raw);
   parseRunOptions(raw);
   // --inject: drops go to the destination, kills of the source stay here.
   const injections = parseInjections(raw.inject);
   checkInjections(injections, layout.totalPages);
+  if (injections.killSource.length > 0 && precopy.mode !== 'postcopy') {
+    throw new UsageError(
+      `--inject: expected kill-source@PAGES with --mode postcopy only (a restarted source rebuilds the guest from the seed and cannot know what the guest wrote during precopy), got --mode ${precopy.mode}`,
+    );
+  }
   const sourceArgs: string[] = [];
   for (const k of SOURCE_FLAGS) sourceArgs.push(flag(k), String(raw[k]));
   for (const k of BOTH_FLAGS) if (raw[k] !== undefined) sourceArgs.push(flag(k), String(raw[k]));
+  for (const k of PRECOPY_FLAGS) {
+    const v = k === 'sourceVcpus' ? withSourceVcpus.sourceVcpus : raw[k];
+    if (v === true) sourceArgs.push(flag(k));
+    else if (v !== undefined && v !== false) sourceArgs.push(flag(k), String(v));
+  }
   const host = parseHost('--host', String(raw.host ?? '127.0.0.1'));
   const destArgs: string[] = [];
   for (const k of SHARED_FLAGS) destArgs.push(flag(k), String(raw[k]));
   for (const [k, v] of Object.entries(raw)) {
-    if ((SOURCE_FLAGS as readonly string[]).includes(k) || (LAUNCHER_FLAGS as readonly string[]).includes(k)) continue;
+    if ((SOURCE_FLAGS as readonly string[]).includes(k) || (LAUNCHER_FLAGS as readonly string[]).includes(k) || (PRECOPY_FLAGS as readonly string[]).includes(k)) continue;
     if (k === 'inject') {
       if (injections.drops.length > 0) destArgs.push('--inject', injections.drops.map((n) => `drop@${n}`).join(','));
     } else if (k === 'push') {

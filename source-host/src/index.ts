@@ -5,3 +5,8 @@ export * from './migration.js';
 export * from './server.js';
 export * from './options.js';
 export * from './link.js';
+export * from './precopy-options.js';
+export * from './controller.js';
+export * from './lifecycle.js';
+export * from './precopy.js';
+export * from './control-server.js';
