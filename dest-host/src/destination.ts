@@ -479,6 +479,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       allReceived: received === layout.totalPages,
       blocked,
       preempt: options.preempt,
+      mode: welcome.mode,
       tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,
       linkBandwidthBps: welcome.linkBandwidthBps,

@@ -35,6 +35,7 @@ type RunSettings = Pick<
   | 'seed'
   | 'elapsedMs'
   | 'recovery'
+  | 'mode'
 >;
 
 export interface ReportInputs extends RunSettings {
@@ -154,8 +155,34 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     },
     memory: { destPeakRssBytes: process.resourceUsage().maxRSS * 1024, sourcePeakRssBytes: inp.summary.peakRssBytes },
     recovery: inp.recovery,
+    ...migrationFigures(inp),
   };
   return { report, histogram: all };
+}
+
+/** The phases before postcopy, from the source's summary (QEMU's query-migrate names). */
+function migrationFigures(inp: ReportInputs): Pick<Report, 'mode' | 'setupTimeMs' | 'totalTimeMs' | 'downtimeMs' | 'expectedDowntimeMs' | 'downtimeLimitMs' | 'switchover' | 'precopy' | 'discard'> {
+  const m = inp.summary.migration;
+  return {
+    mode: inp.mode,
+    setupTimeMs: m.setupTimeMs,
+    totalTimeMs: m.totalTimeMs,
+    downtimeMs: m.downtimeMs,
+    expectedDowntimeMs: m.expectedDowntimeMs,
+    downtimeLimitMs: m.downtimeLimitMs,
+    switchover: { reason: m.switchoverReason },
+    precopy: {
+      rounds: m.rounds,
+      dirtySyncCount: m.dirtySyncCount,
+      pagesSent: m.pagesSent,
+      pagesResent: m.pagesResent,
+      bytes: m.bytes,
+      dirtyPagesRate: m.dirtyPagesRate,
+      throttlePercent: m.throttlePercent,
+      perRound: m.perRound,
+    },
+    discard: { pages: m.discardPages, ranges: m.discardRanges },
+  };
 }
 
 function runChecks(inp: ReportInputs, counters: Counters): CheckResult[] {

@@ -1,3 +1,5 @@
+import type { MigrationMode } from './precopy.js';
+import type { PrecopyRound } from './protocol.js';
 import type { LatencySummary } from './stats.js';
 import { formatBytes } from './sizes.js';
 
@@ -87,6 +89,35 @@ export interface Report {
   /** Peak resident set size of each host process (bytes). */
   memory: { destPeakRssBytes: number; sourcePeakRssBytes: number };
   recovery: RecoveryFigures;
+  /** How the migration ran: `postcopy` (the guest started on the destination), `precopy` or `hybrid`. */
+  mode: MigrationMode;
+  /** QEMU's query-migrate figures, from the source: setup-time, total-time, downtime, expected-downtime (ms). */
+  setupTimeMs: number;
+  totalTimeMs: number;
+  /** From the source's vCPUs stopping to the destination's running (ms; includes one trip of the link). 0 in postcopy mode. */
+  downtimeMs: number;
+  expectedDowntimeMs: number;
+  downtimeLimitMs: number;
+  switchover: { reason: string };
+  precopy: PrecopyFigures;
+  /** Pages the destination dropped at the switch to postcopy (sent in precopy, dirtied since), in how many ranges. */
+  discard: { pages: number; ranges: number };
+}
+
+/** The precopy rounds (QEMU's names where it has them). */
+export interface PrecopyFigures {
+  rounds: number;
+  dirtySyncCount: number;
+  /** Pages sent in precopy and stop-and-copy, re-sends included, and the re-sends alone. */
+  pagesSent: number;
+  pagesResent: number;
+  /** Page bytes sent in precopy. */
+  bytes: number;
+  /** Pages the guest dirtied per second while precopy ran. */
+  dirtyPagesRate: number;
+  /** The source vCPUs' throttle at switchover (auto-converge), percent. */
+  throttlePercent: number;
+  perRound: PrecopyRound[];
 }
 
 /** Postcopy recovery (QEMU's postcopy-paused / postcopy-recover) during the run. */

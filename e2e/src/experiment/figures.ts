@@ -162,6 +162,59 @@ export function blocktimeFigure(input: FigureInput): Figure {
   };
 }
 
+/**
+ * The classic trade-off (issue 10): total migration time and downtime per
+ * mode against the guest's dirty rate. Precopy's downtime grows with the
+ * dirty rate, and past the bandwidth precopy stops converging (a failed run:
+ * no point); postcopy's downtime stays flat while its faults appear.
+ */
+export function modesFigure(input: FigureInput): Figure {
+  const modes = valuesOf(input, 'mode');
+  const rates = [...valuesOf(input, 'dirtyRate')].sort((a, b) => Number(a) - Number(b));
+  const others = input.params.filter((p) => p.key !== 'mode' && p.key !== 'dirtyRate');
+  const groups = panelGroups(input, ['mode', 'dirtyRate']);
+  const panels: ChartPanel[] = [];
+  for (const [metric, what] of [['total_time_ms', 'total time'], ['downtime_ms', 'downtime']] as const) {
+    for (const g of groups) {
+      panels.push({
+        title: `${what}${others.length > 0 ? ` · ${g.title}` : ''}`,
+        series: modes.map((mode, i) => ({
+          name: mode,
+          color: seriesColor(i),
+          points: rates.map((rate) => ({
+            category: rate,
+            spread: g.summaries.find((x) => valueOf(input, x, 'mode') === mode && valueOf(input, x, 'dirtyRate') === rate)?.metrics.get(metric),
+          })),
+        })),
+      });
+    }
+  }
+  const spec: ChartSpec = {
+    categories: rates,
+    panels,
+    mark: 'line',
+    x: { title: 'dirty rate (pages/s per source vCPU)' },
+    y: { title: 'time', unit: 'ms', shared: false },
+    columns: 2,
+    repeats: input.repeats,
+    label: 'Total migration time and downtime per mode against the dirty rate',
+  };
+  return {
+    id: 'modes',
+    title: 'Total migration time and downtime per mode, against the dirty rate',
+    caption:
+      'Total time is QEMU’s total-time (start to the end of the migration); downtime runs from the source’s vCPUs stopping to the destination’s running. ' +
+      'As the dirty rate nears the bandwidth, precopy’s downtime grows and then it stops converging (such runs fail and have no point); ' +
+      'postcopy’s downtime stays flat (0 in postcopy mode, whose guest starts on the destination) while its faults appear; hybrid sits between.' +
+      `${input.params.some((p) => p.key === 'dirtyRate') ? '' : ' The dirty rate was not swept (give --dirty-rate a list such as 0,2000,20000).'}` +
+      `${panelNote(input, ['mode', 'dirtyRate'])} Each panel has its own y scale.`,
+    svg: chartSvg(spec),
+  };
+}
+
 export function figures(input: FigureInput): Figure[] {
-  return [latencyFigure(input), demandPagingRateFigure(input), blocktimeFigure(input)];
+  const out = [latencyFigure(input), demandPagingRateFigure(input), blocktimeFigure(input)];
+  // Only a sweep of the phases before postcopy has something to show here.
+  if (input.params.some((p) => p.key === 'mode' || p.key === 'dirtyRate')) out.push(modesFigure(input));
+  return out;
 }

@@ -38,6 +38,12 @@ export const METRICS: readonly Metric[] = [
   { name: 'pages_zero', label: 'zero pages', unit: 'pages', value: (r) => r.counters.pagesZero },
   { name: 'elapsed_ms', label: 'elapsed', unit: 'ms', value: (r) => r.elapsedMs },
   { name: 'push_throughput_mibs', label: 'push throughput', unit: 'MiB/s', value: (r) => r.pushThroughputMiBs },
+  { name: 'total_time_ms', label: 'total migration time', unit: 'ms', value: (r) => r.totalTimeMs ?? 0 },
+  { name: 'downtime_ms', label: 'downtime', unit: 'ms', value: (r) => r.downtimeMs ?? 0 },
+  { name: 'expected_downtime_ms', label: 'expected downtime', unit: 'ms', value: (r) => r.expectedDowntimeMs ?? 0 },
+  { name: 'precopy_rounds', label: 'precopy rounds', unit: 'rounds', value: (r) => r.precopy?.rounds ?? 0 },
+  { name: 'precopy_pages_resent', label: 'pages re-sent in precopy', unit: 'pages', value: (r) => r.precopy?.pagesResent ?? 0 },
+  { name: 'discard_pages', label: 'pages discarded at switchover', unit: 'pages', value: (r) => r.discard?.pages ?? 0 },
   { name: 'verified', label: 'verified', unit: '1/0', value: (r) => (r.verified ? 1 : 0) },
 ];
 
