@@ -110,8 +110,14 @@ export interface BackendMemory {
    * without blocking the loop. One pending call per context in a thread.
    * The uffd one keeps the event loop alive while pending; the emulation's
    * does not (Atomics.waitAsync, nodejs/node#44729).
+   *
+   * With `signal`, an abort ends the pending call with -EINTR (a read(2)
+   * interrupted) and takes no message: one that arrives later stays queued
+   * for the next read. This is how a resolver stops reading before its
+   * context is closed, so that the installs it still has in flight do not
+   * meet a closed context (EBADF on the kernel).
    */
-  readAsync(ctx: number, msg: FaultMessage): Promise<number>;
+  readAsync(ctx: number, msg: FaultMessage, signal?: AbortSignal): Promise<number>;
   /**
    * UFFDIO_COPY of `len` bytes of `src` to guest address `dst`: bytes copied
    * (less than `len` when it stopped at an installed page: the kernel's

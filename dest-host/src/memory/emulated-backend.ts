@@ -97,9 +97,10 @@ export class EmulatedMemory implements BackendMemory {
     return this.uffd.isOpen(ctx) ? -ERRNO.EAGAIN : -ERRNO.EBADF;
   }
 
-  async readAsync(ctx: number, msg: FaultMessage): Promise<number> {
-    // The emulation's readAsync resolves false only at end of file.
-    return (await this.uffd.readAsync(ctx, msg)) ? 0 : -ERRNO.EBADF;
+  async readAsync(ctx: number, msg: FaultMessage, signal?: AbortSignal): Promise<number> {
+    // The emulation's readAsync resolves false at end of file, or once aborted.
+    if (await this.uffd.readAsync(ctx, msg, signal)) return 0;
+    return signal?.aborted ? -ERRNO.EINTR : -ERRNO.EBADF;
   }
 
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode = 0): number {

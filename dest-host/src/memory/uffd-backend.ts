@@ -260,7 +260,8 @@ export class UffdMemory implements BackendMemory {
     }
   }
 
-  async readAsync(ctx: number, msg: FaultMessage): Promise<number> {
+  async readAsync(ctx: number, msg: FaultMessage, signal?: AbortSignal): Promise<number> {
+    if (signal?.aborted) return -ERRNO.EINTR;
     const now = this.tryRead(ctx, msg);
     if (now !== -ERRNO.EAGAIN) return now;
     let reader = this.readers.get(ctx);
@@ -268,13 +269,25 @@ export class UffdMemory implements BackendMemory {
       reader = new AsyncReader(this.native, ctx);
       this.readers.set(ctx, reader);
     }
-    const r = await reader.next(() => this.tryRead(ctx, msg));
-    if (r === -ERRNO.EBADF) {
-      // Closed: its poller has nothing left to watch.
-      reader.stop();
-      this.readers.delete(ctx);
+    const armed = reader;
+    // An abort stops the poller (its thread joined: no callback of it runs
+    // after this), so the pending read can take no message: it ends -EINTR.
+    const onAbort = (): void => {
+      armed.stop(-ERRNO.EINTR);
+      if (this.readers.get(ctx) === armed) this.readers.delete(ctx);
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      const r = await armed.next(() => this.tryRead(ctx, msg));
+      if (r === -ERRNO.EBADF) {
+        // Closed: its poller has nothing left to watch.
+        armed.stop();
+        this.readers.delete(ctx);
+      }
+      return r;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
-    return r;
   }
 
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode = 0): number {
@@ -381,11 +394,12 @@ class AsyncReader {
     });
   }
 
-  stop(): void {
+  /** Ends the poller's thread; a pending read resolves with `result` (-EBADF: closed, -EINTR: aborted). */
+  stop(result: number = -ERRNO.EBADF): void {
     this.native.pollerStop(this.poller);
     const pending = this.pending;
     this.pending = undefined;
-    pending?.resolve(-ERRNO.EBADF);
+    pending?.resolve(result);
   }
 
   private ready(_revents: number): void {

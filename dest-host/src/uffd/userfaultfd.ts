@@ -264,15 +264,30 @@ export class Userfaultfd {
     }
   }
 
-  /** read(2) from an event loop (poll + read): resolves false at end-of-file. */
-  async readAsync(ctx: number, msg: UffdMessage): Promise<boolean> {
+  /**
+   * read(2) from an event loop (poll + read): resolves true with `msg`
+   * filled, false at end-of-file, or false once `signal` aborts (the caller
+   * tells the two apart by `signal.aborted`). An abort takes no message: the
+   * read only happens on this thread, after a wake-up, and an aborted call
+   * does not look again.
+   */
+  async readAsync(ctx: number, msg: UffdMessage, signal?: AbortSignal): Promise<boolean> {
     const base = this.contextBaseChecked(ctx);
-    for (;;) {
-      const events = Atomics.load(this.ctl, base + CONTEXT.EVENTS);
-      if (this.tryRead(ctx, msg)) return true;
-      if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
-      const wait = Atomics.waitAsync(this.ctl, base + CONTEXT.EVENTS, events);
-      if (wait.async) await wait.value;
+    if (signal?.aborted) return false;
+    let onAbort: (() => void) | undefined;
+    const aborted = signal === undefined ? undefined : new Promise<void>((resolve) => signal.addEventListener('abort', (onAbort = () => resolve()), { once: true }));
+    try {
+      for (;;) {
+        const events = Atomics.load(this.ctl, base + CONTEXT.EVENTS);
+        if (this.tryRead(ctx, msg)) return true;
+        if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
+        const wait = Atomics.waitAsync(this.ctl, base + CONTEXT.EVENTS, events);
+        // An abandoned waitAsync keeps nothing alive (nodejs/node#44729) and takes no message.
+        if (wait.async) await (aborted === undefined ? wait.value : Promise.race([wait.value, aborted]));
+        if (signal?.aborted) return false;
+      }
+    } finally {
+      if (onAbort !== undefined) signal!.removeEventListener('abort', onAbort);
     }
   }
 
