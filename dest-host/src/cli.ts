@@ -3,12 +3,15 @@ import { writeFileSync } from 'node:fs';
 import { exitOnUsageError, formatReport, runCli } from '@postcopy/shared';
 import { assertVerified, runDestination } from './destination.js';
 import { destCommand, parseDestOptions } from './options.js';
+import { preflightMemoryBackend } from './preflight.js';
 import { progressLine } from './progress.js';
 
 async function main(): Promise<number> {
   const cmd = destCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseDestOptions(cmd.opts());
+  // Before connecting: a backend that cannot run here exits 2 saying why.
+  preflightMemoryBackend(options);
   for (const warning of options.tlsWarnings) process.stderr.write(`dest: warning: ${warning}\n`);
   const showProgress = process.stderr.isTTY === true;
   const { report, hgrm } = await runDestination({

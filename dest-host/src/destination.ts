@@ -11,20 +11,22 @@ import {
   digestPages,
   startWorker,
   type GuestLayout,
+  type MemoryBackendName,
   type Message,
   type Report,
   type SourceSummary,
   type StrategyName,
   type WorkloadName,
 } from '@postcopy/shared';
-import { GuestMemory } from './memory/guest-memory.js';
+import { ERRNO, type BackendMemory } from './memory/backend.js';
+import { BACKEND_BY_NAME } from './memory/backends.js';
+import { GuestPages } from './memory/pages.js';
 import { PageClient, type ClientTls } from './net/page-client.js';
 import { Session } from './net/session.js';
 import { Recovery } from './recovery.js';
 import { buildReportWithHistogram } from './report-builder.js';
 import { startStatusServer, type MigrationState } from './status-server.js';
-import { STRATEGY_BY_NAME, type ThreadPlan } from './strategies/index.js';
-import { ERRNO, Userfaultfd } from './uffd/userfaultfd.js';
+import { STRATEGY_BY_NAME, type StrategySetup, type ThreadPlan } from './strategies/index.js';
 import { PageInstaller } from './vmm/page-installer.js';
 import { COUNTER, PAGE, VmmState } from './vmm/state.js';
 import { Watchdog, type WatchedThread } from './watchdog.js';
@@ -39,6 +41,8 @@ export interface DestinationOptions {
   keepaliveMs: number;
   layout: GuestLayout;
   memslotBytes: number;
+  /** What guest memory and the userfaultfd are: `emulated`, or `uffd` (the kernel's). */
+  memoryBackend: MemoryBackendName;
   strategy: StrategyName;
   vcpus: number;
   readers: number;
@@ -133,6 +137,24 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
   let watching = false;
   let status: Server | undefined;
   let state: MigrationState = 'setup';
+  // Guest memory and the strategy's contexts: released in `finally` whatever happens.
+  let memory: BackendMemory | undefined;
+  let setup: StrategySetup | undefined;
+  /**
+   * Unregisters and closes the strategy's contexts, once. Every thread still
+   * blocked in one of their faults wakes and reads a zero page that was never
+   * installed: after this nothing may be verified that a thread read then.
+   * The normal end calls it only once every guest thread has finished and
+   * every resolver has stopped (an install on a closed context is EBADF on
+   * the kernel); the failing ends call it so that those threads can exit.
+   */
+  const releaseContexts = (): void => {
+    if (memory === undefined || setup === undefined) return;
+    const size = layout.pageSize;
+    for (const r of setup.ranges) memory.unregister(r.ctx, r.firstPage * size, (r.endPage - r.firstPage) * size);
+    for (const ctx of setup.contexts) memory.close(ctx);
+    setup = undefined;
+  };
   try {
     const endpoint: SourceEndpoint = {
       url: options.source,
@@ -162,21 +184,33 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     // Every later channel (fault channels, a main channel that resumes) shows it.
     endpoint.secret = welcome.secret;
 
-    const memory = GuestMemory.create(layout, options.memslotBytes);
     const threads: ThreadPlan = {
       vcpus: options.vcpus,
       ioThreads: options.ioThreads,
       readers: options.readers,
-      vcpuTid: (v) => v,
-      ioTid: (i) => options.vcpus + i,
+      vcpuSlot: (v) => v,
+      ioSlot: (i) => options.vcpus + i,
     };
     const threadCount = options.vcpus + options.ioThreads;
-    const uffd = Userfaultfd.create(memory, threadCount, options.vcpus + 2);
+    const guest = BACKEND_BY_NAME[options.memoryBackend].create({
+      layout,
+      memslotBytes: options.memslotBytes,
+      maxThreads: threadCount,
+      maxContexts: options.vcpus + 2,
+    });
+    memory = guest;
     const vmm = VmmState.create(layout.totalPages, threadCount);
     const strategy = STRATEGY_BY_NAME[options.strategy];
-    const setup = strategy.setup(uffd, threads, layout.guestBytes);
-    if (options.skipOwedWake) for (const r of setup.resolvers) r.owesWake = false;
-    const installer = new PageInstaller(uffd, vmm);
+    const plan = strategy.setup(guest, threads, layout.totalPages);
+    setup = plan;
+    if (options.skipOwedWake) for (const r of plan.resolvers) r.owesWake = false;
+    const installer = new PageInstaller(guest, vmm, plan.ranges);
+    /** Faults so far, all threads (the destination's own count, the same on both backends). */
+    const faultsSoFar = (): number => {
+      let n = 0;
+      for (let t = 0; t < threadCount; t++) n += vmm.faultsOf(t);
+      return n;
+    };
     const epochOrigin = performance.timeOrigin;
     const epochNow = (): number => performance.now();
     let startedAt: number | undefined;
@@ -184,10 +218,10 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       const server = await startStatusServer(options.statusPort, {
         state: () => state,
         vmm,
-        uffd,
         totalPages: layout.totalPages,
         pageSize: layout.pageSize,
         vcpus: options.vcpus,
+        threads: threadCount,
         now: epochNow,
         startedAt: () => startedAt,
       }, options.statusHost);
@@ -195,8 +229,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       options.onStatusUrl?.(server.url);
     }
     const shared: SharedState = {
-      memory: memory.toBuffers(),
-      uffd: uffd.toBuffers(),
+      memory: guest.handle,
       vmm: vmm.buffers,
       image: { seed: welcome.imageSeed, zeroFraction: welcome.zeroFraction },
       epochOrigin,
@@ -214,7 +247,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     };
     /** Installs one page that came on the main channel (a zero push, or a requested page without preempt). */
     const installOne = (page: number, data: Uint8Array | undefined, kind: 'pushed' | 'requested'): void => {
-      const result = installer.install(setup.pushCtx, page, data, 0);
+      const result = installer.installOwned(page, data);
       if (result === layout.pageSize) {
         vmm.count(kind === 'pushed' ? COUNTER.PAGES_PUSHED : COUNTER.PAGES_DEMAND);
         if (!data) {
@@ -233,7 +266,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       switch (m.type) {
         case 'pushed': {
           const count = m.data.length / layout.pageSize;
-          const installed = installer.installRun(setup.pushCtx, m.page, m.data, count);
+          const installed = installer.installRun(m.page, m.data, count);
           if (installed < 0) abort.fail(new Error(`installing pushed pages from ${m.page} failed with errno ${-installed}`));
           else vmm.count(COUNTER.PAGES_PUSHED, installed);
           if (complete) checkInstalled();
@@ -348,7 +381,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       worker.on('error', (err) => abort.fail(new Error(`${label}: ${err.message}`)));
       return worker;
     };
-    const resolverWorkers = setup.resolvers.map((spec) => {
+    const resolverWorkers = plan.resolvers.map((spec) => {
       const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: shared, source: endpoint };
       return { spec, worker: watch(startWorker(import.meta.url, 'workers/resolver-worker', { workerData: data }), spec.label) };
     });
@@ -357,7 +390,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       const data: GuestThreadData = {
         kind,
         index,
-        tid: kind === 'vcpu' ? threads.vcpuTid(index) : threads.ioTid(index),
+        slot: kind === 'vcpu' ? threads.vcpuSlot(index) : threads.ioSlot(index),
         strategy: options.strategy,
         delivery: kind === 'vcpu' ? strategy.vcpuFaultDelivery : 'userfaultfd',
         state: shared,
@@ -371,7 +404,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
         },
         ioAccesses: options.ioAccesses,
         source: endpoint,
-        copyCtx: setup.vcpuCopyCtx,
+        copyCtx: plan.vcpuCopyCtx,
       };
       return { worker: watch(startWorker(import.meta.url, 'workers/guest-thread-worker', { workerData: data }), label), label };
     };
@@ -381,10 +414,10 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     await Promise.all(everyone.map((t) => expectReport(t.worker, 'ready', t.label, abort)));
 
     const watched: WatchedThread[] = [
-      ...vcpus.map((_, v) => ({ tid: threads.vcpuTid(v), name: `vCPU ${v}` })),
-      ...ios.map((_, i) => ({ tid: threads.ioTid(i), name: `I/O thread ${i}` })),
+      ...vcpus.map((_, v) => ({ slot: threads.vcpuSlot(v), name: `vCPU ${v}` })),
+      ...ios.map((_, i) => ({ slot: threads.ioSlot(i), name: `I/O thread ${i}` })),
     ];
-    watchdog = new Watchdog(vmm, uffd, watched, options.watchdogMs, epochNow, (err) => abort.fail(err));
+    watchdog = new Watchdog(vmm, guest, watched, options.watchdogMs, epochNow, (err) => abort.fail(err));
 
     // ---- postcopy starts: the guest runs on the destination from here
     const started = epochNow();
@@ -401,7 +434,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     }
     if (options.onProgress) {
       const onProgress = options.onProgress;
-      progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, uffd.counters().faults), 200);
+      progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, faultsSoFar()), 200);
       progressTimer.unref();
     }
     const guestDone = [...vcpus, ...ios].map((t) => expectReport(t.worker, 'done', t.label, abort));
@@ -422,10 +455,13 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     }
     const elapsedMs = epochNow() - started;
 
-    // ---- wind down: resolvers finish their in-flight requests, then exit
+    // ---- wind down: resolvers stop reading and finish their in-flight
+    // requests; only then are the contexts unregistered and closed (on the
+    // kernel an install on a closed context is EBADF).
     const resolverDone = resolverWorkers.map((r) => expectReport(r.worker, 'resolver-done', r.spec.label, abort));
-    for (const ctx of new Set(setup.resolvers.map((r) => r.ctx))) uffd.close(ctx);
+    for (const r of resolverWorkers) r.worker.postMessage({ type: 'stop' });
     await Promise.all(resolverDone);
+    releaseContexts();
     watching = false;
     watchdog.stop();
     const blocked = watchdog.blocked();
@@ -453,11 +489,13 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       }
     }
     finishing = true;
-    const destDigest = digestPages(memory, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+    // Received pages only: on uffd a missing page would block this thread in the kernel.
+    const destDigest = digestPages(new GuestPages(guest), layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
 
     state = 'completed';
     const built = buildReportWithHistogram({
       strategy: options.strategy,
+      memoryBackend: options.memoryBackend,
       workload: options.workload,
       vcpus: options.vcpus,
       readers: options.strategy === 'shared-uffd' ? options.readers : 0,
@@ -465,14 +503,13 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       pageSize: layout.pageSize,
       guestBytes: layout.guestBytes,
       totalPages: layout.totalPages,
-      memslots: memory.memslots.count,
+      memslots: guest.memslots.count,
       push: options.push,
       seed: options.seed,
       elapsedMs,
       vcpuResults,
       ioResults,
       vmm,
-      kernel: uffd.counters(),
       summary,
       imageDigest: welcome.imageDigest,
       destDigest,
@@ -507,9 +544,23 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     clearInterval(progressTimer);
     clearInterval(dropTimer);
     main?.close();
-    await Promise.all(workers.map((w) => w.terminate()));
+    // Threads blocked in a real fault cannot be terminated: closing their
+    // contexts wakes them (on zero pages: this run reports nothing).
+    releaseContexts();
+    const exited = await Promise.race([Promise.all(workers.map((w) => w.terminate())).then(() => true), sleep(WORKER_EXIT_MS).then(() => false)]);
+    // Unmapping memory a thread still runs on would kill the process: a thread
+    // that did not exit keeps it mapped until the process ends.
+    if (exited) memory?.dispose();
   }
 }
+
+/** How long the end of a run waits for its workers to exit before it leaves guest memory mapped. */
+const WORKER_EXIT_MS = 10_000;
+
+const sleep = (ms: number): Promise<void> =>
+  new Promise((resolve) => {
+    setTimeout(resolve, ms).unref();
+  });
 
 /** Throws a {@link CheckError} naming the first failed check of a report. */
 export function assertVerified(report: Report): void {

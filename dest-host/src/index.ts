@@ -12,4 +12,6 @@ export * from './memory/backend.js';
 export * from './memory/backends.js';
 export * from './memory/emulated-backend.js';
 export * from './memory/uffd-backend.js';
+export * from './memory/pages.js';
+export * from './preflight.js';
 export { loadUffdNative, errnoName } from './memory/uffd-native.js';

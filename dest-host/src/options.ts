@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
 import {
+  MEMORY_BACKENDS,
   STRATEGIES,
   WORKLOADS,
   UsageError,
@@ -10,6 +11,7 @@ import {
   parseFraction,
   parseIntOption,
   parseSize,
+  type MemoryBackendName,
   type StrategyName,
   type WorkloadName,
 } from '@postcopy/shared';
@@ -22,6 +24,7 @@ export const DEST_DEFAULTS = {
   pageSize: '4KiB',
   memslotSize: '1GiB',
   strategy: 'shared-uffd' as StrategyName,
+  memoryBackend: 'emulated' as MemoryBackendName,
   vcpus: '4',
   readers: '1',
   ioThreads: '0',
@@ -41,6 +44,14 @@ export const DEST_DEFAULTS = {
 export function addRunOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--strategy <name>', 'fault-delivery strategy').choices(STRATEGIES).default(DEST_DEFAULTS.strategy))
+    .addOption(
+      new Option(
+        '--memory-backend <name>',
+        "what guest memory and the userfaultfd are: emulated (SharedArrayBuffers and the emulated userfaultfd, anywhere) or uffd (anonymous memory and the kernel's userfaultfd(2): Linux, the addon built by npm run build, and permission to open one)",
+      )
+        .choices(MEMORY_BACKENDS)
+        .default(DEST_DEFAULTS.memoryBackend),
+    )
     .option('--vcpus <n>', 'vCPU threads', DEST_DEFAULTS.vcpus)
     .option('--readers <n>', 'reader threads of the shared context (shared-uffd)', DEST_DEFAULTS.readers)
     .option('--io-threads <n>', 'non-vCPU threads that also touch guest memory (always fault through the userfaultfd)', DEST_DEFAULTS.ioThreads)
@@ -126,6 +137,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
   return {
     memslotBytes: parseSize('--memslot-size', str('memslotSize')),
     strategy: parseChoice('--strategy', str('strategy'), STRATEGIES),
+    memoryBackend: parseChoice('--memory-backend', String(raw.memoryBackend ?? DEST_DEFAULTS.memoryBackend), MEMORY_BACKENDS),
     vcpus,
     readers: parseIntOption('--readers', str('readers'), 1, 64),
     ioThreads,

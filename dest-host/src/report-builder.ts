@@ -12,7 +12,6 @@ import {
   type Report,
   type SourceSummary,
 } from '@postcopy/shared';
-import type { UffdCounters } from './uffd/userfaultfd.js';
 import type { GuestThreadResult } from './workers/protocol.js';
 import { COUNTER, type VmmState } from './vmm/state.js';
 
@@ -20,6 +19,7 @@ import { COUNTER, type VmmState } from './vmm/state.js';
 type RunSettings = Pick<
   Report,
   | 'strategy'
+  | 'memoryBackend'
   | 'workload'
   | 'vcpus'
   | 'readers'
@@ -43,7 +43,6 @@ export interface ReportInputs extends RunSettings {
   vcpuResults: GuestThreadResult[];
   ioResults: GuestThreadResult[];
   vmm: VmmState;
-  kernel: UffdCounters;
   summary: SourceSummary;
   imageDigest: string;
   destDigest: string;
@@ -106,8 +105,8 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     pagesZero: c(COUNTER.PAGES_ZERO),
     pagesSentBySource: inp.summary.pagesSent,
     totalPages: inp.totalPages,
-    eexist: inp.kernel.eexist,
-    wakes: inp.kernel.wakeCalls,
+    eexist: c(COUNTER.EEXIST),
+    wakes: c(COUNTER.WAKES),
     alreadySent: c(COUNTER.ALREADY_SENT),
     repliesOnMain: c(COUNTER.ON_MAIN),
     nonVcpuFaults,
@@ -117,6 +116,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
   const nsPerFault = (ms: number, faults: number): number => (faults > 0 ? Math.round((ms * 1e6) / faults) : 0);
   const report: Report = {
     strategy: inp.strategy,
+    memoryBackend: inp.memoryBackend,
     workload: inp.workload,
     vcpus: inp.vcpus,
     readers: inp.readers,

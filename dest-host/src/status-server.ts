@@ -1,6 +1,5 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { Userfaultfd } from './uffd/userfaultfd.js';
 import { COUNTER, type VmmState } from './vmm/state.js';
 
 /** QEMU's MigrationStatus names for the destination's phases. */
@@ -9,10 +8,11 @@ export type MigrationState = 'setup' | 'postcopy-active' | 'postcopy-paused' | '
 export interface StatusSource {
   state(): MigrationState;
   vmm: VmmState;
-  uffd: Userfaultfd;
   totalPages: number;
   pageSize: number;
   vcpus: number;
+  /** Faulting threads: vCPUs, then I/O threads (their slots follow the vCPUs'). */
+  threads: number;
   /** ms since the run's epoch */
   now(): number;
   startedAt(): number | undefined;
@@ -25,6 +25,8 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
   const blocktime = Array.from({ length: s.vcpus }, (_, v) => Math.round(vmm.blockedSoFar(v, now) * 1000) / 1000);
   let faults = 0;
   for (let v = 0; v < s.vcpus; v++) faults += vmm.faultsOf(v);
+  let nonVcpuFaults = 0;
+  for (let t = s.vcpus; t < s.threads; t++) nonVcpuFaults += vmm.faultsOf(t);
   const received = vmm.counter(COUNTER.INSTALLED);
   const started = s.startedAt();
   const blockedSum = blocktime.reduce((a, b) => a + b, 0);
@@ -41,7 +43,7 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
     'pages-received': received,
     'pages-total': s.totalPages,
     faults,
-    'faults-non-vcpu': s.uffd.counters().faults - faults,
+    'faults-non-vcpu': nonVcpuFaults,
     'postcopy-vcpu-blocktime': blocktime,
     'postcopy-latency': faults > 0 ? Math.round((blockedSum * 1e6) / faults) : 0,
   };

@@ -1,9 +1,10 @@
 import { WatchdogError } from '@postcopy/shared';
-import type { Userfaultfd } from './uffd/userfaultfd.js';
-import { COUNTER, type VmmState } from './vmm/state.js';
+import type { BackendMemory } from './memory/backend.js';
+import { COUNTER, NO_TID, type VmmState } from './vmm/state.js';
 
 export interface WatchedThread {
-  tid: number;
+  /** Thread slot: its fault queue. */
+  slot: number;
   /** `vCPU 3`, `I/O thread 0`. */
   name: string;
 }
@@ -11,8 +12,15 @@ export interface WatchedThread {
 /**
  * Stops a run that no longer moves: when no guest access completes and no page
  * is installed for `timeoutMs`, it fails the run and names every blocked
- * thread and the page it waits for (from its fault queue and the emulated
- * kernel's wait slot).
+ * thread and the page it waits for: the page from the thread's fault queue
+ * (the destination's own bookkeeping), and whether the thread sleeps in a
+ * userfault right now from the backend (the emulation's wait slot, or the
+ * kernel's wchan, handle_userfault, on uffd).
+ *
+ * It only reads: it cannot wake a thread blocked in a real fault (nothing
+ * can but the context's COPY, ZEROPAGE, WAKE or close). The run it fails
+ * closes the contexts on its way out, which wakes those threads on zeros,
+ * so that run must not, and does not, report anything verified.
  */
 export class Watchdog {
   private timer: NodeJS.Timeout | undefined;
@@ -21,7 +29,7 @@ export class Watchdog {
 
   constructor(
     private readonly vmm: VmmState,
-    private readonly uffd: Userfaultfd,
+    private readonly memory: BackendMemory,
     private readonly threads: readonly WatchedThread[],
     private readonly timeoutMs: number,
     private readonly epochNow: () => number,
@@ -43,10 +51,12 @@ export class Watchdog {
     const now = this.epochNow();
     const lines: string[] = [];
     for (const t of this.threads) {
-      const faults = this.vmm.outstanding(t.tid);
-      const kernelPage = this.uffd.blockedPage(t.tid);
+      const faults = this.vmm.outstanding(t.slot);
+      if (faults.length === 0) continue;
+      const tid = this.vmm.tidOf(t.slot);
+      const inKernel = tid !== NO_TID && this.memory.isBlockedInFault(tid);
       for (const f of faults) {
-        lines.push(`${t.name} on page ${f.page} for ${Math.round(now - f.startMs)} ms${kernelPage === f.page ? ' (blocked in userfaultfd)' : ''}`);
+        lines.push(`${t.name} on page ${f.page} for ${Math.round(now - f.startMs)} ms${inKernel ? ' (blocked in userfaultfd)' : ''}`);
       }
     }
     return lines;

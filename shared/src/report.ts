@@ -6,6 +6,10 @@ import { formatBytes } from './sizes.js';
 export const STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'kvm-exit'] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
 
+/** What guest memory and the userfaultfd are on the destination (DESIGN.md, "Memory backends"). */
+export const MEMORY_BACKENDS = ['emulated', 'uffd'] as const;
+export type MemoryBackendName = (typeof MEMORY_BACKENDS)[number];
+
 export const WORKLOADS = ['sequential', 'random', 'shared-hot'] as const;
 export type WorkloadName = (typeof WORKLOADS)[number];
 
@@ -58,6 +62,8 @@ export interface QemuFigures {
 
 export interface Report {
   strategy: StrategyName;
+  /** `emulated` (SharedArrayBuffers and the emulated userfaultfd) or `uffd` (the kernel's userfaultfd). */
+  memoryBackend: MemoryBackendName;
   workload: WorkloadName;
   vcpus: number;
   readers: number;
@@ -165,7 +171,7 @@ const fmt = (x: number, digits = 1): string => (Number.isInteger(x) ? String(x) 
 export function formatReport(r: Report): string {
   const lines: string[] = [];
   lines.push(
-    `postcopy migration: ${r.strategy}, ${r.vcpus} vCPU${r.vcpus > 1 ? 's' : ''}, workload ${r.workload}, ` +
+    `postcopy migration: ${r.strategy} on ${r.memoryBackend === 'uffd' ? "the kernel's userfaultfd (--memory-backend uffd)" : 'the emulated userfaultfd'}, ${r.vcpus} vCPU${r.vcpus > 1 ? 's' : ''}, workload ${r.workload}, ` +
       `${formatBytes(r.guestBytes)} guest in ${r.memslots} memslot${r.memslots > 1 ? 's' : ''}, ${formatBytes(r.pageSize)} pages, ` +
       `push ${r.push ? 'on' : 'off'}${r.preempt ? ', preempt' : ''}${r.tls ? ', TLS' : ''}` +
       `${r.linkDelayUs ? `, link delay ${r.linkDelayUs} µs` : ''}${r.linkBandwidthBps ? `, link ${formatRate(r.linkBandwidthBps)}` : ''}${r.strategy === 'shared-uffd' ? `, ${r.readers} reader${r.readers > 1 ? 's' : ''}` : ''}` +

@@ -14,9 +14,9 @@
  */
 import type { GuestLayout, MemslotLayout } from '@postcopy/shared';
 
-export type MemoryBackendName = 'emulated' | 'uffd';
-
-export const MEMORY_BACKENDS: readonly MemoryBackendName[] = ['emulated', 'uffd'];
+/** The names, shared with the report (its `memoryBackend`) and the options. */
+export { MEMORY_BACKENDS, type MemoryBackendName } from '@postcopy/shared';
+import type { MemoryBackendName } from '@postcopy/shared';
 
 /** struct uffd_msg (UFFD_EVENT_PAGEFAULT), filled in place by reads. */
 export interface FaultMessage {

@@ -4,7 +4,8 @@ import { perThreadUffd } from './per-thread-uffd.js';
 import { sharedUffd } from './shared-uffd.js';
 import type { FaultStrategy } from './strategy.js';
 
-export type { FaultStrategy, ResolverSpec, StrategySetup, ThreadPlan } from './strategy.js';
+export type { ContextRange, FaultStrategy, ResolverSpec, StrategySetup, ThreadPlan } from './strategy.js';
+export { rangeOf } from './strategy.js';
 
 export const STRATEGY_BY_NAME: Record<StrategyName, FaultStrategy> = {
   'shared-uffd': sharedUffd,

@@ -1,4 +1,4 @@
-import type { FaultStrategy, ResolverSpec } from './strategy.js';
+import { openRegistered, type FaultStrategy, type ResolverSpec } from './strategy.js';
 
 /**
  * kvm-exit: the vCPU checks the userfault bitmap (the receivedmap) before each
@@ -13,11 +13,10 @@ import type { FaultStrategy, ResolverSpec } from './strategy.js';
 export const kvmExit: FaultStrategy = {
   name: 'kvm-exit',
   vcpuFaultDelivery: 'memory-fault-exit',
-  setup(uffd, threads, guestBytes) {
-    const shared = uffd.open();
-    uffd.register(shared, 0, guestBytes);
+  setup(memory, threads, totalPages) {
+    const shared = openRegistered(memory, 0, totalPages);
     const resolvers: ResolverSpec[] = [];
     if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
-    return { resolvers, pushCtx: shared, vcpuCopyCtx: shared };
+    return { resolvers, ranges: [{ ctx: shared, firstPage: 0, endPage: totalPages }], contexts: [shared], vcpuCopyCtx: shared };
   },
 };

@@ -1,4 +1,4 @@
-import type { FaultStrategy, ResolverSpec } from './strategy.js';
+import { openRegistered, type FaultStrategy, type ResolverSpec } from './strategy.js';
 
 /**
  * per-thread-uffd: one userfaultfd context per vCPU thread (the proposed
@@ -9,20 +9,30 @@ import type { FaultStrategy, ResolverSpec } from './strategy.js';
  * page, or a page arrives by push, the page is installed through another
  * context; the kernel wakes nobody on the EEXIST that follows, so each
  * resolver owes its vCPU a WAKE whenever the page got in some other way.
+ *
+ * The kernel has no per-thread userfaultfd: on the uffd backend the first
+ * per-thread open throws BackendUnavailableError naming per-region-uffd.
+ * This strategy is the emulation's.
  */
 export const perThreadUffd: FaultStrategy = {
   name: 'per-thread-uffd',
   vcpuFaultDelivery: 'userfaultfd',
-  setup(uffd, threads, guestBytes) {
-    const shared = uffd.open();
-    uffd.register(shared, 0, guestBytes);
-    const resolvers: ResolverSpec[] = [];
-    for (let v = 0; v < threads.vcpus; v++) {
-      const ctx = uffd.open(threads.vcpuTid(v));
-      uffd.register(ctx, 0, guestBytes);
-      resolvers.push({ label: `resolver${v}`, ctx, owesWake: true });
+  setup(memory, threads, totalPages) {
+    const contexts: number[] = [];
+    try {
+      const shared = openRegistered(memory, 0, totalPages);
+      contexts.push(shared);
+      const resolvers: ResolverSpec[] = [];
+      for (let v = 0; v < threads.vcpus; v++) {
+        const ctx = openRegistered(memory, 0, totalPages, threads.vcpuSlot(v));
+        contexts.push(ctx);
+        resolvers.push({ label: `resolver${v}`, ctx, owesWake: true });
+      }
+      if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+      return { resolvers, ranges: [{ ctx: shared, firstPage: 0, endPage: totalPages }], contexts, vcpuCopyCtx: -1 };
+    } catch (err) {
+      for (const ctx of contexts) memory.close(ctx);
+      throw err;
     }
-    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
-    return { resolvers, pushCtx: shared, vcpuCopyCtx: -1 };
   },
 };

@@ -1,18 +1,19 @@
-import type { FaultStrategy } from './strategy.js';
+import { openRegistered, type FaultStrategy } from './strategy.js';
 
 /**
  * shared-uffd: one userfaultfd context for all guest memory and all threads;
  * R reader threads take messages from its one queue (the kernel's
- * `demand_paging_test -a -r R`). Every install is a COPY on that one context,
- * so it wakes every thread waiting on the page: no resolver owes a WAKE.
+ * `demand_paging_test -a -r R`; on uffd each reader polls the one fd, and
+ * the thread id in each message maps it to its vCPU's fault queue). Every
+ * install is a COPY on that one context, so it wakes every thread waiting
+ * on the page: no resolver owes a WAKE.
  */
 export const sharedUffd: FaultStrategy = {
   name: 'shared-uffd',
   vcpuFaultDelivery: 'userfaultfd',
-  setup(uffd, threads, guestBytes) {
-    const ctx = uffd.open();
-    uffd.register(ctx, 0, guestBytes);
+  setup(memory, threads, totalPages) {
+    const ctx = openRegistered(memory, 0, totalPages);
     const resolvers = Array.from({ length: threads.readers }, (_, i) => ({ label: `reader${i}`, ctx, owesWake: false }));
-    return { resolvers, pushCtx: ctx, vcpuCopyCtx: -1 };
+    return { resolvers, ranges: [{ ctx, firstPage: 0, endPage: totalPages }], contexts: [ctx], vcpuCopyCtx: -1 };
   },
 };

@@ -1,6 +1,7 @@
 import type { PageReply, ZeroPageReply } from '@postcopy/shared';
+import { ERRNO, MODE_DONTWAKE, type BackendMemory } from '../memory/backend.js';
 import type { PageClient } from '../net/page-client.js';
-import { ERRNO, type Userfaultfd } from '../uffd/userfaultfd.js';
+import { rangeOf, type ContextRange } from '../strategies/strategy.js';
 import { COUNTER, type VmmState } from './state.js';
 
 /** How a resolution ended (for the caller's accounting; never allocated). */
@@ -32,18 +33,28 @@ export interface ResolveOptions {
 /**
  * Installs pages on the destination: fetches a missing page from the source
  * (once per page destination-wide: the in-flight set), COPYs or ZEROPAGEs it,
- * marks it in the receivedmap, and pays the WAKE the strategy owes.
+ * marks it in the receivedmap, and pays the WAKE the strategy owes. It goes
+ * through the memory backend only (memory/backend.ts), so the same code
+ * installs into the emulation and with the kernel's ioctls; every EEXIST
+ * result and every WAKE it issues is counted in the VMM's counters.
  */
 export class PageInstaller {
   private readonly pageSize: number;
   private readonly zeros: Uint8Array;
 
   constructor(
-    readonly uffd: Userfaultfd,
+    readonly memory: BackendMemory,
     readonly vmm: VmmState,
+    /** The contexts owning guest memory (StrategySetup.ranges): where pages that are not a resolver's go. */
+    readonly ranges: readonly ContextRange[] = [],
   ) {
-    this.pageSize = uffd.memory.layout.pageSize;
+    this.pageSize = memory.layout.pageSize;
     this.zeros = new Uint8Array(this.pageSize);
+  }
+
+  /** The context owning `page`, for installs that are no resolver's (pushed pages, replies on the main channel). */
+  ownerOf(page: number): number {
+    return rangeOf(this.ranges, page).ctx;
   }
 
   /** Resolves a fault on `page`: returns a {@link Resolution}. */
@@ -88,7 +99,7 @@ export class PageInstaller {
 
   private installReply(reply: PageReply | ZeroPageReply, options: ResolveOptions): number {
     const page = reply.page;
-    const result = this.install(options.ctx, page, reply.type === 'page' ? reply.data : undefined, options.dontWake ? 1 : 0);
+    const result = this.install(options.ctx, page, reply.type === 'page' ? reply.data : undefined, options.dontWake ? MODE_DONTWAKE : 0);
     if (result === this.pageSize) {
       this.vmm.count(COUNTER.PAGES_DEMAND);
       if (reply.type === 'zero-page') this.vmm.count(COUNTER.PAGES_ZERO);
@@ -98,10 +109,10 @@ export class PageInstaller {
     if (result === -ERRNO.EEXIST) {
       // Present already: the source sent this page's content twice.
       this.vmm.count(COUNTER.DUPLICATE_DATA);
-      if (options.owesWake) this.uffd.wake(options.ctx, page * this.pageSize, this.pageSize);
+      if (options.owesWake) this.wake(options.ctx, page);
       return Resolution.EEXIST;
     }
-    throw new Error(`UFFDIO_COPY of page ${page} failed with errno ${-result}`);
+    throw new Error(`expected UFFDIO_COPY of page ${page} to copy ${this.pageSize} bytes or give EEXIST, got errno ${-result}`);
   }
 
   /**
@@ -110,26 +121,42 @@ export class PageInstaller {
    */
   install(ctx: number, page: number, data: Uint8Array | undefined, mode: number): number {
     const address = page * this.pageSize;
-    if (data) return this.uffd.copy(ctx, address, data, this.pageSize, mode);
-    if (this.pageSize === 4096) return this.uffd.zeropage(ctx, address, this.pageSize, mode);
-    return this.uffd.copy(ctx, address, this.zeros, this.pageSize, mode);
+    let result: number;
+    if (data) result = this.memory.copy(ctx, address, data, this.pageSize, mode);
+    else if (this.pageSize === 4096) result = this.memory.zeropage(ctx, address, this.pageSize, mode);
+    else result = this.memory.copy(ctx, address, this.zeros, this.pageSize, mode);
+    if (result === -ERRNO.EEXIST) this.vmm.count(COUNTER.EEXIST);
+    return result;
   }
 
   /**
-   * Installs `count` consecutive pages from `first` with one COPY where it can.
-   * A page found present stops a COPY short (the kernel's EAGAIN with the
-   * bytes copied so far, or EEXIST at the first page): it is counted as
-   * duplicate data and the COPY resumes after it. Marks every page installed
-   * in the receivedmap; returns how many were installed, or -errno.
+   * Installs one page that is no resolver's (a zero push, a requested page
+   * sent on the main channel) on the context owning it, waking its waiters.
    */
-  installRun(ctx: number, first: number, data: Uint8Array, count: number): number {
+  installOwned(page: number, data: Uint8Array | undefined): number {
+    return this.install(this.ownerOf(page), page, data, 0);
+  }
+
+  /**
+   * Installs `count` consecutive pushed pages from `first`: one COPY per run
+   * of them inside one owning context's range (StrategySetup.ranges), on
+   * that context, so its waiters wake. A page found present stops a COPY
+   * short (the kernel's EAGAIN with the bytes copied so far, or EEXIST at
+   * the first page): it is counted as EEXIST and as duplicate data, and the
+   * COPY resumes after it. Marks every page installed in the receivedmap;
+   * returns how many were installed, or -errno.
+   */
+  installRun(first: number, data: Uint8Array, count: number): number {
     const size = this.pageSize;
     let done = 0;
     let installed = 0;
     while (done < count) {
+      const range = rangeOf(this.ranges, first + done);
+      const inRange = Math.min(count - done, range.endPage - (first + done));
       const view = done === 0 ? data : data.subarray(done * size);
-      const result = this.uffd.copy(ctx, (first + done) * size, view, (count - done) * size, 0);
+      const result = this.memory.copy(range.ctx, (first + done) * size, view, inRange * size, 0);
       if (result === -ERRNO.EEXIST) {
+        this.vmm.count(COUNTER.EEXIST);
         this.vmm.count(COUNTER.DUPLICATE_DATA);
         done++;
         continue;
@@ -144,7 +171,14 @@ export class PageInstaller {
   }
 
   private elsewhere(page: number, options: ResolveOptions): number {
-    if (options.owesWake) this.uffd.wake(options.ctx, page * this.pageSize, this.pageSize);
+    if (options.owesWake) this.wake(options.ctx, page);
     return Resolution.ELSEWHERE;
+  }
+
+  /** UFFDIO_WAKE of one page on `ctx`, counted; a failure (EBADF: a context closed under us) is an error. */
+  private wake(ctx: number, page: number): void {
+    this.vmm.count(COUNTER.WAKES);
+    const r = this.memory.wake(ctx, page * this.pageSize, this.pageSize);
+    if (r !== 0) throw new Error(`expected UFFDIO_WAKE of page ${page} to succeed, got errno ${-r}`);
   }
 }

@@ -44,7 +44,15 @@ export const COUNTER = {
   REPLAYED: 18,
   /** Replies that arrived on a connection whose session had ended: dropped, their requests replayed. */
   REPLIES_DROPPED: 19,
-  LENGTH: 20,
+  /**
+   * UFFDIO_COPY / UFFDIO_ZEROPAGE results of EEXIST, whoever issued them
+   * (resolvers, vCPUs, the main thread): the destination's own count, the
+   * same on either memory backend (the kernel keeps none).
+   */
+  EEXIST: 20,
+  /** UFFDIO_WAKE calls issued (the WAKEs strategies owe). */
+  WAKES: 21,
+  LENGTH: 22,
 } as const;
 
 /**
@@ -59,8 +67,13 @@ export const FAULT_QUEUE = {
   /** Pages of outstanding faults, CAPACITY slots. */
   PAGES: 2,
   CAPACITY: 4,
-  STRIDE: 6,
+  /** Fault messages resolvers read for this thread (mapped from the message's thread id). */
+  MESSAGES: 6,
+  STRIDE: 7,
 } as const;
+
+/** tids entry of a thread slot whose thread has not said its id yet. */
+export const NO_TID = -1;
 
 export interface VmmBuffers {
   pageStatus: SharedArrayBuffer;
@@ -71,6 +84,12 @@ export interface VmmBuffers {
   faultStarts: SharedArrayBuffer;
   /** Blocked time so far (ms) per thread, for live status. */
   blockedTotals: SharedArrayBuffer;
+  /**
+   * Per thread slot: the id fault messages carry for that thread (its slot
+   * on the emulation, its gettid() on uffd), written by the thread once it
+   * is bound, before it reports ready. Int32, NO_TID until then.
+   */
+  tids: SharedArrayBuffer;
 }
 
 export class VmmState {
@@ -90,6 +109,11 @@ export class VmmState {
       faultQueues: new SharedArrayBuffer(threads * FAULT_QUEUE.STRIDE * 4),
       faultStarts: new SharedArrayBuffer(threads * FAULT_QUEUE.CAPACITY * 8),
       blockedTotals: new SharedArrayBuffer(Math.max(1, threads) * 8),
+      tids: (() => {
+        const tids = new SharedArrayBuffer(Math.max(1, threads) * 4);
+        new Int32Array(tids).fill(NO_TID);
+        return tids;
+      })(),
     });
   }
 
@@ -100,6 +124,46 @@ export class VmmState {
     this.faultQueues = new Int32Array(buffers.faultQueues);
     this.faultStarts = new Float64Array(buffers.faultStarts);
     this.blockedTotals = new Float64Array(buffers.blockedTotals);
+    this.tids = new Int32Array(buffers.tids);
+  }
+
+  /** Thread slot → the id its fault messages carry (see VmmBuffers.tids). */
+  readonly tids: Int32Array;
+  /** tid → slot, built by this thread as tids appear. */
+  private readonly slotByTid = new Map<number, number>();
+
+  /** Thread `slot` says which id its fault messages carry (once bound, before it reports ready). */
+  setTid(slot: number, tid: number): void {
+    Atomics.store(this.tids, slot, tid);
+  }
+
+  tidOf(slot: number): number {
+    return Atomics.load(this.tids, slot);
+  }
+
+  /**
+   * The thread slot, and so the fault queue, of a fault message's thread
+   * id, or -1 for an id no guest thread has. Every slot is stored before
+   * its thread reports ready, and threads fault only after every thread
+   * is ready (go), so a message's id is always found here.
+   */
+  slotOfTid(tid: number): number {
+    const known = this.slotByTid.get(tid);
+    if (known !== undefined) return known;
+    for (let slot = 0; slot < this.tids.length; slot++) {
+      const t = Atomics.load(this.tids, slot);
+      if (t !== NO_TID) this.slotByTid.set(t, slot);
+    }
+    return this.slotByTid.get(tid) ?? -1;
+  }
+
+  /** A resolver read a fault message of thread `slot`. */
+  noteMessage(slot: number): void {
+    Atomics.add(this.faultQueues, slot * FAULT_QUEUE.STRIDE + FAULT_QUEUE.MESSAGES, 1);
+  }
+
+  messagesOf(slot: number): number {
+    return Atomics.load(this.faultQueues, slot * FAULT_QUEUE.STRIDE + FAULT_QUEUE.MESSAGES);
   }
 
   count(counter: number, by = 1): void {

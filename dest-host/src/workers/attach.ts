@@ -1,25 +1,23 @@
 import { parentPort } from 'node:worker_threads';
-import { GuestMemory } from '../memory/guest-memory.js';
+import type { BackendMemory } from '../memory/backend.js';
+import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { Session } from '../net/session.js';
 import type { SessionFollowing } from '../net/page-client.js';
-import { Userfaultfd } from '../uffd/userfaultfd.js';
 import { VmmState } from '../vmm/state.js';
 import type { SharedState, SourceEndpoint, WorkerCommand, WorkerReport } from './protocol.js';
 
 export interface Attached {
-  memory: GuestMemory;
-  uffd: Userfaultfd;
+  /** This thread's view of guest memory and of every context, through the run's memory backend. */
+  memory: BackendMemory;
   vmm: VmmState;
   /** ms to add to performance.now() for ms since the main thread's epoch. */
   clockOffset: number;
 }
 
-/** Maps the destination's shared buffers into this worker. */
+/** Attaches this worker to the destination's guest memory (either backend) and shared state. */
 export function attach(state: SharedState): Attached {
-  const memory = new GuestMemory(state.memory);
   return {
-    memory,
-    uffd: new Userfaultfd(state.uffd, memory),
+    memory: BACKEND_BY_NAME[state.memory.backend].attach(state.memory),
     vmm: new VmmState(state.vmm),
     clockOffset: performance.timeOrigin - state.epochOrigin,
   };

@@ -1,13 +1,18 @@
 import { rng, verifyPage, type AccessPattern, type ImageSpec } from '@postcopy/shared';
-import type { GuestMemory } from '../memory/guest-memory.js';
-import type { Userfaultfd } from '../uffd/userfaultfd.js';
+import type { GuestThread } from '../memory/backend.js';
+import type { GuestPages } from '../memory/pages.js';
 import { COUNTER, type VmmState } from '../vmm/state.js';
 import type { GuestThreadResult } from './protocol.js';
 
 export interface GuestLoop {
-  tid: number;
-  memory: GuestMemory;
-  uffd: Userfaultfd;
+  /** Thread slot: the fault queue this thread's faults go in. */
+  slot: number;
+  /** This thread's accesses: a load of a missing page faults through the backend and blocks. */
+  thread: GuestThread;
+  /** Views of installed pages, for the first-touch check. */
+  pages: GuestPages;
+  pageSize: number;
+  totalPages: number;
   vmm: VmmState;
   image: ImageSpec;
   pattern: AccessPattern;
@@ -27,29 +32,37 @@ export interface GuestLoop {
  * A guest thread's run: touch pages in the pattern's order; a missing page is
  * a fault, timed from detection to resumption. The first thread to touch a
  * page verifies its content against the generator (outside the timed part).
+ *
+ * Whether a page is missing is the destination's own bookkeeping, the
+ * receivedmap (KVM's userfault bitmap), the same on either backend: the
+ * thread cannot ask the kernel whether a load will fault. A page not in it
+ * is a fault: entered in this thread's fault queue (what the watchdog
+ * reads), then touched, which blocks in the backend's userfaultfd until a
+ * COPY, ZEROPAGE or WAKE of its context (or, for kvm-exit, fetched and
+ * installed first). A page installed between the check and the load is a
+ * fault that did not block, timed as such.
  */
 export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> {
-  const { tid, memory, uffd, vmm, pattern, clockOffset } = loop;
-  const wordsPerPage = memory.layout.pageSize >>> 2;
-  const random = rng(loop.seed * 31 + tid + 17);
-  let intervals = new Float64Array(Math.min(pattern.length, memory.layout.totalPages, 1 << 16) * 2 + 2);
+  const { slot, thread, pages, vmm, pattern, clockOffset } = loop;
+  const wordsPerPage = loop.pageSize >>> 2;
+  const random = rng(loop.seed * 31 + slot + 17);
+  let intervals = new Float64Array(Math.min(pattern.length, loop.totalPages, 1 << 16) * 2 + 2);
   let faults = 0;
   const exit = loop.exitOnMissing;
   const startMs = performance.now() + clockOffset;
   for (let i = 0; i < pattern.length; i++) {
     const page = pattern.next();
     const write = random() < loop.writeFraction;
-    const missing = exit ? !vmm.isReceived(page) : !uffd.isPresent(page);
-    if (missing) {
+    const word = (i * 7 + slot) % wordsPerPage;
+    let value: number;
+    if (!vmm.isReceived(page)) {
       const t0 = performance.now() + clockOffset;
-      vmm.pushFault(tid, page, t0);
-      if (exit) {
-        await exit(page);
-      } else {
-        while (!uffd.isPresent(page)) uffd.handleFault(tid, page, write);
-      }
+      vmm.pushFault(slot, page, t0);
+      if (exit) await exit(page);
+      // The fault itself (on kvm-exit the page is in by now, so no fault).
+      value = thread.load(page, word);
       const t1 = performance.now() + clockOffset;
-      vmm.popFault(tid, t1);
+      vmm.popFault(slot, t1);
       if (faults * 2 + 2 > intervals.length) {
         const grown = new Float64Array(intervals.length * 2);
         grown.set(intervals);
@@ -58,13 +71,13 @@ export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> 
       intervals[faults * 2] = t0;
       intervals[faults * 2 + 1] = t1;
       faults++;
+    } else {
+      value = thread.load(page, word);
     }
     // The access itself: a load, and for a write a store of the same value
     // (the final digest must still equal the source's).
-    const word = (i * 7 + tid) % wordsPerPage;
-    const value = memory.load(page, word);
-    if (write) memory.store(page, word, value);
-    if (vmm.firstToTouch(page) && verifyPage(loop.image, page, memory.pageWords(page)) !== -1) vmm.recordBadPage(page);
+    if (write) thread.store(page, word, value);
+    if (vmm.firstToTouch(page) && verifyPage(loop.image, page, pages.pageWords(page)) !== -1) vmm.recordBadPage(page);
     if ((i & 63) === 63) vmm.count(COUNTER.ACCESSES, 64);
   }
   vmm.count(COUNTER.ACCESSES, pattern.length & 63);

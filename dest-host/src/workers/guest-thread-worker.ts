@@ -1,10 +1,14 @@
 /**
  * A guest thread: a vCPU (kind 'vcpu') or a non-vCPU I/O thread (kind 'io').
- * Waits for 'go' (all threads start together, like demand_paging_test's
- * barrier), runs its access pattern, reports its faults and blocked intervals.
+ * Binds itself as a faulting thread of guest memory (on uffd its plain loads
+ * of missing pages block in the kernel), says which id its fault messages
+ * carry, waits for 'go' (all threads start together, like
+ * demand_paging_test's barrier), runs its access pattern, and reports its
+ * faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
 import { ChannelRole, accessPattern, ioPattern } from '@postcopy/shared';
+import { GuestPages } from '../memory/pages.js';
 import { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
@@ -14,7 +18,10 @@ import type { GuestThreadData } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as GuestThreadData;
-  const { memory, uffd, vmm, clockOffset } = attach(data.state);
+  const { memory, vmm, clockOffset } = attach(data.state);
+  const thread = memory.bindThread(data.slot);
+  // Before 'ready': resolvers map the ids in fault messages to fault queues with it.
+  vmm.setTid(data.slot, thread.tid);
   let client: PageClient | undefined;
   let exitOnMissing: ((page: number) => Promise<unknown>) | undefined;
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
@@ -27,7 +34,7 @@ runWorker(async () => {
       following: followSession(vmm, source),
     });
     client = vcpuClient;
-    const installer = new PageInstaller(uffd, vmm);
+    const installer = new PageInstaller(memory, vmm);
     const options = { ctx: data.copyCtx, dontWake: true, owesWake: false };
     exitOnMissing = (page) => installer.resolve(vcpuClient, page, options);
   }
@@ -38,9 +45,11 @@ runWorker(async () => {
       ? accessPattern(data.workload, data.index)
       : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
   const result = await runGuestLoop({
-    tid: data.tid,
-    memory,
-    uffd,
+    slot: data.slot,
+    thread,
+    pages: new GuestPages(memory),
+    pageSize: memory.layout.pageSize,
+    totalPages: memory.layout.totalPages,
     vmm,
     image: data.state.image,
     pattern,
@@ -51,5 +60,6 @@ runWorker(async () => {
   });
   if (data.kind === 'io') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
   client?.close();
+  memory.dispose();
   report({ type: 'done', result }, [result.intervals.buffer as ArrayBuffer]);
 });

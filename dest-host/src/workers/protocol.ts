@@ -1,7 +1,6 @@
 import type { ImageSpec, StrategyName, WorkloadSpec } from '@postcopy/shared';
+import type { BackendHandle } from '../memory/backend.js';
 import type { ClientTls } from '../net/page-client.js';
-import type { GuestMemoryBuffers } from '../memory/guest-memory.js';
-import type { UffdBuffers } from '../uffd/userfaultfd.js';
 import type { VmmBuffers } from '../vmm/state.js';
 
 /** Where a worker's own connection goes (kvm-exit vCPUs, resolvers). */
@@ -21,8 +20,8 @@ export interface SourceEndpoint {
 
 /** Everything a worker needs to attach to the destination's shared state. */
 export interface SharedState {
-  memory: GuestMemoryBuffers;
-  uffd: UffdBuffers;
+  /** Guest memory and its contexts, whichever backend: the worker attaches with BACKEND_BY_NAME[memory.backend]. */
+  memory: BackendHandle;
   vmm: VmmBuffers;
   image: ImageSpec;
   /** The main thread's performance.timeOrigin: workers report times relative to it. */
@@ -33,7 +32,8 @@ export interface GuestThreadData {
   kind: 'vcpu' | 'io';
   /** vCPU index, or I/O thread index. */
   index: number;
-  tid: number;
+  /** Thread slot: its fault queue, and its entry in the emulation's thread table (ThreadPlan). */
+  slot: number;
   strategy: StrategyName;
   delivery: 'userfaultfd' | 'memory-fault-exit';
   state: SharedState;
@@ -71,5 +71,10 @@ export type WorkerReport =
   | { type: 'channel-lost'; epoch: number; message: string }
   | { type: 'error'; message: string; stack?: string };
 
-/** Messages the main thread posts to workers. */
+/**
+ * Messages the main thread posts to workers: `go` starts the guest threads;
+ * `stop` tells a resolver to stop reading its context and to end once its
+ * requests in flight are installed (the main thread closes the contexts only
+ * after that: an install on a closed context is EBADF on the kernel).
+ */
 export type WorkerCommand = { type: 'go' } | { type: 'stop' };

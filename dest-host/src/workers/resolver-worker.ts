@@ -1,33 +1,43 @@
 /**
- * A resolver thread: reads one userfaultfd context's messages, fetches each
- * missing page on its own connection, installs it, and pays the WAKE its
- * strategy owes. Handles many faults at once: it keeps reading while earlier
- * requests are on the wire (as QEMU's fault thread does). Ends when the main
- * thread closes its context, after every request it sent has its reply.
+ * A resolver thread: reads one userfaultfd context's messages, maps each
+ * message's thread id to that thread's fault queue, fetches the missing page
+ * on its own connection, installs it, and pays the WAKE its strategy owes.
+ * Handles many faults at once: it keeps reading while earlier requests are
+ * on the wire (as QEMU's fault thread does). The same code runs on either
+ * memory backend: on uffd its reads are poll(2)s of the real userfaultfd.
+ *
+ * It ends on the main thread's `stop` (or when its context is closed under
+ * it): it stops reading, waits until every request it sent has its reply
+ * installed, then reports resolver-done. The main thread closes the
+ * contexts only after that, so no install of ours meets a closed context.
  */
-import { workerData } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { ChannelRole } from '@postcopy/shared';
+import { ERRNO, type FaultMessage } from '../memory/backend.js';
 import { PageClient } from '../net/page-client.js';
-import { UffdMessage } from '../uffd/userfaultfd.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { attach, followSession, report, runWorker } from './attach.js';
-import type { ResolverData } from './protocol.js';
+import type { ResolverData, WorkerCommand } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as ResolverData;
-  const { memory, uffd, vmm } = attach(data.state);
+  const { memory, vmm } = attach(data.state);
+  const stop = new AbortController();
+  parentPort!.on('message', (c: WorkerCommand) => {
+    if (c.type === 'stop') stop.abort();
+  });
   const client = await PageClient.connect({
     ...data.source,
     role: ChannelRole.Fault,
     channel: data.label,
     following: followSession(vmm, data.source),
   });
-  const installer = new PageInstaller(uffd, vmm);
+  const installer = new PageInstaller(memory, vmm);
   const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake };
   const pageSize = memory.layout.pageSize;
   report({ type: 'ready' });
 
-  const msg = new UffdMessage();
+  const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
   let inFlight = 0;
   let failure: Error | undefined;
   let drained: (() => void) | undefined;
@@ -44,7 +54,13 @@ runWorker(async () => {
     settle();
   };
   let messages = 0;
-  while (failure === undefined && (await uffd.readAsync(data.ctx, msg))) {
+  for (;;) {
+    const r = await memory.readAsync(data.ctx, msg, stop.signal);
+    if (r === -ERRNO.EINTR || r === -ERRNO.EBADF || failure !== undefined) break; // stopped, or the context closed
+    if (r !== 0) throw new Error(`expected a fault message from userfaultfd context ${data.ctx}, got errno ${-r}`);
+    const slot = vmm.slotOfTid(msg.tid);
+    if (slot < 0) throw new Error(`expected a fault message from a guest thread, got one from thread id ${msg.tid} (page ${Math.floor(msg.address / pageSize)})`);
+    vmm.noteMessage(slot);
     const page = Math.floor(msg.address / pageSize);
     inFlight++;
     messages++;
@@ -52,6 +68,8 @@ runWorker(async () => {
   }
   if (inFlight > 0) await new Promise<void>((resolve) => (drained = resolve));
   client.close();
+  memory.dispose();
+  parentPort!.removeAllListeners('message');
   if (failure) throw failure;
   report({ type: 'resolver-done', messages });
 });
