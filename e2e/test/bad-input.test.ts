@@ -41,7 +41,7 @@ describe('bad options exit 2 and say what is accepted', () => {
   it('unknown strategy', async () => {
     const r = await runNode(LAUNCHER, ['--strategy', 'bogus']);
     expect(r.code).toBe(2);
-    expect(r.stderr).toMatch(/shared-uffd, per-thread-uffd, kvm-exit/);
+    expect(r.stderr).toMatch(/shared-uffd, per-thread-uffd, per-region-uffd, kvm-exit/);
   });
   it('unknown workload', async () => {
     const r = await runNode(LAUNCHER, ['--workload', 'zigzag']);

@@ -111,7 +111,7 @@ describe('options', () => {
 
   it('validates every combination with the launcher before running, naming the combination', () => {
     expect(() => validateMatrix(parse(['--vcpus', '1,0', '--out', 'd']))).toThrow('--vcpus: expected a whole number from 1 to 256, got "0" (in the combination vcpus=0)');
-    expect(() => validateMatrix(parse(['--strategies', 'kvm-exit,bogus', '--out', 'd']))).toThrow(/expected one of shared-uffd, per-thread-uffd, kvm-exit, got "bogus"/);
+    expect(() => validateMatrix(parse(['--strategies', 'kvm-exit,bogus', '--out', 'd']))).toThrow(/expected one of shared-uffd, per-thread-uffd, per-region-uffd, kvm-exit, got "bogus"/);
     expect(() => parse(['--repeat', '0', '--out', 'd'])).toThrow('--repeat: expected a whole number from 1');
     expect(() => validateMatrix(parse(['--vcpus', '1,2', '--memory', '4MiB', '--out', 'd']))).not.toThrow();
   });

@@ -3,7 +3,7 @@ import type { PrecopyRound } from './protocol.js';
 import type { LatencySummary } from './stats.js';
 import { formatBytes } from './sizes.js';
 
-export const STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'kvm-exit'] as const;
+export const STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'per-region-uffd', 'kvm-exit'] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
 
 /** What guest memory and the userfaultfd are on the destination (DESIGN.md, "Memory backends"). */
