@@ -13,6 +13,7 @@
  * closes and unmaps everything.
  */
 import { BackendUnavailableError, type GuestLayout, type MemoryBackendName, type StrategyName } from '@postcopy/shared';
+import type { BackendMemory } from './memory/backend.js';
 import { BACKEND_BY_NAME } from './memory/backends.js';
 import { STRATEGY_BY_NAME } from './strategies/index.js';
 
@@ -30,7 +31,7 @@ export interface PreflightSpec {
 export function preflightMemoryBackend(spec: PreflightSpec): void {
   if (spec.memoryBackend === 'emulated') return;
   const where = `--memory-backend ${spec.memoryBackend}`;
-  let memory;
+  let memory: BackendMemory | undefined;
   try {
     memory = BACKEND_BY_NAME[spec.memoryBackend].create({
       layout: spec.layout,
@@ -38,10 +39,14 @@ export function preflightMemoryBackend(spec: PreflightSpec): void {
       maxThreads: spec.vcpus + spec.ioThreads,
       maxContexts: spec.vcpus + 2,
     });
+    // The kernel's own refusals (permission, features) name the backend only...
+    memory.close(memory.open());
   } catch (err) {
+    memory?.dispose();
     throw prefixed(err, where);
   }
   try {
+    // ...and what the strategy asks of it names the strategy too.
     const setup = STRATEGY_BY_NAME[spec.strategy].setup(
       memory,
       { vcpus: spec.vcpus, ioThreads: spec.ioThreads, readers: spec.readers, vcpuSlot: (v) => v, ioSlot: (i) => spec.vcpus + i },

@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { UsageError, parseHost } from '@postcopy/shared';
 import { PRECOPY_FLAGS, addImageOptions, addLinkOptions, addPrecopyOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps, parsePrecopyOptions } from '@postcopy/source-host';
-import { addRunOptions, checkInjections, parseInjections, parseRunOptions } from '@postcopy/dest-host';
+import { addRunOptions, checkInjections, parseInjections, parseRunOptions, type PreflightSpec } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
 export function launcherCommand(): Command {
@@ -40,6 +40,8 @@ export function splitArgs(raw: Record<string, unknown>): {
   killSourceAt: number[];
   tls: boolean;
   host: string;
+  /** What the destination's memory backend must allow (preflightMemoryBackend checks it before anything starts). */
+  preflight: PreflightSpec;
 } {
   const { layout } = parseImageOptions(raw as Record<string, string>);
   // The guest on the source has as many vCPUs as the destination's, unless told otherwise.
@@ -47,7 +49,7 @@ export function splitArgs(raw: Record<string, unknown>): {
   const precopy = parsePrecopyOptions(withSourceVcpus, layout);
   parseLinkOptions(raw);
   parseMaxPushBps(raw);
-  parseRunOptions(raw);
+  const run = parseRunOptions(raw);
   // --inject: drops go to the destination, kills of the source stay here.
   const injections = parseInjections(raw.inject);
   checkInjections(injections, layout.totalPages);
@@ -79,5 +81,14 @@ export function splitArgs(raw: Record<string, unknown>): {
       destArgs.push(flag(k), String(v));
     }
   }
-  return { sourceArgs, destArgs, killSourceAt: injections.killSource, tls: raw.tls === true, host };
+  const preflight: PreflightSpec = {
+    memoryBackend: run.memoryBackend,
+    strategy: run.strategy,
+    layout,
+    memslotBytes: run.memslotBytes,
+    vcpus: run.vcpus,
+    ioThreads: run.ioThreads,
+    readers: run.readers,
+  };
+  return { sourceArgs, destArgs, killSourceAt: injections.killSource, tls: raw.tls === true, host, preflight };
 }

@@ -187,7 +187,8 @@ export class UffdMemory implements BackendMemory {
     if (options.thread !== undefined) {
       throw new BackendUnavailableError(
         'uffd',
-        'the kernel has no per-thread userfaultfd (it exists only as a proposal): per-thread-uffd runs on --memory-backend emulated; on uffd use per-region-uffd',
+        'the kernel has no per-thread userfaultfd (it exists only as a proposal): per-thread-uffd runs on --memory-backend emulated; ' +
+          "on uffd use --strategy per-region-uffd (one userfaultfd per vCPU's memory partition, which the kernel has)",
       );
     }
     const c = this.native.constants;

@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
-import { UsageError, parseIntOption } from '@postcopy/shared';
+import { preflightMemoryBackend, type PreflightSpec } from '@postcopy/dest-host';
+import { BackendUnavailableError, UsageError, parseIntOption } from '@postcopy/shared';
 import { launcherCommand, splitArgs } from '../options.js';
 import { columnName, combinations, describeCombination, parseList, type SweptParam } from './matrix.js';
 
@@ -93,15 +94,36 @@ export function rawOptions(options: ExperimentOptions, values: Record<string, st
 /**
  * Checks every combination with the launcher's own validation before anything
  * runs; the first bad one throws a UsageError naming the combination.
+ *
+ * Where a combination runs on the kernel's userfaultfd, it also checks that
+ * the kernel lets this machine open one for that guest layout (permission,
+ * the addon, hugetlbfs pages): if not, no run of it could work, and that
+ * throws BackendUnavailableError (exit 2) before anything runs. A strategy
+ * the kernel does not have (per-thread-uffd on uffd) is not refused here:
+ * those runs fail (exit 2, saying so) and are recorded, and the rest of the
+ * sweep goes on, so one sweep can cover every strategy on both backends.
  */
 export function validateMatrix(options: ExperimentOptions): void {
+  const checked = new Set<string>();
   for (const combination of combinations(options.params)) {
+    const where = options.params.length > 0 ? ` (in the combination ${describeCombination(options.params, combination.values)})` : '';
+    let preflight: PreflightSpec;
     try {
-      splitArgs(rawOptions(options, combination.values));
+      ({ preflight } = splitArgs(rawOptions(options, combination.values)));
     } catch (err) {
       if (!(err instanceof UsageError)) throw err;
-      const where = options.params.length > 0 ? ` (in the combination ${describeCombination(options.params, combination.values)})` : '';
       throw new UsageError(err.message + where);
+    }
+    if (preflight.memoryBackend === 'emulated') continue;
+    const kernel: PreflightSpec = { ...preflight, strategy: preflight.strategy === 'per-thread-uffd' ? 'per-region-uffd' : preflight.strategy };
+    const key = JSON.stringify(kernel);
+    if (checked.has(key)) continue;
+    checked.add(key);
+    try {
+      preflightMemoryBackend(kernel);
+    } catch (err) {
+      if (!(err instanceof BackendUnavailableError)) throw err;
+      throw new BackendUnavailableError(err.backend, err.message + where);
     }
   }
 }
