@@ -416,6 +416,29 @@ describe('the destination against a malicious source', () => {
     expect(r.report).toBeUndefined();
   });
 
+  // On the kernel's userfaultfd a thread blocked in a fault cannot be
+  // interrupted or terminated: the failed run must still name it, exit
+  // non-zero (never hang), and report nothing (the close that lets the
+  // thread go wakes it on a zero page that was never installed).
+  for (const [strategy, extra] of [['shared-uffd', []], ['per-region-uffd', []], ['kvm-exit', ['--io-threads', '1']]] as const) {
+    it.runIf(process.platform === 'linux')(
+      `--memory-backend uffd, ${strategy}${extra.length ? ` ${extra.join(' ')}` : ''}: a source that never answers — the watchdog names the thread blocked in the kernel, the destination exits`,
+      async () => {
+        const r = await runAgainst({ request: lieOnRequest(3, () => {}) }, ['--memory-backend', 'uffd', ...extra], strategy);
+        expectRejected(r, /watchdog: no progress for \d+ ms; blocked: /);
+        if (strategy === 'kvm-exit') {
+          // The vCPU waits for its own fetch; the I/O thread sleeps in the kernel's handle_userfault.
+          expect(r.stderr).toMatch(/vCPU 0 on page \d+ for \d+ ms|I\/O thread 0 on page \d+ for \d+ ms \(blocked in userfaultfd\)/);
+        } else {
+          expect(r.stderr).toMatch(/vCPU 0 on page \d+ for \d+ ms \(blocked in userfaultfd\)/);
+        }
+        expect(r.ms).toBeLessThan(12_000);
+        expect(r.report).toBeUndefined();
+        expect(r.stdout).not.toContain('verified: true');
+      },
+    );
+  }
+
   it('without preempt: sent-on-main for a page that never comes on main — the watchdog stops the run', async () => {
     const r = await runAgainst({
       request: (s, ch, id, page) => {
