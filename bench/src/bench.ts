@@ -16,6 +16,7 @@ import {
 import { measureFloor, type FloorResult } from './floor.js';
 import { PUSH_RUN, RECOVERY_RUNS, TLS_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
 import type { BenchOptions } from './options.js';
+import { BackendsBench, type BackendsResult } from './backends.js';
 
 export interface FloorSample {
   p50Us: number;
@@ -37,6 +38,8 @@ export interface BenchResult extends BenchFigures {
   method: Record<string, string>;
   /** Every repeat's figures, before the medians. */
   samples: { floor: FloorSample[]; runs: Record<string, RunFigures[]> };
+  /** Each strategy on each memory backend, and each backend's local floor (backends.ts). */
+  backends: BackendsResult;
 }
 
 export const METHOD = {
@@ -93,7 +96,10 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   for (const spec of runSpecs) runSamples[spec.key] = [];
 
   const steps: Step[] = [];
+  const backends = new BackendsBench(options.backends, options.memoryBytes);
+  if (backends.note) progress(backends.note);
   for (let r = 0; r < options.repeat; r++) {
+    steps.push(...backends.steps());
     steps.push({
       label: 'floor (round trip and bulk)',
       run: async () => {
@@ -200,5 +206,6 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     targets: checkTargets(r),
     method: { ...METHOD },
     samples: { floor: floorSamples, runs: runSamples },
+    backends: backends.result(),
   };
 }

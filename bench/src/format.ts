@@ -1,6 +1,7 @@
 import type { BenchResult } from './bench.js';
 import { BENCH_STRATEGIES, RATIO_MEANINGS, RATIO_NAMES } from './figures.js';
 import { injectAtPages } from './migrations.js';
+import { formatBackends } from './backends.js';
 
 function table(rows: string[][], indent = '  '): string {
   const widths: number[] = [];
@@ -84,6 +85,8 @@ export function formatBench(r: BenchResult): string {
       ['', mib(r.large.destPeakRssBytes), mib(r.large.sourcePeakRssBytes), mib(1.15 * r.large.guestBytes + 256 * 1048576)],
     ]),
   );
+  lines.push('');
+  lines.push(formatBackends(r.backends));
   lines.push('');
   lines.push('ratios');
   const rows: string[][] = [['name', 'value', 'target', '', 'meaning']];

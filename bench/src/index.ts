@@ -10,3 +10,5 @@ export * from './native-build.js';
 export * from './native-floor.js';
 export * from './net-ceiling.js';
 export * from './net-ceiling-layout.js';
+export * from './backends.js';
+export * from './backend-floor.js';

@@ -1,5 +1,6 @@
 import { Command } from 'commander';
 import { formatBytes, parseIntOption, parseSize } from '@postcopy/shared';
+import { addBackendsOption, parseBackendsOptions, type BackendsOptions } from './backends.js';
 
 /** Option defaults in one literal (the `ws` convention). */
 export const BENCH_DEFAULTS = {
@@ -27,9 +28,15 @@ export interface BenchOptions {
   largeVcpus: number;
   /** Where to write the results as JSON, if anywhere. */
   json: string | undefined;
+  /** The memory-backends section (backends.ts). */
+  backends: BackendsOptions;
 }
 
 export function benchCommand(): Command {
+  return addBackendsOption(benchCommandWithoutBackends());
+}
+
+function benchCommandWithoutBackends(): Command {
   return new Command('postcopy-bench')
     .description(
       'Measures the floor (raw WebSocket round trip of a 4 KiB page and raw bulk throughput between two Node processes) ' +
@@ -60,6 +67,7 @@ export function parseBenchOptions(raw: Record<string, unknown>): BenchOptions {
     largeMemoryBytes: parseSize('--large-memory', String(raw.largeMemory)),
     largeVcpus: parseIntOption('--large-vcpus', String(raw.largeVcpus), 1, 256),
     json: typeof raw.json === 'string' ? raw.json : undefined,
+    backends: parseBackendsOptions(raw),
   };
 }
 

@@ -8,7 +8,7 @@ import { runNode, type ProcessResult } from '../../e2e/test/run.js';
 /** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
 const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 /** The whole code path, tiny: every run is a real two-process migration of a 4 MiB guest. */
-const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2'];
+const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2', '--memory-backends', 'none'];
 const TIMEOUT_MS = 55_000;
 
 const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget', 'tlsFaultP50OverPlain', 'tlsPushOverPlain'];
@@ -90,6 +90,8 @@ describe('npm run bench (tiny)', () => {
     expect(run.stdout).toContain('paused ms (per pause)');
     expect(run.stdout).toMatch(/kill-source \(source SIGKILLed/);
 
+    // The memory-backends section has its own test (backends.test.ts): skipped here to keep the tiny run short.
+    expect(run.stdout).toContain('memory backends: not measured (--memory-backends none)');
     for (const name of RATIOS) expect(run.stdout).toContain(name);
     expect(run.stdout).toMatch(/targets met: \d of 8/);
     expect(run.stdout).toMatch(/^TLS \(--tls: /m);
