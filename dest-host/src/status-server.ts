@@ -45,6 +45,8 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
     faults,
     'faults-non-vcpu': nonVcpuFaults,
     'postcopy-vcpu-blocktime': blocktime,
+    // Fault messages resolvers have read for each vCPU (mapped from the message's thread id; 0 for kvm-exit's vCPUs, which exit instead).
+    'vcpu-fault-messages': Array.from({ length: s.vcpus }, (_, v) => vmm.messagesOf(v)),
     'postcopy-latency': faults > 0 ? Math.round((blockedSum * 1e6) / faults) : 0,
   };
 }

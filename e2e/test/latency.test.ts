@@ -76,6 +76,7 @@ describe('link shaping and channels, end to end', () => {
       }
       expect(snapshot).toMatchObject({ status: 'postcopy-active', 'pages-total': 2048 });
       expect(snapshot!['postcopy-vcpu-blocktime']).toHaveLength(1);
+      expect(snapshot!['vcpu-fault-messages']).toHaveLength(1);
       expect((snapshot!.ram as Record<string, number>).total).toBe(8 * 1024 * 1024);
       const notFound = await fetch(url.replace('/status', '/nope'));
       expect(notFound.status).toBe(404);

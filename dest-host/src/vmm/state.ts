@@ -100,6 +100,10 @@ export class VmmState {
   readonly faultStarts: Float64Array;
   /** Written only by the owning thread; others read it for status (a torn read is impossible for aligned doubles on x86-64 and arm64). */
   readonly blockedTotals: Float64Array;
+  /** Thread slot → the id its fault messages carry (see VmmBuffers.tids). */
+  readonly tids: Int32Array;
+  /** tid → slot, built by this thread as tids appear. */
+  private readonly slotByTid = new Map<number, number>();
 
   static create(totalPages: number, threads: number): VmmState {
     return new VmmState({
@@ -126,11 +130,6 @@ export class VmmState {
     this.blockedTotals = new Float64Array(buffers.blockedTotals);
     this.tids = new Int32Array(buffers.tids);
   }
-
-  /** Thread slot → the id its fault messages carry (see VmmBuffers.tids). */
-  readonly tids: Int32Array;
-  /** tid → slot, built by this thread as tids appear. */
-  private readonly slotByTid = new Map<number, number>();
 
   /** Thread `slot` says which id its fault messages carry (once bound, before it reports ready). */
   setTid(slot: number, tid: number): void {
