@@ -14,7 +14,12 @@ import { openRegistered, type ContextRange, type FaultStrategy } from './strateg
  * and requested pages that came on the main channel (one COPY per region a
  * run of pages touches; a COPY must lie in one registered vma, and two
  * contexts' ranges are two vmas). So each install wakes every thread waiting
- * on the page, and no resolver owes a WAKE.
+ * on the page, and no resolver owes a WAKE: a COPY wakes the waiters of the
+ * range on the context it is issued on, messages read or not
+ * (fs/userfaultfd.c, __wake_userfault walks both fault_pending_wqh and
+ * fault_wqh), and a thread woken before its message was read takes the
+ * message with it (handle_userfault removes its wait entry), so no stale
+ * message is left for a reader to resolve twice.
  */
 export const perRegionUffd: FaultStrategy = {
   name: 'per-region-uffd',
