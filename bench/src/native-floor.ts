@@ -32,6 +32,7 @@ export type NativeFloorMode = (typeof NATIVE_FLOOR_MODES)[number];
 export const NATIVE_COUNTERPART = {
   'shared-uffd': 'shared',
   'per-thread-uffd': 'per-region',
+  'per-region-uffd': 'per-region',
   'kvm-exit': 'exit',
 } as const satisfies Record<string, NativeFloorMode>;
 
