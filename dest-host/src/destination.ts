@@ -1,36 +1,35 @@
 import type { Server } from 'node:http';
-import type { Worker } from 'node:worker_threads';
 import {
   ChannelRole,
   CheckError,
   ConnectionError,
-  PostcopyError,
-  ProtocolError,
-  bitmapBytes,
-  bitmapSet,
+  counterWord,
   digestPages,
-  startWorker,
   type GuestLayout,
   type MemoryBackendName,
-  type Message,
   type Report,
-  type SourceSummary,
   type StrategyName,
   type WorkloadName,
 } from '@postcopy/shared';
-import { ERRNO, type BackendMemory } from './memory/backend.js';
+import { DestLifecycle } from './lifecycle.js';
+import type { BackendMemory } from './memory/backend.js';
 import { BACKEND_BY_NAME } from './memory/backends.js';
 import { GuestPages } from './memory/pages.js';
 import { PageClient, type ClientTls } from './net/page-client.js';
 import { Session } from './net/session.js';
 import { Recovery } from './recovery.js';
 import { buildReportWithHistogram } from './report-builder.js';
-import { startStatusServer, type MigrationState } from './status-server.js';
+import { Abort } from './run/abort.js';
+import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './run/finish.js';
+import { GuestThreads } from './run/guest-threads.js';
+import { MainChannel } from './run/main-channel.js';
+import { startStatusServer } from './status-server.js';
 import { STRATEGY_BY_NAME, type StrategySetup, type ThreadPlan } from './strategies/index.js';
 import { PageInstaller } from './vmm/page-installer.js';
+import { PrecopyReceiver } from './vmm/precopy-receiver.js';
 import { COUNTER, PAGE, VmmState } from './vmm/state.js';
-import { Watchdog, type WatchedThread } from './watchdog.js';
-import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from './workers/protocol.js';
+import { Watchdog } from './watchdog.js';
+import type { SharedState, SourceEndpoint } from './workers/protocol.js';
 
 export interface DestinationOptions {
   source: string;
@@ -66,6 +65,8 @@ export interface DestinationOptions {
   onEvent?: (line: string) => void;
   /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
   skipOwedWake: boolean;
+  /** For tests only: keep the pages the switch to postcopy discards (the content check must fail). */
+  skipDiscard?: boolean;
   /** Called about every 200 ms with pages installed so far. */
   onProgress?: (installed: number, total: number, faults: number) => void;
   /** Serve GET /status on this port (0 = any free port), or undefined for none. */
@@ -82,61 +83,27 @@ export interface DestinationResult {
   hgrm: string;
 }
 
-/** A failure that stops the run: the first one wins. */
-class Abort {
-  error: Error | undefined;
-  readonly promise: Promise<never>;
-  private rejectFn!: (err: Error) => void;
-  constructor() {
-    this.promise = new Promise<never>((_, reject) => (this.rejectFn = reject));
-    this.promise.catch(() => {});
-  }
-  fail(err: Error): void {
-    if (this.error) return;
-    this.error = err;
-    this.rejectFn(err);
-  }
-  /** Waits for `p` unless the run fails first. */
-  race<T>(p: Promise<T>): Promise<T> {
-    return Promise.race([p, this.promise]);
-  }
-}
-
-/** Waits for one report of a given type from a worker (fails the run if the worker exits first). */
-function expectReport<T extends WorkerReport['type']>(worker: Worker, type: T, label: string, abort: Abort): Promise<Extract<WorkerReport, { type: T }>> {
-  return abort.race(
-    new Promise((resolve) => {
-      const onMessage = (m: WorkerReport): void => {
-        if (m.type !== type) return;
-        worker.off('message', onMessage);
-        worker.off('exit', onExit);
-        resolve(m as Extract<WorkerReport, { type: T }>);
-      };
-      const onExit = (code: number): void => abort.fail(new Error(`${label} exited (code ${code}) before reporting ${type}`));
-      worker.on('message', onMessage);
-      worker.on('exit', onExit);
-    }),
-  );
-}
-
 /**
- * Runs the destination side of one postcopy migration: connects to the
- * source, maps empty guest memory, starts the strategy's resolvers and the
- * vCPU threads, installs pushed pages, and returns the report once every
- * check has run.
+ * Runs the destination side of one migration, phase by phase (the states of
+ * lifecycle.ts): connect and set up (memory, the strategy's contexts, the
+ * worker threads); start; in precopy modes receive rounds until the
+ * switchover; run the guest (postcopy: faults fetch what is missing, the
+ * push brings the rest); wind down; the accounting with the source; the
+ * report once every check has run. A connection lost before the switchover
+ * cancels the migration; after it, the migration pauses and recovers.
  */
 export async function runDestination(options: DestinationOptions): Promise<DestinationResult> {
   const { layout } = options;
   const abort = new Abort();
-  const workers: Worker[] = [];
+  const lifecycle = new DestLifecycle();
   let main: PageClient | undefined;
+  let threads: GuestThreads | undefined;
   let watchdog: Watchdog | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
   let dropTimer: NodeJS.Timeout | undefined;
   /** The watchdog runs while the guest does (a resume restarts it only then). */
   let watching = false;
   let status: Server | undefined;
-  let state: MigrationState = 'setup';
   // Guest memory and the strategy's contexts: released in `finally` whatever happens.
   let memory: BackendMemory | undefined;
   let setup: StrategySetup | undefined;
@@ -156,6 +123,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     setup = undefined;
   };
   try {
+    // ---- setup: the main channel, guest memory, the strategy
     const endpoint: SourceEndpoint = {
       url: options.source,
       token: options.token,
@@ -181,10 +149,11 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       });
     main = await connectMain();
     const welcome = main.welcome;
+    const precopyMode = welcome.mode !== 'postcopy';
     // Every later channel (fault channels, a main channel that resumes) shows it.
     endpoint.secret = welcome.secret;
 
-    const threads: ThreadPlan = {
+    const plan: ThreadPlan = {
       vcpus: options.vcpus,
       ioThreads: options.ioThreads,
       readers: options.readers,
@@ -201,10 +170,11 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     memory = guest;
     const vmm = VmmState.create(layout.totalPages, threadCount);
     const strategy = STRATEGY_BY_NAME[options.strategy];
-    const plan = strategy.setup(guest, threads, layout.totalPages);
-    setup = plan;
-    if (options.skipOwedWake) for (const r of plan.resolvers) r.owesWake = false;
-    const installer = new PageInstaller(guest, vmm, plan.ranges);
+    const strategySetup = strategy.setup(guest, plan, layout.totalPages);
+    setup = strategySetup;
+    if (options.skipOwedWake) for (const r of strategySetup.resolvers) r.owesWake = false;
+    const installer = new PageInstaller(guest, vmm, strategySetup.ranges);
+    const receiver = new PrecopyReceiver(guest, vmm, installer, options.skipDiscard === true);
     /** Faults so far, all threads (the destination's own count, the same on both backends). */
     const faultsSoFar = (): number => {
       let n = 0;
@@ -215,16 +185,21 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     const epochNow = (): number => performance.now();
     let startedAt: number | undefined;
     if (options.statusPort !== undefined) {
-      const server = await startStatusServer(options.statusPort, {
-        state: () => state,
-        vmm,
-        totalPages: layout.totalPages,
-        pageSize: layout.pageSize,
-        vcpus: options.vcpus,
-        threads: threadCount,
-        now: epochNow,
-        startedAt: () => startedAt,
-      }, options.statusHost);
+      const server = await startStatusServer(
+        options.statusPort,
+        {
+          state: () => lifecycle.state,
+          vmm,
+          totalPages: layout.totalPages,
+          pageSize: layout.pageSize,
+          vcpus: options.vcpus,
+          threads: threadCount,
+          now: epochNow,
+          startedAt: () => startedAt,
+          round: () => receiver.round,
+        },
+        options.statusHost,
+      );
       status = server;
       options.onStatusUrl?.(server.url);
     }
@@ -232,98 +207,50 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       memory: guest.handle,
       vmm: vmm.buffers,
       image: { seed: welcome.imageSeed, zeroFraction: welcome.zeroFraction },
+      // A guest that ran on the source changed each page's counter word: the first-touch check skips it.
+      ignoreWord: precopyMode ? counterWord(layout.pageSize) : -1,
       epochOrigin,
     };
 
-    // ---- the main channel: pushed pages, completion, summary
-    let complete = false;
-    let allInstalled!: () => void;
-    const installedAll = new Promise<void>((resolve) => (allInstalled = resolve));
-    let gotSummary!: (s: SourceSummary) => void;
-    const summaryArrived = new Promise<SourceSummary>((resolve) => (gotSummary = resolve));
+    // ---- the main channel and recovery
     let finishing = false;
-    const checkInstalled = (): void => {
-      if (complete && vmm.counter(COUNTER.INSTALLED) === layout.totalPages) allInstalled();
-    };
-    /** Installs one page that came on the main channel (a zero push, or a requested page without preempt). */
-    const installOne = (page: number, data: Uint8Array | undefined, kind: 'pushed' | 'requested'): void => {
-      const result = installer.installOwned(page, data);
-      if (result === layout.pageSize) {
-        vmm.count(kind === 'pushed' ? COUNTER.PAGES_PUSHED : COUNTER.PAGES_DEMAND);
-        if (!data) {
-          vmm.count(COUNTER.PAGES_ZERO);
-          if (kind === 'pushed') vmm.count(COUNTER.PUSHED_ZERO);
-        }
-        vmm.markReceived(page);
-      } else if (result === -ERRNO.EEXIST) {
-        vmm.count(COUNTER.DUPLICATE_DATA);
+    const channel = new MainChannel({
+      totalPages: layout.totalPages,
+      pageSize: layout.pageSize,
+      vmm,
+      installer,
+      precopy: receiver,
+      lifecycle,
+      fail: (err) => abort.fail(err),
+      onSwitchover: (postcopy) => options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
+      afterPush: () => {
+        if (drops.length > 0) maybeInjectDrop();
+      },
+    });
+    /** A lost connection: before the switchover the migration is cancelled (the guest never left); after it, it pauses. */
+    const connectionLost = (what: string, err: Error): void => {
+      // The run has failed already (what closes now is its own wind-down).
+      if (abort.error) return;
+      if (!(err instanceof ConnectionError) || startedAt === undefined) {
+        abort.fail(err);
+      } else if (!lifecycle.switchedOver) {
+        lifecycle.cancel();
+        abort.fail(new ConnectionError(`the connection to the source was lost during precopy (${what}: ${err.message}): the migration is cancelled, and the guest stays on the source`));
       } else {
-        abort.fail(new Error(`installing ${kind} page ${page} failed with errno ${-result}`));
-      }
-      if (complete) checkInstalled();
-    };
-    const onMainMessage = (m: Message): void => {
-      switch (m.type) {
-        case 'pushed': {
-          const count = m.data.length / layout.pageSize;
-          const installed = installer.installRun(m.page, m.data, count);
-          if (installed < 0) abort.fail(new Error(`installing pushed pages from ${m.page} failed with errno ${-installed}`));
-          else vmm.count(COUNTER.PAGES_PUSHED, installed);
-          if (complete) checkInstalled();
-          if (drops.length > 0) maybeInjectDrop();
-          return;
-        }
-        case 'pushed-zero':
-          installOne(m.page, undefined, 'pushed');
-          return;
-        case 'page':
-        case 'zero-page':
-          // A requested page sent on the main channel (no preempt): the
-          // requester waits for it in the receivedmap.
-          installOne(m.page, m.type === 'page' ? m.data : undefined, 'requested');
-          return;
-        case 'complete':
-          complete = true;
-          checkInstalled();
-          return;
-        case 'summary': {
-          const { type: _type, ...summary } = m;
-          gotSummary(summary);
-          return;
-        }
-        case 'error':
-          abort.fail(new PostcopyError(m.code, `the source reported: ${m.message}`));
-          return;
-        default:
-          abort.fail(new ProtocolError(`expected pushed, complete, summary or error on the main channel, got ${m.type}`));
+        recovery.lost(`${what}: ${err.message}`);
       }
     };
-    /** The main channel closed: before start the run fails; during postcopy the migration pauses and recovers. */
     const adoptMain = (client: PageClient): void => {
       main = client;
-      client.onMessage = onMainMessage;
+      client.onMessage = (m) => channel.onMessage(m);
       client.onClose = (err) => {
         if (finishing || client !== main) return;
-        const lostErr = err ?? new ConnectionError('the main channel to the source closed');
-        // A lost connection pauses the migration; a source that broke the protocol fails it.
-        if (startedAt === undefined || !(lostErr instanceof ConnectionError)) abort.fail(lostErr);
-        else recovery.lost(`main channel: ${lostErr.message}`);
+        // A lost connection pauses the migration (or cancels it before the switchover); a source that broke the protocol fails it.
+        connectionLost('main channel', err ?? new ConnectionError('the main channel to the source closed'));
       };
     };
     adoptMain(main);
     const session = new Session(vmm.counters);
-    /** The pages in `status`, one bit a page, and how many there are. */
-    const bitmapOf = (status: number): { map: Uint8Array; count: number } => {
-      const map = new Uint8Array(bitmapBytes(layout.totalPages));
-      let count = 0;
-      for (let page = 0; page < layout.totalPages; page++) {
-        if (Atomics.load(vmm.pageStatus, page) === status) {
-          bitmapSet(map, page);
-          count++;
-        }
-      }
-      return { map, count };
-    };
     const recovery = new Recovery({
       session,
       connectMain,
@@ -332,20 +259,19 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
         type: 'resume',
         push: options.push,
         preempt: options.preempt,
-        receivedmap: bitmapOf(PAGE.RECEIVED).map,
-        requestedmap: bitmapOf(PAGE.REQUESTED).map,
+        receivedmap: bitmapOf(vmm, layout.totalPages, PAGE.RECEIVED).map,
+        requestedmap: bitmapOf(vmm, layout.totalPages, PAGE.REQUESTED).map,
       }),
       adopt: adoptMain,
       onPause: (reason) => {
-        state = 'postcopy-paused';
+        lifecycle.pause();
         main?.terminate();
         watchdog?.stop();
-        // The source sends complete again once it has resent what was lost.
-        complete = false;
+        channel.forgetComplete();
         options.onEvent?.(`connection lost (${reason}): postcopy paused after ${vmm.counter(COUNTER.INSTALLED)} pages installed; reconnecting`);
       },
       onResume: (resumed, pausedMs) => {
-        state = 'postcopy-active';
+        lifecycle.resume();
         if (watching) watchdog?.start();
         options.onEvent?.(
           `resumed after ${Math.round(pausedMs)} ms${resumed.restarted ? ' (source restarted)' : ''}: the source marked ${resumed.pagesMarkedUnsent} pages lost on the way as unsent`,
@@ -356,74 +282,72 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       answerTimeoutMs: options.connectTimeoutMs,
       now: epochNow,
     });
-    // Fault injection: cut every connection once per threshold of installed pages.
+    // Fault injection: cut every connection once per threshold of installed pages (only once the guest runs here).
     const drops = [...options.injectDrops].sort((a, b) => a - b);
     let dropsInjected = 0;
     const maybeInjectDrop = (): void => {
-      if (dropsInjected >= drops.length || recovery.paused || startedAt === undefined || finishing) return;
+      if (dropsInjected >= drops.length || recovery.paused || startedAt === undefined || finishing || abort.error) return;
       const installed = vmm.counter(COUNTER.INSTALLED);
       if (installed < drops[dropsInjected]!) return;
       dropsInjected++;
-      recovery.lost(`injected drop@${drops[dropsInjected - 1]} at ${installed} pages installed`);
+      const reason = `injected drop@${drops[dropsInjected - 1]} at ${installed} pages installed`;
+      // During precopy a lost connection cancels the migration (the guest never left); after the switchover it pauses and recovers.
+      if (lifecycle.switchedOver) recovery.lost(reason);
+      else {
+        main?.terminate();
+        connectionLost('main channel', new ConnectionError(reason));
+      }
     };
 
-    // ---- threads
-    const watch = (worker: Worker, label: string): Worker => {
-      workers.push(worker);
-      worker.on('message', (m: WorkerReport) => {
-        if (m.type === 'error') abort.fail(new Error(`${label}: ${m.message}`));
-        // A fault channel's connection dropped in the current session: pause and recover.
-        else if (m.type === 'channel-lost' && m.epoch === session.epoch && !finishing) {
-          if (startedAt === undefined) abort.fail(new ConnectionError(`${label}: ${m.message}`));
-          else recovery.lost(`${label}: ${m.message}`);
-        }
-      });
-      worker.on('error', (err) => abort.fail(new Error(`${label}: ${err.message}`)));
-      return worker;
-    };
-    const resolverWorkers = plan.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: shared, source: endpoint };
-      return { spec, worker: watch(startWorker(import.meta.url, 'workers/resolver-worker', { workerData: data }), spec.label) };
+    // ---- the worker threads: they connect and bind before the migration starts
+    threads = new GuestThreads({
+      strategy: options.strategy,
+      fault: strategy,
+      plan: strategySetup,
+      threads: plan,
+      shared,
+      endpoint,
+      workload: {
+        name: options.workload,
+        totalPages: layout.totalPages,
+        vcpus: options.vcpus,
+        seed: options.seed,
+        accesses: options.accesses,
+        writeFraction: options.writeFraction,
+      },
+      ioAccesses: options.ioAccesses,
+      abort,
+      onChannelLost: (label, message, epoch) => {
+        // A fault channel's connection dropped in the current session: pause and recover (or cancel, or fail).
+        if (epoch !== session.epoch || finishing) return;
+        connectionLost(label, new ConnectionError(message));
+      },
     });
-    const guestThread = (kind: 'vcpu' | 'io', index: number): { worker: Worker; label: string } => {
-      const label = kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`;
-      const data: GuestThreadData = {
-        kind,
-        index,
-        slot: kind === 'vcpu' ? threads.vcpuSlot(index) : threads.ioSlot(index),
-        strategy: options.strategy,
-        delivery: kind === 'vcpu' ? strategy.vcpuFaultDelivery : 'userfaultfd',
-        state: shared,
-        workload: {
-          name: options.workload,
-          totalPages: layout.totalPages,
-          vcpus: options.vcpus,
-          seed: options.seed,
-          accesses: options.accesses,
-          writeFraction: options.writeFraction,
-        },
-        ioAccesses: options.ioAccesses,
-        source: endpoint,
-        copyCtx: plan.vcpuCopyCtx,
-      };
-      return { worker: watch(startWorker(import.meta.url, 'workers/guest-thread-worker', { workerData: data }), label), label };
-    };
-    const vcpus = Array.from({ length: options.vcpus }, (_, v) => guestThread('vcpu', v));
-    const ios = Array.from({ length: options.ioThreads }, (_, i) => guestThread('io', i));
-    const everyone = [...resolverWorkers.map((r) => ({ worker: r.worker, label: r.spec.label })), ...vcpus, ...ios];
-    await Promise.all(everyone.map((t) => expectReport(t.worker, 'ready', t.label, abort)));
+    await threads.ready();
+    watchdog = new Watchdog(vmm, guest, threads.watched(), options.watchdogMs, epochNow, (err) => abort.fail(err));
 
-    const watched: WatchedThread[] = [
-      ...vcpus.map((_, v) => ({ slot: threads.vcpuSlot(v), name: `vCPU ${v}` })),
-      ...ios.map((_, i) => ({ slot: threads.ioSlot(i), name: `I/O thread ${i}` })),
-    ];
-    watchdog = new Watchdog(vmm, guest, watched, options.watchdogMs, epochNow, (err) => abort.fail(err));
-
-    // ---- postcopy starts: the guest runs on the destination from here
-    const started = epochNow();
-    startedAt = started;
-    state = 'postcopy-active';
+    // ---- start: precopy rounds first, or postcopy at once
+    startedAt = epochNow();
+    lifecycle.start(precopyMode);
     main.send({ type: 'start', push: options.push, preempt: options.preempt });
+    if (options.onProgress) {
+      const onProgress = options.onProgress;
+      progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, faultsSoFar()), 200);
+      progressTimer.unref();
+    }
+    if (precopyMode) {
+      // The guest runs on the source meanwhile; ours starts at the switchover.
+      const precopyDrops = drops.length > 0 ? setInterval(maybeInjectDrop, 2) : undefined;
+      try {
+        await abort.race(channel.switchover.promise);
+      } finally {
+        clearInterval(precopyDrops);
+      }
+      main.send({ type: 'running' });
+    }
+
+    // ---- the guest runs here (postcopy-active, or completed after a stop-and-copy)
+    const started = epochNow();
     watchdog.start();
     watching = true;
     if (drops.length > 0) {
@@ -432,23 +356,14 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       dropTimer = setInterval(maybeInjectDrop, 2);
       dropTimer.unref();
     }
-    if (options.onProgress) {
-      const onProgress = options.onProgress;
-      progressTimer = setInterval(() => onProgress(vmm.counter(COUNTER.INSTALLED), layout.totalPages, faultsSoFar()), 200);
-      progressTimer.unref();
-    }
-    const guestDone = [...vcpus, ...ios].map((t) => expectReport(t.worker, 'done', t.label, abort));
-    for (const t of [...vcpus, ...ios]) t.worker.postMessage({ type: 'go' });
-    const results = (await Promise.all(guestDone)).map((r) => r.result);
-    const vcpuResults: GuestThreadResult[] = results.slice(0, vcpus.length);
-    const ioResults: GuestThreadResult[] = results.slice(vcpus.length);
+    const { vcpuResults, ioResults } = await threads.run();
     if (options.push) {
       // The main thread re-checks on every page it installs and on complete.
       // The last page may instead be a requested page installed by a vCPU or
       // resolver thread after complete arrived: poll for that case.
-      const poll = setInterval(checkInstalled, 5);
+      const poll = setInterval(() => channel.checkInstalled(), 5);
       try {
-        await abort.race(installedAll);
+        await abort.race(channel.installedAll);
       } finally {
         clearInterval(poll);
       }
@@ -458,9 +373,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     // ---- wind down: resolvers stop reading and finish their in-flight
     // requests; only then are the contexts unregistered and closed (on the
     // kernel an install on a closed context is EBADF).
-    const resolverDone = resolverWorkers.map((r) => expectReport(r.worker, 'resolver-done', r.spec.label, abort));
-    for (const r of resolverWorkers) r.worker.postMessage({ type: 'stop' });
-    await Promise.all(resolverDone);
+    await threads.stopResolvers();
     releaseContexts();
     watching = false;
     watchdog.stop();
@@ -470,29 +383,16 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     // A drop whose threshold was reached goes off before the end (drop@N with N up to every page).
     maybeInjectDrop();
     clearInterval(dropTimer);
-    let summary: SourceSummary | undefined;
-    let received = 0;
-    while (summary === undefined) {
-      // A connection lost here: finish again once the migration has resumed.
-      await abort.race(recovery.whenActive());
-      const receivedmap = bitmapOf(PAGE.RECEIVED);
-      received = receivedmap.count;
-      main.send({ type: 'finish', receivedmap: receivedmap.map });
-      let timer: NodeJS.Timeout | undefined;
-      const summaryTimeout = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new ConnectionError('the source did not answer finish within 30 s')), 30_000);
-      });
-      try {
-        summary = await abort.race(Promise.race([summaryArrived, summaryTimeout, recovery.nextPause().then(() => undefined)]));
-      } finally {
-        clearTimeout(timer);
-      }
-    }
-    finishing = true;
+    const { summary, received } = await exchangeSummary({ main: () => main!, channel, vmm, totalPages: layout.totalPages, recovery, abort });
     // Received pages only: on uffd a missing page would block this thread in the kernel.
-    const destDigest = digestPages(new GuestPages(guest), layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+    const pages = new GuestPages(guest);
+    const destDigest = digestPages(pages, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+    // The digests differ: which pages, and who sent them last?
+    const digestMismatch =
+      destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main, channel, pages, vmm, totalPages: layout.totalPages, abort }) : undefined;
+    finishing = true;
+    lifecycle.finish();
 
-    state = 'completed';
     const built = buildReportWithHistogram({
       strategy: options.strategy,
       memoryBackend: options.memoryBackend,
@@ -513,6 +413,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       summary,
       imageDigest: welcome.imageDigest,
       destDigest,
+      ...(digestMismatch !== undefined ? { digestMismatch } : {}),
       allReceived: received === layout.totalPages,
       blocked,
       preempt: options.preempt,
@@ -536,7 +437,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     });
     return { report: built.report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };
   } catch (err) {
-    state = 'failed';
+    lifecycle.fail();
     throw err;
   } finally {
     status?.close();
@@ -547,6 +448,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     // Threads blocked in a real fault cannot be terminated: closing their
     // contexts wakes them (on zero pages: this run reports nothing).
     releaseContexts();
+    const workers = threads?.workers ?? [];
     const exited = await Promise.race([Promise.all(workers.map((w) => w.terminate())).then(() => true), sleep(WORKER_EXIT_MS).then(() => false)]);
     // Unmapping memory a thread still runs on would kill the process: a thread
     // that did not exit keeps it mapped until the process ends.

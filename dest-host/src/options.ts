@@ -73,7 +73,8 @@ export function addRunOptions(cmd: Command): Command {
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
     .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on 127.0.0.1:PORT while the run goes (0 = any free port)')
-    .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false));
+    .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false))
+    .addOption(new Option('--unsafe-skip-discard', 'testing only: keep the pages the switch to postcopy discards (the content check must fail)').default(false));
 }
 
 export function destCommand(): Command {
@@ -155,6 +156,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? DEST_DEFAULTS.keepaliveMs), 0, 3_600_000),
     injectDrops: parseInjections(raw.inject).drops,
     skipOwedWake: raw.unsafeSkipOwedWake === true,
+    skipDiscard: raw.unsafeSkipDiscard === true,
   };
 }
 

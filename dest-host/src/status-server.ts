@@ -1,9 +1,10 @@
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import type { DestState } from './lifecycle.js';
 import { COUNTER, type VmmState } from './vmm/state.js';
 
-/** QEMU's MigrationStatus names for the destination's phases. */
-export type MigrationState = 'setup' | 'postcopy-active' | 'postcopy-paused' | 'completed' | 'failed';
+/** QEMU's MigrationStatus names for the destination's phases (lifecycle.ts). */
+export type MigrationState = DestState;
 
 export interface StatusSource {
   state(): MigrationState;
@@ -16,6 +17,8 @@ export interface StatusSource {
   /** ms since the run's epoch */
   now(): number;
   startedAt(): number | undefined;
+  /** Precopy: the latest round whose pages arrived (0 before any). */
+  round?(): number;
 }
 
 /** The snapshot `GET /status` returns, shaped like QEMU's query-migrate on the destination. */
@@ -30,8 +33,19 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
   const received = vmm.counter(COUNTER.INSTALLED);
   const started = s.startedAt();
   const blockedSum = blocktime.reduce((a, b) => a + b, 0);
+  const rewrites = vmm.counter(COUNTER.PRECOPY_REWRITES);
+  const elapsedS = started === undefined ? 0 : (now - started) / 1000;
   return {
     status: s.state(),
+    ...(s.round && s.round() > 0
+      ? {
+          round: s.round(),
+          'pages-remaining': s.totalPages - received,
+          // What the destination sees of the guest's dirty rate: pages that arrived again per second.
+          'dirty-pages-rate': elapsedS > 0 ? Math.round(rewrites / elapsedS) : 0,
+          'precopy-rewrites': rewrites,
+        }
+      : {}),
     'total-time': started === undefined ? 0 : Math.round(now - started),
     ram: {
       total: s.totalPages * s.pageSize,

@@ -15,7 +15,9 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { pack } from 'msgpackr';
 import {
   MessageType,
+  PHASE,
   PROTOCOL_VERSION,
+  pageHashes,
   bitmapHas,
   decode,
   digestPages,
@@ -109,6 +111,10 @@ class FakeSource {
             this.finishes++;
             if (behaviour.finish?.(this, channel)) return;
             ws.send(encode(this.summary(m.receivedmap)));
+            return;
+          case 'hash-request':
+            // The honest source's page hashes (its image, every page last sent by postcopy).
+            ws.send(encode({ type: 'page-hashes', hashes: pageHashes(image, layout.totalPages), phases: new Uint8Array(layout.totalPages).fill(PHASE.POSTCOPY) }));
             return;
           case 'resume':
             if (behaviour.resume) {
@@ -355,6 +361,10 @@ describe('the destination against a malicious source', () => {
     const content = r.report!.checks.find((c) => c.name === 'content');
     expect(content?.ok).toBe(false);
     expect(content?.detail).toMatch(/differed from the generator at first touch/);
+    // The digests differ too, and the destination names the pages (it asked the source for their hashes).
+    const digest = r.report!.checks.find((c) => c.name === 'digest');
+    expect(digest?.ok).toBe(false);
+    expect(digest?.detail, digest?.detail).toMatch(/: \d+ page\(s\) differ from the source's memory as its vCPUs stopped, first \d+ \(last sent by postcopy\)/);
   });
 
   it('a welcome with another guest size', async () => {

@@ -52,14 +52,16 @@ export function bitmapCount(bitmap: Uint8Array): number {
 export function pageHashes(source: PageSource, totalPages: number): Uint8Array {
   const out = new Uint8Array(totalPages * 4);
   const view = new DataView(out.buffer);
-  for (let page = 0; page < totalPages; page++) {
-    const bytes = source.pageBytes(page);
-    const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2);
-    let h = 0x811c9dc5;
-    for (let i = 0; i < words.length; i++) h = Math.imul(h ^ words[i]!, 0x01000193);
-    view.setUint32(page * 4, h >>> 0, true);
-  }
+  for (let page = 0; page < totalPages; page++) view.setUint32(page * 4, pageHash(source.pageBytes(page)), true);
   return out;
+}
+
+/** FNV-1a over the page's 32-bit words (the page is 4-byte aligned). */
+export function pageHash(bytes: Uint8Array): number {
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2);
+  let h = 0x811c9dc5;
+  for (let i = 0; i < words.length; i++) h = Math.imul(h ^ words[i]!, 0x01000193);
+  return h >>> 0;
 }
 
 /** The first pages (at most `limit`) whose hashes differ between `a` and `b`, ascending. */

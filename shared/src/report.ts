@@ -39,6 +39,12 @@ export interface Counters {
   nonVcpuFaults: number;
   /** Pages installed by this run (received + zero). */
   pagesInstalled: number;
+  /** Precopy: pages installed by it (first arrivals), pages that arrived again and were overwritten, pages the switch to postcopy discarded. */
+  pagesPrecopy: number;
+  precopyRewrites: number;
+  pagesDiscarded: number;
+  /** Discarded pages a fault then fetched again (the discard set at work: the guest touched pages it had dirtied). */
+  discardedDemanded: number;
 }
 
 export interface PerVcpu {
@@ -178,6 +184,16 @@ export function formatReport(r: Report): string {
       `${r.ioThreads ? `, ${r.ioThreads} I/O thread${r.ioThreads > 1 ? 's' : ''}` : ''}`,
   );
   lines.push('');
+  if (r.mode !== 'postcopy') {
+    const p = r.precopy;
+    lines.push(
+      `${r.mode}: ${p.rounds} round${p.rounds === 1 ? '' : 's'} (${p.dirtySyncCount} dirty syncs), ${p.pagesSent} pages sent (${p.pagesResent} again), ` +
+        `guest dirtying ${fmt(p.dirtyPagesRate, 0)} pages/s${p.throttlePercent ? `, throttled to ${p.throttlePercent} %` : ''}; switchover: ${r.switchover.reason}; ` +
+        `downtime ${fmt(r.downtimeMs)} ms (limit ${r.downtimeLimitMs} ms, expected ${fmt(r.expectedDowntimeMs)} ms); total ${fmt(r.totalTimeMs)} ms, setup ${fmt(r.setupTimeMs)} ms` +
+        `${r.mode === 'hybrid' ? `; ${r.discard.pages} pages discarded in ${r.discard.ranges} range${r.discard.ranges === 1 ? '' : 's'}, ${r.counters.discardedDemanded} of them faulted in again` : ''}`,
+    );
+    lines.push('');
+  }
   const c = r.counters;
   lines.push(
     pad([
@@ -187,6 +203,7 @@ export function formatReport(r: Report): string {
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],
       ['already-sent / sent-on-main replies', `${c.alreadySent} / ${c.repliesOnMain}`],
       ['pages demand / pushed / zero', `${c.pagesDemand} / ${c.pagesPushed} / ${c.pagesZero}`],
+      ...(r.mode !== 'postcopy' ? [['pages precopy / re-sent / discarded', `${c.pagesPrecopy} / ${c.precopyRewrites} / ${c.pagesDiscarded}`]] : []),
       ['pages sent by source / total', `${c.pagesSentBySource} / ${c.totalPages}`],
       ['EEXIST / WAKE', `${c.eexist} / ${c.wakes}`],
       ['fault latency p50 / p90 / p99 / p99.9 / max (µs)', [r.latencyUs.p50, r.latencyUs.p90, r.latencyUs.p99, r.latencyUs.p999, r.latencyUs.max].map((x) => fmt(x)).join(' / ')],

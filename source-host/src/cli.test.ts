@@ -132,6 +132,11 @@ describe('source command: recovery', () => {
     expect(source.stderr().split('\n')[1]).toBe(`source: resumed (${lost} pages lost on the way marked unsent)`);
 
     main2.ws.send(encode({ type: 'finish', receivedmap: new Uint8Array(bitmapBytes(LAYOUT.totalPages)).fill(0xff) }));
+    await until(() => main2.messages.some((m) => m.type === 'summary'), 5000, 'the summary');
+    // The source stays until the destination is done with it (it might still ask for page hashes).
+    await new Promise((r) => setTimeout(r, 300));
+    expect(source.child.exitCode).toBeNull();
+    main2.ws.close();
     expect(await source.exited).toBe(0);
     const summary = main2.messages.find((m) => m.type === 'summary');
     expect(summary).toMatchObject({ pagesSent: LAYOUT.totalPages, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });

@@ -70,8 +70,13 @@ async function main(): Promise<number> {
       void server.close().then(() => resolve(code));
     };
     server.once('finished', () => {
-      // Give the summary frame time to leave before the process goes.
-      setTimeout(() => end(0), 50);
+      // The destination may still ask for page hashes (its digest differs):
+      // wait for it to close the main channel, or 30 s at most.
+      const timer = setTimeout(() => end(0), 30_000);
+      server.once('destination-done', () => {
+        clearTimeout(timer);
+        end(0);
+      });
     });
     server.once('destination-lost', (reason: string) => {
       process.stderr.write(`source: destination lost: ${reason}\n`);

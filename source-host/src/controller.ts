@@ -69,6 +69,8 @@ export class MigrationController extends EventEmitter {
   private pausedByRestart: boolean;
   private closing = false;
   private push = false;
+  /** The guest's vCPUs on the source, started with the source (the guest runs before the migration does). */
+  private guestStarted: Promise<void> | undefined;
 
   constructor(
     readonly image: GuestImage,
@@ -88,6 +90,8 @@ export class MigrationController extends EventEmitter {
         dirtySetPages: options.guest?.dirtySetPages ?? totalPages,
       });
       this.precopy = new Precopy(image, this.dirtyLog, this.guest, this.migration.phases, { ...options.precopy, mode: options.mode });
+      this.guestStarted = this.guest.start((err) => this.precopyFailed(err));
+      this.guestStarted.catch(() => {});
     }
     if (options.restarted) this.startResumeTimer();
   }
@@ -141,24 +145,23 @@ export class MigrationController extends EventEmitter {
 
   private async runPrecopy(main: Channel): Promise<void> {
     const precopy = this.precopy!;
-    await this.guest!.start((err) => this.precopyFailed(err));
+    await this.guestStarted;
     const decision = await precopy.run(main, this.startedAt!);
     if (this.state !== 'active') return; // cancelled meanwhile
     this.lifecycle.switchover();
     const result = await precopy.switchover(main, decision);
     this.stoppedAt = result.stoppedAt;
     if ((this.state as SourceState) !== 'device' || this.main !== main) return;
+    // Postcopy's exactly-once starts here: sent means sent in precopy and not dirtied since (precopy: every page).
+    this.migration.sentmap.reset(result.sentForPostcopy);
+    this.lifecycle.switched(decision.postcopy);
+    // After the state (the destination's first requests may follow the switchover at once)
+    // and before any pushed page (the destination takes none before it).
+    main.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
     if (decision.postcopy) {
-      // Postcopy's exactly-once starts here: sent means sent in precopy and not dirtied since.
-      this.migration.sentmap.reset(result.sentForPostcopy);
-      this.lifecycle.switched(true);
       this.migration.mainChannel = main;
       if (this.push) this.migration.startPush(main);
-    } else {
-      this.lifecycle.switched(false);
     }
-    // After the state: the destination's first requests may follow the switchover at once.
-    main.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
     this.emit('switchover', decision.postcopy, result.discardPages, decision.reason);
   }
 

@@ -24,7 +24,6 @@ import {
   PostcopyError,
   coalesce,
   encode,
-  formatBytes,
   maxPushPages,
   type MigrationSummary,
   type PageRange,
@@ -95,7 +94,7 @@ export interface SwitchoverResult {
   /** Hybrid: the discard set. */
   discard: PageRange[];
   discardPages: number;
-  /** Hybrid: the pages postcopy must count as sent (sent in precopy and not dirtied since), one bit a page, as a receivedmap. */
+  /** The pages the sentmap counts as sent from now on, one bit a page, as a receivedmap: hybrid, those sent and not dirtied since; precopy, all. */
   sentForPostcopy: Uint8Array;
 }
 
@@ -231,7 +230,7 @@ export class Precopy {
     const pageSize = this.image.layout.pageSize;
     return new NotConvergedError(
       `precopy did not converge in ${round} rounds${extra ? ` (${extra})` : ''}: the guest dirties ${Math.round(rate)} pages/s ` +
-        `(${formatBytes(Math.round(rate * pageSize))}/s) against a bandwidth of ${formatBytes(Math.round(bytesPerMs * 1000))}/s, ` +
+        `(${mibs(rate * pageSize)}) against a bandwidth of ${mibs(bytesPerMs * 1000)}, ` +
         `so the expected downtime is ${Math.round(expectedMs)} ms over the ${this.options.downtimeLimitMs} ms limit; ` +
         `expected a dirty rate below the bandwidth: try --auto-converge, a larger --downtime-limit, or --mode hybrid`,
     );
@@ -252,7 +251,10 @@ export class Precopy {
     let result: SwitchoverResult;
     if (!decision.postcopy) {
       await this.sendSet(channel, this.roundSet, countBits(this.roundSet), PHASE.STOP_AND_COPY, () => false);
-      result = { stoppedAt, discard: [], discardPages: 0, sentForPostcopy: new Uint8Array(0) };
+      // Every page has gone: the sentmap (what finish checks against the receivedmap) says so.
+      const sent = new Uint8Array(Math.ceil(totalPages / 8));
+      for (let page = 0; page < totalPages; page++) if (bitSet(this.everSent, page)) sent[page >>> 3]! |= 1 << (page & 7);
+      result = { stoppedAt, discard: [], discardPages: 0, sentForPostcopy: sent };
     } else {
       // Discard: sent before and dirtied since. Postcopy counts as sent what was sent and not dirtied since.
       const discardPages: number[] = [];
@@ -291,6 +293,7 @@ export class Precopy {
     this.remaining = pages;
     let sent = 0;
     let page = 0;
+    let lastOfSet: Promise<void> | undefined;
     while (page < totalPages) {
       if (!channel.isOpen) throw new PrecopyCancelledError(`the destination's main channel closed during precopy round ${this.roundNumber}`);
       if (stop()) return sent;
@@ -323,10 +326,15 @@ export class Precopy {
         page = end;
       }
       this.remaining = Math.max(0, pages - sent);
+      if (last) lastOfSet = last;
       // Back-pressure, then a turn of the event loop (pongs, control requests, a close).
       if (last && channel.bufferedAmount > this.options.highWaterBytes) await last;
       await yieldToEventLoop();
     }
+    // The set is sent once its last frame has left (the link and the socket
+    // drained): a round's time, and so the bandwidth it measures, covers
+    // its bytes, and the switchover does not queue behind a round's tail.
+    await lastOfSet;
     return sent;
   }
 
@@ -365,6 +373,11 @@ export class Precopy {
       discardRanges: r?.discard.length ?? 0,
     };
   }
+}
+
+/** Bytes per second as MiB/s, two decimals. */
+function mibs(bytesPerSec: number): string {
+  return `${(bytesPerSec / 1048576).toFixed(2)} MiB/s`;
 }
 
 function countBits(bits: Int32Array): number {

@@ -169,6 +169,8 @@ export function safeLabel(label: string): string {
  * - `rejected` (label, error): a peer was sent an error and disconnected, or
  *   was cut before it became a WebSocket (a failed TLS handshake, a client
  *   certificate refused, no upgrade in time: listener.ts);
+ * - `destination-done`: the main channel closed after the summary (the
+ *   destination has all it wanted, page hashes included);
  * - `keepalive-timeout` (silentMs): the main channel was silent for longer
  *   than `keepaliveMs` (a dead link sends no close) and was cut: a pause.
  * - and the controller's: `cancelled` (reason: the connection was lost
@@ -341,7 +343,10 @@ export class SourceServer extends EventEmitter {
   private mainClosed(): void {
     if (this.closing) return;
     // After the summary the main channel stays taken: nobody takes over a finished migration.
-    if (this.controller.lifecycle.ended) return;
+    if (this.controller.lifecycle.ended) {
+      this.emit('destination-done');
+      return;
+    }
     this.main = undefined;
     this.controller.mainLost(`the destination's main channel closed before the migration finished`);
   }

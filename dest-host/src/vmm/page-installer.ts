@@ -103,6 +103,7 @@ export class PageInstaller {
     if (result === this.pageSize) {
       this.vmm.count(COUNTER.PAGES_DEMAND);
       if (reply.type === 'zero-page') this.vmm.count(COUNTER.PAGES_ZERO);
+      this.vmm.noteDemanded(page);
       this.vmm.markReceived(page);
       return Resolution.INSTALLED;
     }

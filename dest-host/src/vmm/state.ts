@@ -52,7 +52,15 @@ export const COUNTER = {
   EEXIST: 20,
   /** UFFDIO_WAKE calls issued (the WAKEs strategies owe). */
   WAKES: 21,
-  LENGTH: 22,
+  /** Pages installed by precopy (their first arrival; a page discarded and sent again counts again). */
+  PAGES_PRECOPY: 22,
+  /** Precopy pages that arrived for a page already here (the guest dirtied it again on the source): overwritten. */
+  PRECOPY_REWRITES: 23,
+  /** Pages dropped at the switch to postcopy (the discard set). */
+  DISCARDED: 24,
+  /** Of those, pages a fault fetched again afterwards (demand, not push). */
+  DISCARDED_DEMANDED: 25,
+  LENGTH: 26,
 } as const;
 
 /**
@@ -82,6 +90,8 @@ export interface VmmBuffers {
   faultQueues: SharedArrayBuffer;
   /** Fault start times (ms since the run's epoch), CAPACITY per thread. */
   faultStarts: SharedArrayBuffer;
+  /** One byte a page: 1 once the switch to postcopy discarded it. */
+  discarded: SharedArrayBuffer;
   /** Blocked time so far (ms) per thread, for live status. */
   blockedTotals: SharedArrayBuffer;
   /**
@@ -98,6 +108,7 @@ export class VmmState {
   readonly counters: Int32Array;
   readonly faultQueues: Int32Array;
   readonly faultStarts: Float64Array;
+  readonly discarded: Uint8Array;
   /** Written only by the owning thread; others read it for status (a torn read is impossible for aligned doubles on x86-64 and arm64). */
   readonly blockedTotals: Float64Array;
   /** Thread slot → the id its fault messages carry (see VmmBuffers.tids). */
@@ -112,6 +123,7 @@ export class VmmState {
       counters: new SharedArrayBuffer(COUNTER.LENGTH * 4),
       faultQueues: new SharedArrayBuffer(threads * FAULT_QUEUE.STRIDE * 4),
       faultStarts: new SharedArrayBuffer(threads * FAULT_QUEUE.CAPACITY * 8),
+      discarded: new SharedArrayBuffer(totalPages),
       blockedTotals: new SharedArrayBuffer(Math.max(1, threads) * 8),
       tids: (() => {
         const tids = new SharedArrayBuffer(Math.max(1, threads) * 4);
@@ -127,6 +139,7 @@ export class VmmState {
     this.counters = new Int32Array(buffers.counters);
     this.faultQueues = new Int32Array(buffers.faultQueues);
     this.faultStarts = new Float64Array(buffers.faultStarts);
+    this.discarded = new Uint8Array(buffers.discarded);
     this.blockedTotals = new Float64Array(buffers.blockedTotals);
     this.tids = new Int32Array(buffers.tids);
   }
@@ -187,6 +200,23 @@ export class VmmState {
     Atomics.store(this.pageStatus, page, PAGE.RECEIVED);
     Atomics.add(this.counters, COUNTER.INSTALLED, 1);
     Atomics.notify(this.pageStatus, page);
+  }
+
+  /**
+   * The switch to postcopy dropped `page` (it was sent in precopy and dirtied
+   * since): out of the receivedmap, missing again. Only the main thread
+   * installs or discards during precopy, and no guest thread runs yet.
+   */
+  markDiscarded(page: number): void {
+    if (Atomics.compareExchange(this.pageStatus, page, PAGE.RECEIVED, PAGE.MISSING) !== PAGE.RECEIVED) return;
+    Atomics.store(this.discarded, page, 1);
+    Atomics.sub(this.counters, COUNTER.INSTALLED, 1);
+    Atomics.add(this.counters, COUNTER.DISCARDED, 1);
+  }
+
+  /** A demand fetch installed `page`: counted when the switch to postcopy had discarded it. */
+  noteDemanded(page: number): void {
+    if (this.discarded[page] === 1) Atomics.add(this.counters, COUNTER.DISCARDED_DEMANDED, 1);
   }
 
   /** Resolves once `page` is in the receivedmap (installed by whoever got it). */

@@ -15,6 +15,8 @@ export interface GuestLoop {
   totalPages: number;
   vmm: VmmState;
   image: ImageSpec;
+  /** The word the first-touch check skips (SharedState.ignoreWord). */
+  ignoreWord: number;
   pattern: AccessPattern;
   writeFraction: number;
   seed: number;
@@ -77,7 +79,7 @@ export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> 
     // The access itself: a load, and for a write a store of the same value
     // (the final digest must still equal the source's).
     if (write) thread.store(page, word, value);
-    if (vmm.firstToTouch(page) && verifyPage(loop.image, page, pages.pageWords(page)) !== -1) vmm.recordBadPage(page);
+    if (vmm.firstToTouch(page) && verifyPage(loop.image, page, pages.pageWords(page), loop.ignoreWord) !== -1) vmm.recordBadPage(page);
     if ((i & 63) === 63) vmm.count(COUNTER.ACCESSES, 64);
   }
   vmm.count(COUNTER.ACCESSES, pattern.length & 63);

@@ -52,6 +52,7 @@ runWorker(async () => {
     totalPages: memory.layout.totalPages,
     vmm,
     image: data.state.image,
+    ignoreWord: data.state.ignoreWord,
     pattern,
     writeFraction: data.workload.writeFraction,
     seed: data.workload.seed,

@@ -24,6 +24,12 @@ export interface SharedState {
   memory: BackendHandle;
   vmm: VmmBuffers;
   image: ImageSpec;
+  /**
+   * The word of each page the first-touch check skips: the counter the guest
+   * changed on the source before the switchover (precopy and hybrid), or -1
+   * (postcopy: every page is still exactly the generator's).
+   */
+  ignoreWord: number;
   /** The main thread's performance.timeOrigin: workers report times relative to it. */
   epochOrigin: number;
 }

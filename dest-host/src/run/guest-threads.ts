@@ -1,0 +1,110 @@
+/**
+ * The destination's worker threads: the strategy's resolvers, the guest's
+ * vCPUs and its I/O threads. They start before the migration does (each
+ * opens its own connection, binds to guest memory and says `ready`), the
+ * guest runs on `go` (all together, like demand_paging_test's barrier: after
+ * the switchover in precopy modes), and at the end the resolvers stop
+ * reading and finish what they have in flight.
+ */
+import type { Worker } from 'node:worker_threads';
+import { startWorker, type StrategyName, type WorkloadName } from '@postcopy/shared';
+import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
+import type { WatchedThread } from '../watchdog.js';
+import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from '../workers/protocol.js';
+import { expectReport, type Abort } from './abort.js';
+
+export interface GuestThreadsOptions {
+  strategy: StrategyName;
+  fault: FaultStrategy;
+  plan: StrategySetup;
+  threads: ThreadPlan;
+  shared: SharedState;
+  endpoint: SourceEndpoint;
+  workload: { name: WorkloadName; totalPages: number; vcpus: number; seed: number; accesses: number; writeFraction: number };
+  ioAccesses: number;
+  abort: Abort;
+  /** A worker's fault channel dropped in session `epoch` (see net/session.ts): the caller pauses or fails. */
+  onChannelLost: (label: string, message: string, epoch: number) => void;
+}
+
+interface Thread {
+  worker: Worker;
+  label: string;
+}
+
+/**
+ * startWorker() finds an entry next to its caller's URL; the entries are in
+ * ../workers/, so the "caller" is a file there (.ts under the test runner,
+ * .js when built, as this file is).
+ */
+const WORKERS_CALLER = new URL(`../workers/threads.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url).href;
+
+export class GuestThreads {
+  readonly workers: Worker[] = [];
+  private readonly resolvers: Thread[];
+  private readonly vcpus: Thread[];
+  private readonly ios: Thread[];
+
+  constructor(private readonly o: GuestThreadsOptions) {
+    const start = (name: string, workerData: unknown, label: string): Thread => {
+      const worker = startWorker(WORKERS_CALLER, name, { workerData });
+      this.workers.push(worker);
+      worker.on('message', (m: WorkerReport) => {
+        if (m.type === 'error') o.abort.fail(new Error(`${label}: ${m.message}`));
+        else if (m.type === 'channel-lost') o.onChannelLost(label, m.message, m.epoch);
+      });
+      worker.on('error', (err) => o.abort.fail(new Error(`${label}: ${err.message}`)));
+      return { worker, label };
+    };
+    this.resolvers = o.plan.resolvers.map((spec) => {
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: o.shared, source: o.endpoint };
+      return start('resolver-worker', data, spec.label);
+    });
+    const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
+      const data: GuestThreadData = {
+        kind,
+        index,
+        slot: kind === 'vcpu' ? o.threads.vcpuSlot(index) : o.threads.ioSlot(index),
+        strategy: o.strategy,
+        delivery: kind === 'vcpu' ? o.fault.vcpuFaultDelivery : 'userfaultfd',
+        state: o.shared,
+        workload: o.workload,
+        ioAccesses: o.ioAccesses,
+        source: o.endpoint,
+        copyCtx: o.plan.vcpuCopyCtx,
+      };
+      return start('guest-thread-worker', data, kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`);
+    };
+    this.vcpus = Array.from({ length: o.threads.vcpus }, (_, v) => guestThread('vcpu', v));
+    this.ios = Array.from({ length: o.threads.ioThreads }, (_, i) => guestThread('io', i));
+  }
+
+  /** Every thread connected and bound to guest memory. */
+  async ready(): Promise<void> {
+    await Promise.all([...this.resolvers, ...this.vcpus, ...this.ios].map((t) => expectReport(t.worker, 'ready', t.label, this.o.abort)));
+  }
+
+  /** The threads the watchdog watches: every vCPU and I/O thread. */
+  watched(): WatchedThread[] {
+    return [
+      ...this.vcpus.map((_, v) => ({ slot: this.o.threads.vcpuSlot(v), name: `vCPU ${v}` })),
+      ...this.ios.map((_, i) => ({ slot: this.o.threads.ioSlot(i), name: `I/O thread ${i}` })),
+    ];
+  }
+
+  /** The guest runs: every vCPU and I/O thread at once. Resolves with their results once every one is done. */
+  async run(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[] }> {
+    const guest = [...this.vcpus, ...this.ios];
+    const done = guest.map((t) => expectReport(t.worker, 'done', t.label, this.o.abort));
+    for (const t of guest) t.worker.postMessage({ type: 'go' });
+    const results = (await Promise.all(done)).map((r) => r.result);
+    return { vcpuResults: results.slice(0, this.vcpus.length), ioResults: results.slice(this.vcpus.length) };
+  }
+
+  /** The resolvers stop reading and finish their in-flight requests (before their contexts may close). */
+  async stopResolvers(): Promise<void> {
+    const done = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, this.o.abort));
+    for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
+    await Promise.all(done);
+  }
+}
