@@ -24,9 +24,10 @@ async function main(): Promise<number> {
   process.stdout.write(formatReport(report) + '\n');
   if (options.json) writeFileSync(options.json, JSON.stringify(report, null, 2) + '\n');
   if (options.hgrm) writeFileSync(options.hgrm, hgrm);
-  if (report.recovery.dropsInjected < options.injectDrops.length) {
+  const asked = options.injectDrops.length + (options.injectPostcopyDrops?.length ?? 0);
+  if (report.recovery.dropsInjected < asked) {
     process.stderr.write(
-      `dest: --inject: ${options.injectDrops.length - report.recovery.dropsInjected} drop(s) did not go off: only ${report.counters.pagesInstalled} pages were installed\n`,
+      `dest: --inject: ${asked - report.recovery.dropsInjected} drop(s) did not go off: only ${report.counters.pagesInstalled} pages were installed (${report.counters.pagesDemand + report.counters.pagesPushed} after the switchover)\n`,
     );
   }
   assertVerified(report);

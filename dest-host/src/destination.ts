@@ -61,6 +61,8 @@ export interface DestinationOptions {
   reconnectTimeoutMs: number;
   /** Fault injection: cut every connection once after this many pages are installed, for each entry. */
   injectDrops: number[];
+  /** The same, counted in pages installed after the switchover (demand or push). */
+  injectPostcopyDrops?: number[];
   /** Recovery events (pause, resume), as lines for the log. */
   onEvent?: (line: string) => void;
   /** For tests only: resolvers skip the WAKE they owe (proves wake scope is per context). */
@@ -282,15 +284,30 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       answerTimeoutMs: options.connectTimeoutMs,
       now: epochNow,
     });
-    // Fault injection: cut every connection once per threshold of installed pages (only once the guest runs here).
-    const drops = [...options.injectDrops].sort((a, b) => a - b);
+    // Fault injection: cut every connection once per threshold, of pages installed
+    // (drop@), or of pages installed after the switchover (drop-postcopy@).
+    const drops = [
+      ...options.injectDrops.map((at) => ({ at, postcopy: false })),
+      ...(options.injectPostcopyDrops ?? []).map((at) => ({ at, postcopy: true })),
+    ];
+    const fired = new Set<number>();
     let dropsInjected = 0;
     const maybeInjectDrop = (): void => {
-      if (dropsInjected >= drops.length || recovery.paused || startedAt === undefined || finishing || abort.error) return;
+      if (fired.size >= drops.length || recovery.paused || startedAt === undefined || finishing || abort.error) return;
       const installed = vmm.counter(COUNTER.INSTALLED);
-      if (installed < drops[dropsInjected]!) return;
+      const afterSwitchover = vmm.counter(COUNTER.PAGES_DEMAND) + vmm.counter(COUNTER.PAGES_PUSHED);
+      // The lowest threshold not fired yet that is reached.
+      let which = -1;
+      for (let i = 0; i < drops.length; i++) {
+        const d = drops[i]!;
+        if (fired.has(i) || (d.postcopy && !lifecycle.switchedOver)) continue;
+        if ((d.postcopy ? afterSwitchover : installed) >= d.at && (which < 0 || d.at < drops[which]!.at)) which = i;
+      }
+      if (which < 0) return;
+      fired.add(which);
       dropsInjected++;
-      const reason = `injected drop@${drops[dropsInjected - 1]} at ${installed} pages installed`;
+      const d = drops[which]!;
+      const reason = `injected ${d.postcopy ? 'drop-postcopy' : 'drop'}@${d.at} at ${d.postcopy ? `${afterSwitchover} pages installed after the switchover` : `${installed} pages installed`}`;
       // During precopy a lost connection cancels the migration (the guest never left); after the switchover it pauses and recovers.
       if (lifecycle.switchedOver) recovery.lost(reason);
       else {

@@ -68,7 +68,7 @@ export function addRunOptions(cmd: Command): Command {
     .option('--keepalive-ms <ms>', 'ping the peer on the main channel; a silence this long counts as a lost connection, as a dead link sends no reset (0 = never; npm start gives it to both hosts)', DEST_DEFAULTS.keepaliveMs)
     .option(
       '--inject <faults>',
-      'fault injection, separated by commas or +: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
+      'fault injection, separated by commas or +: drop@PAGES (the destination cuts all its connections once after PAGES pages are installed, then recovers; before a switchover from precopy this cancels the migration), drop-postcopy@PAGES (the same once PAGES pages came after the switchover: demand-fetched or pushed), kill-source@PAGES (npm start only: SIGKILL the source and restart it with --resume)',
     )
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
@@ -99,6 +99,8 @@ export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout' 
 /** What `--inject` asks for: drops the destination makes, kills of the source the launcher makes (pages installed). */
 export interface Injections {
   drops: number[];
+  /** Drops counted in pages installed after the switchover (demand or push): postcopy after precopy. */
+  postcopyDrops: number[];
   killSource: number[];
 }
 
@@ -108,22 +110,22 @@ export interface Injections {
  * an option, can put several faults in one run: `drop@100+drop@900`.
  */
 export function parseInjections(value: unknown): Injections {
-  const injections: Injections = { drops: [], killSource: [] };
+  const injections: Injections = { drops: [], postcopyDrops: [], killSource: [] };
   if (value === undefined) return injections;
   for (const item of String(value).split(/[,+]/)) {
-    const m = /^(drop|kill-source)@(\d{1,10})$/.exec(item.trim());
+    const m = /^(drop|drop-postcopy|kill-source)@(\d{1,10})$/.exec(item.trim());
     if (!m) {
-      throw new UsageError(`--inject: expected drop@PAGES or kill-source@PAGES (separated by commas or +), got ${JSON.stringify(item.trim())}`);
+      throw new UsageError(`--inject: expected drop@PAGES, drop-postcopy@PAGES or kill-source@PAGES (separated by commas or +), got ${JSON.stringify(item.trim())}`);
     }
     const pages = Number(m[2]);
-    (m[1] === 'drop' ? injections.drops : injections.killSource).push(pages);
+    (m[1] === 'drop' ? injections.drops : m[1] === 'drop-postcopy' ? injections.postcopyDrops : injections.killSource).push(pages);
   }
   return injections;
 }
 
 /** Checks injections against the guest: a threshold at or past its page count could never go off. */
 export function checkInjections(injections: Injections, totalPages: number): void {
-  for (const [kind, list] of [['drop', injections.drops], ['kill-source', injections.killSource]] as const) {
+  for (const [kind, list] of [['drop', injections.drops], ['drop-postcopy', injections.postcopyDrops], ['kill-source', injections.killSource]] as const) {
     for (const pages of list) {
       if (pages >= totalPages) throw new UsageError(`--inject: expected ${kind}@PAGES below the guest's ${totalPages} pages, got ${kind}@${pages}`);
     }
@@ -155,6 +157,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     reconnectTimeoutMs: parseIntOption('--reconnect-timeout-ms', str('reconnectTimeoutMs'), 100, 3_600_000),
     keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? DEST_DEFAULTS.keepaliveMs), 0, 3_600_000),
     injectDrops: parseInjections(raw.inject).drops,
+    injectPostcopyDrops: parseInjections(raw.inject).postcopyDrops,
     skipOwedWake: raw.unsafeSkipOwedWake === true,
     skipDiscard: raw.unsafeSkipDiscard === true,
   };

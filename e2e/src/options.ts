@@ -72,7 +72,8 @@ export function splitArgs(raw: Record<string, unknown>): {
   for (const [k, v] of Object.entries(raw)) {
     if ((SOURCE_FLAGS as readonly string[]).includes(k) || (LAUNCHER_FLAGS as readonly string[]).includes(k) || (PRECOPY_FLAGS as readonly string[]).includes(k)) continue;
     if (k === 'inject') {
-      if (injections.drops.length > 0) destArgs.push('--inject', injections.drops.map((n) => `drop@${n}`).join(','));
+      const drops = [...injections.drops.map((n) => `drop@${n}`), ...injections.postcopyDrops.map((n) => `drop-postcopy@${n}`)];
+      if (drops.length > 0) destArgs.push('--inject', drops.join(','));
     } else if (k === 'push') {
       if (v === false) destArgs.push('--no-push');
     } else if (v === true) {
