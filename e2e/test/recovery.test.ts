@@ -208,7 +208,7 @@ describe('--inject: bad values exit 2 and say what is accepted', () => {
   it('an unknown fault kind', async () => {
     const r = await runNode(DEST, ['--source', 'ws://127.0.0.1:1', '--token', 't', '--inject', 'explode@3']);
     expect(r.code).toBe(2);
-    expect(r.stderr).toMatch(/--inject: expected drop@PAGES or kill-source@PAGES \(separated by commas or \+\), got "explode@3"/);
+    expect(r.stderr).toMatch(/--inject: expected drop@PAGES, drop-postcopy@PAGES or kill-source@PAGES \(separated by commas or \+\), got "explode@3"/);
   });
 
   it('a threshold past the guest', async () => {
