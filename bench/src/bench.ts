@@ -17,6 +17,7 @@ import { measureFloor, type FloorResult } from './floor.js';
 import { PUSH_RUN, RECOVERY_RUNS, TLS_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
 import type { BenchOptions } from './options.js';
 import { BackendsBench, type BackendsResult } from './backends.js';
+import { PhasesBench, type PhasesResult } from './phases.js';
 
 export interface FloorSample {
   p50Us: number;
@@ -40,6 +41,8 @@ export interface BenchResult extends BenchFigures {
   samples: { floor: FloorSample[]; runs: Record<string, RunFigures[]> };
   /** Each strategy on each memory backend, and each backend's local floor (backends.ts). */
   backends: BackendsResult;
+  /** Precopy, hybrid and postcopy of the same guest (phases.ts). */
+  phases: PhasesResult;
 }
 
 export const METHOD = {
@@ -50,6 +53,7 @@ export const METHOD = {
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
   push: 'npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 (push on): the report\'s pushThroughputMiBs (pushed page bytes / run time)',
+  phases: 'npm start -- --mode precopy|hybrid|postcopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 (no dirty rate in postcopy): the report\'s totalTimeMs and downtimeMs; precopy\'s round 1 (every page) throughput from precopy.perRound[0].mbps',
   tls: "the kvm-exit strategy run and the push run again with --tls (throwaway EC P-256 certificates, TLS 1.3, the source verifying the destination's certificate too), interleaved with the plain ones; ratios against the plain runs of the same bench",
   recovery:
     'npm start -- --strategy kvm-exit --vcpus 1 --workload random --max-postcopy-bandwidth 400mbit (push on, capped so the fault lands mid-migration) ' +
@@ -98,8 +102,10 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const steps: Step[] = [];
   const backends = new BackendsBench(options.backends, options.memoryBytes);
   if (backends.note) progress(backends.note);
+  const phases = new PhasesBench(options.memoryBytes);
   for (let r = 0; r < options.repeat; r++) {
     steps.push(...backends.steps());
+    steps.push(...phases.steps());
     steps.push({
       label: 'floor (round trip and bulk)',
       run: async () => {
@@ -164,7 +170,13 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     const key = strategyRun(s).key;
     strategies[s] = { p50: med(key, (f) => f.p50Us), p99: med(key, (f) => f.p99Us) };
   }
+  const phasesResult = phases.result();
   const figures: BenchFigures = {
+    precopy: {
+      roundMiBs: phasesResult.modes.precopy.round1MiBs,
+      downtimeMs: phasesResult.modes.precopy.downtimeMs,
+      downtimeLimitMs: phasesResult.modes.precopy.downtimeLimitMs,
+    },
     floor: {
       roundTripUs: { p50: round3(median(floorSamples.map((f) => f.p50Us))), p99: round3(median(floorSamples.map((f) => f.p99Us))) },
       bulkMiBs: sig4(median(floorSamples.map((f) => f.bulkMiBs))),
@@ -207,5 +219,6 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     method: { ...METHOD },
     samples: { floor: floorSamples, runs: runSamples },
     backends: backends.result(),
+    phases: phasesResult,
   };
 }

@@ -19,6 +19,8 @@ export interface Ratios {
   sourceRssOverBudget: number;
   tlsFaultP50OverPlain: number;
   tlsPushOverPlain: number;
+  precopyRoundOverPush: number;
+  precopyDowntimeOverLimit: number;
 }
 
 export type RatioName = keyof Ratios;
@@ -34,6 +36,8 @@ export const RATIO_NAMES = [
   'sourceRssOverBudget',
   'tlsFaultP50OverPlain',
   'tlsPushOverPlain',
+  'precopyRoundOverPush',
+  'precopyDowntimeOverLimit',
 ] as const satisfies readonly RatioName[];
 
 export interface Target {
@@ -54,6 +58,8 @@ export const TARGETS: Partial<Record<RatioName, Target>> = {
   sourceRssOverBudget: { kind: 'max', value: 1, meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)' },
   tlsFaultP50OverPlain: { kind: 'max', value: 1.2, meaning: 'kvm-exit fault p50 over TLS / the same over plain ws://' },
   tlsPushOverPlain: { kind: 'min', value: 0.7, meaning: 'push throughput over TLS / over plain ws://' },
+  precopyRoundOverPush: { kind: 'min', value: 0.8, meaning: "precopy's first round (every page) MiB/s / the push throughput of the same bench" },
+  precopyDowntimeOverLimit: { kind: 'max', value: 1, meaning: 'measured downtime of a converging precopy / its --downtime-limit' },
 };
 
 export const RATIO_MEANINGS: Record<RatioName, string> = {
@@ -67,6 +73,8 @@ export const RATIO_MEANINGS: Record<RatioName, string> = {
   sourceRssOverBudget: TARGETS.sourceRssOverBudget!.meaning,
   tlsFaultP50OverPlain: TARGETS.tlsFaultP50OverPlain!.meaning,
   tlsPushOverPlain: TARGETS.tlsPushOverPlain!.meaning,
+  precopyRoundOverPush: TARGETS.precopyRoundOverPush!.meaning,
+  precopyDowntimeOverLimit: TARGETS.precopyDowntimeOverLimit!.meaning,
 };
 
 export interface TargetResult extends Target {
@@ -81,6 +89,8 @@ export interface BenchFigures {
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
   pushThroughputMiBs: number;
+  /** Precopy (phases.ts): its first round's throughput (MiB/s), its downtime and limit (ms). */
+  precopy: { roundMiBs: number; downtimeMs: number; downtimeLimitMs: number };
   /** Over TLS (`--tls`): kvm-exit's fault latency (µs) and the push throughput (MiB/s), runs otherwise like the plain ones. */
   tls: { fault: P50P99; pushThroughputMiBs: number };
   /**
@@ -135,6 +145,8 @@ export function ratios(f: BenchFigures): Ratios {
     sourceRssOverBudget: sig4(f.large.sourcePeakRssBytes / rssBudget(f.large.guestBytes)),
     tlsFaultP50OverPlain: sig4(f.tls.fault.p50 / f.strategies['kvm-exit'].p50),
     tlsPushOverPlain: sig4(f.tls.pushThroughputMiBs / f.pushThroughputMiBs),
+    precopyRoundOverPush: sig4(f.precopy.roundMiBs / f.pushThroughputMiBs),
+    precopyDowntimeOverLimit: sig4(f.precopy.downtimeMs / f.precopy.downtimeLimitMs),
   };
 }
 

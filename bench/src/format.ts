@@ -2,6 +2,7 @@ import type { BenchResult } from './bench.js';
 import { BENCH_STRATEGIES, RATIO_MEANINGS, RATIO_NAMES } from './figures.js';
 import { injectAtPages } from './migrations.js';
 import { formatBackends } from './backends.js';
+import { formatPhases } from './phases.js';
 
 function table(rows: string[][], indent = '  '): string {
   const widths: number[] = [];
@@ -87,6 +88,8 @@ export function formatBench(r: BenchResult): string {
   );
   lines.push('');
   lines.push(formatBackends(r.backends));
+  lines.push('');
+  lines.push(formatPhases(r.phases, r.pushThroughputMiBs));
   lines.push('');
   lines.push('ratios');
   const rows: string[][] = [['name', 'value', 'target', '', 'meaning']];

@@ -11,7 +11,7 @@ const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2', '--memory-backends', 'none'];
 const TIMEOUT_MS = 55_000;
 
-const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget', 'tlsFaultP50OverPlain', 'tlsPushOverPlain'];
+const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget', 'tlsFaultP50OverPlain', 'tlsPushOverPlain', 'precopyRoundOverPush', 'precopyDowntimeOverLimit'];
 
 /** The built bench as a real process (the e2e tests' runner: killed and failed after TIMEOUT_MS). */
 function runBench(args: string[]): Promise<ProcessResult> {
@@ -54,6 +54,12 @@ describe('npm run bench (tiny)', () => {
       'tls.fault.p50',
       'tls.fault.p99',
       'tls.pushThroughputMiBs',
+      'phases.modes.precopy.totalTimeMs',
+      'phases.modes.precopy.downtimeMs',
+      'phases.modes.precopy.round1MiBs',
+      'phases.modes.hybrid.totalTimeMs',
+      'phases.modes.hybrid.downtimeMs',
+      'phases.modes.postcopy.totalTimeMs',
       'recovery.drop.pausedMs',
       'recovery.drop.elapsedMs',
       'recovery.killSource.pausedMs',
@@ -66,7 +72,7 @@ describe('npm run bench (tiny)', () => {
       expect(Number.isFinite(value) && (value as number) > 0, `${path} = ${String(value)}`).toBe(true);
     }
     // Every target has a verdict (met or not: the bench checks targets, this test does not).
-    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk', 'tlsFaultP50OverPlain', 'tlsPushOverPlain']) {
+    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk', 'tlsFaultP50OverPlain', 'tlsPushOverPlain', 'precopyRoundOverPush', 'precopyDowntimeOverLimit']) {
       expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
     }
 
@@ -93,7 +99,8 @@ describe('npm run bench (tiny)', () => {
     // The memory-backends section has its own test (backends.test.ts): skipped here to keep the tiny run short.
     expect(run.stdout).toContain('memory backends: not measured (--memory-backends none)');
     for (const name of RATIOS) expect(run.stdout).toContain(name);
-    expect(run.stdout).toMatch(/targets met: \d of 8/);
+    expect(run.stdout).toMatch(/targets met: \d+ of 10/);
+    expect(run.stdout).toMatch(/^phases before postcopy: the same guest, 1 source vCPU dirtying 1000 pages\/s/m);
     expect(run.stdout).toMatch(/^TLS \(--tls: /m);
   });
 
