@@ -76,7 +76,9 @@ describe('precopy', () => {
   });
 
   it('the testing-only --unsafe-lose-dirty-bits makes the content check fail and name the pages; the same run without it passes', { timeout: 60_000 }, async () => {
-    const args = ['--memory', '16MiB', '--vcpus', '2', '--mode', 'precopy', '--dirty-rate', '0', '--dirty-set', '256KiB'];
+    // The guest writes each page about once a second while a round takes most of a second (a 200 Mbit/s link):
+    // a bit lost is a page written after it was sent and never sent again.
+    const args = ['--memory', '16MiB', '--vcpus', '2', '--mode', 'precopy', '--dirty-rate', '2000', '--link-bandwidth', '200mbit'];
     const lossy = await migrate([...args, '--unsafe-lose-dirty-bits', '3']);
     expect(lossy.code).not.toBe(0);
     const digest = lossy.report!.checks.find((c) => c.name === 'digest')!;
@@ -89,7 +91,8 @@ describe('precopy', () => {
 
 describe('hybrid (precopy, then postcopy)', () => {
   it('a hot dirty set sends a non-empty discard set, and those very pages fault in again (counted); verified', { timeout: 60_000 }, async () => {
-    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '1MiB', '--no-push', '--workload', 'sequential']);
+    // A 200 Mbit/s link makes round 1 last most of a second, however busy the machine: the hot set is written again after it is sent.
+    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '1MiB', '--no-push', '--workload', 'sequential', '--link-bandwidth', '200mbit']);
     const report = expectVerified(result);
     expect(report.mode).toBe('hybrid');
     expect(report.switchover.reason).toBe('rounds');
@@ -106,7 +109,7 @@ describe('hybrid (precopy, then postcopy)', () => {
   });
 
   it('a skipped discard (testing only: --unsafe-skip-discard) fails the content check', { timeout: 60_000 }, async () => {
-    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '256KiB', '--unsafe-skip-discard']);
+    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '256KiB', '--unsafe-skip-discard', '--link-bandwidth', '200mbit']);
     expect(result.code).not.toBe(0);
     const digest = result.report!.checks.find((c) => c.name === 'digest')!;
     expect(digest.ok).toBe(false);
@@ -115,21 +118,21 @@ describe('hybrid (precopy, then postcopy)', () => {
 
   it('a drop after the switchover pauses and recovers, verified', { timeout: 60_000 }, async () => {
     // Half the guest is hot: about 2048 pages are discarded, and postcopy brings them again; the drop comes after 500 of those.
-    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '8MiB', '--max-postcopy-bandwidth', '50mbit', '--inject', 'drop-postcopy@500']);
+    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-rate', '0', '--dirty-set', '8MiB', '--link-bandwidth', '400mbit', '--max-postcopy-bandwidth', '50mbit', '--inject', 'drop-postcopy@500']);
     const report = expectVerified(result);
     expect(report.recovery).toMatchObject({ pauses: 1, resumes: 1, dropsInjected: 1 });
     expect(report.discard.pages).toBeGreaterThan(1000);
   });
 
   it.each(STRATEGIES.map((s) => [s]))('%s runs hybrid verified', { timeout: 60_000 }, async (strategy) => {
-    const report = expectVerified(await migrate(['--memory', '8MiB', '--vcpus', '2', '--mode', 'hybrid', '--strategy', strategy, '--dirty-set', '1MiB', '--dirty-rate', '5000', '--workload', 'random']));
+    const report = expectVerified(await migrate(['--memory', '8MiB', '--vcpus', '2', '--mode', 'hybrid', '--strategy', strategy, '--dirty-set', '1MiB', '--dirty-rate', '5000', '--workload', 'random', '--link-bandwidth', '200mbit']));
     expect(report.strategy).toBe(strategy);
     expect(report.discard.pages).toBeGreaterThan(0);
   });
 
   it.each([['shared-uffd'], ['per-region-uffd'], ['kvm-exit']])('on the kernel\'s userfaultfd (%s): discard is MADV_DONTNEED, and the discarded pages fault again', { timeout: 60_000 }, async (strategy) => {
     const report = expectVerified(
-      await migrate(['--memory', '8MiB', '--vcpus', '2', '--mode', 'hybrid', '--memory-backend', 'uffd', '--strategy', strategy, '--dirty-rate', '0', '--dirty-set', '512KiB', '--no-push']),
+      await migrate(['--memory', '8MiB', '--vcpus', '2', '--mode', 'hybrid', '--memory-backend', 'uffd', '--strategy', strategy, '--dirty-rate', '0', '--dirty-set', '512KiB', '--no-push', '--link-bandwidth', '200mbit']),
     );
     expect(report.memoryBackend).toBe('uffd');
     expect(report.discard.pages).toBeGreaterThan(0);

@@ -155,11 +155,14 @@ class FakeDestination implements Channel {
   readonly discarded: PageRange[] = [];
   readonly types: string[] = [];
   switchover: Extract<Message, { type: 'switchover' }> | undefined;
+  /** Called for every frame, before it is applied (a scripted guest writes meanwhile). */
+  onFrame: (() => void) | undefined;
   constructor(private readonly layout: GuestLayout) {
     this.memory = new Uint8Array(layout.guestBytes);
     this.received = new Uint8Array(layout.totalPages);
   }
   send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+    this.onFrame?.();
     const m = decode(frame, { layout: this.layout });
     this.types.push(m.type);
     const size = this.layout.pageSize;
@@ -252,47 +255,122 @@ describe('precopy rounds against a fake destination (the real guest vCPU threads
     expect(run.phases.every((p) => p !== PHASE.NEVER)).toBe(true);
   });
 
-  it('hybrid with a hot dirty set: the discard set is exactly the pages sent before and dirty at the stop; the rest equals the source', async () => {
-    const run = await precopyRun({ mode: 'hybrid', postcopyAfterRounds: 1 }, { vcpus: 2, dirtyRate: 0, dirtySetPages: 64 });
-    expect(run.decision).toEqual({ postcopy: true, reason: 'rounds' });
-    const result = await run.precopy.switchover(run.dest, run.decision as { postcopy: true; reason: 'rounds' });
-    expect(result.discardPages).toBeGreaterThan(0);
-    expect(result.discard).toEqual(run.dest.discarded);
-    // Every discarded page is in the hot set, and the ranges are coalesced (consecutive pages in one range).
-    expect(result.discard.every((r) => r.first + r.count <= 64)).toBe(true);
-    expect(coalesce(result.discard.flatMap((r) => Array.from({ length: r.count }, (_, i) => r.first + i)))).toEqual(result.discard);
-    // What the destination keeps (received, not discarded) equals the source's memory as it stopped.
-    expect(differing(run, (p) => run.dest.received[p] === 1)).toEqual([]);
-    // And postcopy counts exactly those as sent.
-    for (let p = 0; p < 512; p++) expect(((result.sentForPostcopy[p >>> 3]! >> (p & 7)) & 1) === 1, `page ${p}`).toBe(run.dest.received[p] === 1);
-    expect(run.dest.switchover).toBeUndefined(); // the controller sends it, once postcopy is set up
-  });
+  /**
+   * A guest whose writes are scripted, not timed: every frame the source
+   * sends, it writes `perFrame` pages of a hot set (fewer as it is
+   * throttled), so these runs do not depend on how busy the machine is.
+   */
+  class ScriptedGuest {
+    throttlePercent = 0;
+    writes = 0;
+    private cursor = 0;
+    private readonly zero: Uint8Array;
+    constructor(
+      private readonly log: DirtyLog,
+      private readonly image: GuestImage,
+      private readonly hot: number,
+      private readonly perFrame: number,
+    ) {
+      this.zero = new Uint8Array(image.toBuffers().zero);
+    }
+    setThrottle(p: number): void {
+      this.throttlePercent = p;
+    }
+    private stopped = false;
+    async stop(): Promise<number> {
+      this.stopped = true;
+      return performance.now();
+    }
+    /** The guest runs for one frame's time: (100 - throttle) % of perFrame writes (none once stopped). */
+    tick(): void {
+      if (this.stopped) return;
+      const n = Math.floor((this.perFrame * (100 - this.throttlePercent)) / 100);
+      for (let i = 0; i < n; i++) {
+        const page = this.cursor++ % this.hot;
+        const bytes = this.image.pageBytes(page);
+        new Uint32Array(bytes.buffer, bytes.byteOffset, 1024)[1023]! += 1;
+        // As a real vCPU write: the store, the page no longer zero, then its dirty bit (see guest/vcpu-worker.ts).
+        Atomics.store(this.zero, page, 0);
+        this.log.mark(page);
+        this.writes++;
+      }
+    }
+  }
+
+  async function scriptedRun(options: Partial<PrecopyOptions>, hot: number, perFrame: number): Promise<{ decision: Awaited<ReturnType<Precopy['run']>> | Error; precopy: Precopy; guest: ScriptedGuest }> {
+    const layout = makeLayout(2 * 1024 * 1024, 4096);
+    const image = new GuestImage(layout, { seed: 3, zeroFraction: 0 });
+    const log = new DirtyLog(layout.totalPages);
+    const guest = new ScriptedGuest(log, image, hot, perFrame);
+    const precopy = new Precopy(image, log, guest, new Uint8Array(layout.totalPages), { batchBytes: 16 * 4096, ...options });
+    const dest = new FakeDestination(layout);
+    dest.onFrame = () => guest.tick();
+    try {
+      return { decision: await precopy.run(dest, performance.now()), precopy, guest };
+    } catch (err) {
+      return { decision: err as Error, precopy, guest };
+    }
+  }
 
   it('a dirty rate above what the link carries does not converge: it fails after --max-precopy-rounds, naming the dirty rate and the bandwidth', async () => {
-    // A slow link (2 ms a frame): every round lasts long enough for the guest to dirty pages, however busy the machine.
-    const run = await precopyRun({ mode: 'precopy', maxRounds: 3, downtimeLimitMs: 1, availSwitchoverBytesPerSec: 100_000 }, { vcpus: 1, dirtyRate: 0 }, 0, 2);
+    // 256 hot pages, 64 writes a frame: every round finds the whole hot set dirty; 1 ms of the 100 kB/s assumed is 100 bytes.
+    const run = await scriptedRun({ mode: 'precopy', maxRounds: 3, downtimeLimitMs: 1, availSwitchoverBytesPerSec: 100_000 }, 256, 64);
     expect(run.decision).toBeInstanceOf(NotConvergedError);
     const message = (run.decision as Error).message;
-    expect(message).toMatch(/^precopy did not converge in 3 rounds: the guest dirties \d+ pages\/s \(.*\/s\) against a bandwidth of .*\/s, so the expected downtime is \d+ ms over the 1 ms limit; expected a dirty rate below the bandwidth: try --auto-converge/);
+    expect(message).toMatch(/^precopy did not converge in 3 rounds: the guest dirties \d+ pages\/s \([\d.]+ MiB\/s\) against a bandwidth of [\d.]+ MiB\/s, so the expected downtime is \d+ ms over the 1 ms limit; expected a dirty rate below the bandwidth: try --auto-converge/);
     expect((run.decision as NotConvergedError).code).toBe('ERR_POSTCOPY_NOT_CONVERGED');
+    expect(run.precopy.summary(1).perRound.map((r) => r.pagesDirtied)).toEqual([256, 256, 256]);
   });
 
-  it('with auto-converge the same guest is throttled in steps until it converges', async () => {
-    // The decision assumes 1 MB/s: 50 ms of it is 12 pages, and the guest dirties all 512 pages every round until throttled.
-    const run = await precopyRun({ mode: 'precopy', maxRounds: 3, autoConverge: true, downtimeLimitMs: 50, availSwitchoverBytesPerSec: 1_000_000 }, { vcpus: 1, dirtyRate: 0, dirtySetPages: 512 }, 0, 1);
+  it('with auto-converge the same guest is throttled in steps (20, 30, ...) until it converges', async () => {
+    // Converged once a round finds at most 12 dirty pages (50 ms of 1 MB/s): only near the top of the throttle.
+    const run = await scriptedRun({ mode: 'precopy', maxRounds: 3, autoConverge: true, downtimeLimitMs: 50, availSwitchoverBytesPerSec: 1_000_000 }, 256, 64);
     expect(run.decision).toEqual({ postcopy: false, reason: 'auto-converge' });
-    expect(run.guest.throttlePercent).toBeGreaterThanOrEqual(AUTO_CONVERGE.initialPercent);
-    expect(run.precopy.summary(1).rounds).toBeGreaterThan(3);
-  }, 60_000);
+    expect(run.guest.throttlePercent).toBeGreaterThanOrEqual(90);
+    const s = run.precopy.summary(1);
+    expect(s.rounds).toBeGreaterThan(3);
+    expect(s.throttlePercent).toBe(run.guest.throttlePercent);
+    expect(s.perRound.at(-1)!.pagesDirtied).toBeLessThanOrEqual(12);
+  });
+
+  it('hybrid with a hot dirty set: the discard set is exactly the pages sent before and dirty at the stop; the rest equals the source', async () => {
+    const layout = makeLayout(2 * 1024 * 1024, 4096);
+    const image = new GuestImage(layout, { seed: 3, zeroFraction: 0.1 });
+    const log = new DirtyLog(layout.totalPages);
+    const guest = new ScriptedGuest(log, image, 64, 8);
+    const phases = new Uint8Array(layout.totalPages);
+    const precopy = new Precopy(image, log, guest, phases, { mode: 'hybrid', postcopyAfterRounds: 1, batchBytes: 16 * 4096 });
+    const dest = new FakeDestination(layout);
+    dest.onFrame = () => guest.tick();
+    const decision = await precopy.run(dest, performance.now());
+    expect(decision).toEqual({ postcopy: true, reason: 'rounds' });
+    const result = await precopy.switchover(dest, decision);
+    expect(result.discardPages).toBe(64);
+    expect(result.discard).toEqual([{ first: 0, count: 64 }]);
+    expect(result.discard).toEqual(dest.discarded);
+    // What the destination keeps (received, not discarded) equals the source's memory as it stopped.
+    const run: Run = { image, dest, precopy, guest: guest as unknown as SourceGuest, phases };
+    expect(differing(run, (p) => dest.received[p] === 1)).toEqual([]);
+    // And postcopy counts exactly those as sent.
+    for (let p = 0; p < 512; p++) expect(((result.sentForPostcopy[p >>> 3]! >> (p & 7)) & 1) === 1, `page ${p}`).toBe(dest.received[p] === 1);
+    expect(dest.switchover).toBeUndefined(); // the controller sends it, once postcopy is set up
+  });
 
   it.each([
     [0, 'no bit lost: the destination equals the source'],
     [2, 'every 2nd bit lost: stale pages on the destination (the fault the run\'s content check must catch)'],
-  ])('a hot set written without pause, losing every %sth dirty bit: %s', async (loseEvery) => {
-    const run = await precopyRun({ mode: 'precopy' }, { vcpus: 2, dirtyRate: 0, dirtySetPages: 64 }, loseEvery);
-    expect(run.decision).toMatchObject({ postcopy: false });
-    await run.precopy.switchover(run.dest, run.decision as { postcopy: false; reason: 'converged' });
-    const stale = differing(run, () => true);
+  ])('a scripted guest over a hot set, losing every %sth dirty bit: %s', async (loseEvery) => {
+    const layout = makeLayout(2 * 1024 * 1024, 4096);
+    const image = new GuestImage(layout, { seed: 3, zeroFraction: 0.1 });
+    const log = new DirtyLog(layout.totalPages, undefined, { loseEvery });
+    const guest = new ScriptedGuest(log, image, 64, 8);
+    const phases = new Uint8Array(layout.totalPages);
+    const precopy = new Precopy(image, log, guest, phases, { mode: 'precopy', batchBytes: 16 * 4096 });
+    const dest = new FakeDestination(layout);
+    dest.onFrame = () => guest.tick();
+    const decision = await precopy.run(dest, performance.now());
+    await precopy.switchover(dest, decision);
+    const stale = differing({ image, dest, precopy, guest: guest as unknown as SourceGuest, phases }, () => true);
     if (loseEvery === 0) expect(stale).toEqual([]);
     else {
       expect(stale.length).toBeGreaterThan(0);

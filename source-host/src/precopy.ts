@@ -31,11 +31,18 @@ import {
 } from '@postcopy/shared';
 import { AutoConverge, bandwidthBytesPerMs, convergence } from './convergence.js';
 import { DirtyLog, bitSet, clearBit, popcount, setBit } from './dirty-log.js';
-import type { SourceGuest } from './guest/source-guest.js';
 import type { GuestImage } from './image.js';
 import type { Channel } from './migration.js';
 
 export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge';
+
+/** What precopy needs of the guest running on the source (guest/source-guest.ts; tests give a scripted one). */
+export interface PrecopyGuest {
+  readonly throttlePercent: number;
+  setThrottle(percent: number): void;
+  /** Stops the guest; resolves, once its last write is done, with when the stop was asked (performance.now()). */
+  stop(): Promise<number>;
+}
 
 export interface PrecopyOptions {
   mode: 'precopy' | 'hybrid';
@@ -137,7 +144,7 @@ export class Precopy {
   constructor(
     private readonly image: GuestImage,
     private readonly dirtyLog: DirtyLog,
-    private readonly guest: SourceGuest,
+    private readonly guest: PrecopyGuest,
     /** The source's record of which phase last sent each page (see PHASE). */
     private readonly phases: Uint8Array,
     options: Partial<PrecopyOptions> = {},

@@ -1,0 +1,481 @@
+/**
+ * One run of the destination, a method per phase (the states of
+ * lifecycle.ts, in order): set up (the main channel, guest memory, the
+ * strategy's contexts, the worker threads); start; in precopy modes receive
+ * rounds until the switchover; run the guest (postcopy: faults fetch what is
+ * missing, the push brings the rest); wind down; the accounting with the
+ * source; the report once every check has run. A connection lost before the
+ * switchover cancels the migration; after it, the migration pauses and
+ * recovers (recovery.ts).
+ */
+import type { Server } from 'node:http';
+import { ChannelRole, ConnectionError, counterWord, digestPages, type Report, type Welcome } from '@postcopy/shared';
+import type { DestinationOptions, DestinationResult } from '../destination.js';
+import { DestLifecycle } from '../lifecycle.js';
+import type { BackendMemory } from '../memory/backend.js';
+import { BACKEND_BY_NAME } from '../memory/backends.js';
+import { GuestPages } from '../memory/pages.js';
+import { PageClient } from '../net/page-client.js';
+import { Session } from '../net/session.js';
+import { Recovery } from '../recovery.js';
+import { buildReportWithHistogram } from '../report-builder.js';
+import { startStatusServer } from '../status-server.js';
+import { STRATEGY_BY_NAME, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
+import { PageInstaller } from '../vmm/page-installer.js';
+import { PrecopyReceiver } from '../vmm/precopy-receiver.js';
+import { COUNTER, PAGE, VmmState } from '../vmm/state.js';
+import { Watchdog } from '../watchdog.js';
+import type { GuestThreadResult, SharedState, SourceEndpoint } from '../workers/protocol.js';
+import { Abort } from './abort.js';
+import { DropInjector } from './drops.js';
+import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './finish.js';
+import { GuestThreads } from './guest-threads.js';
+import { MainChannel } from './main-channel.js';
+
+/** How long the end of a run waits for its workers to exit before it leaves guest memory mapped. */
+const WORKER_EXIT_MS = 10_000;
+
+const sleep = (ms: number): Promise<void> =>
+  new Promise((resolve) => {
+    setTimeout(resolve, ms).unref();
+  });
+
+/** What set-up made: guest memory and what works on it. */
+interface Guest {
+  memory: BackendMemory;
+  vmm: VmmState;
+  fault: FaultStrategy;
+  plan: ThreadPlan;
+  threadCount: number;
+  installer: PageInstaller;
+  receiver: PrecopyReceiver;
+}
+
+export class DestinationRun {
+  private readonly abort = new Abort();
+  private readonly lifecycle = new DestLifecycle();
+  private readonly drops: DropInjector;
+  private readonly endpoint: SourceEndpoint;
+  private main: PageClient | undefined;
+  private welcome!: Welcome;
+  private guest!: Guest;
+  private channel!: MainChannel;
+  private recovery!: Recovery;
+  private session!: Session;
+  private threads: GuestThreads | undefined;
+  private watchdog: Watchdog | undefined;
+  /** The watchdog runs while the guest does (a resume restarts it only then). */
+  private watching = false;
+  private status: Server | undefined;
+  private readonly timers: NodeJS.Timeout[] = [];
+  private memory: BackendMemory | undefined;
+  /** The strategy's contexts, until released. */
+  private contexts: StrategySetup | undefined;
+  private startedAt: number | undefined;
+  /** The accounting is done: connections that close now are the run's own wind-down. */
+  private finishing = false;
+  private keepaliveTimeouts = 0;
+
+  constructor(private readonly options: DestinationOptions) {
+    this.drops = new DropInjector(options.injectDrops, options.injectPostcopyDrops);
+    this.endpoint = {
+      url: options.source,
+      token: options.token,
+      guestBytes: options.layout.guestBytes,
+      pageSize: options.layout.pageSize,
+      connectTimeoutMs: options.connectTimeoutMs,
+      reconnectTimeoutMs: options.reconnectTimeoutMs,
+      // None yet: the main channel asks for a new migration and gets its secret in the welcome.
+      secret: '',
+      ...(options.tls ? { tls: options.tls } : {}),
+    };
+  }
+
+  async run(): Promise<DestinationResult> {
+    try {
+      await this.connect();
+      this.createGuest();
+      await this.serveStatus();
+      this.openMainChannel();
+      await this.startThreads();
+      await this.start();
+      const results = await this.runGuest();
+      const blocked = await this.windDown();
+      return await this.account(results, blocked);
+    } catch (err) {
+      this.lifecycle.fail();
+      throw err;
+    } finally {
+      await this.close();
+    }
+  }
+
+  // ------------------------------------------------------------ setup
+
+  private connectMain(): Promise<PageClient> {
+    const keepaliveMs = this.options.keepaliveMs;
+    return PageClient.connect({
+      ...this.endpoint,
+      role: ChannelRole.Main,
+      channel: 'main',
+      keepaliveMs,
+      onKeepaliveTimeout: (silentMs) => {
+        this.keepaliveTimeouts++;
+        this.options.onEvent?.(`the source said nothing for ${Math.round(silentMs)} ms on the main channel (--keepalive-ms ${keepaliveMs}): treating the connection as lost`);
+      },
+    });
+  }
+
+  /** The main channel: the source's welcome says the mode and gives the migration's secret. */
+  private async connect(): Promise<void> {
+    this.main = await this.connectMain();
+    this.welcome = this.main.welcome;
+    // Every later channel (fault channels, a main channel that resumes) shows it.
+    this.endpoint.secret = this.welcome.secret;
+  }
+
+  /** Guest memory on the chosen backend, the strategy's contexts, and what installs pages. */
+  private createGuest(): void {
+    const { options } = this;
+    const { layout } = options;
+    const plan: ThreadPlan = {
+      vcpus: options.vcpus,
+      ioThreads: options.ioThreads,
+      readers: options.readers,
+      vcpuSlot: (v) => v,
+      ioSlot: (i) => options.vcpus + i,
+    };
+    const threadCount = options.vcpus + options.ioThreads;
+    const memory = BACKEND_BY_NAME[options.memoryBackend].create({ layout, memslotBytes: options.memslotBytes, maxThreads: threadCount, maxContexts: options.vcpus + 2 });
+    this.memory = memory;
+    const vmm = VmmState.create(layout.totalPages, threadCount);
+    const fault = STRATEGY_BY_NAME[options.strategy];
+    const setup = fault.setup(memory, plan, layout.totalPages);
+    this.contexts = setup;
+    if (options.skipOwedWake) for (const r of setup.resolvers) r.owesWake = false;
+    const installer = new PageInstaller(memory, vmm, setup.ranges);
+    const receiver = new PrecopyReceiver(memory, vmm, installer, options.skipDiscard === true);
+    this.guest = { memory, vmm, fault, plan, threadCount, installer, receiver };
+  }
+
+  private get precopyMode(): boolean {
+    return this.welcome.mode !== 'postcopy';
+  }
+
+  private async serveStatus(): Promise<void> {
+    const { options, guest } = this;
+    if (options.statusPort === undefined) return;
+    this.status = await startStatusServer(
+      options.statusPort,
+      {
+        state: () => this.lifecycle.state,
+        vmm: guest.vmm,
+        totalPages: options.layout.totalPages,
+        pageSize: options.layout.pageSize,
+        vcpus: options.vcpus,
+        threads: guest.threadCount,
+        now: () => performance.now(),
+        startedAt: () => this.startedAt,
+        round: () => guest.receiver.round,
+      },
+      options.statusHost,
+    );
+    options.onStatusUrl?.((this.status as Server & { url: string }).url);
+  }
+
+  /** What comes on the main channel (run/main-channel.ts), and recovery when it is lost. */
+  private openMainChannel(): void {
+    const { options, guest } = this;
+    const { vmm } = guest;
+    this.channel = new MainChannel({
+      totalPages: options.layout.totalPages,
+      pageSize: options.layout.pageSize,
+      vmm,
+      installer: guest.installer,
+      precopy: guest.receiver,
+      lifecycle: this.lifecycle,
+      fail: (err) => this.abort.fail(err),
+      onSwitchover: (postcopy) =>
+        options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
+      afterPush: () => this.maybeInjectDrop(),
+    });
+    this.adoptMain(this.main!);
+    this.session = new Session(vmm.counters);
+    this.recovery = new Recovery({
+      session: this.session,
+      connectMain: () => this.connectMain(),
+      imageDigest: this.welcome.imageDigest,
+      resumeMessage: () => ({
+        type: 'resume',
+        push: options.push,
+        preempt: options.preempt,
+        receivedmap: bitmapOf(vmm, options.layout.totalPages, PAGE.RECEIVED).map,
+        requestedmap: bitmapOf(vmm, options.layout.totalPages, PAGE.REQUESTED).map,
+      }),
+      adopt: (client) => this.adoptMain(client),
+      onPause: (reason) => {
+        this.lifecycle.pause();
+        this.main?.terminate();
+        this.watchdog?.stop();
+        this.channel.forgetComplete();
+        options.onEvent?.(`connection lost (${reason}): postcopy paused after ${vmm.counter(COUNTER.INSTALLED)} pages installed; reconnecting`);
+      },
+      onResume: (resumed, pausedMs) => {
+        this.lifecycle.resume();
+        if (this.watching) this.watchdog?.start();
+        options.onEvent?.(
+          `resumed after ${Math.round(pausedMs)} ms${resumed.restarted ? ' (source restarted)' : ''}: the source marked ${resumed.pagesMarkedUnsent} pages lost on the way as unsent`,
+        );
+      },
+      fail: (err) => this.abort.fail(err),
+      reconnectTimeoutMs: options.reconnectTimeoutMs,
+      answerTimeoutMs: options.connectTimeoutMs,
+      now: () => performance.now(),
+    });
+  }
+
+  private adoptMain(client: PageClient): void {
+    this.main = client;
+    client.onMessage = (m) => this.channel.onMessage(m);
+    client.onClose = (err) => {
+      if (this.finishing || client !== this.main) return;
+      // A lost connection pauses the migration (or cancels it before the switchover); a source that broke the protocol fails it.
+      this.connectionLost('main channel', err ?? new ConnectionError('the main channel to the source closed'));
+    };
+  }
+
+  /** A lost connection: before the switchover the migration is cancelled (the guest never left); after it, it pauses. */
+  private connectionLost(what: string, err: Error): void {
+    // The run has failed already (what closes now is its own wind-down).
+    if (this.abort.error) return;
+    if (!(err instanceof ConnectionError) || this.startedAt === undefined) {
+      this.abort.fail(err);
+    } else if (!this.lifecycle.switchedOver) {
+      this.lifecycle.cancel();
+      this.abort.fail(new ConnectionError(`the connection to the source was lost during precopy (${what}: ${err.message}): the migration is cancelled, and the guest stays on the source`));
+    } else {
+      this.recovery.lost(`${what}: ${err.message}`);
+    }
+  }
+
+  /** Fault injection: a drop that is due goes off (a cancel before the switchover, a pause after it). */
+  private maybeInjectDrop(): void {
+    if (this.drops.asked === 0 || this.recovery.paused || this.startedAt === undefined || this.finishing || this.abort.error) return;
+    const reason = this.drops.due(this.guest.vmm, this.lifecycle.switchedOver);
+    if (reason === undefined) return;
+    if (this.lifecycle.switchedOver) this.recovery.lost(reason);
+    else {
+      this.main?.terminate();
+      this.connectionLost('main channel', new ConnectionError(reason));
+    }
+  }
+
+  /** Polls the drops (pages installed by vCPU and resolver threads are not seen on the main thread). */
+  private pollDrops(): NodeJS.Timeout | undefined {
+    if (this.drops.asked === 0) return undefined;
+    const timer = setInterval(() => this.maybeInjectDrop(), 2);
+    timer.unref();
+    this.timers.push(timer);
+    return timer;
+  }
+
+  /** The worker threads: each connects and binds before the migration starts. */
+  private async startThreads(): Promise<void> {
+    const { options, guest, welcome } = this;
+    const shared: SharedState = {
+      memory: guest.memory.handle,
+      vmm: guest.vmm.buffers,
+      image: { seed: welcome.imageSeed, zeroFraction: welcome.zeroFraction },
+      // A guest that ran on the source changed each page's counter word: the first-touch check skips it.
+      ignoreWord: this.precopyMode ? counterWord(options.layout.pageSize) : -1,
+      epochOrigin: performance.timeOrigin,
+    };
+    this.threads = new GuestThreads({
+      strategy: options.strategy,
+      fault: guest.fault,
+      plan: this.contexts!,
+      threads: guest.plan,
+      shared,
+      endpoint: this.endpoint,
+      workload: {
+        name: options.workload,
+        totalPages: options.layout.totalPages,
+        vcpus: options.vcpus,
+        seed: options.seed,
+        accesses: options.accesses,
+        writeFraction: options.writeFraction,
+      },
+      ioAccesses: options.ioAccesses,
+      abort: this.abort,
+      onChannelLost: (label, message, epoch) => {
+        // A fault channel's connection dropped in the current session: pause and recover (or cancel, or fail).
+        if (epoch !== this.session.epoch || this.finishing) return;
+        this.connectionLost(label, new ConnectionError(message));
+      },
+    });
+    await this.threads.ready();
+    this.watchdog = new Watchdog(guest.vmm, guest.memory, this.threads.watched(), options.watchdogMs, () => performance.now(), (err) => this.abort.fail(err));
+  }
+
+  // ------------------------------------------------------------ the migration
+
+  /** `start`: precopy rounds first (until the source's switchover), or postcopy at once. */
+  private async start(): Promise<void> {
+    const { options, guest } = this;
+    this.startedAt = performance.now();
+    this.lifecycle.start(this.precopyMode);
+    this.main!.send({ type: 'start', push: options.push, preempt: options.preempt });
+    if (options.onProgress) {
+      const onProgress = options.onProgress;
+      const faults = (): number => {
+        let n = 0;
+        for (let t = 0; t < guest.threadCount; t++) n += guest.vmm.faultsOf(t);
+        return n;
+      };
+      const timer = setInterval(() => onProgress(guest.vmm.counter(COUNTER.INSTALLED), options.layout.totalPages, faults()), 200);
+      timer.unref();
+      this.timers.push(timer);
+    }
+    if (!this.precopyMode) return;
+    // The guest runs on the source meanwhile; ours starts at the switchover.
+    const poll = this.pollDrops();
+    try {
+      await this.abort.race(this.channel.switchover.promise);
+    } finally {
+      clearInterval(poll);
+    }
+    this.main!.send({ type: 'running' });
+  }
+
+  /** The guest runs here until every vCPU and I/O thread is done, and (with push) every page is in. */
+  private async runGuest(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; elapsedMs: number }> {
+    const started = performance.now();
+    this.watchdog!.start();
+    this.watching = true;
+    this.pollDrops();
+    const results = await this.threads!.run();
+    if (this.options.push) {
+      // The main thread re-checks on every page it installs and on complete.
+      // The last page may instead be a requested page installed by a vCPU or
+      // resolver thread after complete arrived: poll for that case.
+      const poll = setInterval(() => this.channel.checkInstalled(), 5);
+      try {
+        await this.abort.race(this.channel.installedAll);
+      } finally {
+        clearInterval(poll);
+      }
+    }
+    return { ...results, elapsedMs: performance.now() - started };
+  }
+
+  /**
+   * Resolvers stop reading and finish their in-flight requests; only then
+   * are the contexts unregistered and closed (on the kernel an install on a
+   * closed context is EBADF). Returns the threads still blocked (none).
+   */
+  private async windDown(): Promise<string[]> {
+    await this.threads!.stopResolvers();
+    this.releaseContexts();
+    this.watching = false;
+    this.watchdog!.stop();
+    // A drop whose threshold was reached goes off before the end (drop@N with N up to every page).
+    this.maybeInjectDrop();
+    for (const t of this.timers.splice(0)) clearInterval(t);
+    return this.watchdog!.blocked();
+  }
+
+  /** The exactly-once accounting with the source, the memory's digest (and, when it differs, which pages), the report. */
+  private async account(results: Awaited<ReturnType<DestinationRun['runGuest']>>, blocked: string[]): Promise<DestinationResult> {
+    const { options, guest, welcome } = this;
+    const { layout } = options;
+    const { vmm } = guest;
+    const { summary, received } = await exchangeSummary({ main: () => this.main!, channel: this.channel, vmm, totalPages: layout.totalPages, recovery: this.recovery, abort: this.abort });
+    // Received pages only: on uffd a missing page would block this thread in the kernel.
+    const pages = new GuestPages(guest.memory);
+    const destDigest = digestPages(pages, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+    // The digests differ: which pages, and who sent them last?
+    const digestMismatch =
+      destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main: this.main!, channel: this.channel, pages, vmm, totalPages: layout.totalPages, abort: this.abort }) : undefined;
+    this.finishing = true;
+    this.lifecycle.finish();
+    const recovery = this.recovery;
+    const built = buildReportWithHistogram({
+      strategy: options.strategy,
+      memoryBackend: options.memoryBackend,
+      workload: options.workload,
+      vcpus: options.vcpus,
+      readers: options.strategy === 'shared-uffd' ? options.readers : 0,
+      ioThreads: options.ioThreads,
+      pageSize: layout.pageSize,
+      guestBytes: layout.guestBytes,
+      totalPages: layout.totalPages,
+      memslots: guest.memory.memslots.count,
+      push: options.push,
+      seed: options.seed,
+      elapsedMs: results.elapsedMs,
+      vcpuResults: results.vcpuResults,
+      ioResults: results.ioResults,
+      vmm,
+      summary,
+      imageDigest: welcome.imageDigest,
+      destDigest,
+      ...(digestMismatch !== undefined ? { digestMismatch } : {}),
+      allReceived: received === layout.totalPages,
+      blocked,
+      preempt: options.preempt,
+      mode: welcome.mode,
+      tls: options.source.startsWith('wss:'),
+      linkDelayUs: welcome.linkDelayUs,
+      linkBandwidthBps: welcome.linkBandwidthBps,
+      recovery: {
+        pauses: recovery.pauses,
+        resumes: recovery.resumes,
+        pagesResent: recovery.pagesResent,
+        requestsReplayed: vmm.counter(COUNTER.REPLAYED),
+        repliesDropped: vmm.counter(COUNTER.REPLIES_DROPPED),
+        dropsInjected: this.drops.injected,
+        sourceRestarts: recovery.sourceRestarts,
+        pausedMs: Math.round(recovery.pausedMs * 1000) / 1000,
+        keepaliveMs: options.keepaliveMs,
+        keepaliveTimeouts: this.keepaliveTimeouts,
+        sourceKeepaliveTimeouts: summary.keepaliveTimeouts,
+      },
+    });
+    return { report: built.report as Report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };
+  }
+
+  // ------------------------------------------------------------ the end, whatever happened
+
+  /**
+   * Unregisters and closes the strategy's contexts, once. Every thread still
+   * blocked in one of their faults wakes and reads a zero page that was never
+   * installed: after this nothing may be verified that a thread read then.
+   * The normal end calls it only once every guest thread has finished and
+   * every resolver has stopped; the failing ends call it so that those
+   * threads can exit.
+   */
+  private releaseContexts(): void {
+    const memory = this.memory;
+    const setup = this.contexts;
+    if (memory === undefined || setup === undefined) return;
+    const size = this.options.layout.pageSize;
+    for (const r of setup.ranges) memory.unregister(r.ctx, r.firstPage * size, (r.endPage - r.firstPage) * size);
+    for (const ctx of setup.contexts) memory.close(ctx);
+    this.contexts = undefined;
+  }
+
+  private async close(): Promise<void> {
+    this.status?.close();
+    this.watchdog?.stop();
+    for (const t of this.timers.splice(0)) clearInterval(t);
+    this.main?.close();
+    // Threads blocked in a real fault cannot be terminated: closing their
+    // contexts wakes them (on zero pages: this run reports nothing).
+    this.releaseContexts();
+    const workers = this.threads?.workers ?? [];
+    const exited = await Promise.race([Promise.all(workers.map((w) => w.terminate())).then(() => true), sleep(WORKER_EXIT_MS).then(() => false)]);
+    // Unmapping memory a thread still runs on would kill the process: a thread
+    // that did not exit keeps it mapped until the process ends.
+    if (exited) this.memory?.dispose();
+  }
+}
