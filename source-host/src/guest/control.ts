@@ -28,9 +28,9 @@ export interface SourceVcpuData {
   control: SharedArrayBuffer;
   image: import('../image.js').GuestImageBuffers;
   dirtyLog: SharedArrayBuffer;
-  /** The pages it writes: its share of the dirty set, [first, first + count). */
-  first: number;
-  count: number;
+  /** The dirty set (the first `dirtySetPages` pages) and the vCPUs sharing it: each walks its partition, as the sequential workload does. */
+  dirtySetPages: number;
+  vcpus: number;
   /** Pages per second it writes; 0 = as fast as it can. */
   dirtyRate: number;
 }

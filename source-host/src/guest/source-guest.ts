@@ -47,17 +47,13 @@ export class SourceGuest {
     this.image.markChanged();
     const ready: Promise<void>[] = [];
     for (let v = 0; v < vcpus; v++) {
-      // Each vCPU its own share of the dirty set (the last takes the rest); with fewer pages than vCPUs they share.
-      const per = Math.floor(pages / vcpus);
-      const first = per === 0 ? 0 : v * per;
-      const count = per === 0 ? pages : v === vcpus - 1 ? pages - first : per;
       const data: SourceVcpuData = {
         index: v,
         control: this.ctl.buffer as SharedArrayBuffer,
         image: this.image.toBuffers(),
         dirtyLog: this.dirtyLog.buffer,
-        first,
-        count,
+        dirtySetPages: pages,
+        vcpus,
         dirtyRate,
       };
       const worker = startWorker(import.meta.url, 'vcpu-worker', { workerData: data });

@@ -6,14 +6,16 @@
  * and marks it in the dirty log, in that order (see dirty-log.ts: the store
  * must come before the bit).
  *
- * It walks its share of the dirty set page after page, at `dirtyRate` pages
+ * It walks its share of the dirty set page after page (the guest's
+ * sequential workload, shared/src/guest, which the destination's vCPUs run
+ * too; with fewer pages than vCPUs each walks all of them), at `dirtyRate` pages
  * per second of running (0: as fast as it can), in timeslices of 10 ms; a throttle
  * (auto-converge) adds sleep after each slice as QEMU's cpu_throttle_thread
  * does: pct / (1 - pct) of a timeslice. It stops when RUN goes to 0, after
  * finishing the write in progress (so the final sync sees it), and says so.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { counterWord } from '@postcopy/shared';
+import { accessPattern, counterWord, type AccessPattern } from '@postcopy/shared';
 import { DirtyLog } from '../dirty-log.js';
 import { CONTROL, TIMESLICE_MS, type SourceVcpuData } from './control.js';
 
@@ -41,9 +43,18 @@ function sleep(ms: number): void {
   if (ms > 0) Atomics.wait(ctl, CONTROL.RUN, 1, ms);
 }
 
+/** Its walk over the dirty set, for ever. */
+function walk(): AccessPattern {
+  if (data.dirtySetPages >= data.vcpus) {
+    return accessPattern({ name: 'sequential', totalPages: data.dirtySetPages, vcpus: data.vcpus, seed: 0, accesses: 1, writeFraction: 1 }, data.index);
+  }
+  let i = 0;
+  return { length: Infinity, next: () => i++ % data.dirtySetPages };
+}
+
 function run(): void {
   const writesSlot = CONTROL.WRITES + data.index;
-  let cursor = 0;
+  const pattern = walk();
   // The rate is kept per timeslice of running (a credit of rate × 10 ms each),
   // not over the whole run: a throttled vCPU's sleep is lost to it, as in
   // QEMU, instead of being caught up afterwards.
@@ -60,8 +71,7 @@ function run(): void {
         if (credit < 1) break;
         credit--;
       }
-      write(data.first + cursor);
-      cursor = cursor + 1 === data.count ? 0 : cursor + 1;
+      write(pattern.next());
       inSlice++;
       if ((inSlice & 63) === 0) {
         Atomics.add(ctl, writesSlot, 64);
