@@ -112,6 +112,8 @@ class FakeSource {
             if (behaviour.finish?.(this, channel)) return;
             ws.send(encode(this.summary(m.receivedmap)));
             return;
+          case 'running':
+            return;
           case 'hash-request':
             // The honest source's page hashes (its image, every page last sent by postcopy).
             ws.send(encode({ type: 'page-hashes', hashes: pageHashes(image, layout.totalPages), phases: new Uint8Array(layout.totalPages).fill(PHASE.POSTCOPY) }));
@@ -399,6 +401,50 @@ describe('the destination against a malicious source', () => {
   it('a fault-channel welcome that hands out a (new) secret', async () => {
     const r = await runAgainst({ welcome: (h, w) => (h.role === 1 ? { ...w, secret: '77'.repeat(32) } : w) });
     expectRejected(r, /expected no secret in the welcome of a channel that presented one, got a new one/);
+  });
+
+  describe('a source that claims precopy (hybrid) and then misbehaves', () => {
+    const hybrid = (start: Behaviour['start']): Behaviour => ({ welcome: (_h, w) => ({ ...w, mode: 'hybrid' }), start });
+    /** A discard frame with these (first, count) pairs, as raw bytes: the encoder would not write a bad one. */
+    const discard = (...pairs: number[]): Buffer => {
+      const b = Buffer.alloc(pairs.length * 4);
+      pairs.forEach((v, i) => b.writeUInt32LE(v, i * 4));
+      return pack([MessageType.Discard, b]);
+    };
+    const precopyPage = (main: Channel): void => void main.ws.send(encode({ type: 'precopy-pages', round: 1, page: 0, data: image.pageBytes(0) }));
+    it.each([
+      ['overlapping ranges', discard(0, 4, 2, 1), /discard\.ranges: expected sorted ranges that do not overlap, got one from page 2 after one that ends at page 3/],
+      ['unsorted ranges', discard(10, 1, 3, 1), /discard\.ranges: expected sorted ranges that do not overlap/],
+      ['a range out of the guest', discard(250, 10), /discard\.ranges: expected ranges inside the guest's 256 pages, got pages 250 to 259/],
+    ])('a discard with %s: rejected by the codec, the run fails clearly', async (_name, frame, message) => {
+      const r = await runAgainst(hybrid((_s, main) => {
+        precopyPage(main);
+        main.ws.send(frame);
+      }));
+      expectRejected(r, message);
+      expect(r.report).toBeUndefined();
+    });
+
+    it('pushed pages before any switchover', async () => {
+      const r = await runAgainst(hybrid((s) => s.push(3)));
+      expectRejected(r, /expected pushed pages only after the switchover, got it during precopy/);
+    });
+
+    it('a switchover from stop-and-copy with pages missing', async () => {
+      const r = await runAgainst(hybrid((_s, main) => {
+        precopyPage(main);
+        main.ws.send(encode({ type: 'switchover', postcopy: false }));
+      }));
+      expectRejected(r, /expected every page at the end of precopy \(stop-and-copy\), got 1 of 256: the source switched over with pages missing/);
+    });
+
+    it('precopy pages after the switchover', async () => {
+      const r = await runAgainst(hybrid((_s, main) => {
+        main.ws.send(encode({ type: 'switchover', postcopy: true }));
+        precopyPage(main);
+      }));
+      expectRejected(r, /expected precopy-pages only during precopy \(before the switchover\), got it in state postcopy-active/);
+    });
   });
 
   it('a welcome of the wrong shape', async () => {

@@ -10,6 +10,7 @@ import { decode, encode, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout } from './layout.js';
 import { rng } from './random.js';
+import { coalesce, decodeRanges, encodeRanges } from './precopy.js';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, type Message, type Summary } from './protocol.js';
 
 const PAGE = 4096;
@@ -529,5 +530,22 @@ describe('decode throws nothing but ProtocolError', () => {
       if (failure) failures.push(failure);
     }
     expect(failures.slice(0, 5), `${failures.length} failures`).toEqual([]);
+  });
+});
+
+describe('discard ranges', () => {
+  it('coalesces ascending pages into runs, and refuses pages out of order', () => {
+    expect(coalesce([])).toEqual([]);
+    expect(coalesce([5])).toEqual([{ first: 5, count: 1 }]);
+    expect(coalesce([0, 1, 2, 4, 5, 9])).toEqual([
+      { first: 0, count: 3 },
+      { first: 4, count: 2 },
+      { first: 9, count: 1 },
+    ]);
+    expect(() => coalesce([3, 3])).toThrow(/expected ascending pages, got 3 after 3/);
+    expect(() => coalesce([4, 2])).toThrow(/expected ascending pages/);
+    // What coalesce makes, the decoder takes back unchanged.
+    const ranges = coalesce([0, 1, 7, 8, 9, 63]);
+    expect(decodeRanges(encodeRanges(ranges), 64, 'discard.ranges')).toEqual(ranges);
   });
 });
