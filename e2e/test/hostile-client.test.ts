@@ -35,7 +35,7 @@ import {
   type Message,
   type Report,
 } from '@postcopy/shared';
-import { DEST, SOURCE, failedChecks, runNode } from './run.js';
+import { DEST, SOURCE, failedChecks, runNode, within } from './run.js';
 
 const TOKEN = 'hostile-test-token';
 const MEMORY = '8MiB';
@@ -48,16 +48,6 @@ afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!();
 });
 
-/** Rejects with `what` if `promise` takes longer than `ms`. */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

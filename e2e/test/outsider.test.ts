@@ -28,7 +28,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, bitmapBytes, decode, encode, makeLayout, type Message, type Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, failedChecks } from './run.js';
+import { DEST, SOURCE, failedChecks, within } from './run.js';
 
 const TOKEN = 'outsider-test-token';
 const MEMORY = '16MiB';
@@ -39,15 +39,6 @@ afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!();
 });
 
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
 
 interface Host {
   child: ChildProcess;

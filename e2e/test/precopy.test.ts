@@ -16,16 +16,8 @@ import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import { STRATEGIES, type Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, failedChecks, migrate, runNode } from './run.js';
+import { DEST, SOURCE, expectVerified, failedChecks, migrate, runNode } from './run.js';
 
-function expectVerified(result: Awaited<ReturnType<typeof migrate>>): Report {
-  expect(result.code, result.stderr + result.stdout.slice(-3000)).toBe(0);
-  const report = result.report!;
-  expect(failedChecks(report)).toEqual([]);
-  expect(report.verified).toBe(true);
-  expect(report.digest.dest).toBe(report.digest.source);
-  return report;
-}
 
 /** A small guest on a slowed link: precopy rounds take long enough for the guest to dirty pages during each. */
 const SLOW = ['--memory', '4MiB', '--vcpus', '1', '--link-bandwidth', '20mbit'];

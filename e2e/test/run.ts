@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { expect } from 'vitest';
 import type { Report } from '@postcopy/shared';
 
 export const LAUNCHER = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
@@ -58,4 +59,29 @@ export async function migrate(args: string[], timeoutMs = 45_000): Promise<Migra
 /** The checks every successful run must pass, asserted one by one for a readable failure. */
 export function failedChecks(report: Report): string[] {
   return report.checks.filter((c) => !c.ok).map((c) => `${c.name}: ${c.detail}`);
+}
+
+/** Rejects with `what` if `promise` takes longer than `ms`. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/** What every verified run must show: exit 0, every check passed, equal digests, each request answered, each page sent once. */
+export function expectVerified(result: { code: number | null; stdout: string; stderr: string; report: Report | undefined }, context = ''): Report {
+  expect(result.code, `${result.stderr}\n${result.stdout.slice(-3000)}\n${context}`).toBe(0);
+  const report = result.report!;
+  expect(report).toBeDefined();
+  expect(failedChecks(report)).toEqual([]);
+  expect(report.verified).toBe(true);
+  expect(report.digest.dest).toBe(report.digest.source);
+  expect(report.counters.replies).toBe(report.counters.requests);
+  expect(report.counters.pagesInstalled).toBe(report.counters.pagesSentBySource);
+  expect(result.stdout).toContain('verified: true');
+  return report;
 }

@@ -14,7 +14,9 @@ import WebSocket from 'ws';
 import { ChannelRole, PROTOCOL_VERSION, decode, encode, type Message } from '@postcopy/shared';
 import { makeCa, makeLeaf, type KeyPair } from '../src/certs.js';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { SOURCE } from './run.js';
+import { SOURCE, within } from './run.js';
+
+export { within };
 
 export const TOKEN = 'tls-test-token';
 export const MEMORY = '8MiB';
@@ -74,16 +76,6 @@ export function destTls(certs: TestCertificates, ca = certs.ca, client: KeyPair 
   return ['--tls-ca', ca, ...(client ? ['--tls-cert', client.cert, '--tls-key', client.key] : [])];
 }
 
-/** Rejects with `what` if `promise` takes longer than `ms`. */
-export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { STRATEGIES, type Report } from '@postcopy/shared';
 import { exitCode } from '../src/launcher.js';
-import { DEST, SOURCE, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
+import { DEST, SOURCE, expectVerified, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
 import {
   MEMORY,
   TOKEN,
@@ -71,19 +71,6 @@ async function runDest(url: string, args: string[]): Promise<DestResult> {
   return { ...result, report: existsSync(json) ? (JSON.parse(readFileSync(json, 'utf8')) as Report) : undefined };
 }
 
-/** What every verified run shows. */
-function expectVerified(result: { code: number | null; stdout: string; stderr: string; report: Report | undefined }, context = ''): Report {
-  expect(result.code, `${result.stderr}\n${result.stdout}\n${context}`).toBe(0);
-  const report = result.report!;
-  expect(report).toBeDefined();
-  expect(failedChecks(report)).toEqual([]);
-  expect(report.verified).toBe(true);
-  expect(report.digest.dest).toBe(report.digest.source);
-  expect(report.counters.replies).toBe(report.counters.requests);
-  expect(report.counters.pagesInstalled).toBe(report.counters.pagesSentBySource);
-  expect(result.stdout).toContain('verified: true');
-  return report;
-}
 
 /**
  * A destination refused before any migration: exit 1, the message, no

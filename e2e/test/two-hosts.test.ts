@@ -24,7 +24,7 @@ import type { Report } from '@postcopy/shared';
 import { makeRunCertificates } from '../src/certs.js';
 import { exitCode, listeningUrl } from '../src/launcher.js';
 import { makeHostPair, ip, netnsExists, removeHostPair, setLink, spawnNodeIn, type HostPair } from './netns.js';
-import { DEST, SOURCE, failedChecks } from './run.js';
+import { DEST, SOURCE, failedChecks, within } from './run.js';
 
 const MEMORY = '16MiB';
 const TOTAL_PAGES = (16 * 1024 * 1024) / 4096;
@@ -40,16 +40,6 @@ afterAll(async () => {
   for (const ns of madeNamespaces) expect(await netnsExists(ns), `namespace ${ns} left behind`).toBe(false);
 });
 
-/** Rejects with `what` if `promise` takes longer than `ms`. */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 

@@ -1,5 +1,5 @@
 import type { MigrationMode } from './precopy.js';
-import type { PrecopyRound } from './protocol.js';
+import type { MigrationSummary } from './protocol.js';
 import type { LatencySummary } from './stats.js';
 import { formatBytes } from './sizes.js';
 
@@ -116,21 +116,8 @@ export interface Report {
   discard: { pages: number; ranges: number };
 }
 
-/** The precopy rounds (QEMU's names where it has them). */
-export interface PrecopyFigures {
-  rounds: number;
-  dirtySyncCount: number;
-  /** Pages sent in precopy and stop-and-copy, re-sends included, and the re-sends alone. */
-  pagesSent: number;
-  pagesResent: number;
-  /** Page bytes sent in precopy. */
-  bytes: number;
-  /** Pages the guest dirtied per second while precopy ran. */
-  dirtyPagesRate: number;
-  /** The source vCPUs' throttle at switchover (auto-converge), percent. */
-  throttlePercent: number;
-  perRound: PrecopyRound[];
-}
+/** The precopy rounds (QEMU's names where it has them): the source's figures, as its summary gives them. */
+export type PrecopyFigures = Pick<MigrationSummary, 'rounds' | 'dirtySyncCount' | 'pagesSent' | 'pagesResent' | 'bytes' | 'dirtyPagesRate' | 'throttlePercent' | 'perRound'>;
 
 /** Postcopy recovery (QEMU's postcopy-paused / postcopy-recover) during the run. */
 export interface RecoveryFigures {

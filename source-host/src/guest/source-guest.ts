@@ -81,13 +81,7 @@ export class SourceGuest {
     }
     await Promise.all(ready);
     // Every vCPU in its run loop: the guest runs (rounds that begin now see its writes).
-    for (;;) {
-      const started = Atomics.load(this.ctl, CONTROL.STARTED);
-      if (started >= vcpus) break;
-      if (this.failure) throw this.failure;
-      const wait = Atomics.waitAsync(this.ctl, CONTROL.STARTED, started, 100);
-      if (wait.async) await wait.value;
-    }
+    await this.untilCount(CONTROL.STARTED, vcpus);
     this.running = true;
   }
 
@@ -119,16 +113,20 @@ export class SourceGuest {
     if (!this.running) return at;
     Atomics.store(this.ctl, CONTROL.RUN, 0);
     Atomics.notify(this.ctl, CONTROL.RUN);
-    const n = this.options.vcpus;
-    for (;;) {
-      const stopped = Atomics.load(this.ctl, CONTROL.STOPPED);
-      if (stopped >= n) break;
-      if (this.failure) throw this.failure;
-      const wait = Atomics.waitAsync(this.ctl, CONTROL.STOPPED, stopped, 100);
-      if (wait.async) await wait.value;
-    }
+    await this.untilCount(CONTROL.STOPPED, this.options.vcpus);
     this.running = false;
     return at;
+  }
+
+  /** Waits until the control counter at `index` reaches `n` (the vCPUs notify it); a vCPU's failure ends the wait. */
+  private async untilCount(index: number, n: number): Promise<void> {
+    for (;;) {
+      const now = Atomics.load(this.ctl, index);
+      if (now >= n) return;
+      if (this.failure) throw this.failure;
+      const wait = Atomics.waitAsync(this.ctl, index, now, 100);
+      if (wait.async) await wait.value;
+    }
   }
 
   get stopped(): boolean {
