@@ -170,7 +170,10 @@ export function blocktimeFigure(input: FigureInput): Figure {
  */
 export function modesFigure(input: FigureInput): Figure {
   const modes = valuesOf(input, 'mode');
-  const rates = [...valuesOf(input, 'dirtyRate')].sort((a, b) => Number(a) - Number(b));
+  // --dirty-rate 0 is "as fast as it can": the highest rate, so it goes last, and says so.
+  const order = (r: string): number => (Number(r) === 0 ? Infinity : Number(r));
+  const rates = [...valuesOf(input, 'dirtyRate')].sort((a, b) => order(a) - order(b));
+  const label = (r: string): string => (Number(r) === 0 ? 'unlimited' : r);
   const others = input.params.filter((p) => p.key !== 'mode' && p.key !== 'dirtyRate');
   const groups = panelGroups(input, ['mode', 'dirtyRate']);
   const panels: ChartPanel[] = [];
@@ -182,7 +185,7 @@ export function modesFigure(input: FigureInput): Figure {
           name: mode,
           color: seriesColor(i),
           points: rates.map((rate) => ({
-            category: rate,
+            category: label(rate),
             spread: g.summaries.find((x) => valueOf(input, x, 'mode') === mode && valueOf(input, x, 'dirtyRate') === rate)?.metrics.get(metric),
           })),
         })),
@@ -190,10 +193,10 @@ export function modesFigure(input: FigureInput): Figure {
     }
   }
   const spec: ChartSpec = {
-    categories: rates,
+    categories: rates.map(label),
     panels,
     mark: 'line',
-    x: { title: 'dirty rate (pages/s per source vCPU)' },
+    x: { title: 'dirty rate (pages/s per source vCPU; unlimited = as fast as it can)' },
     y: { title: 'time', unit: 'ms', shared: false },
     columns: 2,
     repeats: input.repeats,
