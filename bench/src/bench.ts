@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { arch, cpus, loadavg, platform } from 'node:os';
-import { formatBytes } from '@postcopy/shared';
+import { CPU_GROUPS, formatBytes, type CpuGroup } from '@postcopy/shared';
 import { NativeBuildError, NoCompilerError, UffdUnavailableError } from './errors.js';
 import {
   BENCH_STRATEGIES,
@@ -87,6 +87,9 @@ export const METHOD = {
     "the tool's msgpackr codec; one request outstanding; timed from request encode to reply decode; HdrHistogram",
   bulk: "the floor server streams 4 KiB pushed frames as fast as ws takes them (bufferedAmount held under the tool's push high-water mark), this process decodes them; timed from its start message to complete",
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
+  cpu:
+    "the report's cpu.perFaultUs (CPU time over the run / its faults) of each process (process.cpuUsage) and thread group of the destination " +
+    '(each thread its own /proc/thread-self/schedstat; other = the rest of the destination process: GC, compiler and libuv threads): medians over the repeats',
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
   push: "npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --memory P (push on; P = --push-memory): the report's pushThroughputMiBs (pushed page bytes / run time)",
   netCeiling:
@@ -210,7 +213,8 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         run: async () => {
           const { figures } = await runMigration(t.spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
           runSamples[t.spec.key]!.push(figures);
-          return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs`;
+          const c = figures.cpuPerFaultUs;
+          return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
         },
       });
       steps.push({
@@ -261,10 +265,19 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     pagesResent: med(key, (f) => f.recovery!.pagesResent),
     requestsReplayed: med(key, (f) => f.recovery!.requestsReplayed),
   });
-  const strategies = {} as Record<BenchStrategy, { p50: number; p99: number }>;
+  /** Medians of each CPU group's µs per fault (null if any repeat could not tell). */
+  const cpuMed = (key: string): Record<CpuGroup, number | null> => {
+    const out = {} as Record<CpuGroup, number | null>;
+    for (const g of CPU_GROUPS) {
+      const xs = runSamples[key]!.map((f) => f.cpuPerFaultUs[g]);
+      out[g] = xs.some((x) => x === null) ? null : round3(median(xs as number[]));
+    }
+    return out;
+  };
+  const strategies = {} as BenchFigures['strategies'];
   for (const s of BENCH_STRATEGIES) {
     const key = strategyRun(s).key;
-    strategies[s] = { p50: med(key, (f) => f.p50Us), p99: med(key, (f) => f.p99Us) };
+    strategies[s] = { p50: med(key, (f) => f.p50Us), p99: med(key, (f) => f.p99Us), cpuPerFaultUs: cpuMed(key) };
   }
   const toolRates = {} as ThroughputFigures['tool'];
   const nativeRates = {} as Record<BenchStrategy, Record<string, RateFigures>>;
@@ -273,7 +286,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     nativeRates[s] = {};
     for (const v of options.throughputVcpus) {
       const key = throughputRun(s, v, options.mibPerVcpu).key;
-      toolRates[s][String(v)] = { pagesPerSec: round3(med(key, (f) => f.pagesPerSec)), p50Us: med(key, (f) => f.p50Us) };
+      toolRates[s][String(v)] = { pagesPerSec: round3(med(key, (f) => f.pagesPerSec)), p50Us: med(key, (f) => f.p50Us), cpuPerFaultUs: cpuMed(key) };
       const mine = nativeSamples.filter((n) => n.mode === NATIVE_COUNTERPART[s] && n.vcpus === v);
       if (mine.length > 0) {
         nativeRates[s][String(v)] = { pagesPerSec: round3(median(mine.map((n) => n.pagesPerSec))), p50Us: round3(median(mine.map((n) => n.latencyUs.p50))) };

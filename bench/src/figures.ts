@@ -1,6 +1,7 @@
 /** The bench's results: figures (medians of the repeats), the ratios, and the targets they are held to. */
 // native-floor.ts imports median from here: use its values only inside functions (no cycle at load time).
 import { NATIVE_COUNTERPART } from './native-floor.js';
+import type { CpuGroup } from '@postcopy/shared';
 
 export const BENCH_STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'kvm-exit'] as const;
 export type BenchStrategy = (typeof BENCH_STRATEGIES)[number];
@@ -44,6 +45,8 @@ export interface TargetResult extends Target {
 export interface RateFigures {
   pagesPerSec: number;
   p50Us: number;
+  /** The tool's runs: CPU µs per fault of each process and thread group (medians; null: unknown here). */
+  cpuPerFaultUs?: Record<CpuGroup, number | null>;
 }
 
 /** The tool against the native floor: demand paging rates with many vCPUs (issue 9). */
@@ -65,8 +68,8 @@ export interface BenchFigures {
    * ceiling) and with `'data'` events (what `ws` reads with; a figure).
    */
   netCeiling: { mib: number; onreadMiBs: number; dataMiBs: number };
-  /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt. */
-  strategies: Record<BenchStrategy, P50P99>;
+  /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt; with the run's CPU µs per fault. */
+  strategies: Record<BenchStrategy, P50P99 & { cpuPerFaultUs: Record<CpuGroup, number | null> }>;
   throughput: ThroughputFigures;
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };

@@ -78,6 +78,26 @@ export function formatBench(r: BenchResult): string {
     lines.push(`  ranking at ${v} vCPUs: tool ${mine}; native ${theirs}`);
   }
   lines.push('');
+  lines.push(
+    'CPU per fault (µs; each process and thread group of the destination by its own accounting; "other": GC, compiler, libuv threads). ' +
+      'On a host with a core for every thread, the rate could reach n x 1e6 / (µs per fault) for each group of n threads sharing faults:',
+  );
+  const cpuRows: string[][] = [['run', 'source', '(main thread)', 'destination', 'main thread', 'vCPUs', 'resolvers', 'other']];
+  const c1 = (x: number | null | undefined): string => (x === null || x === undefined ? 'n/a' : num(x));
+  const cpuRow = (label: string, c: Record<string, number | null> | undefined): string[] => [
+    label,
+    c1(c?.source),
+    c1(c?.sourceMainThread),
+    c1(c?.dest),
+    c1(c?.destMainThread),
+    c1(c?.destVcpus),
+    c1(c?.destResolvers),
+    c1(c?.destOther),
+  ];
+  for (const s of BENCH_STRATEGIES) cpuRows.push(cpuRow(`${s}, 1 vCPU, --preempt`, r.strategies[s].cpuPerFaultUs));
+  for (const v of t.vcpus) for (const s of BENCH_STRATEGIES) cpuRows.push(cpuRow(`${s}, ${v} vCPUs`, t.tool[s][String(v)]!.cpuPerFaultUs));
+  lines.push(table(cpuRows));
+  lines.push('');
   lines.push('urgent fault latency: kvm-exit, 1 vCPU, random workload');
   lines.push(
     table([

@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { formatBytes, type Report } from '@postcopy/shared';
+import { formatBytes, type CpuGroup, type Report } from '@postcopy/shared';
 import { exitCode, launch, launcherCommand, splitArgs } from '@postcopy/e2e';
 
 /** The built launcher behind `npm start` (e2e/dist/cli.js), for runs timed as a whole process. */
@@ -44,6 +44,8 @@ export interface RunFigures {
   pagesPerSec: number;
   pushThroughputMiBs: number;
   elapsedMs: number;
+  /** The report's CPU µs per fault of each process and thread group (null: unknown here). */
+  cpuPerFaultUs: Record<CpuGroup, number | null>;
   /** Recovery runs only. */
   recovery?: RecoveryRunFigures;
 }
@@ -234,6 +236,7 @@ function checkedFigures(spec: RunSpec, memoryBytes: number, report: Report, sour
     pagesPerSec: report.demandPagingRate.overall,
     pushThroughputMiBs: report.pushThroughputMiBs,
     elapsedMs: report.elapsedMs,
+    cpuPerFaultUs: report.cpu.perFaultUs,
   };
   if (spec.inject !== undefined) {
     // One fault injected, so exactly one pause, resumed. Zero pauses means the fault never went off (the migration ended first).

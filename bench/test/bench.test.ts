@@ -68,6 +68,10 @@ describe('npm run bench (tiny)', () => {
       'throughput.native.shared-uffd.2.pagesPerSec',
       'throughput.native.per-thread-uffd.2.pagesPerSec',
       'throughput.native.kvm-exit.2.pagesPerSec',
+      'strategies.kvm-exit.cpuPerFaultUs.source',
+      'strategies.kvm-exit.cpuPerFaultUs.dest',
+      'throughput.tool.shared-uffd.2.cpuPerFaultUs.dest',
+      'throughput.tool.kvm-exit.2.cpuPerFaultUs.destVcpus',
       'large.elapsedMs',
       'large.wallMs',
       'large.pushThroughputMiBs',
@@ -133,6 +137,8 @@ describe('npm run bench (tiny)', () => {
     for (const name of [...RATIOS, 'rankingInversions2']) expect(run.stdout).toContain(name);
     expect(run.stdout).toMatch(new RegExp(`targets met: \\d+ of ${TARGETED.length}$`, 'm'));
     expect(run.stdout).toMatch(/^TLS \(--tls: /m);
+    expect(run.stdout).toMatch(/^CPU per fault \(µs;/m);
+    expect(run.stdout).toMatch(/^ {2}kvm-exit, 2 vCPUs +\d/m);
   });
 
   it('rejects a bad option with exit code 2 and a message naming it', async () => {

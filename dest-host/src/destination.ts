@@ -4,6 +4,7 @@ import {
   ChannelRole,
   CheckError,
   ConnectionError,
+  CpuMeter,
   PostcopyError,
   ProtocolError,
   bitmapBytes,
@@ -389,6 +390,8 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
     // ---- postcopy starts: the guest runs on the destination from here
     const started = epochNow();
     startedAt = started;
+    // CPU of the run (this thread's and the whole process's): the report's CPU per fault.
+    const cpuMeter = new CpuMeter();
     state = 'postcopy-active';
     main.send({ type: 'start', push: options.push, preempt: options.preempt });
     watchdog.start();
@@ -421,11 +424,12 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       }
     }
     const elapsedMs = epochNow() - started;
+    const runCpu = cpuMeter.spent();
 
     // ---- wind down: resolvers finish their in-flight requests, then exit
     const resolverDone = resolverWorkers.map((r) => expectReport(r.worker, 'resolver-done', r.spec.label, abort));
     for (const ctx of new Set(setup.resolvers.map((r) => r.ctx))) uffd.close(ctx);
-    await Promise.all(resolverDone);
+    const resolverCpuUs = (await Promise.all(resolverDone)).map((d) => d.cpuUs);
     watching = false;
     watchdog.stop();
     const blocked = watchdog.blocked();
@@ -478,6 +482,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       destDigest,
       allReceived: received === layout.totalPages,
       blocked,
+      cpu: { dest: { processUs: runCpu.processUs, mainThreadUs: runCpu.threadUs }, resolvers: resolverCpuUs },
       preempt: options.preempt,
       tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,

@@ -174,6 +174,8 @@ class FakeSource {
       peakRssBytes: 0,
       repliesUndeliverable: 0,
       keepaliveTimeouts: 0,
+      cpuUs: 0,
+      cpuMainThreadUs: null,
     };
   }
 

@@ -116,9 +116,10 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
         m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
-        m.repliesUndeliverable, m.keepaliveTimeouts,
+        m.repliesUndeliverable, m.keepaliveTimeouts, m.cpuUs,
       ];
       if (!counters.every(isCount)) return 'summary counters';
+      if (m.cpuMainThreadUs !== null && !isCount(m.cpuMainThreadUs)) return 'summary.cpuMainThreadUs';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
     }
     case 'error':
@@ -242,6 +243,8 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       peakRssBytes: count,
       repliesUndeliverable: count,
       keepaliveTimeouts: count,
+      cpuUs: count,
+      cpuMainThreadUs: fc.option(count, { nil: null }),
     }),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
   );
@@ -278,7 +281,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'cpuUs', 'cpuMainThreadUs', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

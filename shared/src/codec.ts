@@ -28,6 +28,7 @@ const SUMMARY_FIELDS = [
   'peakRssBytes',
   'repliesUndeliverable',
   'keepaliveTimeouts',
+  'cpuUs',
 ] as const satisfies readonly (keyof SourceSummary)[];
 
 /** Encodes one message into one frame. */
@@ -79,7 +80,7 @@ export function encode(message: Message): Buffer {
     case 'finish':
       return packr.pack([MessageType.Finish, message.receivedmap]);
     case 'summary': {
-      const fields: Record<string, number | string> = { digestOfReceived: message.digestOfReceived };
+      const fields: Record<string, number | string | null> = { digestOfReceived: message.digestOfReceived, cpuMainThreadUs: message.cpuMainThreadUs };
       for (const f of SUMMARY_FIELDS) fields[f] = message[f];
       return packr.pack([MessageType.Summary, fields]);
     }
@@ -324,6 +325,12 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         throw new ProtocolError(`summary.digestOfReceived: expected 64 hex digits, got ${describe(digest)}`);
       }
       summary.digestOfReceived = digest;
+      // null: the source cannot tell its main thread's time apart (not Linux).
+      const mainThread = fields.cpuMainThreadUs;
+      if (mainThread !== null && (typeof mainThread !== 'number' || !Number.isSafeInteger(mainThread) || mainThread < 0)) {
+        throw new ProtocolError(`summary.cpuMainThreadUs: expected a whole number >= 0 or nil, got ${describe(mainThread)}`);
+      }
+      summary.cpuMainThreadUs = mainThread;
       return summary as unknown as Message;
     }
     case MessageType.Error:

@@ -12,3 +12,4 @@ export * from './random.js';
 export * from './cli.js';
 export * from './keepalive.js';
 export * from './tls.js';
+export * from './cpu.js';

@@ -17,8 +17,10 @@
 /**
  * Version 2: hello and welcome carry the migration's secret (every channel
  * is bound to its migration), and the summary the source's keepalive count.
+ * Version 3: the summary carries the source's CPU time (`cpuUs`,
+ * `cpuMainThreadUs`).
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -219,6 +221,14 @@ export interface SourceSummary {
   repliesUndeliverable: number;
   /** Times the source's keepalive found the destination's main channel silent and cut it. */
   keepaliveTimeouts: number;
+  /**
+   * CPU time of the source process (user + system, every thread) from the
+   * migration's start (or, for a source restarted with --resume, its resume)
+   * to the destination's finish, in µs.
+   */
+  cpuUs: number;
+  /** The same for the source's main thread alone (its event loop), or null where the platform cannot tell (see cpu.ts). */
+  cpuMainThreadUs: number | null;
 }
 
 export interface Summary extends SourceSummary {

@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
+  CpuMeter,
   HandshakeError,
   Keepalive,
   PROTOCOL_VERSION,
@@ -186,6 +187,8 @@ export class SourceServer extends EventEmitter {
   private secretIssued: boolean;
   /** Times the main channel's keepalive found the destination silent. */
   keepaliveTimeouts = 0;
+  /** CPU of the migration, from its start (or this process's first resume) to finish: the summary's cpuUs. */
+  private cpu: CpuMeter | undefined;
 
   private constructor(
     readonly image: GuestImage,
@@ -420,6 +423,7 @@ export class SourceServer extends EventEmitter {
         if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
         if (this.migrationState !== 'fresh') throw new ProtocolError(`expected start once, got it again (the migration is ${this.migrationState})`);
         this.migrationState = 'active';
+        this.cpu ??= new CpuMeter();
         this.migration.preempt = message.preempt;
         this.migration.mainChannel = channel;
         if (message.push) this.migration.startPush(channel);
@@ -431,12 +435,19 @@ export class SourceServer extends EventEmitter {
       case 'finish': {
         if (channel.role !== ChannelRole.Main) throw new ProtocolError(`expected finish on the main channel, got it on ${channel.label}`);
         if (this.migrationState === 'paused') throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
+        // The migration's CPU ends here: what follows (the digest of the received pages) is the check's.
+        const cpu = (this.cpu ?? new CpuMeter()).spent();
         // Let queued answers go out first, so the summary counts every reply.
         this.migration.stopPush();
         void this.migration.onIdle().then(() => {
           // The connection was lost meanwhile: the destination resumes and finishes again.
           if (channel !== this.main || !channel.isOpen) return;
-          const summary: SourceSummary = { ...this.migration.summarize(message.receivedmap), keepaliveTimeouts: this.keepaliveTimeouts };
+          const summary: SourceSummary = {
+            ...this.migration.summarize(message.receivedmap),
+            keepaliveTimeouts: this.keepaliveTimeouts,
+            cpuUs: cpu.processUs,
+            cpuMainThreadUs: cpu.threadUs,
+          };
           this.migrationState = 'finished';
           clearTimeout(this.resumeTimer);
           channel.send(encode({ type: 'summary', ...summary }));
@@ -470,6 +481,8 @@ export class SourceServer extends EventEmitter {
     // (admit() refuses the rest), and this says so where it matters.
     if (!channel.presentedSecret) throw new ProtocolError(`expected resume only on a main channel that presented the migration's secret, got it on ${channel.label}`);
     const restarted = this.pausedByRestart;
+    // A source restarted with --resume counts from its first resume.
+    this.cpu ??= new CpuMeter();
     // Once the sentmap is reset and before the re-sent requested pages (on the
     // same channel): active again, and `resumed` goes out.
     const pagesMarkedUnsent = this.migration.resume(channel, message, (n) => {

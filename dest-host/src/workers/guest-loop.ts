@@ -29,7 +29,7 @@ export interface GuestLoop {
  * a fault, timed from detection to resumption. The first thread to touch a
  * page verifies its content against the generator (outside the timed part).
  */
-export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> {
+export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadResult, 'cpuUs'>> {
   const { tid, memory, uffd, vmm, pattern, clockOffset } = loop;
   const wordsPerPage = memory.layout.pageSize >>> 2;
   const random = rng(loop.seed * 31 + tid + 17);

@@ -4,7 +4,7 @@
  * barrier), runs its access pattern, reports its faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole } from '@postcopy/shared';
+import { ChannelRole, CpuMeter } from '@postcopy/shared';
 import { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
@@ -34,11 +34,13 @@ runWorker(async () => {
   }
   report({ type: 'ready' });
   await nextCommand();
+  // This thread's CPU from the start of the guest's run (setup and connecting before it are not the run's).
+  const cpu = new CpuMeter();
   const pattern =
     data.kind === 'vcpu'
       ? accessPattern(data.workload, data.index)
       : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
-  const result = await runGuestLoop({
+  const ran = await runGuestLoop({
     tid: data.tid,
     memory,
     uffd,
@@ -50,6 +52,7 @@ runWorker(async () => {
     clockOffset,
     ...(exitOnMissing ? { exitOnMissing } : {}),
   });
+  const result = { ...ran, cpuUs: cpu.spent().threadUs };
   if (data.kind === 'io') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
   client?.close();
   report({ type: 'done', result }, [result.intervals.buffer as ArrayBuffer]);

@@ -61,13 +61,16 @@ export interface GuestThreadResult {
   intervals: Float64Array;
   startMs: number;
   endMs: number;
+  /** This thread's own CPU time from 'go' to its last access, µs (null where it cannot be told: see shared's cpu.ts). */
+  cpuUs: number | null;
 }
 
 /** Messages workers post to the main thread. */
 export type WorkerReport =
   | { type: 'ready' }
   | { type: 'done'; result: GuestThreadResult }
-  | { type: 'resolver-done'; messages: number }
+  /** cpuUs: the resolver thread's own CPU time from ready to done, µs (null where it cannot be told). */
+  | { type: 'resolver-done'; messages: number; cpuUs: number | null }
   /** A fault channel's connection dropped while its session was current: the main thread pauses the migration. */
   | { type: 'channel-lost'; epoch: number; message: string }
   | { type: 'error'; message: string; stack?: string };

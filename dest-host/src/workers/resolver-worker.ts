@@ -6,7 +6,7 @@
  * thread closes its context, after every request it sent has its reply.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole } from '@postcopy/shared';
+import { ChannelRole, CpuMeter } from '@postcopy/shared';
 import { PageClient } from '../net/page-client.js';
 import { UffdMessage } from '../uffd/userfaultfd.js';
 import { PageInstaller } from '../vmm/page-installer.js';
@@ -26,6 +26,8 @@ runWorker(async () => {
   const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake };
   const pageSize = memory.layout.pageSize;
   report({ type: 'ready' });
+  // This thread's CPU from here on: reading faults, fetching, installing, waking.
+  const cpu = new CpuMeter();
 
   const msg = new UffdMessage();
   let inFlight = 0;
@@ -53,5 +55,5 @@ runWorker(async () => {
   if (inFlight > 0) await new Promise<void>((resolve) => (drained = resolve));
   client.close();
   if (failure) throw failure;
-  report({ type: 'resolver-done', messages });
+  report({ type: 'resolver-done', messages, cpuUs: cpu.spent().threadUs });
 });

@@ -38,6 +38,9 @@ export const METRICS: readonly Metric[] = [
   { name: 'pages_zero', label: 'zero pages', unit: 'pages', value: (r) => r.counters.pagesZero },
   { name: 'elapsed_ms', label: 'elapsed', unit: 'ms', value: (r) => r.elapsedMs },
   { name: 'push_throughput_mibs', label: 'push throughput', unit: 'MiB/s', value: (r) => r.pushThroughputMiBs },
+  // CPU per fault of each process (its own accounting; per-thread groups are in each run's JSON, null where unknown).
+  { name: 'cpu_source_us_per_fault', label: 'source CPU per fault', unit: 'µs', value: (r) => r.cpu.perFaultUs.source ?? 0 },
+  { name: 'cpu_dest_us_per_fault', label: 'destination CPU per fault', unit: 'µs', value: (r) => r.cpu.perFaultUs.dest ?? 0 },
   { name: 'verified', label: 'verified', unit: '1/0', value: (r) => (r.verified ? 1 : 0) },
 ];
 
