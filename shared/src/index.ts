@@ -13,3 +13,4 @@ export * from './cli.js';
 export * from './keepalive.js';
 export * from './tls.js';
 export * from './cpu.js';
+export * from './turn-cork.js';

@@ -1,4 +1,5 @@
 import { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
@@ -9,6 +10,7 @@ import {
   PausedError,
   PostcopyError,
   ProtocolError,
+  TurnCork,
   decode,
   encode,
   formatBytes,
@@ -100,10 +102,15 @@ class WsChannel implements Channel {
   presentedSecret = false;
   /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
   rejected = false;
+  /** Frames sent in one turn leave in one write (see TurnCork). */
+  private readonly cork: TurnCork;
   constructor(
     readonly ws: WebSocket,
     private readonly link: Link,
-  ) {}
+    socket: Duplex,
+  ) {
+    this.cork = new TurnCork(socket);
+  }
   get isOpen(): boolean {
     return this.ws.readyState === this.ws.OPEN;
   }
@@ -113,7 +120,10 @@ class WsChannel implements Channel {
   }
   send(frame: Uint8Array, sent?: (err?: Error) => void): void {
     this.link.out.send(this, frame.length, () => {
-      if (this.isOpen) this.ws.send(frame, { binary: true }, sent);
+      if (this.isOpen) {
+        this.cork.hold();
+        this.ws.send(frame, { binary: true }, sent);
+      }
       else sent?.(new Error('channel closed'));
     });
   }
@@ -210,7 +220,7 @@ export class SourceServer extends EventEmitter {
     if (this.pausedByRestart) this.startResumeTimer();
     wss.on('connection', (ws, req) => {
       listener.upgraded(req.socket);
-      this.accept(ws);
+      this.accept(ws, req.socket);
     });
   }
 
@@ -266,8 +276,8 @@ export class SourceServer extends EventEmitter {
     });
   }
 
-  private accept(ws: WebSocket): void {
-    const channel = new WsChannel(ws, this.link);
+  private accept(ws: WebSocket, socket: Duplex): void {
+    const channel = new WsChannel(ws, this.link, socket);
     ws.binaryType = 'nodebuffer';
     ws.on('error', (err) => this.reject(channel, err));
     const max = this.options.maxConnections ?? SERVER_DEFAULTS.maxConnections;
