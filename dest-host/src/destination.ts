@@ -350,7 +350,7 @@ export async function runDestination(options: DestinationOptions): Promise<Desti
       return worker;
     };
     const resolverWorkers = setup.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: shared, source: endpoint };
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: shared, source: endpoint };
       return { spec, worker: watch(startWorker(import.meta.url, 'workers/resolver-worker', { workerData: data }), spec.label) };
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): { worker: Worker; label: string } => {

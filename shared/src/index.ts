@@ -14,3 +14,4 @@ export * from './keepalive.js';
 export * from './tls.js';
 export * from './cpu.js';
 export * from './turn-cork.js';
+export * from './v8-tiering.js';

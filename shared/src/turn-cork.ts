@@ -19,14 +19,25 @@ import type { Writable } from 'node:stream';
 export class TurnCork {
   private corked = false;
 
-  constructor(private readonly socket: Writable) {}
+  /**
+   * `until`: `tick` (the default) releases at the end of the turn; `poll`
+   * releases with setImmediate, after the event loop has run the callbacks of
+   * every socket that was readable in this poll, so that the frames one
+   * connection carries for many others (the source's main channel: the pages
+   * requested on every fault channel, without preempt) leave in one write too.
+   */
+  constructor(
+    private readonly socket: Writable,
+    private readonly until: 'tick' | 'poll' = 'tick',
+  ) {}
 
-  /** Call before each write: corks the socket for the rest of this turn. */
+  /** Call before each write: corks the socket for the rest of this turn (or poll). */
   hold(): void {
     if (this.corked) return;
     this.corked = true;
     this.socket.cork();
-    process.nextTick(this.release);
+    if (this.until === 'tick') process.nextTick(this.release);
+    else setImmediate(this.release);
   }
 
   private readonly release = (): void => {

@@ -1,9 +1,12 @@
 #!/usr/bin/env node
-import { exitOnUsageError, runCli } from '@postcopy/shared';
+import { exitOnUsageError, tuneV8Tiering, runCli } from '@postcopy/shared';
 import { GuestImage } from './image.js';
 import { readSecretFile, writeSecretFile } from './access.js';
 import { parseSourceOptions, sourceCommand } from './options.js';
 import { SourceServer, generateToken } from './server.js';
+
+// Before any worker starts (see v8-tiering.ts).
+tuneV8Tiering();
 
 async function main(): Promise<number> {
   const cmd = sourceCommand().exitOverride(exitOnUsageError);

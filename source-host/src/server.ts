@@ -103,13 +103,21 @@ class WsChannel implements Channel {
   /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
   rejected = false;
   /** Frames sent in one turn leave in one write (see TurnCork). */
-  private readonly cork: TurnCork;
+  private cork: TurnCork;
   constructor(
     readonly ws: WebSocket,
     private readonly link: Link,
-    socket: Duplex,
+    private readonly socket: Duplex,
   ) {
     this.cork = new TurnCork(socket);
+  }
+  /**
+   * The main channel carries frames for every fault channel (the pages they
+   * requested, without preempt): it batches by poll, all the requests read
+   * in one pass of the event loop, rather than by turn, one connection's.
+   */
+  batchByPoll(): void {
+    this.cork = new TurnCork(this.socket, 'poll');
   }
   get isOpen(): boolean {
     return this.ws.readyState === this.ws.OPEN;
@@ -553,7 +561,10 @@ export class SourceServer extends EventEmitter {
         }
         break;
     }
-    if (hello.role === ChannelRole.Main) this.watchMain(channel);
+    if (hello.role === ChannelRole.Main) {
+      this.watchMain(channel);
+      channel.batchByPoll();
+    }
     channel.role = hello.role;
     channel.send(
       encode({

@@ -17,7 +17,7 @@ export const kvmExit: FaultStrategy = {
     const shared = uffd.open();
     uffd.register(shared, 0, guestBytes);
     const resolvers: ResolverSpec[] = [];
-    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true, pageWait: 'await' });
     return { resolvers, pushCtx: shared, vcpuCopyCtx: shared };
   },
 };

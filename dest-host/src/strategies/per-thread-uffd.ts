@@ -20,9 +20,10 @@ export const perThreadUffd: FaultStrategy = {
     for (let v = 0; v < threads.vcpus; v++) {
       const ctx = uffd.open(threads.vcpuTid(v));
       uffd.register(ctx, 0, guestBytes);
-      resolvers.push({ label: `resolver${v}`, ctx, owesWake: true });
+      // Its one vCPU is blocked on the page it waits for: nothing else to do meanwhile.
+      resolvers.push({ label: `resolver${v}`, ctx, owesWake: true, pageWait: 'block' });
     }
-    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true, pageWait: 'await' });
     return { resolvers, pushCtx: shared, vcpuCopyCtx: -1 };
   },
 };

@@ -12,7 +12,8 @@ export const sharedUffd: FaultStrategy = {
   setup(uffd, threads, guestBytes) {
     const ctx = uffd.open();
     uffd.register(ctx, 0, guestBytes);
-    const resolvers = Array.from({ length: threads.readers }, (_, i) => ({ label: `reader${i}`, ctx, owesWake: false }));
+    // Whoever installs a page COPYs it on this one context, waking its waiters: a reader has nothing to wait for.
+    const resolvers = Array.from({ length: threads.readers }, (_, i) => ({ label: `reader${i}`, ctx, owesWake: false, pageWait: 'none' as const }));
     return { resolvers, pushCtx: ctx, vcpuCopyCtx: -1 };
   },
 };

@@ -1,5 +1,6 @@
 import type { StrategyName } from '@postcopy/shared';
 import type { Userfaultfd } from '../uffd/userfaultfd.js';
+import type { PageWait } from '../vmm/page-installer.js';
 
 /** Which faulting threads a run has; thread ids index the userfaultfd's thread slots. */
 export interface ThreadPlan {
@@ -17,6 +18,8 @@ export interface ResolverSpec {
   ctx: number;
   /** Must WAKE its context when a page was installed elsewhere (see PageInstaller). */
   owesWake: boolean;
+  /** How it waits for a page installed elsewhere (see PageWait). */
+  pageWait: PageWait;
 }
 
 export interface StrategySetup {

@@ -29,7 +29,8 @@ runWorker(async () => {
     });
     client = vcpuClient;
     const installer = new PageInstaller(uffd, vmm);
-    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false };
+    // Its run loop exited on this page: a page coming another way is waited for blocked, as the vCPU would be.
+    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false, pageWait: 'block' as const };
     exitOnMissing = (page) => installer.resolve(vcpuClient, page, options);
   }
   report({ type: 'ready' });

@@ -2,6 +2,7 @@ import type { ImageSpec, StrategyName } from '@postcopy/shared';
 import type { ClientTls } from '../net/page-client.js';
 import type { GuestMemoryBuffers } from '../memory/guest-memory.js';
 import type { UffdBuffers } from '../uffd/userfaultfd.js';
+import type { PageWait } from '../vmm/page-installer.js';
 import type { VmmBuffers } from '../vmm/state.js';
 import type { WorkloadSpec } from '../workload/workloads.js';
 
@@ -50,6 +51,7 @@ export interface ResolverData {
   label: string;
   ctx: number;
   owesWake: boolean;
+  pageWait: PageWait;
   state: SharedState;
   source: SourceEndpoint;
 }

@@ -23,7 +23,7 @@ runWorker(async () => {
     following: followSession(vmm, data.source),
   });
   const installer = new PageInstaller(uffd, vmm);
-  const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake };
+  const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake, pageWait: data.pageWait };
   const pageSize = memory.layout.pageSize;
   report({ type: 'ready' });
   // This thread's CPU from here on: reading faults, fetching, installing, waking.
