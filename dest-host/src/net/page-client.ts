@@ -21,7 +21,7 @@ import {
   type Reply,
   type TlsMaterial,
   type Welcome,
-} from '@postcopy/shared';
+} from '@postcopy/shared/net';
 import { Session } from './session.js';
 
 export interface PageClientOptions {

@@ -1,4 +1,4 @@
-import { verifyPage, type ImageSpec } from '@postcopy/shared';
+import { verifyPage, type ImageSpec } from '@postcopy/shared/core';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import type { Userfaultfd } from '../uffd/userfaultfd.js';
 import { COUNTER, type VmmState } from '../vmm/state.js';

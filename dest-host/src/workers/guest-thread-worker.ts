@@ -4,8 +4,8 @@
  * barrier), runs its access pattern, reports its faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole, CpuMeter } from '@postcopy/shared';
-import { PageClient } from '../net/page-client.js';
+import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
+import type { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
 import { accessPattern, ioPattern } from '../workload/workloads.js';
@@ -21,7 +21,9 @@ runWorker(async () => {
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
-    const vcpuClient = await PageClient.connect({
+    // Only kvm-exit's vCPUs connect: the others never load ws and the codec (see shared's core.ts).
+    const { PageClient: Client } = await import('../net/page-client.js');
+    const vcpuClient: PageClient = await Client.connect({
       ...source,
       role: ChannelRole.Fault,
       channel: `vcpu${data.index}`,

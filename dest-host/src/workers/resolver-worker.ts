@@ -6,7 +6,7 @@
  * thread closes its context, after every request it sent has its reply.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole, CpuMeter } from '@postcopy/shared';
+import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { PageClient } from '../net/page-client.js';
 import { UffdMessage } from '../uffd/userfaultfd.js';
 import { PageInstaller } from '../vmm/page-installer.js';

@@ -1,4 +1,5 @@
-import { rng, type WorkloadName } from '@postcopy/shared';
+import type { WorkloadName } from '@postcopy/shared';
+import { rng } from '@postcopy/shared/core';
 
 export { rng };
 
