@@ -20,7 +20,7 @@ async function main(): Promise<number> {
   for (const warning of options.tlsWarnings) process.stderr.write(`source: warning: ${warning}\n`);
   // Read before the image is built: a bad file is a usage error, at once.
   const inherited = options.resume && options.secretFile !== undefined ? readSecretFile(options.secretFile) : undefined;
-  const image = new GuestImage(options.layout, options.image);
+  const image = await GuestImage.build(options.layout, options.image);
   const server = await SourceServer.listen(image, {
     host: options.host,
     port: options.port,
