@@ -58,6 +58,43 @@ describe('TurnCork', () => {
     expect(writes).toEqual([['h1', 'h1-data', 'h2', 'h2-data']]);
   });
 
+  it('poll holds until every callback of the poll ran; a tick frame brings the release forward', async () => {
+    const { stream, writes } = recorder();
+    const cork = new TurnCork(stream);
+    cork.hold('poll');
+    stream.write('p1');
+    // Still held after the turn (a later callback of the same poll could add to it)...
+    await new Promise<void>((resolve) => process.nextTick(resolve));
+    expect(writes).toEqual([]);
+    await tick();
+    expect(writes).toEqual([['p1']]);
+    // ...but a frame that asks for the turn's end takes the held ones with it.
+    cork.hold('poll');
+    stream.write('p2');
+    cork.hold('tick');
+    stream.write('t1');
+    await new Promise<void>((resolve) => process.nextTick(resolve));
+    expect(writes).toEqual([['p1'], ['p2', 't1']]);
+  });
+
+  it('a release meant for an earlier cork leaves a later one alone; nothing stays corked, nothing is lost', async () => {
+    const { stream, writes } = recorder();
+    const cork = new TurnCork(stream);
+    const order: string[] = [];
+    for (let i = 0; i < 20; i++) {
+      const mode = i % 3 === 0 ? 'tick' : 'poll';
+      cork.hold(mode);
+      stream.write(`f${i}`);
+      order.push(`f${i}`);
+      if (i % 4 === 0) await new Promise<void>((resolve) => process.nextTick(resolve));
+      if (i % 5 === 0) await tick();
+    }
+    await tick();
+    await tick();
+    expect(writes.flat()).toEqual(order);
+    expect(stream.writableCorked).toBe(0);
+  });
+
   it('a socket destroyed while corked drops what it held, without an error, and the next turn is not corked', async () => {
     const server = createServer();
     const received: Buffer[] = [];

@@ -18,30 +18,43 @@ import type { Writable } from 'node:stream';
  */
 export class TurnCork {
   private corked = false;
+  /** Which release is due for the current cork: at the end of the turn, or of the poll. */
+  private due: 'tick' | 'poll' | undefined;
+  /** Bumped by every cork, so that a release scheduled for an earlier one does nothing. */
+  private generation = 0;
+
+  constructor(private readonly socket: Writable) {}
 
   /**
-   * `until`: `tick` (the default) releases at the end of the turn; `poll`
-   * releases with setImmediate, after the event loop has run the callbacks of
-   * every socket that was readable in this poll, so that the frames one
-   * connection carries for many others (the source's main channel: the pages
-   * requested on every fault channel, without preempt) leave in one write too.
+   * Call before each write: corks the socket until the end of this turn
+   * (`tick`, the default), or until the event loop has run the callbacks of
+   * every socket that was readable in this poll (`poll`, with setImmediate):
+   * the frames one connection carries for many others (the source's main
+   * channel: the pages requested on every fault channel, without preempt)
+   * then leave in one write too. A `tick` frame brings the release forward
+   * for the frames held with it: nothing waits longer than its own asked.
    */
-  constructor(
-    private readonly socket: Writable,
-    private readonly until: 'tick' | 'poll' = 'tick',
-  ) {}
-
-  /** Call before each write: corks the socket for the rest of this turn (or poll). */
-  hold(): void {
-    if (this.corked) return;
-    this.corked = true;
-    this.socket.cork();
-    if (this.until === 'tick') process.nextTick(this.release);
-    else setImmediate(this.release);
+  hold(until: 'tick' | 'poll' = 'tick'): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.due = undefined;
+      this.generation++;
+      this.socket.cork();
+    }
+    const generation = this.generation;
+    if (until === 'tick' && this.due !== 'tick') {
+      this.due = 'tick';
+      process.nextTick(() => this.release(generation));
+    } else if (this.due === undefined) {
+      this.due = 'poll';
+      setImmediate(() => this.release(generation));
+    }
   }
 
-  private readonly release = (): void => {
+  private release(generation: number): void {
+    // A release for a cork that has ended already (a tick release came first).
+    if (!this.corked || generation !== this.generation) return;
     this.corked = false;
     this.socket.uncork();
-  };
+  }
 }

@@ -9,7 +9,12 @@ export interface Channel {
   readonly isOpen: boolean;
   /** Bytes queued for sending and not yet handed to the kernel. */
   readonly bufferedAmount: number;
-  send(frame: Uint8Array, sent?: (err?: Error) => void): void;
+  /**
+   * `batch`: `turn` (default) lets the frame wait for the rest of this turn's
+   * frames on the channel; `poll` for those of every request read in this
+   * pass of the event loop (a requested page on the main channel: see TurnCork).
+   */
+  send(frame: Uint8Array, sent?: (err?: Error) => void, batch?: 'turn' | 'poll'): void;
 }
 
 export interface MigrationOptions {
@@ -126,8 +131,9 @@ export class SourceMigration {
     } else if (!this.preempt && main && main !== channel && main.isOpen) {
       // Without preempt the page shares the main channel with pushed pages
       // (ahead of pushes not yet sent, behind those already in the socket);
-      // the request's one reply says where its content went.
-      this.sendContent(main, 0, page);
+      // the request's one reply says where its content went. The main
+      // channel carries pages for every fault channel: batched by poll.
+      this.sendContent(main, 0, page, 'poll');
       channel.send(encode({ type: 'sent-on-main', id, page }));
       this.stats.repliesOnMain++;
     } else {
@@ -138,13 +144,13 @@ export class SourceMigration {
   }
 
   /** A requested page's content (or zero notice) on `channel`, marked in the sentmap. */
-  private sendContent(channel: Channel, id: number, page: number): void {
+  private sendContent(channel: Channel, id: number, page: number, batch: 'turn' | 'poll' = 'turn'): void {
     if (this.image.isZero(page)) {
-      channel.send(encode({ type: 'zero-page', id, page }));
+      channel.send(encode({ type: 'zero-page', id, page }), undefined, batch);
       this.stats.repliesZero++;
       this.stats.pagesZero++;
     } else {
-      channel.send(encode({ type: 'page', id, page, data: this.image.pageBytes(page) }));
+      channel.send(encode({ type: 'page', id, page, data: this.image.pageBytes(page) }), undefined, batch);
       this.stats.repliesPage++;
     }
     this.sentmap.mark(page);

@@ -102,22 +102,14 @@ class WsChannel implements Channel {
   presentedSecret = false;
   /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
   rejected = false;
-  /** Frames sent in one turn leave in one write (see TurnCork). */
-  private cork: TurnCork;
+  /** Frames sent in one turn (or poll: see TurnCork) leave in one write. */
+  private readonly cork: TurnCork;
   constructor(
     readonly ws: WebSocket,
     private readonly link: Link,
-    private readonly socket: Duplex,
+    socket: Duplex,
   ) {
     this.cork = new TurnCork(socket);
-  }
-  /**
-   * The main channel carries frames for every fault channel (the pages they
-   * requested, without preempt): it batches by poll, all the requests read
-   * in one pass of the event loop, rather than by turn, one connection's.
-   */
-  batchByPoll(): void {
-    this.cork = new TurnCork(this.socket, 'poll');
   }
   get isOpen(): boolean {
     return this.ws.readyState === this.ws.OPEN;
@@ -126,10 +118,10 @@ class WsChannel implements Channel {
   get bufferedAmount(): number {
     return this.ws.bufferedAmount + this.link.out.queuedBytes(this);
   }
-  send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+  send(frame: Uint8Array, sent?: (err?: Error) => void, batch: 'turn' | 'poll' = 'turn'): void {
     this.link.out.send(this, frame.length, () => {
       if (this.isOpen) {
-        this.cork.hold();
+        this.cork.hold(batch === 'poll' ? 'poll' : 'tick');
         this.ws.send(frame, { binary: true }, sent);
       }
       else sent?.(new Error('channel closed'));
@@ -561,10 +553,7 @@ export class SourceServer extends EventEmitter {
         }
         break;
     }
-    if (hello.role === ChannelRole.Main) {
-      this.watchMain(channel);
-      channel.batchByPoll();
-    }
+    if (hello.role === ChannelRole.Main) this.watchMain(channel);
     channel.role = hello.role;
     channel.send(
       encode({
