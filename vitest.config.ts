@@ -5,11 +5,14 @@ const src = (pkg: string): string => fileURLToPath(new URL(`./${pkg}/src/index.t
 
 export default defineConfig({
   resolve: {
-    alias: {
-      '@postcopy/shared': src('shared'),
-      '@postcopy/source-host': src('source-host'),
-      '@postcopy/dest-host': src('dest-host'),
-    },
+    // The subpath entries first: an alias also matches what starts with its name and a slash.
+    alias: [
+      { find: '@postcopy/shared/core', replacement: fileURLToPath(new URL('./shared/src/core.ts', import.meta.url)) },
+      { find: '@postcopy/shared/net', replacement: fileURLToPath(new URL('./shared/src/net.ts', import.meta.url)) },
+      { find: '@postcopy/shared', replacement: src('shared') },
+      { find: '@postcopy/source-host', replacement: src('source-host') },
+      { find: '@postcopy/dest-host', replacement: src('dest-host') },
+    ],
   },
   test: {
     include: ['shared/src/**/*.test.ts', 'source-host/src/**/*.test.ts', 'dest-host/src/**/*.test.ts', 'e2e/test/**/*.test.ts', 'bench/test/**/*.test.ts'],

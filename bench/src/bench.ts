@@ -1,20 +1,41 @@
 import { execFileSync } from 'node:child_process';
 import { arch, cpus, loadavg, platform } from 'node:os';
-import { formatBytes } from '@postcopy/shared';
+import { CPU_GROUPS, formatBytes, type CpuGroup } from '@postcopy/shared';
+import { NativeBuildError, NoCompilerError, UffdUnavailableError } from './errors.js';
 import {
   BENCH_STRATEGIES,
   checkTargets,
   median,
+  ratioDefs,
   ratios,
   sig4,
   type BenchFigures,
   type BenchStrategy,
+  type RateFigures,
+  type RatioDef,
   type RatioName,
   type Ratios,
   type TargetResult,
+  type ThroughputFigures,
 } from './figures.js';
 import { measureFloor, type FloorResult } from './floor.js';
-import { PUSH_RUN, RECOVERY_RUNS, TLS_RUNS, URGENT_RUNS, injectAtPages, largeRun, runMigration, strategyRun, type RunFigures, type RunSpec } from './migrations.js';
+import {
+  PUSH_RUN,
+  RECOVERY_RUNS,
+  TLS_RUNS,
+  URGENT_RUNS,
+  injectAtPages,
+  largeRun,
+  runMigration,
+  runMigrationProcess,
+  strategyRun,
+  throughputMemoryBytes,
+  throughputRun,
+  type RunFigures,
+  type RunSpec,
+} from './migrations.js';
+import { NATIVE_COUNTERPART, buildNativeFloor, runNativeFloorBinary, type NativeFloorResult } from './native-floor.js';
+import { NET_RECEIVE_MODES, measureNetCeiling, type NetCeilingResult } from './net-ceiling.js';
 import type { BenchOptions } from './options.js';
 import { BackendsBench, type BackendsResult } from './backends.js';
 import { PhasesBench, type PhasesResult } from './phases.js';
@@ -32,13 +53,34 @@ export interface BenchResult extends BenchFigures {
   machine: { node: string; platform: string; arch: string; cpus: number; cpuModel: string; loadAverage1mAtStart: number };
   /** The source tree measured: `git describe --always --dirty`, or `unknown` outside a checkout. */
   revision: string;
-  options: { memory: string; memoryBytes: number; repeat: number; floorRequests: number; floorWarmup: number; bulkMiB: number; largeMemory: string; largeVcpus: number };
+  options: {
+    memory: string;
+    memoryBytes: number;
+    repeat: number;
+    floorRequests: number;
+    floorWarmup: number;
+    bulkMiB: number;
+    largeMemory: string;
+    largeVcpus: number;
+    throughputVcpus: number[];
+    mibPerVcpu: number;
+    netMiB: number;
+    pushMemory: string;
+  };
+  /** Every ratio computed, in print order, with its meaning and target. */
+  ratioDefs: RatioDef[];
   ratios: Ratios;
-  targets: Partial<Record<RatioName, TargetResult>>;
+  targets: Record<RatioName, TargetResult>;
   /** How each figure was measured. */
   method: Record<string, string>;
   /** Every repeat's figures, before the medians. */
-  samples: { floor: FloorSample[]; runs: Record<string, RunFigures[]> };
+  samples: {
+    floor: FloorSample[];
+    netCeiling: NetCeilingResult[];
+    native: NativeFloorResult[];
+    runs: Record<string, RunFigures[]>;
+    large: (RunFigures & { wallMs: number; destPeakRssBytes: number; sourcePeakRssBytes: number })[];
+  };
   /** Each strategy on each memory backend, and each backend's local floor (backends.ts). */
   backends: BackendsResult;
   /** Precopy, hybrid and postcopy of the same guest (phases.ts). */
@@ -51,8 +93,19 @@ export const METHOD = {
     "the tool's msgpackr codec; one request outstanding; timed from request encode to reply decode; HdrHistogram",
   bulk: "the floor server streams 4 KiB pushed frames as fast as ws takes them (bufferedAmount held under the tool's push high-water mark), this process decodes them; timed from its start message to complete",
   strategies: "npm start -- --strategy S --vcpus 1 --no-push --preempt --workload sequential: the fault's reply comes back on the requester's own channel, the floor's shape",
+  cpu:
+    "the report's cpu.perFaultUs (CPU time over the run / its faults) of each process (process.cpuUsage) and thread group of the destination " +
+    '(each thread its own /proc/thread-self/schedstat; other = the rest of the destination process: GC, compiler and libuv threads): medians over the repeats',
   urgent: 'npm start -- --strategy kvm-exit --vcpus 1 --workload random, with --no-push --preempt (idle), push on, and push on with --preempt',
-  push: 'npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 (push on): the report\'s pushThroughputMiBs (pushed page bytes / run time)',
+  push: "npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --memory P (push on; P = --push-memory): the report's pushThroughputMiBs (pushed page bytes / run time)",
+  netCeiling:
+    "the net ceiling (net-ceiling.ts): a sender process streams the floor's image over one net connection on 127.0.0.1, this process copies every read into a fresh SharedArrayBuffer " +
+    "(the stream's size, at most 1 GiB), timed from connect to the last byte, content checked. onread (net.connect's onread: reads into one reused buffer) is the ceiling, " +
+    "the most Node's sockets carry with the one copy into guest memory the destination must make; 'data' events (a new buffer a read, how ws reads) are a figure",
+  throughput:
+    'npm start -- --strategy S --vcpus N --memory (N x M)MiB --no-push --workload sequential (no --preempt, as a new user runs it): the report\'s demandPagingRate.overall; ' +
+    "against the native floor (bench/native/fault-floor.c, built with the machine's compiler: the real userfaultfd, loopback TCP, N vCPU threads each reading " +
+    'its own M MiB partition in order) in the counterpart mode of each strategy (shared-uffd: shared, per-thread-uffd: per-region, kvm-exit: exit), each tool run followed by its native run',
   phases: 'npm start -- --mode precopy|hybrid|postcopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 (no dirty rate in postcopy): the report\'s totalTimeMs and downtimeMs; precopy\'s round 1 (every page) throughput from precopy.perRound[0].mbps',
   tls: "the kvm-exit strategy run and the push run again with --tls (throwaway EC P-256 certificates, TLS 1.3, the source verifying the destination's certificate too), interleaved with the plain ones; ratios against the plain runs of the same bench",
   recovery:
@@ -60,7 +113,9 @@ export const METHOD = {
     '--inject drop@P (the destination cuts all its connections once, reconnects and resumes) or --inject kill-source@P (the launcher SIGKILLs the source and restarts it with --resume), ' +
     "P = a quarter of the guest's 4 KiB pages; each run must end verified with 1 pause and 1 resume. From the report: recovery.pausedMs / recovery.pauses " +
     "(pause to the source's answer to resume; after kill-source this includes the new source's start), recovery.pagesResent, recovery.requestsReplayed, and elapsedMs; no target",
-  large: 'npm start -- --memory L --vcpus N (defaults otherwise), once: the report\'s memory.destPeakRssBytes and sourcePeakRssBytes (getrusage maxrss of each host process)',
+  large:
+    "node e2e/dist/cli.js --memory L --vcpus N (npm start without the build; defaults otherwise, push on), once a repeat: the report's memory.destPeakRssBytes and sourcePeakRssBytes " +
+    "(getrusage maxrss of each host process), pushThroughputMiBs and elapsedMs, and the launcher process's time from spawn to exit (wallMs)",
   repeats: 'each figure is the median over the repeats (runs interleaved); ratios are ratios of the medians',
 } as const;
 
@@ -79,11 +134,28 @@ interface Step {
   run: () => Promise<string>;
 }
 
-/** Runs every measurement `repeat` times, interleaved (floor, then every migration, then again), and takes medians. */
+/** Why the native floor cannot run here (no compiler, a failed build), or its binary. */
+async function nativeBinary(): Promise<{ path: string } | { unavailable: string }> {
+  try {
+    return { path: (await buildNativeFloor()).path };
+  } catch (err) {
+    if (err instanceof NoCompilerError || err instanceof NativeBuildError) return { unavailable: err.message };
+    throw err;
+  }
+}
+
+/**
+ * Runs every measurement `repeat` times, interleaved (floor, net ceiling,
+ * every migration, each throughput run beside its native counterpart, the
+ * large guest; then again), and takes medians.
+ */
 export async function runBench(options: BenchOptions, progress: Progress = () => {}): Promise<BenchResult> {
   // Other work on the machine skews every figure: note how busy it was.
   const loadAverage1mAtStart = Math.round(loadavg()[0]! * 100) / 100;
   const floorSamples: FloorSample[] = [];
+  const netSamples: NetCeilingResult[] = [];
+  const nativeSamples: NativeFloorResult[] = [];
+  const largeSamples: BenchResult['samples']['large'] = [];
   const runSamples: Record<string, RunFigures[]> = {};
   const runSpecs: RunSpec[] = [
     ...BENCH_STRATEGIES.map(strategyRun),
@@ -97,7 +169,14 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     RECOVERY_RUNS.drop,
     RECOVERY_RUNS.killSource,
   ];
+  const memoryOf = (spec: RunSpec): number => (spec === PUSH_RUN || spec === TLS_RUNS.push ? options.pushMemoryBytes : options.memoryBytes);
   for (const spec of runSpecs) runSamples[spec.key] = [];
+  const throughputSpecs = options.throughputVcpus.flatMap((v) => BENCH_STRATEGIES.map((s) => ({ strategy: s, vcpus: v, spec: throughputRun(s, v, options.mibPerVcpu) })));
+  for (const t of throughputSpecs) runSamples[t.spec.key] = [];
+
+  const native = await nativeBinary();
+  let nativeUnavailable = 'unavailable' in native ? native.unavailable : undefined;
+  if (nativeUnavailable) progress(`native floor unavailable, its ratios are skipped: ${nativeUnavailable}`);
 
   const steps: Step[] = [];
   const backends = new BackendsBench(options.backends, options.memoryBytes);
@@ -114,11 +193,21 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         return `p50 ${f.roundTripUs.p50.toFixed(1)} µs, p99 ${f.roundTripUs.p99.toFixed(1)} µs, bulk ${f.bulkMiBs.toFixed(1)} MiB/s`;
       },
     });
+    for (const receive of NET_RECEIVE_MODES) {
+      steps.push({
+        label: `net ceiling (${receive}, ${options.netMiB} MiB)`,
+        run: async () => {
+          const n = await measureNetCeiling({ mib: options.netMiB, receive });
+          netSamples.push(n);
+          return `${n.mibPerSec} MiB/s`;
+        },
+      });
+    }
     for (const spec of runSpecs) {
       steps.push({
         label: spec.label,
         run: async () => {
-          const { figures } = await runMigration(spec, options.memoryBytes);
+          const { figures } = await runMigration(spec, memoryOf(spec));
           runSamples[spec.key]!.push(figures);
           if (figures.recovery) {
             const rec = figures.recovery;
@@ -130,23 +219,46 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         },
       });
     }
+    for (const t of throughputSpecs) {
+      steps.push({
+        label: t.spec.label,
+        run: async () => {
+          const { figures } = await runMigration(t.spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
+          runSamples[t.spec.key]!.push(figures);
+          const c = figures.cpuPerFaultUs;
+          return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
+        },
+      });
+      steps.push({
+        label: `native floor, ${NATIVE_COUNTERPART[t.strategy]} (${t.vcpus} vCPUs x ${options.mibPerVcpu} MiB)`,
+        run: async () => {
+          if (nativeUnavailable !== undefined || 'unavailable' in native) return 'skipped (unavailable)';
+          try {
+            const n = await runNativeFloorBinary(native.path, { mode: NATIVE_COUNTERPART[t.strategy], vcpus: t.vcpus, mibPerVcpu: options.mibPerVcpu });
+            nativeSamples.push(n);
+            return `${(n.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${n.latencyUs.p50.toFixed(1)} µs`;
+          } catch (err) {
+            if (!(err instanceof UffdUnavailableError)) throw err;
+            nativeUnavailable = err.message;
+            return `unavailable, its ratios are skipped: ${err.message}`;
+          }
+        },
+      });
+    }
+    steps.push({
+      label: `large guest (${formatBytes(options.largeMemoryBytes)}, ${options.largeVcpus} vCPUs): push, time, peak RSS`,
+      run: async () => {
+        const { report, figures, wallMs } = await runMigrationProcess(largeRun(options.largeVcpus), options.largeMemoryBytes);
+        const sample = { ...figures, wallMs, destPeakRssBytes: report.memory.destPeakRssBytes, sourcePeakRssBytes: report.memory.sourcePeakRssBytes };
+        largeSamples.push(sample);
+        const mib = (b: number): string => formatBytes(Math.round(b / 1048576) * 1048576);
+        return (
+          `push ${figures.pushThroughputMiBs} MiB/s, elapsed ${(figures.elapsedMs / 1000).toFixed(1)} s, whole process ${(wallMs / 1000).toFixed(1)} s; ` +
+          `peak RSS destination ${mib(sample.destPeakRssBytes)}, source ${mib(sample.sourcePeakRssBytes)}`
+        );
+      },
+    });
   }
-  // Once, after the repeats: the large guest for peak RSS.
-  let large: BenchFigures['large'] | undefined;
-  steps.push({
-    label: `large guest (${formatBytes(options.largeMemoryBytes)}, ${options.largeVcpus} vCPUs), peak RSS`,
-    run: async () => {
-      const { report } = await runMigration(largeRun(options.largeVcpus), options.largeMemoryBytes);
-      large = {
-        guestBytes: report.guestBytes,
-        vcpus: report.vcpus,
-        elapsedMs: report.elapsedMs,
-        destPeakRssBytes: report.memory.destPeakRssBytes,
-        sourcePeakRssBytes: report.memory.sourcePeakRssBytes,
-      };
-      return `destination ${formatBytes(Math.round(large.destPeakRssBytes / 1048576) * 1048576)}, source ${formatBytes(Math.round(large.sourcePeakRssBytes / 1048576) * 1048576)}`;
-    },
-  });
   for (const [i, step] of steps.entries()) {
     const prefix = `[${i + 1}/${steps.length}] ${step.label}`;
     progress(`${prefix} ...`);
@@ -165,12 +277,37 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     pagesResent: med(key, (f) => f.recovery!.pagesResent),
     requestsReplayed: med(key, (f) => f.recovery!.requestsReplayed),
   });
-  const strategies = {} as Record<BenchStrategy, { p50: number; p99: number }>;
+  /** Medians of each CPU group's µs per fault (null if any repeat could not tell). */
+  const cpuMed = (key: string): Record<CpuGroup, number | null> => {
+    const out = {} as Record<CpuGroup, number | null>;
+    for (const g of CPU_GROUPS) {
+      const xs = runSamples[key]!.map((f) => f.cpuPerFaultUs[g]);
+      out[g] = xs.some((x) => x === null) ? null : round3(median(xs as number[]));
+    }
+    return out;
+  };
+  const strategies = {} as BenchFigures['strategies'];
   for (const s of BENCH_STRATEGIES) {
     const key = strategyRun(s).key;
-    strategies[s] = { p50: med(key, (f) => f.p50Us), p99: med(key, (f) => f.p99Us) };
+    strategies[s] = { p50: med(key, (f) => f.p50Us), p99: med(key, (f) => f.p99Us), cpuPerFaultUs: cpuMed(key) };
   }
   const phasesResult = phases.result();
+  const toolRates = {} as ThroughputFigures['tool'];
+  const nativeRates = {} as Record<BenchStrategy, Record<string, RateFigures>>;
+  for (const s of BENCH_STRATEGIES) {
+    toolRates[s] = {};
+    nativeRates[s] = {};
+    for (const v of options.throughputVcpus) {
+      const key = throughputRun(s, v, options.mibPerVcpu).key;
+      toolRates[s][String(v)] = { pagesPerSec: round3(med(key, (f) => f.pagesPerSec)), p50Us: med(key, (f) => f.p50Us), cpuPerFaultUs: cpuMed(key) };
+      const mine = nativeSamples.filter((n) => n.mode === NATIVE_COUNTERPART[s] && n.vcpus === v);
+      if (mine.length > 0) {
+        nativeRates[s][String(v)] = { pagesPerSec: round3(median(mine.map((n) => n.pagesPerSec))), p50Us: round3(median(mine.map((n) => n.latencyUs.p50))) };
+      }
+    }
+  }
+  const netMedian = (receive: string): number => sig4(median(netSamples.filter((n) => n.receive === receive).map((n) => n.mibPerSec)));
+  const largeMed = (pick: (l: BenchResult['samples']['large'][number]) => number): number => round3(median(largeSamples.map(pick)));
   const figures: BenchFigures = {
     precopy: {
       roundMiBs: phasesResult.modes.precopy.round1MiBs,
@@ -181,7 +318,14 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       roundTripUs: { p50: round3(median(floorSamples.map((f) => f.p50Us))), p99: round3(median(floorSamples.map((f) => f.p99Us))) },
       bulkMiBs: sig4(median(floorSamples.map((f) => f.bulkMiBs))),
     },
+    netCeiling: { mib: options.netMiB, onreadMiBs: netMedian('onread'), dataMiBs: netMedian('data') },
     strategies,
+    throughput: {
+      vcpus: options.throughputVcpus,
+      mibPerVcpu: options.mibPerVcpu,
+      tool: toolRates,
+      native: nativeUnavailable !== undefined ? { unavailable: nativeUnavailable } : nativeRates,
+    },
     urgent: {
       pushOff: { p50: med(URGENT_RUNS.pushOff.key, (f) => f.p50Us) },
       pushOn: { p50: med(URGENT_RUNS.pushOn.key, (f) => f.p50Us) },
@@ -189,13 +333,23 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       pushCappedPreempt: { p50: med(URGENT_RUNS.pushCappedPreempt.key, (f) => f.p50Us) },
     },
     pushThroughputMiBs: med(PUSH_RUN.key, (f) => f.pushThroughputMiBs),
+    pushGuestBytes: options.pushMemoryBytes,
     tls: {
       fault: { p50: med(TLS_RUNS.fault.key, (f) => f.p50Us), p99: med(TLS_RUNS.fault.key, (f) => f.p99Us) },
       pushThroughputMiBs: med(TLS_RUNS.push.key, (f) => f.pushThroughputMiBs),
     },
     recovery: { drop: recoveryMedians(RECOVERY_RUNS.drop.key), killSource: recoveryMedians(RECOVERY_RUNS.killSource.key) },
-    large: large!,
+    large: {
+      guestBytes: options.largeMemoryBytes,
+      vcpus: options.largeVcpus,
+      elapsedMs: largeMed((l) => l.elapsedMs),
+      wallMs: largeMed((l) => l.wallMs),
+      pushThroughputMiBs: largeMed((l) => l.pushThroughputMiBs),
+      destPeakRssBytes: largeMed((l) => l.destPeakRssBytes),
+      sourcePeakRssBytes: largeMed((l) => l.sourcePeakRssBytes),
+    },
   };
+  const defs = ratioDefs(options.throughputVcpus, options.largeVcpus);
   const r = ratios(figures);
   const cpuList = cpus();
   return {
@@ -212,12 +366,17 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       bulkMiB: options.bulkMiB,
       largeMemory: formatBytes(options.largeMemoryBytes),
       largeVcpus: options.largeVcpus,
+      throughputVcpus: options.throughputVcpus,
+      mibPerVcpu: options.mibPerVcpu,
+      netMiB: options.netMiB,
+      pushMemory: formatBytes(options.pushMemoryBytes),
     },
     ...figures,
+    ratioDefs: defs,
     ratios: r,
-    targets: checkTargets(r),
+    targets: checkTargets(r, defs),
     method: { ...METHOD },
-    samples: { floor: floorSamples, runs: runSamples },
+    samples: { floor: floorSamples, netCeiling: netSamples, native: nativeSamples, runs: runSamples, large: largeSamples },
     backends: backends.result(),
     phases: phasesResult,
   };

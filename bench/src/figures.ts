@@ -1,94 +1,81 @@
 /** The bench's results: figures (medians of the repeats), the ratios, and the targets they are held to. */
+// native-floor.ts imports median from here: use its values only inside functions (no cycle at load time).
+import { NATIVE_COUNTERPART } from './native-floor.js';
+import type { CpuGroup } from '@postcopy/shared';
 
 export const BENCH_STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'kvm-exit'] as const;
 export type BenchStrategy = (typeof BENCH_STRATEGIES)[number];
+
+/** How a strategy is spelled in ratio names (`perThreadP50OverFloor`, `kvmExitRateOverNative8`). */
+export const STRATEGY_KEY: Record<BenchStrategy, string> = {
+  'shared-uffd': 'sharedUffd',
+  'per-thread-uffd': 'perThread',
+  'kvm-exit': 'kvmExit',
+};
 
 export interface P50P99 {
   p50: number;
   p99: number;
 }
 
-export interface Ratios {
-  kvmExitP50OverFloor: number;
-  perThreadP50OverFloor: number;
-  sharedUffdP50OverFloor: number;
-  urgentUnderPushPreemptOverIdle: number;
-  urgentUnderCappedPushPreemptOverIdle: number;
-  pushOverBulk: number;
-  destRssOverBudget: number;
-  sourceRssOverBudget: number;
-  tlsFaultP50OverPlain: number;
-  tlsPushOverPlain: number;
-  precopyRoundOverPush: number;
-  precopyDowntimeOverLimit: number;
-}
-
-export type RatioName = keyof Ratios;
-
-export const RATIO_NAMES = [
-  'kvmExitP50OverFloor',
-  'perThreadP50OverFloor',
-  'sharedUffdP50OverFloor',
-  'urgentUnderPushPreemptOverIdle',
-  'urgentUnderCappedPushPreemptOverIdle',
-  'pushOverBulk',
-  'destRssOverBudget',
-  'sourceRssOverBudget',
-  'tlsFaultP50OverPlain',
-  'tlsPushOverPlain',
-  'precopyRoundOverPush',
-  'precopyDowntimeOverLimit',
-] as const satisfies readonly RatioName[];
+/** Ratio names: the fixed ones, and those of each vCPU count of the throughput runs (see {@link ratioDefs}). */
+export type RatioName = string;
+export type Ratios = Record<RatioName, number>;
 
 export interface Target {
   /** `max`: the ratio must be at most `value`; `min`: at least. */
   kind: 'max' | 'min';
   value: number;
-  /** What the ratio compares, in words. */
-  meaning: string;
 }
 
-/** The targets of issue 3 (shared-uffd has none: it is the baseline). */
-export const TARGETS: Partial<Record<RatioName, Target>> = {
-  kvmExitP50OverFloor: { kind: 'max', value: 1.5, meaning: 'kvm-exit fault p50 / floor round-trip p50' },
-  perThreadP50OverFloor: { kind: 'max', value: 2.5, meaning: 'per-thread-uffd fault p50 / floor round-trip p50' },
-  urgentUnderPushPreemptOverIdle: { kind: 'max', value: 2, meaning: 'urgent fault p50 under push with preempt / urgent p50 with push off' },
-  pushOverBulk: { kind: 'min', value: 0.6, meaning: 'push throughput / raw bulk throughput' },
-  destRssOverBudget: { kind: 'max', value: 1, meaning: 'destination peak RSS / (1.15 x large guest + 256 MiB)' },
-  sourceRssOverBudget: { kind: 'max', value: 1, meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)' },
-  tlsFaultP50OverPlain: { kind: 'max', value: 1.2, meaning: 'kvm-exit fault p50 over TLS / the same over plain ws://' },
-  tlsPushOverPlain: { kind: 'min', value: 0.7, meaning: 'push throughput over TLS / over plain ws://' },
-  precopyRoundOverPush: { kind: 'min', value: 0.8, meaning: "precopy's first round (every page) MiB/s / the push throughput of the same bench" },
-  precopyDowntimeOverLimit: { kind: 'max', value: 1, meaning: 'measured downtime of a converging precopy / its --downtime-limit' },
-};
-
-export const RATIO_MEANINGS: Record<RatioName, string> = {
-  kvmExitP50OverFloor: TARGETS.kvmExitP50OverFloor!.meaning,
-  perThreadP50OverFloor: TARGETS.perThreadP50OverFloor!.meaning,
-  sharedUffdP50OverFloor: 'shared-uffd fault p50 / floor round-trip p50',
-  urgentUnderPushPreemptOverIdle: TARGETS.urgentUnderPushPreemptOverIdle!.meaning,
-  urgentUnderCappedPushPreemptOverIdle: 'the same with the push capped at 400mbit (--max-postcopy-bandwidth), no target',
-  pushOverBulk: TARGETS.pushOverBulk!.meaning,
-  destRssOverBudget: TARGETS.destRssOverBudget!.meaning,
-  sourceRssOverBudget: TARGETS.sourceRssOverBudget!.meaning,
-  tlsFaultP50OverPlain: TARGETS.tlsFaultP50OverPlain!.meaning,
-  tlsPushOverPlain: TARGETS.tlsPushOverPlain!.meaning,
-  precopyRoundOverPush: TARGETS.precopyRoundOverPush!.meaning,
-  precopyDowntimeOverLimit: TARGETS.precopyDowntimeOverLimit!.meaning,
-};
+/** One ratio the bench computes: its name, what it compares, and its target if it has one. */
+export interface RatioDef {
+  name: RatioName;
+  meaning: string;
+  target?: Target;
+}
 
 export interface TargetResult extends Target {
   ratio: number;
   met: boolean;
+  meaning: string;
+}
+
+/** Demand paging rate (pages/s) and fault p50 (µs) of one throughput run. */
+export interface RateFigures {
+  pagesPerSec: number;
+  p50Us: number;
+  /** The tool's runs: CPU µs per fault of each process and thread group (medians; null: unknown here). */
+  cpuPerFaultUs?: Record<CpuGroup, number | null>;
+}
+
+/** The tool against the native floor: demand paging rates with many vCPUs (issue 9). */
+export interface ThroughputFigures {
+  /** vCPU counts, in the order run. */
+  vcpus: number[];
+  mibPerVcpu: number;
+  /** Per strategy, per vCPU count (a string key: JSON has no number keys). */
+  tool: Record<BenchStrategy, Record<string, RateFigures>>;
+  /** The native floor's counterpart of each strategy (NATIVE_COUNTERPART), or why there is none on this machine. */
+  native: Record<BenchStrategy, Record<string, RateFigures>> | { unavailable: string };
 }
 
 export interface BenchFigures {
   floor: { roundTripUs: P50P99; bulkMiBs: number };
-  /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt. */
-  strategies: Record<BenchStrategy, P50P99>;
+  /**
+   * The ceiling of Node's own sockets (net-ceiling.ts): a `net` stream between
+   * two Node processes received into a SharedArrayBuffer, with `onread` (the
+   * ceiling) and with `'data'` events (what `ws` reads with; a figure).
+   */
+  netCeiling: { mib: number; onreadMiBs: number; dataMiBs: number };
+  /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt; with the run's CPU µs per fault. */
+  strategies: Record<BenchStrategy, P50P99 & { cpuPerFaultUs: Record<CpuGroup, number | null> }>;
+  throughput: ThroughputFigures;
   /** Urgent fault latency p50 (µs): kvm-exit, 1 vCPU, random workload. */
   urgent: { pushOff: { p50: number }; pushOn: { p50: number }; pushOnPreempt: { p50: number }; pushCappedPreempt: { p50: number } };
+  /** The idle push: one vCPU touching one page of a `pushGuestBytes` guest (MiB/s). */
   pushThroughputMiBs: number;
+  pushGuestBytes: number;
   /** Precopy (phases.ts): its first round's throughput (MiB/s), its downtime and limit (ms). */
   precopy: { roundMiBs: number; downtimeMs: number; downtimeLimitMs: number };
   /** Over TLS (`--tls`): kvm-exit's fault latency (µs) and the push throughput (MiB/s), runs otherwise like the plain ones. */
@@ -99,8 +86,21 @@ export interface BenchFigures {
    * pause (pause to resume), `elapsedMs` the whole run.
    */
   recovery: { drop: RecoveryFigures; killSource: RecoveryFigures };
-  /** One run of a large guest: both hosts' peak RSS. */
-  large: { guestBytes: number; vcpus: number; elapsedMs: number; destPeakRssBytes: number; sourcePeakRssBytes: number };
+  /**
+   * The large guest (`npm start -- --memory L --vcpus N`, defaults otherwise):
+   * both hosts' peak RSS, its push throughput with N faulting vCPUs, the
+   * migration's elapsed time and the whole launcher process's (start to exit).
+   */
+  large: {
+    guestBytes: number;
+    vcpus: number;
+    elapsedMs: number;
+    /** The `npm start` process (the launcher, without the build), from spawn to exit. */
+    wallMs: number;
+    pushThroughputMiBs: number;
+    destPeakRssBytes: number;
+    sourcePeakRssBytes: number;
+  };
 }
 
 /** Medians of a recovery run's figures over the repeats. */
@@ -131,32 +131,137 @@ export function median(values: readonly number[]): number {
 /** Four significant digits: readable, and never rounds a positive ratio to 0. */
 export const sig4 = (x: number): number => Number(x.toPrecision(4));
 
-/** Ratios of the medians. */
+/** Issue 9's target for each strategy's demand paging rate over its native counterpart. */
+export const RATE_OVER_NATIVE_TARGET = 0.3;
+
+export const rateRatioName = (s: BenchStrategy, vcpus: number): RatioName => `${STRATEGY_KEY[s]}RateOverNative${vcpus}`;
+export const rankingRatioName = (vcpus: number): RatioName => `rankingInversions${vcpus}`;
+
+/**
+ * Every ratio of a bench whose throughput runs use `throughputVcpus` and
+ * whose large guest has `largeVcpus`, in the order printed. Targets: issue 3
+ * (latency, RSS, TLS), issue 10 (precopy), issue 9 (rates against the native floor, their
+ * ranking, push against the net ceiling, the large guest; kvm-exit's p50 and
+ * the urgent fault's, tightened).
+ */
+export function ratioDefs(throughputVcpus: readonly number[], largeVcpus: number): RatioDef[] {
+  const defs: RatioDef[] = [
+    { name: 'kvmExitP50OverFloor', meaning: 'kvm-exit fault p50 / floor round-trip p50', target: { kind: 'max', value: 1.1 } },
+    { name: 'perThreadP50OverFloor', meaning: 'per-thread-uffd fault p50 / floor round-trip p50', target: { kind: 'max', value: 2.5 } },
+    { name: 'sharedUffdP50OverFloor', meaning: 'shared-uffd fault p50 / floor round-trip p50' },
+  ];
+  for (const v of throughputVcpus) {
+    for (const s of BENCH_STRATEGIES) {
+      defs.push({
+        name: rateRatioName(s, v),
+        meaning: `${s} demand paging rate / native ${NATIVE_COUNTERPART[s]}, ${v} vCPUs`,
+        target: { kind: 'min', value: RATE_OVER_NATIVE_TARGET },
+      });
+    }
+    defs.push({
+      name: rankingRatioName(v),
+      meaning: `pairs of strategies ranked otherwise than the native floor ranks their counterparts, ${v} vCPUs (0 = same ranking)`,
+      target: { kind: 'max', value: 0 },
+    });
+  }
+  defs.push(
+    { name: 'urgentUnderPushPreemptOverIdle', meaning: 'urgent fault p50 under push with preempt / urgent p50 with push off', target: { kind: 'max', value: 1.5 } },
+    { name: 'urgentUnderCappedPushPreemptOverIdle', meaning: 'the same with the push capped at 400mbit (--max-postcopy-bandwidth), no target' },
+    { name: 'pushOverNetCeiling', meaning: "idle push throughput (1 vCPU) / net ceiling (Node's net, onread, into a SharedArrayBuffer)", target: { kind: 'min', value: 0.9 } },
+    { name: 'pushOverBulk', meaning: 'idle push throughput / ws bulk floor throughput', target: { kind: 'min', value: 0.6 } },
+    {
+      name: 'largePushOverIdlePush',
+      meaning: `push throughput of the large guest with ${largeVcpus} faulting vCPUs / idle push throughput`,
+      target: { kind: 'min', value: 0.6 },
+    },
+    { name: 'largeElapsedOverPushTime', meaning: 'large guest elapsed / (guest size / idle push throughput)', target: { kind: 'max', value: 1.3 } },
+    { name: 'largeWallOverElapsed', meaning: 'large guest: whole npm start process (no build), start to exit / its elapsed', target: { kind: 'max', value: 1.3 } },
+    { name: 'destRssOverBudget', meaning: 'destination peak RSS / (1.15 x large guest + 256 MiB)', target: { kind: 'max', value: 1 } },
+    { name: 'sourceRssOverBudget', meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)', target: { kind: 'max', value: 1 } },
+    { name: 'tlsFaultP50OverPlain', meaning: 'kvm-exit fault p50 over TLS / the same over plain ws://', target: { kind: 'max', value: 1.2 } },
+    { name: 'tlsPushOverPlain', meaning: 'push throughput over TLS / over plain ws://', target: { kind: 'min', value: 0.7 } },
+    { name: 'precopyRoundOverPush', meaning: "precopy's first round (every page) MiB/s / the push throughput of the same bench", target: { kind: 'min', value: 0.8 } },
+    { name: 'precopyDowntimeOverLimit', meaning: 'measured downtime of a converging precopy / its --downtime-limit', target: { kind: 'max', value: 1 } },
+  );
+  return defs;
+}
+
+/** Strategies from the highest rate to the lowest (a tie keeps BENCH_STRATEGIES order). */
+export function rankByRate(rates: Record<BenchStrategy, number>): BenchStrategy[] {
+  return [...BENCH_STRATEGIES].sort((a, b) => rates[b] - rates[a]);
+}
+
+/**
+ * Pairs of strategies the tool orders otherwise than the native floor orders
+ * their counterparts (Kendall's distance: 0 = the same ranking, 3 = reversed).
+ * A pair the native floor ties is no inversion whichever way the tool orders it.
+ */
+export function rankingInversions(tool: Record<BenchStrategy, number>, native: Record<BenchStrategy, number>): number {
+  let inversions = 0;
+  for (let i = 0; i < BENCH_STRATEGIES.length; i++) {
+    for (let j = i + 1; j < BENCH_STRATEGIES.length; j++) {
+      const a = BENCH_STRATEGIES[i]!;
+      const b = BENCH_STRATEGIES[j]!;
+      const n = Math.sign(native[a] - native[b]);
+      if (n !== 0 && Math.sign(tool[a] - tool[b]) !== n) inversions++;
+    }
+  }
+  return inversions;
+}
+
+/** The rates of every strategy at one vCPU count. */
+export function ratesAt(figures: Record<BenchStrategy, Record<string, RateFigures>>, vcpus: number): Record<BenchStrategy, number> {
+  const out = {} as Record<BenchStrategy, number>;
+  for (const s of BENCH_STRATEGIES) out[s] = figures[s][String(vcpus)]!.pagesPerSec;
+  return out;
+}
+
+export function nativeAvailable(t: ThroughputFigures): t is ThroughputFigures & { native: Record<BenchStrategy, Record<string, RateFigures>> } {
+  return !('unavailable' in t.native);
+}
+
+/** Ratios of the medians (those of the native floor only where it ran). */
 export function ratios(f: BenchFigures): Ratios {
   const floor = f.floor.roundTripUs.p50;
-  return {
+  const r: Ratios = {
     kvmExitP50OverFloor: sig4(f.strategies['kvm-exit'].p50 / floor),
     perThreadP50OverFloor: sig4(f.strategies['per-thread-uffd'].p50 / floor),
     sharedUffdP50OverFloor: sig4(f.strategies['shared-uffd'].p50 / floor),
+  };
+  const t = f.throughput;
+  if (nativeAvailable(t)) {
+    for (const v of t.vcpus) {
+      for (const s of BENCH_STRATEGIES) r[rateRatioName(s, v)] = sig4(t.tool[s][String(v)]!.pagesPerSec / t.native[s][String(v)]!.pagesPerSec);
+      r[rankingRatioName(v)] = rankingInversions(ratesAt(t.tool, v), ratesAt(t.native, v));
+    }
+  }
+  const pushTimeMs = (f.large.guestBytes / 1048576 / f.pushThroughputMiBs) * 1000;
+  Object.assign(r, {
     urgentUnderPushPreemptOverIdle: sig4(f.urgent.pushOnPreempt.p50 / f.urgent.pushOff.p50),
     urgentUnderCappedPushPreemptOverIdle: sig4(f.urgent.pushCappedPreempt.p50 / f.urgent.pushOff.p50),
+    pushOverNetCeiling: sig4(f.pushThroughputMiBs / f.netCeiling.onreadMiBs),
     pushOverBulk: sig4(f.pushThroughputMiBs / f.floor.bulkMiBs),
+    largePushOverIdlePush: sig4(f.large.pushThroughputMiBs / f.pushThroughputMiBs),
+    largeElapsedOverPushTime: sig4(f.large.elapsedMs / pushTimeMs),
+    largeWallOverElapsed: sig4(f.large.wallMs / f.large.elapsedMs),
     destRssOverBudget: sig4(f.large.destPeakRssBytes / rssBudget(f.large.guestBytes)),
     sourceRssOverBudget: sig4(f.large.sourcePeakRssBytes / rssBudget(f.large.guestBytes)),
     tlsFaultP50OverPlain: sig4(f.tls.fault.p50 / f.strategies['kvm-exit'].p50),
     tlsPushOverPlain: sig4(f.tls.pushThroughputMiBs / f.pushThroughputMiBs),
     precopyRoundOverPush: sig4(f.precopy.roundMiBs / f.pushThroughputMiBs),
     precopyDowntimeOverLimit: sig4(f.precopy.downtimeMs / f.precopy.downtimeLimitMs),
-  };
+  });
+  return r;
 }
 
-export function checkTargets(r: Ratios): Partial<Record<RatioName, TargetResult>> {
-  const out: Partial<Record<RatioName, TargetResult>> = {};
-  for (const name of RATIO_NAMES) {
-    const target = TARGETS[name];
-    if (!target) continue;
-    const ratio = r[name];
-    out[name] = { ...target, ratio, met: target.kind === 'max' ? ratio <= target.value : ratio >= target.value };
+/** The verdict of every target whose ratio was measured. */
+export function checkTargets(r: Ratios, defs: readonly RatioDef[]): Record<RatioName, TargetResult> {
+  const out: Record<RatioName, TargetResult> = {};
+  for (const def of defs) {
+    const ratio = r[def.name];
+    if (!def.target || ratio === undefined) continue;
+    const t = def.target;
+    out[def.name] = { ...t, meaning: def.meaning, ratio, met: t.kind === 'max' ? ratio <= t.value : ratio >= t.value };
   }
   return out;
 }

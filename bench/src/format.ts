@@ -1,8 +1,9 @@
 import type { BenchResult } from './bench.js';
-import { BENCH_STRATEGIES, RATIO_MEANINGS, RATIO_NAMES } from './figures.js';
+import { BENCH_STRATEGIES, nativeAvailable, rankByRate, ratesAt, rssBudget } from './figures.js';
 import { injectAtPages } from './migrations.js';
 import { formatBackends } from './backends.js';
 import { formatPhases } from './phases.js';
+import { NATIVE_COUNTERPART } from './native-floor.js';
 
 function table(rows: string[][], indent = '  '): string {
   const widths: number[] = [];
@@ -34,6 +35,14 @@ export function formatBench(r: BenchResult): string {
     ]),
   );
   lines.push('');
+  lines.push(`net ceiling: Node's own net sockets between two processes, ${r.netCeiling.mib} MiB copied into a SharedArrayBuffer as it arrives`);
+  lines.push(
+    table([
+      ['onread (one reused read buffer, then the copy): the ceiling (MiB/s)', num(r.netCeiling.onreadMiBs)],
+      ["'data' events (a new buffer a read, as ws reads), for comparison (MiB/s)", num(r.netCeiling.dataMiBs)],
+    ]),
+  );
+  lines.push('');
   lines.push("fault latency: 1 vCPU, sequential, idle link, push off, --preempt (each reply on the fault's own channel, the floor's shape)");
   lines.push(
     table([
@@ -41,6 +50,55 @@ export function formatBench(r: BenchResult): string {
       ...BENCH_STRATEGIES.map((s) => [s, num(r.strategies[s].p50), num(r.strategies[s].p99), num(r.strategies[s].p50 / r.floor.roundTripUs.p50, 2)]),
     ]),
   );
+  lines.push('');
+  const t = r.throughput;
+  lines.push(
+    `demand paging rate: ${t.mibPerVcpu} MiB per vCPU, sequential, push off (no --preempt), against the native floor (C, real userfaultfd, loopback TCP)` +
+      ('unavailable' in t.native ? `; native floor unavailable: ${String(t.native.unavailable)}` : ''),
+  );
+  const rows: string[][] = [['vCPUs', 'strategy', 'pages/s', 'p50 µs', 'native mode', 'native pages/s', 'native p50 µs', 'rate / native']];
+  for (const v of t.vcpus) {
+    for (const s of BENCH_STRATEGIES) {
+      const tool = t.tool[s][String(v)]!;
+      const nat = nativeAvailable(t) ? t.native[s][String(v)] : undefined;
+      rows.push([
+        String(v),
+        s,
+        num(tool.pagesPerSec, 0),
+        num(tool.p50Us),
+        NATIVE_COUNTERPART[s],
+        nat ? num(nat.pagesPerSec, 0) : 'n/a',
+        nat ? num(nat.p50Us) : 'n/a',
+        nat ? num(tool.pagesPerSec / nat.pagesPerSec, 2) : 'n/a',
+      ]);
+    }
+  }
+  lines.push(table(rows));
+  for (const v of t.vcpus) {
+    const mine = rankByRate(ratesAt(t.tool, v)).join(' > ');
+    const theirs = nativeAvailable(t) ? rankByRate(ratesAt(t.native, v)).map((s) => NATIVE_COUNTERPART[s]).join(' > ') : 'n/a';
+    lines.push(`  ranking at ${v} vCPUs: tool ${mine}; native ${theirs}`);
+  }
+  lines.push('');
+  lines.push(
+    'CPU per fault (µs; each process and thread group of the destination by its own accounting; "other": GC, compiler, libuv threads). ' +
+      'On a host with a core for every thread, the rate could reach n x 1e6 / (µs per fault) for each group of n threads sharing faults:',
+  );
+  const cpuRows: string[][] = [['run', 'source', '(main thread)', 'destination', 'main thread', 'vCPUs', 'resolvers', 'other']];
+  const c1 = (x: number | null | undefined): string => (x === null || x === undefined ? 'n/a' : num(x));
+  const cpuRow = (label: string, c: Record<string, number | null> | undefined): string[] => [
+    label,
+    c1(c?.source),
+    c1(c?.sourceMainThread),
+    c1(c?.dest),
+    c1(c?.destMainThread),
+    c1(c?.destVcpus),
+    c1(c?.destResolvers),
+    c1(c?.destOther),
+  ];
+  for (const s of BENCH_STRATEGIES) cpuRows.push(cpuRow(`${s}, 1 vCPU, --preempt`, r.strategies[s].cpuPerFaultUs));
+  for (const v of t.vcpus) for (const s of BENCH_STRATEGIES) cpuRows.push(cpuRow(`${s}, ${v} vCPUs`, t.tool[s][String(v)]!.cpuPerFaultUs));
+  lines.push(table(cpuRows));
   lines.push('');
   lines.push('urgent fault latency: kvm-exit, 1 vCPU, random workload');
   lines.push(
@@ -53,8 +111,16 @@ export function formatBench(r: BenchResult): string {
     ]),
   );
   lines.push('');
-  lines.push('push throughput: kvm-exit, 1 vCPU touching 1 page, no zero pages');
-  lines.push(table([['push throughput (MiB/s)', num(r.pushThroughputMiBs)], ['floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)]]));
+  const mib = (b: number): string => (b / 1048576).toFixed(0);
+  lines.push(`push throughput: kvm-exit, 1 vCPU touching 1 page of a ${mib(r.pushGuestBytes)} MiB guest, no zero pages (the idle push)`);
+  lines.push(
+    table([
+      ['idle push throughput (MiB/s)', num(r.pushThroughputMiBs)],
+      [`with ${r.large.vcpus} faulting vCPUs (the large guest below) (MiB/s)`, num(r.large.pushThroughputMiBs)],
+      ['net ceiling, onread (MiB/s)', num(r.netCeiling.onreadMiBs)],
+      ['ws floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)],
+    ]),
+  );
   lines.push('');
   lines.push("TLS (--tls: throwaway certificates, the source verifying the destination's too) against plain ws://, same runs otherwise");
   lines.push(
@@ -78,12 +144,15 @@ export function formatBench(r: BenchResult): string {
     ]),
   );
   lines.push('');
-  const mib = (b: number): string => (b / 1048576).toFixed(0);
-  lines.push(`large guest: ${mib(r.large.guestBytes)} MiB, ${r.large.vcpus} vCPUs, migrated in ${(r.large.elapsedMs / 1000).toFixed(1)} s`);
+  const pushTimeS = r.large.guestBytes / 1048576 / r.pushThroughputMiBs;
+  lines.push(
+    `large guest: ${mib(r.large.guestBytes)} MiB, ${r.large.vcpus} vCPUs (defaults otherwise): migrated in ${(r.large.elapsedMs / 1000).toFixed(1)} s ` +
+      `(its pages take ${pushTimeS.toFixed(1)} s at the idle push rate); the whole npm start (no build) took ${(r.large.wallMs / 1000).toFixed(1)} s`,
+  );
   lines.push(
     table([
       ['peak RSS (MiB)', 'destination', 'source', 'budget'],
-      ['', mib(r.large.destPeakRssBytes), mib(r.large.sourcePeakRssBytes), mib(1.15 * r.large.guestBytes + 256 * 1048576)],
+      ['', mib(r.large.destPeakRssBytes), mib(r.large.sourcePeakRssBytes), mib(rssBudget(r.large.guestBytes))],
     ]),
   );
   lines.push('');
@@ -92,26 +161,27 @@ export function formatBench(r: BenchResult): string {
   lines.push(formatPhases(r.phases, r.pushThroughputMiBs));
   lines.push('');
   lines.push('ratios');
-  const rows: string[][] = [['name', 'value', 'target', '', 'meaning']];
+  const rows2: string[][] = [['name', 'value', 'target', '', 'meaning']];
   let met = 0;
   let targets = 0;
-  for (const name of RATIO_NAMES) {
-    const t = r.targets[name];
+  for (const def of r.ratioDefs) {
+    const value = r.ratios[def.name];
+    const t = r.targets[def.name];
     if (t) {
       targets++;
       if (t.met) met++;
     }
-    rows.push([
-      name,
-      num(r.ratios[name], 2),
-      t ? `${t.kind === 'max' ? '<=' : '>='} ${t.value}` : 'none',
-      t ? (t.met ? 'met' : 'MISSED') : '',
-      RATIO_MEANINGS[name],
+    rows2.push([
+      def.name,
+      value === undefined ? 'n/a' : num(value, 2),
+      def.target ? `${def.target.kind === 'max' ? '<=' : '>='} ${def.target.value}` : 'none',
+      t ? (t.met ? 'met' : 'MISSED') : def.target ? 'not measured' : '',
+      def.meaning,
     ]);
   }
   // The meaning column reads better left-aligned.
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
-  for (const row of rows) {
+  const widths = rows2[0]!.map((_, i) => Math.max(...rows2.map((row) => row[i]!.length)));
+  for (const row of rows2) {
     lines.push(
       '  ' +
         row

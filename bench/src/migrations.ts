@@ -1,8 +1,13 @@
+import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { formatBytes, type Report } from '@postcopy/shared';
-import { launch, launcherCommand, splitArgs } from '@postcopy/e2e';
+import { fileURLToPath } from 'node:url';
+import { formatBytes, type CpuGroup, type Report } from '@postcopy/shared';
+import { exitCode, launch, launcherCommand, splitArgs } from '@postcopy/e2e';
+
+/** The built launcher behind `npm start` (e2e/dist/cli.js), for runs timed as a whole process. */
+export const LAUNCHER_CLI = fileURLToPath(new URL('./cli.js', import.meta.resolve('@postcopy/e2e')));
 
 /** One migration configuration the bench runs (its options, as `npm start` takes them). */
 export interface RunSpec {
@@ -35,10 +40,33 @@ export interface RunFigures {
   p50Us: number;
   p99Us: number;
   faults: number;
+  /** The report's demand paging rate (pages/s, demand_paging_test's). */
+  pagesPerSec: number;
   pushThroughputMiBs: number;
   elapsedMs: number;
+  /** The report's CPU µs per fault of each process and thread group (null: unknown here). */
+  cpuPerFaultUs: Record<CpuGroup, number | null>;
   /** Recovery runs only. */
   recovery?: RecoveryRunFigures;
+}
+
+/**
+ * Demand paging rate with many vCPUs (issue 9), as a new user would try it:
+ * `npm start -- --strategy S --vcpus N --memory (N x M)MiB --no-push
+ * --workload sequential`, defaults otherwise (no --preempt). Each vCPU
+ * touches its own M MiB partition once, in order, like the native floor.
+ */
+export function throughputRun(strategy: string, vcpus: number, mibPerVcpu: number): RunSpec {
+  return {
+    key: `throughput:${strategy}:${vcpus}`,
+    label: `${strategy} demand paging rate (${vcpus} vCPUs x ${mibPerVcpu} MiB, push off)`,
+    args: ['--strategy', strategy, '--vcpus', String(vcpus), '--no-push', '--workload', 'sequential'],
+  };
+}
+
+/** The guest of a throughput run: `mibPerVcpu` MiB for each vCPU. */
+export function throughputMemoryBytes(vcpus: number, mibPerVcpu: number): number {
+  return vcpus * mibPerVcpu * 1024 * 1024;
 }
 
 /** Fault latency per strategy: 1 vCPU, idle link, push off, requested pages on the fault's own channel (`--preempt`). */
@@ -130,9 +158,12 @@ export const TLS_RUNS = {
   push: { key: 'tls:push', label: 'push throughput over TLS', args: [...PUSH_RUN.args, '--tls'] },
 } as const satisfies Record<string, RunSpec>;
 
-/** The large guest (issue 4's memory target): defaults otherwise, so it is the tool as a user runs it. */
+/**
+ * The large guest (issue 4's memory target, issue 9's push with many faulting
+ * vCPUs and time targets): defaults otherwise, so it is the tool as a user runs it.
+ */
 export function largeRun(vcpus: number): RunSpec {
-  return { key: 'large', label: 'large guest, peak RSS', args: ['--vcpus', String(vcpus)] };
+  return { key: 'large', label: `large guest (${vcpus} vCPUs): push, time and peak RSS`, args: ['--vcpus', String(vcpus)] };
 }
 
 /** The full `npm start` command line of a run, to reproduce it by hand. */
@@ -160,38 +191,70 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
           `reproduce with: ${commandLine(spec, memoryBytes)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
       );
     }
-    const report = JSON.parse(readFileSync(json, 'utf8')) as Report;
-    if (!report.verified) {
-      const failed = report.checks.filter((c) => !c.ok).map((c) => c.name);
-      throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes)}`);
-    }
-    const figures: RunFigures = {
-      p50Us: report.latencyUs.p50,
-      p99Us: report.latencyUs.p99,
-      faults: report.counters.faults,
-      pushThroughputMiBs: report.pushThroughputMiBs,
-      elapsedMs: report.elapsedMs,
-    };
-    if (spec.inject !== undefined) {
-      // One fault injected, so exactly one pause, resumed. Zero pauses means the fault never went off (the migration ended first).
-      const rec = report.recovery;
-      if (rec.pauses !== 1 || rec.resumes !== 1) {
-        throw new Error(
-          `${spec.label}: expected 1 pause and 1 resume from --inject ${spec.inject}@${injectAtPages(memoryBytes)}, ` +
-            `got ${rec.pauses} pause${rec.pauses === 1 ? '' : 's'} and ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'} ` +
-            `(${result.sourceKills} source kill${result.sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes)}`,
-        );
-      }
-      figures.recovery = {
-        pauses: rec.pauses,
-        resumes: rec.resumes,
-        pausedMs: rec.pausedMs / rec.pauses,
-        pagesResent: rec.pagesResent,
-        requestsReplayed: rec.requestsReplayed,
-      };
-    }
-    return { report, figures };
+    return checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * The same as {@link runMigration}, but as `npm start` runs it, without the
+ * build: the launcher as a process of its own (`node e2e/dist/cli.js ARGS`),
+ * timed from its spawn to its exit (`wallMs`: the source's image, both hosts'
+ * start, the migration, the digests and teardown).
+ */
+export async function runMigrationProcess(spec: RunSpec, memoryBytes: number): Promise<{ report: Report; figures: RunFigures; wallMs: number }> {
+  const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
+  const json = join(dir, 'report.json');
+  try {
+    const started = performance.now();
+    const child = spawn(process.execPath, [LAUNCHER_CLI, ...runArgs(spec, memoryBytes), '--json', json], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let tail = '';
+    child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-4000)));
+    const code = await exitCode(child);
+    const wallMs = performance.now() - started;
+    if (code !== 0) {
+      throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${commandLine(spec, memoryBytes)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
+    }
+    const checked = checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
+    return { ...checked, wallMs };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** A run's figures from its report, once its checks (and a recovery run's one pause) hold. */
+function checkedFigures(spec: RunSpec, memoryBytes: number, report: Report, sourceKills: number): { report: Report; figures: RunFigures } {
+  if (!report.verified) {
+    const failed = report.checks.filter((c) => !c.ok).map((c) => c.name);
+    throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes)}`);
+  }
+  const figures: RunFigures = {
+    p50Us: report.latencyUs.p50,
+    p99Us: report.latencyUs.p99,
+    faults: report.counters.faults,
+    pagesPerSec: report.demandPagingRate.overall,
+    pushThroughputMiBs: report.pushThroughputMiBs,
+    elapsedMs: report.elapsedMs,
+    cpuPerFaultUs: report.cpu.perFaultUs,
+  };
+  if (spec.inject !== undefined) {
+    // One fault injected, so exactly one pause, resumed. Zero pauses means the fault never went off (the migration ended first).
+    const rec = report.recovery;
+    if (rec.pauses !== 1 || rec.resumes !== 1) {
+      throw new Error(
+        `${spec.label}: expected 1 pause and 1 resume from --inject ${spec.inject}@${injectAtPages(memoryBytes)}, ` +
+          `got ${rec.pauses} pause${rec.pauses === 1 ? '' : 's'} and ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'} ` +
+          `(${sourceKills} source kill${sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes)}`,
+      );
+    }
+    figures.recovery = {
+      pauses: rec.pauses,
+      resumes: rec.resumes,
+      pausedMs: rec.pausedMs / rec.pauses,
+      pagesResent: rec.pagesResent,
+      requestsReplayed: rec.requestsReplayed,
+    };
+  }
+  return { report, figures };
 }

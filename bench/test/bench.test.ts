@@ -4,14 +4,38 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runNode, type ProcessResult } from '../../e2e/test/run.js';
+import { TINY_ARGS } from '../src/options.js';
 
 /** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
 const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
-/** The whole code path, tiny: every run is a real two-process migration of a 4 MiB guest. */
-const TINY = ['--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2', '--memory-backends', 'none'];
+/** The whole code path, tiny: every run is a real two-process migration of a few MiB (throughput runs: 2 vCPUs x 1 MiB). */
+const TINY = [...TINY_ARGS, '--memory-backends', 'none'];
 const TIMEOUT_MS = 55_000;
 
-const RATIOS = ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'sharedUffdP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'urgentUnderCappedPushPreemptOverIdle', 'pushOverBulk', 'destRssOverBudget', 'sourceRssOverBudget', 'tlsFaultP50OverPlain', 'tlsPushOverPlain', 'precopyRoundOverPush', 'precopyDowntimeOverLimit'];
+/** Every ratio the tiny bench computes (its throughput runs have 2 vCPUs: names end in 2). */
+const RATIOS = [
+  'kvmExitP50OverFloor',
+  'perThreadP50OverFloor',
+  'sharedUffdP50OverFloor',
+  'sharedUffdRateOverNative2',
+  'perThreadRateOverNative2',
+  'kvmExitRateOverNative2',
+  'urgentUnderPushPreemptOverIdle',
+  'urgentUnderCappedPushPreemptOverIdle',
+  'pushOverNetCeiling',
+  'pushOverBulk',
+  'largePushOverIdlePush',
+  'largeElapsedOverPushTime',
+  'largeWallOverElapsed',
+  'destRssOverBudget',
+  'sourceRssOverBudget',
+  'tlsFaultP50OverPlain',
+  'tlsPushOverPlain',
+  'precopyRoundOverPush',
+  'precopyDowntimeOverLimit',
+];
+/** Every ratio with a target (rankingInversions2 is one, and may be 0). */
+const TARGETED = RATIOS.filter((r) => !['sharedUffdP50OverFloor', 'urgentUnderCappedPushPreemptOverIdle'].includes(r)).concat('rankingInversions2');
 
 /** The built bench as a real process (the e2e tests' runner: killed and failed after TIMEOUT_MS). */
 function runBench(args: string[]): Promise<ProcessResult> {
@@ -38,6 +62,21 @@ describe('npm run bench (tiny)', () => {
       'floor.roundTripUs.p50',
       'floor.roundTripUs.p99',
       'floor.bulkMiBs',
+      'netCeiling.onreadMiBs',
+      'netCeiling.dataMiBs',
+      'throughput.tool.shared-uffd.2.pagesPerSec',
+      'throughput.tool.per-thread-uffd.2.pagesPerSec',
+      'throughput.tool.kvm-exit.2.pagesPerSec',
+      'throughput.native.shared-uffd.2.pagesPerSec',
+      'throughput.native.per-thread-uffd.2.pagesPerSec',
+      'throughput.native.kvm-exit.2.pagesPerSec',
+      'strategies.kvm-exit.cpuPerFaultUs.source',
+      'strategies.kvm-exit.cpuPerFaultUs.dest',
+      'throughput.tool.shared-uffd.2.cpuPerFaultUs.dest',
+      'throughput.tool.kvm-exit.2.cpuPerFaultUs.destVcpus',
+      'large.elapsedMs',
+      'large.wallMs',
+      'large.pushThroughputMiBs',
       'strategies.shared-uffd.p50',
       'strategies.shared-uffd.p99',
       'strategies.per-thread-uffd.p50',
@@ -72,9 +111,16 @@ describe('npm run bench (tiny)', () => {
       expect(Number.isFinite(value) && (value as number) > 0, `${path} = ${String(value)}`).toBe(true);
     }
     // Every target has a verdict (met or not: the bench checks targets, this test does not).
-    for (const name of ['kvmExitP50OverFloor', 'perThreadP50OverFloor', 'urgentUnderPushPreemptOverIdle', 'pushOverBulk', 'tlsFaultP50OverPlain', 'tlsPushOverPlain', 'precopyRoundOverPush', 'precopyDowntimeOverLimit']) {
-      expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
-    }
+    for (const name of TARGETED) expect(typeof at(json, `targets.${name}.met`), name).toBe('boolean');
+    // The ranking: a count of inverted pairs of three strategies.
+    expect([0, 1, 2, 3]).toContain(at(json, 'ratios.rankingInversions2'));
+    expect(run.stdout).toMatch(/^ {2}ranking at 2 vCPUs: tool \S+ > \S+ > \S+; native \S+ > \S+ > \S+$/m);
+    // Each native counterpart ran once, in its mode, with the throughput runs' shape.
+    const native = at(json, 'samples.native') as { mode: string; vcpus: number; pagesPerVcpu: number }[];
+    expect(native.map((n) => n.mode).sort()).toEqual(['exit', 'per-region', 'shared']);
+    for (const n of native) expect(n).toMatchObject({ vcpus: 2, pagesPerVcpu: 256 });
+    // The whole process takes at least as long as the migration inside it.
+    expect(at(json, 'large.wallMs') as number).toBeGreaterThan(at(json, 'large.elapsedMs') as number);
 
     // Recovery: counts may be 0 (a restarted source resends nothing it knows of), never negative or missing.
     for (const path of ['recovery.drop.pagesResent', 'recovery.drop.requestsReplayed', 'recovery.killSource.pagesResent', 'recovery.killSource.requestsReplayed']) {
@@ -98,10 +144,12 @@ describe('npm run bench (tiny)', () => {
 
     // The memory-backends section has its own test (backends.test.ts): skipped here to keep the tiny run short.
     expect(run.stdout).toContain('memory backends: not measured (--memory-backends none)');
-    for (const name of RATIOS) expect(run.stdout).toContain(name);
-    expect(run.stdout).toMatch(/targets met: \d+ of 10/);
+    for (const name of [...RATIOS, 'rankingInversions2']) expect(run.stdout).toContain(name);
+    expect(run.stdout).toMatch(new RegExp(`targets met: \\d+ of ${TARGETED.length}$`, 'm'));
     expect(run.stdout).toMatch(/^phases before postcopy: the same guest, 1 source vCPU dirtying 1000 pages\/s/m);
     expect(run.stdout).toMatch(/^TLS \(--tls: /m);
+    expect(run.stdout).toMatch(/^CPU per fault \(µs;/m);
+    expect(run.stdout).toMatch(/^ {2}kvm-exit, 2 vCPUs +\d/m);
   });
 
   it('rejects a bad option with exit code 2 and a message naming it', async () => {

@@ -1,10 +1,13 @@
 #!/usr/bin/env node
 import { writeFileSync } from 'node:fs';
-import { exitOnUsageError, formatReport, runCli } from '@postcopy/shared';
+import { exitOnUsageError, tuneV8Tiering, formatReport, runCli } from '@postcopy/shared';
 import { assertVerified, runDestination } from './destination.js';
 import { destCommand, parseDestOptions } from './options.js';
 import { preflightMemoryBackend } from './preflight.js';
 import { progressLine } from './progress.js';
+
+// Before any worker starts (see v8-tiering.ts).
+tuneV8Tiering();
 
 async function main(): Promise<number> {
   const cmd = destCommand().exitOverride(exitOnUsageError);

@@ -1,5 +1,7 @@
 import {
   LATENCY_DIST_BUCKETS,
+  cpuFigures,
+  threadAccounting,
   allBlockedMs,
   blockedMs,
   createLatencyHistogram,
@@ -51,6 +53,8 @@ export interface ReportInputs extends RunSettings {
   blocked: string[];
   /** The digests differed: which pages, and who sent them last (run/finish.ts). */
   digestMismatch?: string;
+  /** CPU over the run: the destination process and main thread's, and each resolver's own (vCPUs' come in their results). */
+  cpu: { dest: { processUs: number; mainThreadUs: number | null }; resolvers: (number | null)[] };
 }
 
 const round = (x: number, digits = 3): number => Math.round(x * 10 ** digits) / 10 ** digits;
@@ -159,6 +163,15 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
       'postcopy-non-vcpu-latency': nsPerFault(nonVcpuBlocked, nonVcpuFaults),
       'postcopy-latency-dist': dist,
     },
+    cpu: cpuFigures({
+      threadAccounting: threadAccounting(),
+      faults: counters.faults,
+      source: { processUs: inp.summary.cpuUs, mainThreadUs: inp.summary.cpuMainThreadUs },
+      dest: inp.cpu.dest,
+      vcpus: inp.vcpuResults.map((r) => r.cpuUs),
+      resolvers: inp.cpu.resolvers,
+      ioThreads: inp.ioResults.map((r) => r.cpuUs),
+    }),
     memory: { destPeakRssBytes: process.resourceUsage().maxRSS * 1024, sourcePeakRssBytes: inp.summary.peakRssBytes },
     recovery: inp.recovery,
     ...migrationFigures(inp),

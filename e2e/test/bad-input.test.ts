@@ -1,7 +1,7 @@
 import { createServer } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocketServer } from 'ws';
-import { MessageType } from '@postcopy/shared';
+import { MessageType, PROTOCOL_VERSION } from '@postcopy/shared';
 import { pack } from 'msgpackr';
 import { DEST, LAUNCHER, SOURCE, runNode } from './run.js';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -106,7 +106,7 @@ describe('the destination fails clearly, never hangs', () => {
     const port = (wss.address() as { port: number }).port;
     const r = await runNode(DEST, ['--source', `ws://127.0.0.1:${port}`, '--memory', '4MiB', '--token', 't'], { timeoutMs: 20_000 });
     expect(r.code).toBe(1);
-    expect(r.stderr).toContain('expected protocol version 3, the source speaks 99');
+    expect(r.stderr).toContain(`expected protocol version ${PROTOCOL_VERSION}, the source speaks 99`);
   });
 
   it('a source that accepts and then says nothing', async () => {

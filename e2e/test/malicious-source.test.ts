@@ -187,6 +187,8 @@ class FakeSource {
         setupTimeMs: 0, totalTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, downtimeLimitMs: 300, switchoverReason: 'none',
         rounds: 0, dirtySyncCount: 0, pagesSent: 0, pagesResent: 0, bytes: 0, dirtyPagesRate: 0, throttlePercent: 0, perRound: [], discardPages: 0, discardRanges: 0,
       },
+      cpuUs: 0,
+      cpuMainThreadUs: null,
     };
   }
 

@@ -8,6 +8,23 @@ function expectVerified(result: Awaited<ReturnType<typeof migrate>>): Report {
   return expectVerifiedRun(result);
 }
 
+/** CPU per fault: every process spent some; on Linux each thread group its own, and they add up to no more than the process. */
+function expectCpu(report: Report): void {
+  const c = report.cpu;
+  expect(c.faults).toBe(report.counters.faults);
+  expect(c.perFaultUs.source).toBeGreaterThan(0);
+  expect(c.perFaultUs.dest).toBeGreaterThan(0);
+  if (process.platform !== 'linux') return;
+  expect(c.threadAccounting).toBe('schedstat');
+  const t = c.totalUs;
+  expect(t.sourceMainThread).toBeGreaterThan(0);
+  expect(t.sourceMainThread!).toBeLessThanOrEqual(t.source!);
+  expect(t.destVcpus).toBeGreaterThan(0);
+  if (report.strategy !== 'kvm-exit') expect(t.destResolvers).toBeGreaterThan(0);
+  expect(t.destOther).toBeGreaterThanOrEqual(0);
+  expect(c.cpuBound?.pagesPerSec).toBeGreaterThan(0);
+}
+
 describe('two-process migration: every strategy with every workload', () => {
   for (const strategy of STRATEGIES) {
     for (const workload of WORKLOADS) {
@@ -28,6 +45,7 @@ describe('two-process migration: every strategy with every workload', () => {
         expect(report.counters.faults).toBe(report.perVcpu.reduce((s, v) => s + v.faults, 0));
         expect(report.latencyUs.p50).toBeGreaterThan(0);
         expect(report.demandPagingRate.overall).toBeGreaterThan(0);
+        expectCpu(report);
         if (push) {
           expect(report.digest.scope).toBe('all-pages');
           expect(report.counters.pagesSentBySource).toBe(report.counters.totalPages);

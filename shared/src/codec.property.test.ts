@@ -117,7 +117,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
         m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
-        m.repliesUndeliverable, m.keepaliveTimeouts,
+        m.repliesUndeliverable, m.keepaliveTimeouts, m.cpuUs,
       ];
       if (!counters.every(isCount)) return 'summary counters';
       const g = m.migration;
@@ -125,6 +125,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       const nonNegative = (v: unknown): boolean => typeof v === 'number' && Number.isFinite(v) && v >= 0;
       if (!figures.every(nonNegative)) return 'summary.migration figures';
       if (!g.perRound.every((r) => [r.round, r.pagesSent, r.pagesDirtied, r.ms, r.mbps].every(nonNegative))) return 'summary.migration.perRound';
+      if (m.cpuMainThreadUs !== null && !isCount(m.cpuMainThreadUs)) return 'summary.cpuMainThreadUs';
       return isHex64(m.digestOfReceived) ? undefined : 'summary.digestOfReceived';
     }
     case 'precopy-pages': {
@@ -295,6 +296,8 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       repliesUndeliverable: count,
       keepaliveTimeouts: count,
       migration: migrationArb,
+      cpuUs: count,
+      cpuMainThreadUs: fc.option(count, { nil: null }),
     }),
     fc.record({ type: fc.constant('precopy-pages' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page, data: bytesOf(pageSize) }),
     fc.record({ type: fc.constant('precopy-zero' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page }),
@@ -340,7 +343,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'cpuUs', 'cpuMainThreadUs', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

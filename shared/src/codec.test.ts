@@ -74,6 +74,8 @@ const summary: Summary = {
     discardPages: 2,
     discardRanges: 1,
   },
+  cpuUs: 1_234_567,
+  cpuMainThreadUs: 1_000_001,
 };
 
 const receivedmap = new Uint8Array(8);
@@ -396,8 +398,24 @@ describe('rejects malformed frames with ProtocolError', () => {
     delete noDigest.digestOfReceived;
     expectRejected(pack([MessageType.Summary, noDigest]), 'summary.digestOfReceived', '64 hex digits', 'undefined');
 
+    const noCpu = goodSummaryFields();
+    delete noCpu.cpuUs;
+    expectRejected(pack([MessageType.Summary, noCpu]), 'summary.cpuUs', 'whole number >= 0', 'undefined');
+
     expectRejected(pack([MessageType.Summary, [1, 2, 3]]), 'summary', 'object of counters', 'array of 3');
     expectRejected(pack([MessageType.Summary, 7]), 'summary', 'object of counters', '7 (number)');
+  });
+
+  it("a summary's main-thread CPU: a whole number, or nil where the source cannot tell; nothing else", () => {
+    const unknown = { ...summary, cpuMainThreadUs: null };
+    expect(decode(encode(unknown))).toEqual(unknown);
+    expect(decode(pack([MessageType.Summary, { ...goodSummaryFields(), cpuMainThreadUs: 0 }]))).toMatchObject({ cpuMainThreadUs: 0 });
+    const missing = goodSummaryFields();
+    delete missing.cpuMainThreadUs;
+    expectRejected(pack([MessageType.Summary, missing]), 'summary.cpuMainThreadUs', 'whole number >= 0 or nil', 'undefined');
+    expectRejected(pack([MessageType.Summary, { ...goodSummaryFields(), cpuMainThreadUs: -3 }]), 'summary.cpuMainThreadUs', '-3 (number)');
+    expectRejected(pack([MessageType.Summary, { ...goodSummaryFields(), cpuMainThreadUs: 1.5 }]), 'summary.cpuMainThreadUs', '1.5 (number)');
+    expectRejected(pack([MessageType.Summary, { ...goodSummaryFields(), cpuMainThreadUs: '12' }]), 'summary.cpuMainThreadUs', '"12"');
   });
 
   it('a text field of the wrong type', () => {

@@ -32,6 +32,7 @@ const SUMMARY_FIELDS = [
   'peakRssBytes',
   'repliesUndeliverable',
   'keepaliveTimeouts',
+  'cpuUs',
 ] as const satisfies readonly (keyof SourceSummary)[];
 
 /** The numbers of the summary's `migration` figures (its switchover reason is the one string). */
@@ -106,7 +107,7 @@ export function encode(message: Message): Buffer {
     case 'finish':
       return packr.pack([MessageType.Finish, message.receivedmap]);
     case 'summary': {
-      const fields: Record<string, unknown> = { digestOfReceived: message.digestOfReceived };
+      const fields: Record<string, unknown> = { digestOfReceived: message.digestOfReceived, cpuMainThreadUs: message.cpuMainThreadUs };
       for (const f of SUMMARY_FIELDS) fields[f] = message[f];
       const m = message.migration;
       const migration: Record<string, unknown> = {
@@ -374,6 +375,12 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       }
       summary.digestOfReceived = digest;
       summary.migration = decodeMigration(fields.migration);
+      // null: the source cannot tell its main thread's time apart (not Linux).
+      const mainThread = fields.cpuMainThreadUs;
+      if (mainThread !== null && (typeof mainThread !== 'number' || !Number.isSafeInteger(mainThread) || mainThread < 0)) {
+        throw new ProtocolError(`summary.cpuMainThreadUs: expected a whole number >= 0 or nil, got ${describe(mainThread)}`);
+      }
+      summary.cpuMainThreadUs = mainThread;
       return summary as unknown as Message;
     }
     case MessageType.PrecopyPages: {

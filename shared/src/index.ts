@@ -14,3 +14,6 @@ export * from './cli.js';
 export * from './keepalive.js';
 export * from './tls.js';
 export * from './guest/workloads.js';
+export * from './cpu.js';
+export * from './turn-cork.js';
+export * from './v8-tiering.js';

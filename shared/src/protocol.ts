@@ -28,8 +28,10 @@ import type { MigrationMode, PageRange } from './precopy.js';
  * is bound to its migration), and the summary the source's keepalive count.
  * Version 3: precopy (the welcome's mode, precopy pages, discard,
  * switchover, running, page hashes; the summary's migration figures).
+ * Version 4: the summary carries the source's CPU time (`cpuUs`,
+ * `cpuMainThreadUs`).
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -238,6 +240,14 @@ export interface SourceSummary {
   repliesUndeliverable: number;
   /** Times the source's keepalive found the destination's main channel silent and cut it. */
   keepaliveTimeouts: number;
+  /**
+   * CPU time of the source process (user + system, every thread) from the
+   * migration's start (or, for a source restarted with --resume, its resume)
+   * to the destination's finish, in µs.
+   */
+  cpuUs: number;
+  /** The same for the source's main thread alone (its event loop), or null where the platform cannot tell (see cpu.ts). */
+  cpuMainThreadUs: number | null;
   /** How the migration ran before (and instead of) postcopy: the source's figures. */
   migration: MigrationSummary;
 }

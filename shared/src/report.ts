@@ -1,17 +1,12 @@
 import type { MigrationMode } from './precopy.js';
 import type { MigrationSummary } from './protocol.js';
+import type { CpuFigures, CpuGroup } from './cpu.js';
 import type { LatencySummary } from './stats.js';
 import { formatBytes } from './sizes.js';
 
-export const STRATEGIES = ['shared-uffd', 'per-thread-uffd', 'per-region-uffd', 'kvm-exit'] as const;
-export type StrategyName = (typeof STRATEGIES)[number];
+import type { MemoryBackendName, StrategyName, WorkloadName } from './names.js';
 
-/** What guest memory and the userfaultfd are on the destination (DESIGN.md, "Memory backends"). */
-export const MEMORY_BACKENDS = ['emulated', 'uffd'] as const;
-export type MemoryBackendName = (typeof MEMORY_BACKENDS)[number];
-
-export const WORKLOADS = ['sequential', 'random', 'shared-hot'] as const;
-export type WorkloadName = (typeof WORKLOADS)[number];
+export { MEMORY_BACKENDS, STRATEGIES, WORKLOADS, type MemoryBackendName, type StrategyName, type WorkloadName } from './names.js';
 
 export interface CheckResult {
   name: string;
@@ -98,6 +93,8 @@ export interface Report {
   demandPagingRate: { overall: number; perVcpu: number[] };
   blocktimeMs: { total: number; perVcpu: number[] };
   qemu: QemuFigures;
+  /** CPU microseconds per fault of each process and thread group (see cpu.ts). */
+  cpu: CpuFigures;
   /** Peak resident set size of each host process (bytes). */
   memory: { destPeakRssBytes: number; sourcePeakRssBytes: number };
   recovery: RecoveryFigures;
@@ -145,6 +142,18 @@ export interface RecoveryFigures {
   sourceKeepaliveTimeouts: number;
 }
 
+/** CPU groups in words. */
+export const CPU_GROUP_NAMES: Record<CpuGroup, string> = {
+  source: 'the source process',
+  sourceMainThread: "the source's main thread",
+  dest: 'the destination process',
+  destMainThread: "the destination's main thread",
+  destVcpus: 'the vCPU threads',
+  destResolvers: 'the resolver threads',
+  destIoThreads: 'the I/O threads',
+  destOther: "the destination's other threads",
+};
+
 function pad(cells: string[][]): string {
   const widths: number[] = [];
   for (const row of cells) row.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
@@ -159,6 +168,22 @@ function formatRate(bps: number): string {
 }
 
 const fmt = (x: number, digits = 1): string => (Number.isInteger(x) ? String(x) : x.toFixed(digits));
+
+/** The report's CPU lines: µs per fault of each process and thread group, and the bound they set. */
+export function formatCpu(r: Report): string[] {
+  const c = r.cpu;
+  const f = (x: number | null): string => (x === null ? 'n/a' : x.toFixed(1));
+  const p = c.perFaultUs;
+  const lines = [
+    `CPU per fault (µs, over ${c.faults} faults${c.threadAccounting === 'none' ? '; no per-thread accounting here' : ''}): ` +
+      `source ${f(p.source)} (main thread ${f(p.sourceMainThread)}); destination ${f(p.dest)}: main thread ${f(p.destMainThread)}, ` +
+      `vCPUs ${f(p.destVcpus)}, resolvers ${f(p.destResolvers)}, I/O threads ${f(p.destIoThreads)}, other ${f(p.destOther)}`,
+  ];
+  if (c.cpuBound) {
+    lines.push(`CPU bound with a core for every thread: ${c.cpuBound.pagesPerSec} faults/s at most, set by ${CPU_GROUP_NAMES[c.cpuBound.limitedBy]}`);
+  }
+  return lines;
+}
 
 /** The readable report `npm start` prints. */
 export function formatReport(r: Report): string {
@@ -225,6 +250,7 @@ export function formatReport(r: Report): string {
         `${rec.keepaliveTimeouts + rec.sourceKeepaliveTimeouts > 0 ? `; keepalive found a silent peer ${rec.keepaliveTimeouts} time(s) here, ${rec.sourceKeepaliveTimeouts} at the source` : ''}`,
     );
   }
+  lines.push(...formatCpu(r));
   lines.push(`peak RSS: destination ${(r.memory.destPeakRssBytes / 1024 / 1024).toFixed(0)} MiB, source ${(r.memory.sourcePeakRssBytes / 1024 / 1024).toFixed(0)} MiB`);
   lines.push(`digest (${r.digest.scope}): source ${r.digest.source.slice(0, 16)}…  dest ${r.digest.dest.slice(0, 16)}…`);
   for (const check of r.checks) lines.push(`${check.ok ? 'ok  ' : 'FAIL'} ${check.name}: ${check.detail}`);

@@ -1,10 +1,13 @@
 #!/usr/bin/env node
-import { exitOnUsageError, runCli } from '@postcopy/shared';
+import { exitOnUsageError, tuneV8Tiering, runCli } from '@postcopy/shared';
 import { GuestImage } from './image.js';
 import { readSecretFile, writeSecretFile } from './access.js';
 import { startControlServer } from './control-server.js';
 import { parseSourceOptions, sourceCommand } from './options.js';
 import { SourceServer, generateToken } from './server.js';
+
+// Before any worker starts (see v8-tiering.ts).
+tuneV8Tiering();
 
 async function main(): Promise<number> {
   const cmd = sourceCommand().exitOverride(exitOnUsageError);
@@ -18,7 +21,7 @@ async function main(): Promise<number> {
   for (const warning of options.tlsWarnings) process.stderr.write(`source: warning: ${warning}\n`);
   // Read before the image is built: a bad file is a usage error, at once.
   const inherited = options.resume && options.secretFile !== undefined ? readSecretFile(options.secretFile) : undefined;
-  const image = new GuestImage(options.layout, options.image);
+  const image = await GuestImage.build(options.layout, options.image);
   const server = await SourceServer.listen(image, {
     host: options.host,
     port: options.port,

@@ -11,6 +11,7 @@
  */
 import { EventEmitter } from 'node:events';
 import {
+  CpuMeter,
   PostcopyError,
   ProtocolError,
   encode,
@@ -71,6 +72,12 @@ export class MigrationController extends EventEmitter {
   private push = false;
   /** The guest's vCPUs on the source, started with the source (the guest runs before the migration does). */
   private guestStarted: Promise<void> | undefined;
+  /**
+   * The source's CPU spent on postcopy: from start (a hybrid run: from its
+   * switchover to postcopy; a restarted source: from its first resume) to
+   * finish. A precopy run's covers the whole migration.
+   */
+  private cpu: CpuMeter | undefined;
 
   constructor(
     readonly image: GuestImage,
@@ -121,6 +128,7 @@ export class MigrationController extends EventEmitter {
     if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
     if (this.state !== 'setup') throw new ProtocolError(`expected start once, got it again (the migration is ${this.state})`);
     this.startedAt = performance.now();
+    this.cpu ??= new CpuMeter();
     this.main = main;
     this.push = message.push;
     this.migration.preempt = message.preempt;
@@ -159,6 +167,8 @@ export class MigrationController extends EventEmitter {
     // and before any pushed page (the destination takes none before it).
     main.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
     if (decision.postcopy) {
+      // The CPU per fault is postcopy's: the precopy rounds (and the guest's own vCPUs here) are not the faults'.
+      this.cpu = new CpuMeter();
       this.migration.mainChannel = main;
       if (this.push) this.migration.startPush(main);
     }
@@ -199,6 +209,8 @@ export class MigrationController extends EventEmitter {
     }
     if (!this.lifecycle.isPaused) throw new ProtocolError(`expected resume only while the migration is paused, got it while it is ${this.state}`);
     const restarted = this.pausedByRestart;
+    // A source restarted with --resume counts from its first resume.
+    this.cpu ??= new CpuMeter();
     // Once the sentmap is reset and before the re-sent requested pages (on the
     // same channel): active again, and `resumed` goes out.
     const pagesMarkedUnsent = this.migration.resume(main, message, (n) => {
@@ -217,6 +229,8 @@ export class MigrationController extends EventEmitter {
   finish(main: Channel, receivedmap: Uint8Array, keepaliveTimeouts: () => number): void {
     if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
     if (this.lifecycle.beforeSwitchover || this.state === 'setup') throw new ProtocolError(`expected finish only once the guest runs on the destination, got it in state ${this.state}`);
+    // The migration's CPU ends here: what follows (the digest of the received pages) is the check's.
+    const cpu = (this.cpu ?? new CpuMeter()).spent();
     this.migration.stopPush();
     void this.migration.onIdle().then(() => {
       // The connection was lost meanwhile: the destination resumes and finishes again.
@@ -225,6 +239,8 @@ export class MigrationController extends EventEmitter {
         ...this.migration.summarize(receivedmap),
         keepaliveTimeouts: keepaliveTimeouts(),
         migration: this.figures(),
+        cpuUs: cpu.processUs,
+        cpuMainThreadUs: cpu.threadUs,
       };
       this.lifecycle.finish();
       clearTimeout(this.resumeTimer);

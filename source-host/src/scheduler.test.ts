@@ -62,6 +62,52 @@ describe('Scheduler', () => {
     expect(ran.indexOf('urgent')).toBeLessThanOrEqual(4);
   });
 
+  it('runs an urgent task at once, in the caller\'s turn, when nothing is running or waiting', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    const done = scheduler.urgent(() => void ran.push('u0'));
+    expect(ran).toEqual(['u0']);
+    await done;
+    // Twice in a row: each finds the queue idle again.
+    void scheduler.urgent(() => void ran.push('u1'));
+    expect(ran).toEqual(['u0', 'u1']);
+    // A task that throws rejects its promise, as a queued one does.
+    await expect(scheduler.urgent(() => { throw new Error('boom'); })).rejects.toThrow('boom');
+  });
+
+  it('queues an urgent task behind a waiting one: arrival order holds', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    void scheduler.background(async () => {
+      ran.push('b0');
+      await new Promise((r) => setTimeout(r, 5));
+    });
+    void scheduler.urgent(() => void ran.push('u0'));
+    void scheduler.urgent(() => void ran.push('u1'));
+    // Both wait for the running push, and neither jumps the other.
+    expect(ran).toEqual(['b0']);
+    await scheduler.onIdle();
+    expect(ran).toEqual(['b0', 'u0', 'u1']);
+  });
+
+  it('between two pushes, an urgent task runs at once and ahead of the pushes still waiting', async () => {
+    const scheduler = new Scheduler();
+    const ran: string[] = [];
+    let inTurn: boolean | undefined;
+    // A macrotask queued by the first push runs in the yield that follows it (a socket read there).
+    void scheduler.background(() => {
+      ran.push('b0');
+      setImmediate(() => {
+        void scheduler.urgent(() => void ran.push('urgent'));
+        inTurn = ran.at(-1) === 'urgent';
+      });
+    });
+    for (let i = 1; i < 3; i++) void scheduler.background(() => void ran.push(`b${i}`));
+    await scheduler.onIdle();
+    expect(inTurn).toBe(true);
+    expect(ran).toEqual(['b0', 'urgent', 'b1', 'b2']);
+  });
+
   it('clear drops waiting tasks', async () => {
     const scheduler = new Scheduler();
     const ran: number[] = [];

@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import type { Duplex } from 'node:stream';
 import WebSocket from 'ws';
 import { ChannelRole, PROTOCOL_VERSION, bitmapBytes, bitmapSet, decode, encode, makeLayout, type Message } from '@postcopy/shared';
 import { GuestImage } from './image.js';
@@ -362,6 +363,84 @@ describe('source recovery: paused, resumed', () => {
     await main2.next('resumed');
     main2.ws.send(encode({ type: 'start', push: false, preempt: true }));
     await expectRefused(main2, 'ERR_POSTCOPY_PROTOCOL', 'expected start once, got it again (the migration is postcopy-active)', 1002);
+  });
+});
+
+describe('source batches (one turn, one write)', () => {
+  /** A fault channel that sends a batch of frames in one write, as the destination's TurnCork does, and counts its socket's reads. */
+  interface BatchingPeer {
+    messages: Message[];
+    sendBatch(frames: Buffer[]): void;
+    reads(): number;
+    /** Resolves once `n` messages have arrived. */
+    until(n: number): Promise<void>;
+  }
+
+  async function batchingPeer(url: string, label: string, secret: string): Promise<BatchingPeer> {
+    const ws = new WebSocket(url, { perMessageDeflate: false });
+    let socket: Duplex | undefined;
+    let reads = 0;
+    ws.once('upgrade', (res) => {
+      socket = res.socket;
+      socket.on('data', () => reads++);
+    });
+    const messages: Message[] = [];
+    const waiters = new Set<() => void>();
+    ws.on('message', (data: Buffer) => {
+      messages.push(decode(data, { layout: LAYOUT }));
+      for (const w of waiters) w();
+    });
+    await new Promise<void>((resolve, reject) => {
+      ws.once('open', () => resolve());
+      ws.once('error', reject);
+    });
+    peers.push({ ws, messages, closed: new Promise(() => {}), next: () => Promise.reject(new Error('not used')) });
+    const until = (n: number): Promise<void> =>
+      new Promise((resolve) => {
+        const check = (): void => {
+          if (messages.length < n) return;
+          waiters.delete(check);
+          resolve();
+        };
+        waiters.add(check);
+        check();
+      });
+    ws.send(helloFrame(ChannelRole.Fault, label, secret));
+    await until(1);
+    return {
+      messages,
+      sendBatch: (frames) => {
+        socket!.cork();
+        for (const f of frames) ws.send(f);
+        socket!.uncork();
+      },
+      reads: () => reads,
+      until,
+    };
+  }
+
+  it('a page in two batches on two channels: each request answered once, its content sent once, each batch answered in one write', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    main.ws.send(encode({ type: 'start', push: false, preempt: true }));
+    const a = await batchingPeer(server.url, 'vcpu0', secretOf(main));
+    const b = await batchingPeer(server.url, 'vcpu1', secretOf(main));
+    const before = [a.reads(), b.reads()];
+    a.sendBatch([encode({ type: 'request', id: 1, page: 10 }), encode({ type: 'request', id: 2, page: 11 }), encode({ type: 'request', id: 3, page: 12 })]);
+    b.sendBatch([encode({ type: 'request', id: 1, page: 12 }), encode({ type: 'request', id: 2, page: 13 })]);
+    await a.until(4);
+    await b.until(3);
+    const replies = (p: BatchingPeer): { type: string; id: number; page: number }[] =>
+      p.messages.slice(1).map((m) => ({ type: m.type, id: (m as { id: number }).id, page: (m as { page: number }).page }));
+    const ra = replies(a);
+    const rb = replies(b);
+    // One reply per request id, for the page asked.
+    expect(ra.map((r) => [r.id, r.page])).toEqual([[1, 10], [2, 11], [3, 12]]);
+    expect(rb.map((r) => [r.id, r.page])).toEqual([[1, 12], [2, 13]]);
+    // Page 12 was in both batches: its content went out once, the other request got already-sent.
+    expect([...ra, ...rb].filter((r) => r.page === 12).map((r) => r.type).sort()).toEqual(['already-sent', 'page']);
+    // Each batch came in one read and was answered in one write.
+    expect([a.reads() - before[0]!, b.reads() - before[1]!]).toEqual([1, 1]);
   });
 });
 

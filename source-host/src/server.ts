@@ -1,14 +1,17 @@
 import { EventEmitter } from 'node:events';
 import type { IncomingMessage, OutgoingHttpHeaders } from 'node:http';
+import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
+  CpuMeter,
   HandshakeError,
   Keepalive,
   PROTOCOL_VERSION,
   PausedError,
   PostcopyError,
   ProtocolError,
+  TurnCork,
   decode,
   encode,
   formatBytes,
@@ -102,10 +105,15 @@ class WsChannel implements Channel {
   presentedSecret = false;
   /** Sent an error: nothing more is read from it, and it closes once the error has gone out. */
   rejected = false;
+  /** Frames sent in one turn (or poll: see TurnCork) leave in one write. */
+  private readonly cork: TurnCork;
   constructor(
     readonly ws: WebSocket,
     private readonly link: Link,
-  ) {}
+    socket: Duplex,
+  ) {
+    this.cork = new TurnCork(socket);
+  }
   get isOpen(): boolean {
     return this.ws.readyState === this.ws.OPEN;
   }
@@ -113,9 +121,12 @@ class WsChannel implements Channel {
   get bufferedAmount(): number {
     return this.ws.bufferedAmount + this.link.out.queuedBytes(this);
   }
-  send(frame: Uint8Array, sent?: (err?: Error) => void): void {
+  send(frame: Uint8Array, sent?: (err?: Error) => void, batch: 'turn' | 'poll' = 'turn'): void {
     this.link.out.send(this, frame.length, () => {
-      if (this.isOpen) this.ws.send(frame, { binary: true }, sent);
+      if (this.isOpen) {
+        this.cork.hold(batch === 'poll' ? 'poll' : 'tick');
+        this.ws.send(frame, { binary: true }, sent);
+      }
       else sent?.(new Error('channel closed'));
     });
   }
@@ -193,6 +204,8 @@ export class SourceServer extends EventEmitter {
   private secretIssued: boolean;
   /** Times the main channel's keepalive found the destination silent. */
   keepaliveTimeouts = 0;
+  /** CPU of the migration, from its start (or this process's first resume) to finish: the summary's cpuUs. */
+  private cpu: CpuMeter | undefined;
 
   private constructor(
     readonly image: GuestImage,
@@ -237,7 +250,7 @@ export class SourceServer extends EventEmitter {
         return;
       }
       listener.upgraded(req.socket);
-      this.accept(ws);
+      this.accept(ws, req.socket);
     });
   }
 
@@ -300,8 +313,8 @@ export class SourceServer extends EventEmitter {
     });
   }
 
-  private accept(ws: WebSocket): void {
-    const channel = new WsChannel(ws, this.link);
+  private accept(ws: WebSocket, socket: Duplex): void {
+    const channel = new WsChannel(ws, this.link, socket);
     ws.binaryType = 'nodebuffer';
     ws.on('error', (err) => this.reject(channel, err));
     const max = this.options.maxConnections ?? SERVER_DEFAULTS.maxConnections;

@@ -15,7 +15,7 @@
 import type { GuestLayout, MemslotLayout } from '@postcopy/shared';
 
 /** The names, shared with the report (its `memoryBackend`) and the options. */
-export { MEMORY_BACKENDS, type MemoryBackendName } from '@postcopy/shared';
+export { MEMORY_BACKENDS, type MemoryBackendName } from '@postcopy/shared/core';
 import type { MemoryBackendName } from '@postcopy/shared';
 
 /** struct uffd_msg (UFFD_EVENT_PAGEFAULT), filled in place by reads. */

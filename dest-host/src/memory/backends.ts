@@ -1,4 +1,4 @@
-import { UsageError } from '@postcopy/shared';
+import { UsageError } from '@postcopy/shared/core';
 import type { MemoryBackend, MemoryBackendName } from './backend.js';
 import { MEMORY_BACKENDS } from './backend.js';
 import { emulatedBackend } from './emulated-backend.js';

@@ -1,4 +1,5 @@
-import { makeMemslotLayout, type GuestLayout, type MemslotLayout, type PageSource } from '@postcopy/shared';
+import type { PageSource } from '@postcopy/shared';
+import { makeMemslotLayout, type GuestLayout, type MemslotLayout } from '@postcopy/shared/core';
 
 /** What a thread needs to attach to guest memory created elsewhere. */
 export interface GuestMemoryBuffers {

@@ -37,7 +37,7 @@
  * goes through. Open contexts on the main thread, so its exit covers them.
  */
 import { closeSync, constants as fsConstants, openSync, readFileSync, readlinkSync } from 'node:fs';
-import { BackendUnavailableError, formatBytes, makeMemslotLayout, type GuestLayout, type MemslotLayout } from '@postcopy/shared';
+import { BackendUnavailableError, formatBytes, makeMemslotLayout, type GuestLayout, type MemslotLayout } from '@postcopy/shared/core';
 import { ERRNO } from '../uffd/layout.js';
 import type { BackendHandle, BackendMemory, FaultMessage, GuestMemorySpec, GuestThread, MemoryBackend, OpenOptions } from './backend.js';
 import { errnoName, MSG_FIELD, requireUffdNative, type UffdNative, type UffdPoller } from './uffd-native.js';

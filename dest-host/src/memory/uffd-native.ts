@@ -16,7 +16,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { BackendUnavailableError } from '@postcopy/shared';
+import { BackendUnavailableError } from '@postcopy/shared/core';
 
 /** Field indices of the Float64Array `readMsg` fills (MSG_* in uffd.c). */
 export const MSG_FIELD = {

@@ -20,9 +20,13 @@ const SECRET = 'cd'.repeat(32);
 class FakeSource {
   readonly connections: WebSocket[] = [];
   readonly requests: { conn: number; id: number; page: number }[] = [];
+  /** Reads of each connection's socket (how the client's writes arrived). */
+  readonly reads: number[] = [];
   private constructor(readonly wss: WebSocketServer) {
-    wss.on('connection', (ws) => {
+    wss.on('connection', (ws, req) => {
       const conn = this.connections.push(ws) - 1;
+      this.reads[conn] = 0;
+      req.socket.on('data', () => this.reads[conn]!++);
       ws.on('message', (data: Buffer) => {
         const m = decode(data, { layout });
         if (m.type === 'hello') {
@@ -188,6 +192,33 @@ describe('PageClient following the session (recovery)', () => {
     src.reply(1, { type: 'zero-page', id: src.requests[1]!.id, page: 5 });
     await expect(reply).resolves.toMatchObject({ type: 'zero-page', page: 5 });
     expect(lost).toHaveLength(1);
+  });
+
+  it('requests of one turn leave in one write; a batch cut by a drop is replayed whole, each request answered once', { timeout: 10_000 }, async () => {
+    const { client, session, lost } = await setup();
+    const src = source!;
+    const readsBefore = src.reads[0]!;
+    // The source reads the batch, then the connection dies before any answer.
+    src.onRequest = () => {
+      src.onRequest = undefined;
+      src.connections[0]!.terminate();
+    };
+    const replies = [4, 5, 6].map((page) => client.request(page));
+    await FakeSource.until(() => lost.length === 1);
+    // One turn, one write: the three requests came in one read.
+    expect(src.reads[0]! - readsBefore).toBe(1);
+    expect(src.requests.filter((r) => r.conn === 0).map((r) => r.page)).toEqual([4, 5, 6]);
+    expect(client.pendingRequests).toBe(3);
+    session.pause();
+    session.resume();
+    await FakeSource.until(() => src.requests.filter((r) => r.conn === 1).length === 3);
+    const replayed = src.requests.filter((r) => r.conn === 1);
+    // Replayed with their ids, and again in one write.
+    expect(replayed.map((r) => ({ id: r.id, page: r.page }))).toEqual(src.requests.filter((r) => r.conn === 0).map((r) => ({ id: r.id, page: r.page })));
+    expect(src.reads[1]).toBe(2); // the hello, then the whole replay
+    for (const r of replayed) src.reply(1, { type: 'zero-page', id: r.id, page: r.page });
+    await expect(Promise.all(replies)).resolves.toMatchObject([{ page: 4 }, { page: 5 }, { page: 6 }]);
+    expect(client.pendingRequests).toBe(0);
   });
 
   it('gives up when it cannot reconnect within its timeout: pending requests fail with a clear error', { timeout: 10_000 }, async () => {

@@ -1,4 +1,5 @@
 import type { ClientRequest, IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
 import WebSocket from 'ws';
 import {
   ChannelRole,
@@ -7,6 +8,7 @@ import {
   PROTOCOL_VERSION,
   Keepalive,
   ProtocolError,
+  TurnCork,
   decode,
   encode,
   explainTlsError,
@@ -19,7 +21,7 @@ import {
   type Reply,
   type TlsMaterial,
   type Welcome,
-} from '@postcopy/shared';
+} from '@postcopy/shared/net';
 import { Session } from './session.js';
 
 export interface PageClientOptions {
@@ -81,6 +83,8 @@ interface Pending {
 interface Opened {
   ws: WebSocket;
   welcome: Welcome;
+  /** The connection's socket (from the upgrade), for {@link TurnCork}. */
+  socket: Duplex;
 }
 
 /** At most this much of a source's HTTP refusal is read and shown. */
@@ -105,6 +109,8 @@ export class PageClient {
   readonly layout: GuestLayout;
   /** The socket of the current connection; undefined while cut (paused). */
   private ws: WebSocket | undefined;
+  /** Requests sent in one turn leave in one write (the current connection's). */
+  private cork: TurnCork | undefined;
   /** Session epoch the current connection belongs to. */
   private epoch: number;
   private readonly pending = new Map<number, Pending>();
@@ -127,7 +133,7 @@ export class PageClient {
     this.layout = makeLayout(opened.welcome.guestBytes, opened.welcome.pageSize);
     this.following = options.following;
     this.epoch = this.following?.session.epoch ?? 0;
-    this.attach(opened.ws);
+    this.attach(opened);
     this.keepalive(opened.ws);
     if (this.following) {
       const following = this.following;
@@ -149,8 +155,10 @@ export class PageClient {
     return this.epoch;
   }
 
-  private attach(ws: WebSocket): void {
+  private attach(opened: Opened): void {
+    const ws = opened.ws;
     this.ws = ws;
+    this.cork = new TurnCork(opened.socket);
     ws.on('message', (data: Buffer) => {
       if (ws === this.ws) this.receive(data);
     });
@@ -229,7 +237,7 @@ export class PageClient {
           return;
         }
         this.epoch = epoch;
-        this.attach(opened.ws);
+        this.attach(opened);
         this.keepalive(opened.ws);
         this.replay(following.session);
         return;
@@ -248,6 +256,7 @@ export class PageClient {
   /** Re-sends every pending request on the new connection, with its id. */
   private replay(session: Session): void {
     let replayed = 0;
+    this.cork?.hold();
     for (const [id, p] of this.pending) {
       if (p.sent) replayed++;
       p.sent = true;
@@ -296,6 +305,8 @@ export class PageClient {
         return;
       }
       ws.binaryType = 'nodebuffer';
+      let socket: Duplex | undefined;
+      ws.once('upgrade', (res: IncomingMessage) => (socket = res.socket));
       const timer = setTimeout(
         () => fail(new ConnectionError(`no answer from the source at ${options.url} within ${options.connectTimeoutMs ?? 10_000} ms`)),
         options.connectTimeoutMs ?? 10_000,
@@ -383,10 +394,14 @@ export class PageClient {
           fail(new HandshakeError(`expected no secret in the welcome of a channel that presented one, got a new one`));
           return;
         }
+        if (!socket) {
+          fail(new ConnectionError(`expected the WebSocket upgrade to give its socket, got none`));
+          return;
+        }
         settled = true;
         clearTimeout(timer);
         ws.removeAllListeners();
-        resolve({ ws, welcome: message });
+        resolve({ ws, welcome: message, socket });
       });
     });
   }
@@ -401,7 +416,10 @@ export class PageClient {
       // While paused (or cut) the request waits: it goes out as a replay after the resume.
       const live = ws !== undefined && ws.readyState === ws.OPEN && (!this.following || this.following.session.epoch === this.epoch);
       this.pending.set(id, { page, sent: live, resolve, reject });
-      if (live) ws.send(encode({ type: 'request', id, page }));
+      if (live) {
+        this.cork!.hold();
+        ws.send(encode({ type: 'request', id, page }));
+      }
     });
   }
 

@@ -9,7 +9,7 @@
  * recovers (recovery.ts).
  */
 import type { Server } from 'node:http';
-import { ChannelRole, ConnectionError, counterWord, digestPages, type Report, type Welcome } from '@postcopy/shared';
+import { ChannelRole, ConnectionError, CpuMeter, counterWord, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
 import { DestLifecycle } from '../lifecycle.js';
 import type { BackendMemory } from '../memory/backend.js';
@@ -100,8 +100,8 @@ export class DestinationRun {
       await this.startThreads();
       await this.start();
       const results = await this.runGuest();
-      const blocked = await this.windDown();
-      return await this.account(results, blocked);
+      const wound = await this.windDown();
+      return await this.account(results, wound);
     } catch (err) {
       this.lifecycle.fail();
       throw err;
@@ -348,8 +348,10 @@ export class DestinationRun {
   }
 
   /** The guest runs here until every vCPU and I/O thread is done, and (with push) every page is in. */
-  private async runGuest(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; elapsedMs: number }> {
+  private async runGuest(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; elapsedMs: number; cpu: CpuSpent }> {
     const started = performance.now();
+    // CPU of postcopy (this thread's and the whole process's): the report's CPU per fault.
+    const cpuMeter = new CpuMeter();
     this.watchdog!.start();
     this.watching = true;
     this.pollDrops();
@@ -365,27 +367,28 @@ export class DestinationRun {
         clearInterval(poll);
       }
     }
-    return { ...results, elapsedMs: performance.now() - started };
+    return { ...results, elapsedMs: performance.now() - started, cpu: cpuMeter.spent() };
   }
 
   /**
    * Resolvers stop reading and finish their in-flight requests; only then
    * are the contexts unregistered and closed (on the kernel an install on a
-   * closed context is EBADF). Returns the threads still blocked (none).
+   * closed context is EBADF). Returns the threads still blocked (none) and
+   * each resolver's CPU over the run.
    */
-  private async windDown(): Promise<string[]> {
-    await this.threads!.stopResolvers();
+  private async windDown(): Promise<{ blocked: string[]; resolverCpuUs: (number | null)[] }> {
+    const resolverCpuUs = await this.threads!.stopResolvers();
     this.releaseContexts();
     this.watching = false;
     this.watchdog!.stop();
     // A drop whose threshold was reached goes off before the end (drop@N with N up to every page).
     this.maybeInjectDrop();
     for (const t of this.timers.splice(0)) clearInterval(t);
-    return this.watchdog!.blocked();
+    return { blocked: this.watchdog!.blocked(), resolverCpuUs };
   }
 
   /** The exactly-once accounting with the source, the memory's digest (and, when it differs, which pages), the report. */
-  private async account(results: Awaited<ReturnType<DestinationRun['runGuest']>>, blocked: string[]): Promise<DestinationResult> {
+  private async account(results: Awaited<ReturnType<DestinationRun['runGuest']>>, { blocked, resolverCpuUs }: Awaited<ReturnType<DestinationRun['windDown']>>): Promise<DestinationResult> {
     const { options, guest, welcome } = this;
     const { layout } = options;
     const { vmm } = guest;
@@ -422,6 +425,7 @@ export class DestinationRun {
       ...(digestMismatch !== undefined ? { digestMismatch } : {}),
       allReceived: received === layout.totalPages,
       blocked,
+      cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolverCpuUs },
       preempt: options.preempt,
       mode: welcome.mode,
       tls: options.source.startsWith('wss:'),

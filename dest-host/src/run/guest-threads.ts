@@ -57,7 +57,7 @@ export class GuestThreads {
       return { worker, label };
     };
     this.resolvers = o.plan.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, state: o.shared, source: o.endpoint };
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint };
       return start('resolver-worker', data, spec.label);
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
@@ -101,10 +101,14 @@ export class GuestThreads {
     return { vcpuResults: results.slice(0, this.vcpus.length), ioResults: results.slice(this.vcpus.length) };
   }
 
-  /** The resolvers stop reading and finish their in-flight requests (before their contexts may close). */
-  async stopResolvers(): Promise<void> {
+  /**
+   * The resolvers stop reading and finish their in-flight requests (before
+   * their contexts may close). Resolves with each resolver's own CPU time over
+   * the run, µs (null where it cannot be told).
+   */
+  async stopResolvers(): Promise<(number | null)[]> {
     const done = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, this.o.abort));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
-    await Promise.all(done);
+    return (await Promise.all(done)).map((d) => d.cpuUs);
   }
 }

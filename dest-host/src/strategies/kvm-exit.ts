@@ -16,7 +16,7 @@ export const kvmExit: FaultStrategy = {
   setup(memory, threads, totalPages) {
     const shared = openRegistered(memory, 0, totalPages);
     const resolvers: ResolverSpec[] = [];
-    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+    if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true, pageWait: 'await' });
     return { resolvers, ranges: [{ ctx: shared, firstPage: 0, endPage: totalPages }], contexts: [shared], vcpuCopyCtx: shared };
   },
 };

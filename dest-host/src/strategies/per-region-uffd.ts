@@ -34,7 +34,8 @@ export const perRegionUffd: FaultStrategy = {
       for (const r of ranges) memory.close(r.ctx);
       throw err;
     }
-    const resolvers = ranges.map((r, i) => ({ label: `region${i}-reader`, ctx: r.ctx, owesWake: false }));
+    // As shared-uffd's readers: a COPY on the region's context wakes its waiters, nothing to wait for.
+    const resolvers = ranges.map((r, i) => ({ label: `region${i}-reader`, ctx: r.ctx, owesWake: false, pageWait: 'none' as const }));
     return { resolvers, ranges, contexts: ranges.map((r) => r.ctx), vcpuCopyCtx: -1 };
   },
 };

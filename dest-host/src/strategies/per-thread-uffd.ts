@@ -26,9 +26,10 @@ export const perThreadUffd: FaultStrategy = {
       for (let v = 0; v < threads.vcpus; v++) {
         const ctx = openRegistered(memory, 0, totalPages, threads.vcpuSlot(v));
         contexts.push(ctx);
-        resolvers.push({ label: `resolver${v}`, ctx, owesWake: true });
+        // Its one vCPU is blocked on the page it waits for: nothing else to do meanwhile.
+        resolvers.push({ label: `resolver${v}`, ctx, owesWake: true, pageWait: 'block' });
       }
-      if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true });
+      if (threads.ioThreads > 0) resolvers.push({ label: 'io-resolver', ctx: shared, owesWake: true, pageWait: 'await' });
       return { resolvers, ranges: [{ ctx: shared, firstPage: 0, endPage: totalPages }], contexts, vcpuCopyCtx: -1 };
     } catch (err) {
       for (const ctx of contexts) memory.close(ctx);

@@ -13,7 +13,8 @@ export const sharedUffd: FaultStrategy = {
   vcpuFaultDelivery: 'userfaultfd',
   setup(memory, threads, totalPages) {
     const ctx = openRegistered(memory, 0, totalPages);
-    const resolvers = Array.from({ length: threads.readers }, (_, i) => ({ label: `reader${i}`, ctx, owesWake: false }));
+    // Whoever installs a page COPYs it on this one context, waking its waiters: a reader has nothing to wait for.
+    const resolvers = Array.from({ length: threads.readers }, (_, i) => ({ label: `reader${i}`, ctx, owesWake: false, pageWait: 'none' as const }));
     return { resolvers, ranges: [{ ctx, firstPage: 0, endPage: totalPages }], contexts: [ctx], vcpuCopyCtx: -1 };
   },
 };

@@ -1,5 +1,6 @@
 import type { StrategyName } from '@postcopy/shared';
 import type { BackendMemory } from '../memory/backend.js';
+import type { PageWait } from '../vmm/page-installer.js';
 
 /**
  * Which faulting threads a run has. A thread's slot indexes its fault queue
@@ -22,6 +23,8 @@ export interface ResolverSpec {
   ctx: number;
   /** Must WAKE its context when a page was installed elsewhere (see PageInstaller). */
   owesWake: boolean;
+  /** How it waits for a page installed elsewhere (see PageWait). */
+  pageWait: PageWait;
 }
 
 /**

@@ -28,7 +28,30 @@ export interface ResolveOptions {
    * it leaves the faulting thread blocked for ever.
    */
   owesWake: boolean;
+  /**
+   * How this resolver waits for a page that comes some other way (another
+   * thread asked for it first, a push in flight, the main channel without
+   * preempt), before it pays any owed WAKE (see {@link PageWait}).
+   */
+  pageWait: PageWait;
 }
+
+/**
+ * How a resolver waits for a page installed by someone else:
+ * - `block`: the thread has nothing else to do meanwhile (a kvm-exit vCPU
+ *   whose run loop exited; a per-thread-uffd resolver, whose one vCPU is
+ *   blocked on this very page), so it blocks in Atomics.wait: a sleep the
+ *   installer ends with a plain futex wake, where an awaited wait costs a task
+ *   posted to this thread's event loop, and its wake-up;
+ * - `await`: an event loop with other faults in flight (the I/O threads'
+ *   resolver) awaits it (Atomics.waitAsync);
+ * - `none`: the installer's COPY wakes the faulting thread itself (one shared
+ *   context, nothing owed: shared-uffd's readers), so there is nothing to
+ *   wait for; the fault is the installer's from here.
+ * A resolver that owes a WAKE must wait (`block` or `await`): the WAKE is
+ * owed once the page is in.
+ */
+export type PageWait = 'block' | 'await' | 'none';
 
 /**
  * Installs pages on the destination: fetches a missing page from the source
@@ -60,11 +83,12 @@ export class PageInstaller {
   /** Resolves a fault on `page`: returns a {@link Resolution}. */
   async resolve(client: PageClient, page: number, options: ResolveOptions): Promise<number> {
     const vmm = this.vmm;
+    if (options.pageWait === 'none' && options.owesWake) throw new RangeError(`expected a resolver that owes a WAKE to wait for the page (block or await), got pageWait none`);
     if (vmm.isReceived(page)) return this.elsewhere(page, options);
     if (!vmm.claim(page)) {
       // Another thread already asked for this page: do not ask twice.
       vmm.count(COUNTER.SUPPRESSED);
-      await vmm.untilReceived(page);
+      await this.untilReceived(page, options.pageWait);
       return this.elsewhere(page, options);
     }
     vmm.count(COUNTER.REQUESTS);
@@ -79,7 +103,7 @@ export class PageInstaller {
         // resume, and the source sends it again.)
         vmm.count(COUNTER.REPLIES);
         vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
-        await vmm.untilReceived(page);
+        await this.untilReceived(page, options.pageWait);
         return this.elsewhere(page, options);
       }
       // Recovery: a reply whose session ended after it was read must not be
@@ -169,6 +193,13 @@ export class PageInstaller {
       done += pages;
     }
     return installed;
+  }
+
+  /** Waits (or not) for `page` to be installed by someone else, as {@link PageWait} says. */
+  private untilReceived(page: number, how: PageWait): Promise<void> | undefined {
+    if (how === 'block') this.vmm.waitReceived(page);
+    else if (how === 'await') return this.vmm.untilReceived(page);
+    return undefined;
   }
 
   private elsewhere(page: number, options: ResolveOptions): number {

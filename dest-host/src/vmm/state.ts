@@ -60,7 +60,9 @@ export const COUNTER = {
   DISCARDED: 24,
   /** Of those, pages a fault fetched again afterwards (demand, not push). */
   DISCARDED_DEMANDED: 25,
-  LENGTH: 26,
+  /** Threads waiting (or about to wait) on some page's status: markReceived notifies only while it is above 0. */
+  PAGE_WAITERS: 26,
+  LENGTH: 27,
 } as const;
 
 /**
@@ -195,11 +197,21 @@ export class VmmState {
     return Atomics.compareExchange(this.pageStatus, page, PAGE.MISSING, PAGE.REQUESTED) === PAGE.MISSING;
   }
 
-  /** Marks `page` received after its install and wakes whoever awaits it. */
+  /**
+   * Marks `page` received after its install and wakes whoever awaits it.
+   *
+   * Atomics.notify takes V8's one process-wide futex lock even when nobody
+   * waits, and the main thread marks every pushed page: it notifies only
+   * while some thread waits on a page (PAGE_WAITERS). No wake-up is lost: a
+   * waiter counts itself before it loads the status, this stores the status
+   * before it loads the count, and all four are sequentially consistent, so
+   * either this sees the waiter counted (and notifies), or the waiter's load
+   * comes after this store and sees RECEIVED (and does not sleep).
+   */
   markReceived(page: number): void {
     Atomics.store(this.pageStatus, page, PAGE.RECEIVED);
     Atomics.add(this.counters, COUNTER.INSTALLED, 1);
-    Atomics.notify(this.pageStatus, page);
+    if (Atomics.load(this.counters, COUNTER.PAGE_WAITERS) > 0) Atomics.notify(this.pageStatus, page);
   }
 
   /**
@@ -221,20 +233,34 @@ export class VmmState {
 
   /** Resolves once `page` is in the receivedmap (installed by whoever got it). */
   async untilReceived(page: number): Promise<void> {
-    for (;;) {
-      const status = Atomics.load(this.pageStatus, page);
-      if (status === PAGE.RECEIVED) return;
-      const wait = Atomics.waitAsync(this.pageStatus, page, status);
-      if (wait.async) await wait.value;
+    if (Atomics.load(this.pageStatus, page) === PAGE.RECEIVED) return;
+    // Counted before the status is loaded again (see markReceived).
+    Atomics.add(this.counters, COUNTER.PAGE_WAITERS, 1);
+    try {
+      for (;;) {
+        const status = Atomics.load(this.pageStatus, page);
+        if (status === PAGE.RECEIVED) return;
+        const wait = Atomics.waitAsync(this.pageStatus, page, status);
+        if (wait.async) await wait.value;
+      }
+    } finally {
+      Atomics.sub(this.counters, COUNTER.PAGE_WAITERS, 1);
     }
   }
 
   /** Synchronous variant for a thread that has nothing else to do meanwhile. */
   waitReceived(page: number): void {
-    for (;;) {
-      const status = Atomics.load(this.pageStatus, page);
-      if (status === PAGE.RECEIVED) return;
-      Atomics.wait(this.pageStatus, page, status);
+    if (Atomics.load(this.pageStatus, page) === PAGE.RECEIVED) return;
+    // Counted before the status is loaded again (see markReceived).
+    Atomics.add(this.counters, COUNTER.PAGE_WAITERS, 1);
+    try {
+      for (;;) {
+        const status = Atomics.load(this.pageStatus, page);
+        if (status === PAGE.RECEIVED) return;
+        Atomics.wait(this.pageStatus, page, status);
+      }
+    } finally {
+      Atomics.sub(this.counters, COUNTER.PAGE_WAITERS, 1);
     }
   }
 

@@ -1,4 +1,4 @@
-import { rng, verifyPage, type AccessPattern, type ImageSpec } from '@postcopy/shared';
+import { rng, verifyPage, type AccessPattern, type ImageSpec } from '@postcopy/shared/core';
 import type { GuestThread } from '../memory/backend.js';
 import type { GuestPages } from '../memory/pages.js';
 import { COUNTER, type VmmState } from '../vmm/state.js';
@@ -44,7 +44,7 @@ export interface GuestLoop {
  * installed first). A page installed between the check and the load is a
  * fault that did not block, timed as such.
  */
-export async function runGuestLoop(loop: GuestLoop): Promise<GuestThreadResult> {
+export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadResult, 'cpuUs'>> {
   const { slot, thread, pages, vmm, pattern, clockOffset } = loop;
   const wordsPerPage = loop.pageSize >>> 2;
   const random = rng(loop.seed * 31 + slot + 17);

@@ -7,9 +7,9 @@
  * faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole, accessPattern, ioPattern } from '@postcopy/shared';
+import { ChannelRole, CpuMeter, accessPattern, ioPattern } from '@postcopy/shared/core';
 import { GuestPages } from '../memory/pages.js';
-import { PageClient } from '../net/page-client.js';
+import type { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
 import { attach, followSession, nextCommand, report, runWorker } from './attach.js';
@@ -27,7 +27,9 @@ runWorker(async () => {
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
-    const vcpuClient = await PageClient.connect({
+    // Only kvm-exit's vCPUs connect: the others never load ws and the codec (see shared's core.ts).
+    const { PageClient: Client } = await import('../net/page-client.js');
+    const vcpuClient: PageClient = await Client.connect({
       ...source,
       role: ChannelRole.Fault,
       channel: `vcpu${data.index}`,
@@ -35,16 +37,19 @@ runWorker(async () => {
     });
     client = vcpuClient;
     const installer = new PageInstaller(memory, vmm);
-    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false };
+    // Its run loop exited on this page: a page coming another way is waited for blocked, as the vCPU would be.
+    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false, pageWait: 'block' as const };
     exitOnMissing = (page) => installer.resolve(vcpuClient, page, options);
   }
   report({ type: 'ready' });
   await nextCommand();
+  // This thread's CPU from the start of the guest's run (setup and connecting before it are not the run's).
+  const cpu = new CpuMeter();
   const pattern =
     data.kind === 'vcpu'
       ? accessPattern(data.workload, data.index)
       : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
-  const result = await runGuestLoop({
+  const ran = await runGuestLoop({
     slot: data.slot,
     thread,
     pages: new GuestPages(memory),
@@ -59,6 +64,7 @@ runWorker(async () => {
     clockOffset,
     ...(exitOnMissing ? { exitOnMissing } : {}),
   });
+  const result = { ...ran, cpuUs: cpu.spent().threadUs };
   if (data.kind === 'io') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
   client?.close();
   memory.dispose();

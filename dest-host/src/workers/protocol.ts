@@ -1,6 +1,7 @@
 import type { ImageSpec, StrategyName, WorkloadSpec } from '@postcopy/shared';
 import type { BackendHandle } from '../memory/backend.js';
 import type { ClientTls } from '../net/page-client.js';
+import type { PageWait } from '../vmm/page-installer.js';
 import type { VmmBuffers } from '../vmm/state.js';
 
 /** Where a worker's own connection goes (kvm-exit vCPUs, resolvers). */
@@ -55,6 +56,7 @@ export interface ResolverData {
   label: string;
   ctx: number;
   owesWake: boolean;
+  pageWait: PageWait;
   state: SharedState;
   source: SourceEndpoint;
 }
@@ -66,13 +68,16 @@ export interface GuestThreadResult {
   intervals: Float64Array;
   startMs: number;
   endMs: number;
+  /** This thread's own CPU time from 'go' to its last access, µs (null where it cannot be told: see shared's cpu.ts). */
+  cpuUs: number | null;
 }
 
 /** Messages workers post to the main thread. */
 export type WorkerReport =
   | { type: 'ready' }
   | { type: 'done'; result: GuestThreadResult }
-  | { type: 'resolver-done'; messages: number }
+  /** cpuUs: the resolver thread's own CPU time from ready to done, µs (null where it cannot be told). */
+  | { type: 'resolver-done'; messages: number; cpuUs: number | null }
   /** A fault channel's connection dropped while its session was current: the main thread pauses the migration. */
   | { type: 'channel-lost'; epoch: number; message: string }
   | { type: 'error'; message: string; stack?: string };

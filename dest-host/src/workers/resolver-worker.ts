@@ -12,7 +12,7 @@
  * contexts only after that, so no install of ours meets a closed context.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { ChannelRole } from '@postcopy/shared';
+import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { ERRNO, type FaultMessage } from '../memory/backend.js';
 import { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
@@ -33,9 +33,11 @@ runWorker(async () => {
     following: followSession(vmm, data.source),
   });
   const installer = new PageInstaller(memory, vmm);
-  const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake };
+  const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake, pageWait: data.pageWait };
   const pageSize = memory.layout.pageSize;
   report({ type: 'ready' });
+  // This thread's CPU from here on: reading faults, fetching, installing, waking.
+  const cpu = new CpuMeter();
 
   const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
   let inFlight = 0;
@@ -71,5 +73,5 @@ runWorker(async () => {
   memory.dispose();
   parentPort!.removeAllListeners('message');
   if (failure) throw failure;
-  report({ type: 'resolver-done', messages });
+  report({ type: 'resolver-done', messages, cpuUs: cpu.spent().threadUs });
 });

@@ -44,6 +44,9 @@ export const METRICS: readonly Metric[] = [
   { name: 'precopy_rounds', label: 'precopy rounds', unit: 'rounds', value: (r) => r.precopy?.rounds ?? 0 },
   { name: 'precopy_pages_resent', label: 'pages re-sent in precopy', unit: 'pages', value: (r) => r.precopy?.pagesResent ?? 0 },
   { name: 'discard_pages', label: 'pages discarded at switchover', unit: 'pages', value: (r) => r.discard?.pages ?? 0 },
+  // CPU per fault of each process (its own accounting; per-thread groups are in each run's JSON, null where unknown).
+  { name: 'cpu_source_us_per_fault', label: 'source CPU per fault', unit: 'µs', value: (r) => r.cpu.perFaultUs.source ?? 0 },
+  { name: 'cpu_dest_us_per_fault', label: 'destination CPU per fault', unit: 'µs', value: (r) => r.cpu.perFaultUs.dest ?? 0 },
   { name: 'verified', label: 'verified', unit: '1/0', value: (r) => (r.verified ? 1 : 0) },
 ];
 

@@ -4,7 +4,7 @@
  * source during precopy), so these live here rather than in either host.
  */
 import { rng } from '../random.js';
-import type { WorkloadName } from '../report.js';
+import type { WorkloadName } from '../names.js';
 
 /** What a vCPU (or I/O thread) does: which pages it touches, in which order. */
 export interface WorkloadSpec {
