@@ -1,15 +1,27 @@
 #!/usr/bin/env node
 import { writeFileSync } from 'node:fs';
-import { exitOnUsageError, tuneV8Tiering, formatReport, runCli } from '@postcopy/shared';
+import { Command } from 'commander';
+import { DEFAULT_MDEV_CATALOG, MdevHost, exitOnUsageError, tuneV8Tiering, formatReport, readMdevCatalog, runCli } from '@postcopy/shared';
 import { assertVerified, runDestination } from './destination.js';
-import { destCommand, parseDestOptions } from './options.js';
+import { addMdevOptions, destCommand, parseDestOptions } from './options.js';
 import { preflightMemoryBackend } from './preflight.js';
 import { progressLine } from './progress.js';
 
 // Before any worker starts (see v8-tiering.ts).
 tuneV8Tiering();
 
+/** `npm run dest -- --list-mdev-types [--mdev-types FILE]`: the mdev tree of this host, nothing else. */
+function listMdevTypes(): number {
+  const cmd = addMdevOptions(new Command('dest').allowUnknownOption(true)).exitOverride(exitOnUsageError);
+  cmd.parse(process.argv);
+  const raw = cmd.opts();
+  const host = new MdevHost(raw.mdevTypes === undefined ? DEFAULT_MDEV_CATALOG : readMdevCatalog(String(raw.mdevTypes)));
+  process.stdout.write(host.formatTree() + '\n');
+  return 0;
+}
+
 async function main(): Promise<number> {
+  if (process.argv.includes('--list-mdev-types')) return listMdevTypes();
   const cmd = destCommand().exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const options = parseDestOptions(cmd.opts());

@@ -1,4 +1,4 @@
-import { CheckError, type GuestLayout, type MemoryBackendName, type Report, type StrategyName, type WorkloadName } from '@postcopy/shared';
+import { CheckError, type GuestLayout, type MdevCatalog, type MemoryBackendName, type Report, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { ClientTls } from './net/page-client.js';
 import { DestinationRun } from './run/destination-run.js';
 
@@ -48,6 +48,8 @@ export interface DestinationOptions {
   statusHost?: string;
   /** Called with the status URL once it listens. */
   onStatusUrl?: (url: string) => void;
+  /** The mdev parents and types of this host (--mdev-types; default the built-in GPU). */
+  mdevCatalog?: MdevCatalog;
 }
 
 export interface DestinationResult {

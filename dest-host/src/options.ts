@@ -11,6 +11,7 @@ import {
   parseFraction,
   parseIntOption,
   parseSize,
+  readMdevCatalog,
   type MemoryBackendName,
   type StrategyName,
   type WorkloadName,
@@ -91,7 +92,15 @@ export function destCommand(): Command {
     .option('--tls-cert <file>', 'client certificate (PEM), for a source that verifies peers (--tls-verify-peer); needs --tls-key')
     .option('--tls-key <file>', "the client certificate's private key (PEM)")
     .option('--tls-server-name <name>', "the name the source's certificate must hold, when it is not the host in --source");
+  addMdevOptions(cmd);
   return addRunOptions(cmd);
+}
+
+/** The destination's mdev options (npm start gives --mdev-types to both hosts). */
+export function addMdevOptions(cmd: Command): Command {
+  return cmd
+    .option('--mdev-types <file>', 'the mdev parents and types of this host, as JSON (default: a built-in GPU whose 1GiB of framebuffer is shared by mgpu-128M, -256M, -512M and -1G)')
+    .option('--list-mdev-types', 'print the mdev_supported_types tree with the current available_instances, and exit (no --source needed)');
 }
 
 export type RunOptions = Omit<DestinationOptions, 'source' | 'token' | 'layout' | 'tls'>;
@@ -215,6 +224,7 @@ export function parseDestOptions(raw: Record<string, unknown>): DestinationOptio
     layout,
     ...(tls ? { tls: tls.tls, tlsWarnings: tls.warnings } : { tlsWarnings: [] }),
     statusHost: parseHost('--host', String(raw.host)),
+    ...(raw.mdevTypes !== undefined ? { mdevCatalog: readMdevCatalog(String(raw.mdevTypes)) } : {}),
     json: raw.json as string | undefined,
     hgrm: raw.hgrm as string | undefined,
   };

@@ -9,6 +9,7 @@ import {
   recordNs,
   summarize,
   type CheckResult,
+  type DeviceReport,
   type Histogram,
   type Counters,
   type Report,
@@ -40,10 +41,23 @@ type RunSettings = Pick<
   | 'mode'
 >;
 
+/** A device as the destination saw it: its instance, the states it went through, whether its state verified. */
+export interface DestDeviceResult {
+  name: string;
+  uuid: string;
+  statePath: string[];
+  digestMatch: boolean;
+}
+
 export interface ReportInputs extends RunSettings {
   totalPages: number;
   vcpuResults: GuestThreadResult[];
   ioResults: GuestThreadResult[];
+  /** The devices' DMA threads, in device order (none without devices). */
+  deviceResults?: GuestThreadResult[];
+  /** The devices on the destination, and the ms they took at the switchover (leaving RESUMING, RUNNING). */
+  destDevices?: DestDeviceResult[];
+  deviceRestoreMs?: number;
   vmm: VmmState;
   summary: SourceSummary;
   imageDigest: string;
@@ -89,7 +103,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
   });
   let nonVcpuBlocked = 0;
   let nonVcpuFaults = 0;
-  for (const r of inp.ioResults) {
+  for (const r of [...inp.ioResults, ...(inp.deviceResults ?? [])]) {
     for (let i = 0; i + 1 < r.intervals.length; i += 2) recordNs(nonVcpu, (r.intervals[i + 1]! - r.intervals[i]!) * 1e6);
     nonVcpuBlocked += blockedMs(r.intervals);
     nonVcpuFaults += r.faults;
@@ -175,8 +189,45 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     memory: { destPeakRssBytes: process.resourceUsage().maxRSS * 1024, sourcePeakRssBytes: inp.summary.peakRssBytes },
     recovery: inp.recovery,
     ...migrationFigures(inp),
+    ...deviceFigures(inp),
   };
   return { report, histogram: all };
+}
+
+/** The devices (issue 11): the source's figures with the destination's instance, states, verification and DMA. */
+function deviceFigures(inp: ReportInputs): Pick<Report, 'devices' | 'dirtyTracking' | 'policy' | 'downtimeSplit'> {
+  const s = inp.summary.devices;
+  const dest = inp.destDevices ?? [];
+  const devices: DeviceReport[] = s.devices.map((d, i) => {
+    const here = dest[i];
+    const dma = inp.deviceResults?.[i];
+    return {
+      name: d.name,
+      type: d.type,
+      mdevUuid: here?.uuid ?? '',
+      capabilities: d.capabilities,
+      tracking: d.tracking,
+      statePath: { source: d.statePath, destination: here?.statePath ?? [] },
+      precopy: d.precopy,
+      stopCopyBytes: d.stopCopyBytes,
+      stateDigestMatch: here?.digestMatch ?? false,
+      destDma: { accesses: dma?.accesses ?? 0, faults: dma?.faults ?? 0 },
+    };
+  });
+  const perProvider = {} as Report['dirtyTracking']['perProvider'];
+  for (const p of ['device', 'iommu', 'none'] as const) {
+    const f = s.providers[p];
+    perProvider[p] = { syncs: f.syncs, bitmapBytes: f.bitmapBytes, pagesDirty: f.pagesDirty, msPerSync: f.syncs > 0 ? round(f.ms / f.syncs, 4) : 0 };
+  }
+  const ramMs = s.downtime.ramMs;
+  const deviceMs = round(s.downtime.deviceMs + (inp.deviceRestoreMs ?? 0));
+  const downtimeMs = inp.summary.migration.downtimeMs;
+  return {
+    devices,
+    dirtyTracking: { provider: Object.fromEntries(s.devices.map((d) => [d.name, d.tracking])), perProvider },
+    policy: { ...s.policy },
+    downtimeSplit: { ramMs, deviceMs, otherMs: round(Math.max(0, downtimeMs - ramMs - deviceMs)) },
+  };
 }
 
 /** The phases before postcopy, from the source's summary (QEMU's query-migrate names). */
@@ -256,6 +307,15 @@ function runChecks(inp: ReportInputs, counters: Counters): CheckResult[] {
       `paused ${rec.pauses} time(s), resumed ${rec.resumes}; ${rec.pagesResent} pages resent, ${rec.repliesDropped} stale replies dropped`,
     );
   }
+  const devices = inp.destDevices ?? [];
+  if (devices.length > 0) {
+    const bad = devices.filter((d) => !d.digestMatch).map((d) => d.name);
+    add(
+      'device-state',
+      bad.length === 0 && devices.length === s.devices.devices.length,
+      bad.length === 0 ? `${devices.length} device state(s) verified on arrival: seeded content, SHA-256 equal on both sides` : `the state of ${bad.join(', ')} differs from the source's`,
+    );
+  }
   const duplicateData = vmm.counter(COUNTER.DUPLICATE_DATA);
   const onceOk = s.pagesSentTwice === 0 && duplicateData === 0 && s.sentNotReceived === 0 && s.receivedNotSent === 0;
   add(
@@ -268,7 +328,7 @@ function runChecks(inp: ReportInputs, counters: Counters): CheckResult[] {
   add(
     'no-vcpu-blocked',
     inp.blocked.length === 0,
-    inp.blocked.length === 0 ? 'every vCPU and I/O thread finished its accesses' : `still blocked: ${inp.blocked.join('; ')}`,
+    inp.blocked.length === 0 ? `every vCPU and I/O thread${(inp.deviceResults?.length ?? 0) > 0 ? ' and device' : ''} finished its accesses` : `still blocked: ${inp.blocked.join('; ')}`,
   );
   if (inp.push) {
     add(

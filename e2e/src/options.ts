@@ -1,6 +1,19 @@
 import { Command } from 'commander';
 import { UsageError, parseHost } from '@postcopy/shared';
-import { PRECOPY_FLAGS, addImageOptions, addLinkOptions, addPrecopyOptions, parseImageOptions, parseLinkOptions, parseMaxPushBps, parsePrecopyOptions } from '@postcopy/source-host';
+import {
+  DEVICE_FLAGS,
+  PRECOPY_FLAGS,
+  addDeviceOptions,
+  addImageOptions,
+  addLinkOptions,
+  addPrecopyOptions,
+  deviceSourceArgs,
+  parseDeviceOptions,
+  parseImageOptions,
+  parseLinkOptions,
+  parseMaxPushBps,
+  parsePrecopyOptions,
+} from '@postcopy/source-host';
 import { addRunOptions, checkInjections, parseInjections, parseRunOptions, type PreflightSpec } from '@postcopy/dest-host';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
@@ -10,6 +23,8 @@ export function launcherCommand(): Command {
   addImageOptions(cmd);
   addLinkOptions(cmd);
   addPrecopyOptions(cmd);
+  // The devices go to the source; --mdev-types to both hosts (each creates or checks instances of its own types).
+  addDeviceOptions(cmd);
   addRunOptions(cmd);
   cmd
     .option('--tls', 'run over TLS: make a throwaway CA and certificates for this run (removed afterwards); the source listens on wss:// and verifies the destination (--tls-verify-peer)')
@@ -47,7 +62,9 @@ export function splitArgs(raw: Record<string, unknown>): {
   // The guest on the source has as many vCPUs as the destination's, unless told otherwise.
   const withSourceVcpus = { ...raw, sourceVcpus: raw.sourceVcpus ?? raw.vcpus };
   const precopy = parsePrecopyOptions(withSourceVcpus, layout);
-  parseLinkOptions(raw);
+  const link = parseLinkOptions(raw);
+  const avail = (precopy.controller.precopy?.availSwitchoverBytesPerSec ?? 0) * 8;
+  parseDeviceOptions(raw, { layout, mode: precopy.mode, downtimeLimitMs: precopy.controller.precopy?.downtimeLimitMs ?? 300, bandwidthBps: avail > 0 ? avail : link.bandwidthBps });
   parseMaxPushBps(raw);
   const run = parseRunOptions(raw);
   // --inject: drops go to the destination, kills of the source stay here.
@@ -66,11 +83,19 @@ export function splitArgs(raw: Record<string, unknown>): {
     if (v === true) sourceArgs.push(flag(k));
     else if (v !== undefined && v !== false) sourceArgs.push(flag(k), String(v));
   }
+  sourceArgs.push(...deviceSourceArgs(raw));
   const host = parseHost('--host', String(raw.host ?? '127.0.0.1'));
   const destArgs: string[] = [];
   for (const k of SHARED_FLAGS) destArgs.push(flag(k), String(raw[k]));
   for (const [k, v] of Object.entries(raw)) {
-    if ((SOURCE_FLAGS as readonly string[]).includes(k) || (LAUNCHER_FLAGS as readonly string[]).includes(k) || (PRECOPY_FLAGS as readonly string[]).includes(k)) continue;
+    if (
+      (SOURCE_FLAGS as readonly string[]).includes(k) ||
+      (LAUNCHER_FLAGS as readonly string[]).includes(k) ||
+      (PRECOPY_FLAGS as readonly string[]).includes(k) ||
+      ((DEVICE_FLAGS as readonly string[]).includes(k) && k !== 'mdevTypes')
+    ) {
+      continue;
+    }
     if (k === 'inject') {
       const drops = [...injections.drops.map((n) => `drop@${n}`), ...injections.postcopyDrops.map((n) => `drop-postcopy@${n}`)];
       if (drops.length > 0) destArgs.push('--inject', drops.join(','));

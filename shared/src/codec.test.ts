@@ -230,7 +230,7 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('an unknown or non-number type', () => {
-    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 20, 21 or 23 to 29', '99 (number)');
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 20, 21 or 23 to 35', '99 (number)');
     expectRejected(pack([0]), 'message type', '0 (number)');
     expectRejected(pack([22, 1]), 'message type', '22 (number)');
     expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');

@@ -1,6 +1,7 @@
 import { Packr, Unpackr } from 'msgpackr';
 import { ProtocolError, describe } from './errors.js';
 import type { GuestLayout } from './layout.js';
+import { decodeDeviceFrame, decodeDevicesSummary, deviceFrame } from './devices/wire.js';
 import { MIGRATION_MODES, MODE_CODE, decodeRanges, encodeRanges, type MigrationMode } from './precopy.js';
 import {
   ChannelRole,
@@ -116,6 +117,7 @@ export function encode(message: Message): Buffer {
       };
       for (const f of MIGRATION_FIELDS) migration[f] = m[f];
       fields.migration = migration;
+      fields.devices = message.devices;
       return packr.pack([MessageType.Summary, fields]);
     }
     case 'precopy-pages':
@@ -138,6 +140,13 @@ export function encode(message: Message): Buffer {
       return packr.pack([MessageType.Resumed, message.pagesMarkedUnsent, message.restarted]);
     case 'error':
       return packr.pack([MessageType.Error, message.code, message.message]);
+    case 'device-setup':
+    case 'devices-ready':
+    case 'device-data':
+    case 'device-init-data-sent':
+    case 'switchover-ack':
+    case 'device-end':
+      return packr.pack(deviceFrame(message));
   }
 }
 
@@ -381,6 +390,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
         throw new ProtocolError(`summary.cpuMainThreadUs: expected a whole number >= 0 or nil, got ${describe(mainThread)}`);
       }
       summary.cpuMainThreadUs = mainThread;
+      summary.devices = decodeDevicesSummary(fields.devices);
       return summary as unknown as Message;
     }
     case MessageType.PrecopyPages: {
@@ -431,8 +441,15 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
     case MessageType.Error:
       expectLength(f, 3);
       return { type: 'error', code: expectString(f, 1, 'code', 64), message: expectString(f, 2, 'message', 4096) };
+    case MessageType.DeviceSetup:
+    case MessageType.DevicesReady:
+    case MessageType.DeviceData:
+    case MessageType.DeviceInitDataSent:
+    case MessageType.SwitchoverAck:
+    case MessageType.DeviceEnd:
+      return decodeDeviceFrame(f, limits.layout);
     default:
-      throw new ProtocolError(`expected a message type from 1 to 14, 20, 21 or 23 to 29, got ${describe(type)}`);
+      throw new ProtocolError(`expected a message type from 1 to 14, 20, 21 or 23 to 35, got ${describe(type)}`);
   }
 }
 

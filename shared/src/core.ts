@@ -18,3 +18,4 @@ export * from './cpu.js';
 export * from './names.js';
 export * from './precopy.js';
 export * from './guest/workloads.js';
+export * from './devices/dma-pattern.js';

@@ -79,6 +79,28 @@ export class BackendUnavailableError extends PostcopyError {
   }
 }
 
+/**
+ * A device's migration failed: a state it could not reach, its data stream
+ * out of order, beyond its size or not matching, a device the other side
+ * does not have.
+ */
+export class DeviceError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_DEVICE', message);
+  }
+}
+
+/**
+ * The destination cannot take the source's devices (no instance of an mdev
+ * type can be created, an incompatible type or version): refused before any
+ * page moved.
+ */
+export class DeviceRefusedError extends PostcopyError {
+  constructor(message: string) {
+    super('ERR_POSTCOPY_DEVICE_REFUSED', message);
+  }
+}
+
 export const USAGE_EXIT_CODE = 2;
 
 /** Describes a value for an error message: `70000 (number)`, `"x" (string)`. */

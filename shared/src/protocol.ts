@@ -22,6 +22,8 @@
  */
 
 import type { MigrationMode, PageRange } from './precopy.js';
+import { DeviceMessageType } from './devices/message-types.js';
+import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
 
 /**
  * Version 2: hello and welcome carry the migration's secret (every channel
@@ -30,8 +32,10 @@ import type { MigrationMode, PageRange } from './precopy.js';
  * switchover, running, page hashes; the summary's migration figures).
  * Version 4: the summary carries the source's CPU time (`cpuUs`,
  * `cpuMainThreadUs`).
+ * Version 5: devices (message types 30 to 35, see devices/wire.ts; the
+ * summary's device figures).
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -70,6 +74,8 @@ export const MessageType = {
   Running: 27,
   HashRequest: 28,
   PageHashes: 29,
+  // 30 to 35: devices (devices/wire.ts).
+  ...DeviceMessageType,
 } as const;
 export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
 
@@ -250,6 +256,8 @@ export interface SourceSummary {
   cpuMainThreadUs: number | null;
   /** How the migration ran before (and instead of) postcopy: the source's figures. */
   migration: MigrationSummary;
+  /** The guest's devices: their states and data, DMA dirty tracking, the untracked-DMA policy (devices/wire.ts). */
+  devices: DevicesSummary;
 }
 
 /** One precopy round (QEMU counts a dirty sync per round). */
@@ -390,6 +398,7 @@ export type Message =
   | Running
   | HashRequest
   | PageHashes
+  | DeviceMessage
   | ErrorMessage;
 
 export type Reply = PageReply | ZeroPageReply | AlreadySentReply | SentOnMainReply;

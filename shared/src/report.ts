@@ -3,6 +3,7 @@ import type { MigrationSummary } from './protocol.js';
 import type { CpuFigures, CpuGroup } from './cpu.js';
 import type { LatencySummary } from './stats.js';
 import { formatBytes } from './sizes.js';
+import { formatDevices, type DeviceReport, type DirtyTrackingReport, type DowntimeSplit, type PolicyReport } from './devices/report.js';
 
 import type { MemoryBackendName, StrategyName, WorkloadName } from './names.js';
 
@@ -111,6 +112,13 @@ export interface Report {
   precopy: PrecopyFigures;
   /** Pages the destination dropped at the switch to postcopy (sent in precopy, dirtied since), in how many ranges. */
   discard: { pages: number; ranges: number };
+  /** The guest's assigned devices (devices/report.ts): empty without them. */
+  devices: DeviceReport[];
+  dirtyTracking: DirtyTrackingReport;
+  /** The untracked-DMA policy: which, on which devices, why. */
+  policy: PolicyReport;
+  /** The downtime's RAM and device parts. */
+  downtimeSplit: DowntimeSplit;
 }
 
 /** The precopy rounds (QEMU's names where it has them): the source's figures, as its summary gives them. */
@@ -206,6 +214,8 @@ export function formatReport(r: Report): string {
     );
     lines.push('');
   }
+  const deviceLines = formatDevices(r);
+  if (deviceLines.length > 0) lines.push(...deviceLines, '');
   const c = r.counters;
   lines.push(
     pad([

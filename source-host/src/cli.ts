@@ -19,6 +19,8 @@ async function main(): Promise<number> {
     process.stdout.write(`token ${token}\n`);
   }
   for (const warning of options.tlsWarnings) process.stderr.write(`source: warning: ${warning}\n`);
+  // Once per migration (one source process migrates one guest): the untracked-DMA policy that will act.
+  for (const warning of options.devices.warnings) process.stderr.write(`source: warning: ${warning}\n`);
   // Read before the image is built: a bad file is a usage error, at once.
   const inherited = options.resume && options.secretFile !== undefined ? readSecretFile(options.secretFile) : undefined;
   const image = await GuestImage.build(options.layout, options.image);
@@ -36,6 +38,7 @@ async function main(): Promise<number> {
     unsafeUnboundChannels: options.unsafeUnboundChannels,
     mode: options.precopy.mode,
     ...options.precopy.controller,
+    ...(options.devices.controller ? { devices: options.devices.controller } : {}),
     ...(options.tls ? { tls: options.tls } : {}),
     ...(inherited !== undefined ? { secret: inherited } : {}),
   });

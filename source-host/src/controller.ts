@@ -15,7 +15,10 @@ import {
   PostcopyError,
   ProtocolError,
   encode,
+  noDevicesSummary,
   pageHashes,
+  type DevicesSummary,
+  type ErrorMessage,
   type MigrationMode,
   type MigrationSummary,
   type Resume,
@@ -23,6 +26,8 @@ import {
   type Start,
 } from '@postcopy/shared';
 import { DirtyLog } from './dirty-log.js';
+import { DeviceRefusedError } from './devices/options.js';
+import { SourceDevices, type SourceDevicesOptions } from './devices/source-devices.js';
 import { SourceGuest, type SourceGuestOptions } from './guest/source-guest.js';
 import type { GuestImage } from './image.js';
 import { SourceLifecycle, type SourceState } from './lifecycle.js';
@@ -38,6 +43,8 @@ export interface ControllerOptions {
   guest?: Partial<SourceGuestOptions>;
   /** Testing only: the dirty log forgets every Nth dirty bit at a sync (the content check must catch it). */
   loseDirtyBitsEvery?: number;
+  /** The guest's assigned devices (precopy modes only): what they are, who tracks their DMA, the untracked-DMA policy. */
+  devices?: SourceDevicesOptions;
   /** This process replaces a source that died (`--resume`). */
   restarted: boolean;
   resumeTimeoutMs: number;
@@ -62,6 +69,8 @@ export class MigrationController extends EventEmitter {
   private readonly dirtyLog: DirtyLog | undefined;
   private readonly guest: SourceGuest | undefined;
   private readonly precopy: Precopy | undefined;
+  /** The guest's devices (none in postcopy mode). */
+  readonly devices: SourceDevices | undefined;
   /** The destination's main channel now (undefined while paused or before a hello). */
   main: Channel | undefined;
   private startedAt: number | undefined;
@@ -96,8 +105,11 @@ export class MigrationController extends EventEmitter {
         dirtyRate: options.guest?.dirtyRate ?? SOURCE_GUEST_DEFAULTS.dirtyRate,
         dirtySetPages: options.guest?.dirtySetPages ?? totalPages,
       });
-      this.precopy = new Precopy(image, this.dirtyLog, this.guest, this.migration.phases, { ...options.precopy, mode: options.mode });
-      this.guestStarted = this.guest.start((err) => this.precopyFailed(err));
+      if (options.devices && options.devices.specs.length > 0) this.devices = new SourceDevices(image, options.devices);
+      this.precopy = new Precopy(image, this.dirtyLog, this.guest, this.migration.phases, { ...options.precopy, mode: options.mode }, this.devices);
+      // The devices run with the guest, from the start.
+      const onError = (err: Error): void => this.precopyFailed(err);
+      this.guestStarted = Promise.all([this.guest.start(onError), this.devices?.start(onError)]).then(() => {});
       this.guestStarted.catch(() => {});
     }
     if (options.restarted) this.startResumeTimer();
@@ -126,7 +138,7 @@ export class MigrationController extends EventEmitter {
   /** `start` on the main channel. */
   start(main: Channel, message: Start): void {
     if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()})`);
-    if (this.state !== 'setup') throw new ProtocolError(`expected start once, got it again (the migration is ${this.state})`);
+    if (this.state !== 'setup' || this.startedAt !== undefined) throw new ProtocolError(`expected start once, got it again (the migration is ${this.state})`);
     this.startedAt = performance.now();
     this.cpu ??= new CpuMeter();
     this.main = main;
@@ -138,8 +150,49 @@ export class MigrationController extends EventEmitter {
       if (message.push) this.migration.startPush(main);
       return;
     }
+    if (this.devices) {
+      // QEMU's setup state: the destination re-creates the devices before anything moves.
+      void this.setUpDevices(main, this.devices).catch((err: Error) => this.precopyFailed(err));
+      return;
+    }
     this.lifecycle.start(true);
     void this.runPrecopy(main).catch((err: Error) => this.precopyFailed(err));
+  }
+
+  private async setUpDevices(main: Channel, devices: SourceDevices): Promise<void> {
+    await this.guestStarted;
+    const uuids = await devices.announce(main);
+    if (this.state !== 'setup' || this.main !== main) return;
+    this.emit('devices-ready', uuids);
+    this.lifecycle.start(true);
+    await this.runPrecopy(main);
+  }
+
+  /** devices-ready and switchover-ack from the destination's main channel. */
+  deviceAnswer(message: { type: 'devices-ready'; uuids: string[] } | { type: 'switchover-ack' }): void {
+    const devices = this.devices;
+    if (!devices) throw new ProtocolError(`expected no ${message.type} (this guest has no devices), got one`);
+    try {
+      if (message.type === 'devices-ready') {
+        if (this.state !== 'setup' || !devices.awaitingReady) throw new Error(`expected devices-ready only in answer to device-setup, got it in state ${this.state}`);
+        devices.devicesReady(message.uuids);
+      } else {
+        if (this.state !== 'active') throw new Error(`expected switchover-ack only during precopy, got it in state ${this.state}`);
+        devices.switchoverAcked();
+      }
+    } catch (err) {
+      throw new ProtocolError((err as Error).message);
+    }
+  }
+
+  /** An error from the destination: before the devices are set up, a refusal (nothing has moved). */
+  peerError(message: ErrorMessage): void {
+    const devices = this.devices;
+    if (devices?.awaitingReady) {
+      devices.refused(new DeviceRefusedError(`the destination refused the migration before any page was sent: ${message.message}`));
+      return;
+    }
+    throw new ProtocolError(`expected request, start or finish, got error (the destination reported: ${message.message})`);
   }
 
   /** The user's migrate-start-postcopy: only a hybrid migration in precopy can switch. */
@@ -166,6 +219,8 @@ export class MigrationController extends EventEmitter {
     // After the state (the destination's first requests may follow the switchover at once)
     // and before any pushed page (the destination takes none before it).
     main.send(encode({ type: 'switchover', postcopy: decision.postcopy }));
+    // After the downtime: the devices' STOP_COPY -> STOP, dirty logging stops.
+    this.devices?.cleanup();
     if (decision.postcopy) {
       // The CPU per fault is postcopy's: the precopy rounds (and the guest's own vCPUs here) are not the faults'.
       this.cpu = new CpuMeter();
@@ -179,7 +234,8 @@ export class MigrationController extends EventEmitter {
     if (this.lifecycle.ended) return;
     if (err instanceof PrecopyCancelledError) return; // mainLost() has cancelled already
     void this.guest?.close();
-    const reason = err instanceof NotConvergedError ? err.message : `precopy failed: ${err.message}`;
+    void this.devices?.close();
+    const reason = err instanceof NotConvergedError || err instanceof DeviceRefusedError ? err.message : `precopy failed: ${err.message}`;
     this.lifecycle.fail(reason);
     const main = this.main;
     if (main?.isOpen) main.send(encode({ type: 'error', code: (err as PostcopyError).code ?? 'ERR_POSTCOPY', message: reason }));
@@ -241,6 +297,7 @@ export class MigrationController extends EventEmitter {
         migration: this.figures(),
         cpuUs: cpu.processUs,
         cpuMainThreadUs: cpu.threadUs,
+        devices: this.deviceFigures(),
       };
       this.lifecycle.finish();
       clearTimeout(this.resumeTimer);
@@ -252,6 +309,12 @@ export class MigrationController extends EventEmitter {
   /** The destination's digests differ from ours: every page's hash, and who sent it last. */
   hashRequest(main: Channel): void {
     main.send(encode({ type: 'page-hashes', hashes: pageHashes(this.image, this.image.layout.totalPages), phases: this.migration.phases }));
+  }
+
+  /** The devices' figures, and the downtime's RAM and device parts. */
+  private deviceFigures(): DevicesSummary {
+    const downtime = { ramMs: this.precopy?.switchoverRamMs ?? 0, deviceMs: this.precopy?.switchoverDeviceMs ?? 0 };
+    return this.devices ? this.devices.summary(downtime) : { ...noDevicesSummary(), downtime: { ramMs: Math.round(downtime.ramMs * 1000) / 1000, deviceMs: 0 } };
   }
 
   private figures(): MigrationSummary {
@@ -300,6 +363,7 @@ export class MigrationController extends EventEmitter {
     this.migration.stop();
     // The guest keeps running on the source (it may have stopped for the switchover); it is ours still.
     void this.guest?.close();
+    void this.devices?.close();
     this.emit('cancelled', `${reason}: the migration is cancelled and the guest stays on the source`);
   }
 
@@ -321,6 +385,7 @@ export class MigrationController extends EventEmitter {
   /** The destination is gone for good. */
   private lose(reason: string): void {
     clearTimeout(this.resumeTimer);
+    this.devices?.refused(new PrecopyCancelledError(reason));
     this.lifecycle.fail(reason);
     this.migration.stop();
     this.emit('destination-lost', reason);
@@ -335,5 +400,6 @@ export class MigrationController extends EventEmitter {
     clearTimeout(this.resumeTimer);
     this.migration.stop();
     await this.guest?.close();
+    await this.devices?.close();
   }
 }

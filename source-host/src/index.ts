@@ -10,3 +10,8 @@ export * from './controller.js';
 export * from './lifecycle.js';
 export * from './precopy.js';
 export * from './control-server.js';
+export * from './devices/options.js';
+export * from './devices/tracking.js';
+export * from './devices/source-devices.js';
+export * from './devices/device.js';
+export * from './devices/iommu.js';

@@ -328,7 +328,7 @@ export class SourceMigration {
   }
 
   /** The destination is done: compare its receivedmap with the sentmap and digest what it received. */
-  summarize(receivedmap: Uint8Array): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs'> {
+  summarize(receivedmap: Uint8Array): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
     const total = this.image.layout.totalPages;
     let sentNotReceived = 0;
     let receivedNotSent = 0;

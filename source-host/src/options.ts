@@ -13,6 +13,7 @@ import {
 } from '@postcopy/shared';
 import type { ListenerTls } from './listener.js';
 import { addPrecopyOptions, parsePrecopyOptions, type PrecopyCliOptions } from './precopy-options.js';
+import { addDeviceOptions, parseDeviceOptions, type DeviceCliOptions } from './devices/options.js';
 import { parseBandwidth, type LinkSpec } from './link.js';
 import { SERVER_DEFAULTS } from './server.js';
 
@@ -63,6 +64,8 @@ export interface SourceOptions {
   unsafeUnboundChannels: boolean;
   /** The mode and, for precopy, the source's guest and precopy's decisions. */
   precopy: PrecopyCliOptions;
+  /** The guest's devices, their DMA tracking and the untracked-DMA policy. */
+  devices: DeviceCliOptions;
 }
 
 /** The emulated link between the hosts; the launcher passes them to the source. */
@@ -114,6 +117,7 @@ export function sourceCommand(): Command {
   addTlsOptions(cmd);
   cmd.addOption(new Option('--unsafe-unbound-channels', "testing only: admit fault channels that do not present the migration's secret (shows what an outsider with the token does to a migration)").default(false));
   addPrecopyOptions(cmd);
+  addDeviceOptions(cmd);
   addLinkOptions(cmd);
   return addImageOptions(cmd);
 }
@@ -147,14 +151,23 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
       `--resume: expected --mode postcopy with it (a restarted source rebuilds the guest from the seed and cannot know what the guest wrote during precopy), got --mode ${precopy.mode}`,
     );
   }
+  const link = parseLinkOptions(raw);
+  const avail = (precopy.controller.precopy?.availSwitchoverBytesPerSec ?? 0) * 8;
+  const devices = parseDeviceOptions(raw, {
+    layout: image.layout,
+    mode: precopy.mode,
+    downtimeLimitMs: precopy.controller.precopy?.downtimeLimitMs ?? 300,
+    bandwidthBps: avail > 0 ? avail : link.bandwidthBps,
+  });
   return {
     ...image,
     precopy,
+    devices,
     host: parseHost('--host', raw.host!),
     port: parseIntOption('--port', raw.port!, 0, 65535),
     token: raw.token,
     handshakeTimeoutMs: parseIntOption('--handshake-timeout-ms', raw.handshakeTimeoutMs!, 10, 3_600_000),
-    link: parseLinkOptions(raw),
+    link,
     maxPushBps: parseMaxPushBps(raw),
     // A flag: commander gives a boolean, whatever the record's type says.
     resume: parseBooleanOption('--resume', (raw.resume as unknown) ?? SOURCE_DEFAULTS.resume),

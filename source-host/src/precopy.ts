@@ -34,7 +34,7 @@ import { DirtyLog, bitSet, clearBit, popcount, setBit } from './dirty-log.js';
 import type { GuestImage } from './image.js';
 import type { Channel } from './migration.js';
 
-export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge';
+export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge' | 'skip-precopy';
 
 /** What precopy needs of the guest running on the source (guest/source-guest.ts; tests give a scripted one). */
 export interface PrecopyGuest {
@@ -43,6 +43,39 @@ export interface PrecopyGuest {
   /** Stops the guest; resolves, once its last write is done, with when the stop was asked (performance.now()). */
   stop(): Promise<number>;
 }
+
+/**
+ * What precopy asks of the guest's devices (devices/source-devices.ts): a
+ * small interface, so that precopy's rounds, sync and switchover are the
+ * same with devices or without.
+ */
+export interface PrecopyDevices {
+  /** No precopy rounds at all (--untracked-dma skip-precopy): straight to the switchover. */
+  readonly skipPrecopy: boolean;
+  /** Dirty logging starts, PRE_COPY devices enter PRE_COPY (QEMU's save_setup). */
+  setup(): void;
+  /** At every dirty sync, after the vCPU log: the DMA trackers ORed into `into`; returns the pages they added. */
+  syncDirty(into: Int32Array): number;
+  /** After a round's pages: the devices' pending precopy data (vfio_save_iterate). Returns the bytes sent. */
+  iterate(channel: Channel): Promise<number>;
+  /** Bytes the devices would still send in STOP_COPY (stop_copy_length): part of what must fit the downtime. */
+  pendingBytes(): number;
+  /** Switchover-ack: false while a device's initial data is not acknowledged by the destination. */
+  canSwitchover(): boolean;
+  /** Resolves on the ack, or after `ms`. */
+  waitForAck(ms: number): Promise<void>;
+  /** Each decision's bandwidth (for the downtime untracked DMA forces). */
+  noteDecision(bytesPerMs: number): void;
+  /** What a not-converged failure adds about the devices. */
+  notConvergedDetail(): string;
+  /** Switchover: P2P quiesce, then STOP_COPY or STOP: no DMA after it. Returns ms. */
+  stop(): number;
+  /** The rest of every device's state, to the end of its stream. Returns ms. */
+  saveComplete(channel: Channel): Promise<number>;
+}
+
+/** How long a round that would switch over but for the switchover-ack waits for it before it goes round again. */
+const ACK_WAIT_MS = 50;
 
 export interface PrecopyOptions {
   mode: 'precopy' | 'hybrid';
@@ -140,6 +173,11 @@ export class Precopy {
   downtimeMs = 0;
   /** From start to round 1's first page (QEMU's setup-time). */
   setupTimeMs = 0;
+  /** The switchover's RAM part (the last sync, stop-and-copy or the discard set) and its devices' part, ms. */
+  switchoverRamMs = 0;
+  switchoverDeviceMs = 0;
+  /** Device state bytes sent during precopy. */
+  deviceBytes = 0;
 
   constructor(
     private readonly image: GuestImage,
@@ -148,6 +186,8 @@ export class Precopy {
     /** The source's record of which phase last sent each page (see PHASE). */
     private readonly phases: Uint8Array,
     options: Partial<PrecopyOptions> = {},
+    /** The guest's devices, if it has any. */
+    private readonly devices?: PrecopyDevices,
   ) {
     this.options = { ...PRECOPY_DEFAULTS, ...options };
     const words = Math.ceil(image.layout.totalPages / 32);
@@ -189,24 +229,32 @@ export class Precopy {
     if (tail !== 0) this.roundSet[this.roundSet.length - 1] = (1 << tail) - 1;
     let roundPages = totalPages;
     this.setupTimeMs = performance.now() - startedAt;
+    const devices = this.devices;
+    // --untracked-dma skip-precopy: no round; the switchover sends every page (precopy) or none (hybrid: postcopy brings them).
+    if (devices?.skipPrecopy) return this.decide({ postcopy: this.options.mode === 'hybrid', reason: 'skip-precopy' });
+    devices?.setup();
     for (;;) {
       this.roundNumber++;
       const round = this.roundNumber;
       const started = performance.now();
       const bytesBefore = this.bytes;
       const sent = await this.sendSet(channel, this.roundSet, roundPages, Math.min(round, PHASE.LAST_ROUND), () => this.postcopyRequested && this.options.mode === 'hybrid');
+      const deviceBytes = devices ? await devices.iterate(channel) : 0;
+      this.deviceBytes += deviceBytes;
       const ms = performance.now() - started;
       this.activeMs += ms;
       const roundBytes = this.bytes - bytesBefore;
       // The sync at the end of the round: what the guest dirtied while it ran (and what this round did not get to).
       this.nextSet.set(this.roundSet);
-      const dirtied = this.dirtyLog.sync(this.nextSet);
+      const dirtied = this.syncDirty(this.nextSet);
       this.syncs++;
       this.dirtiedTotal += dirtied;
       const pending = countBits(this.nextSet);
-      const measured = bandwidthBytesPerMs(roundBytes, ms);
+      // The link carried the devices' data too: the bandwidth counts it.
+      const measured = bandwidthBytesPerMs(roundBytes + deviceBytes, ms);
       const assumed = this.options.availSwitchoverBytesPerSec > 0 ? this.options.availSwitchoverBytesPerSec / 1000 : measured;
-      const conv = convergence(pending * pageSize, assumed, this.options.downtimeLimitMs);
+      devices?.noteDecision(assumed);
+      const conv = convergence(pending * pageSize + (devices?.pendingBytes() ?? 0), assumed, this.options.downtimeLimitMs);
       this.lastExpectedDowntimeMs = conv.expectedDowntimeMs;
       this.lastDirtyRate = dirtied / Math.max(ms / 1000, 1e-6);
       this.rounds.push({ round, pagesSent: sent, pagesDirtied: dirtied, ms: round3(ms), mbps: round3((roundBytes * 8) / 1e6 / Math.max(ms / 1000, 1e-6)) });
@@ -214,6 +262,14 @@ export class Precopy {
       this.nextSet.fill(0);
       roundPages = pending;
 
+      // QEMU switches (to postcopy or stop-and-copy) only once the destination acknowledged every device's initial data
+      // (migration_can_switchover, switchover-ack): until then it goes round again, without counting this wait against the round limit.
+      const wouldSwitch = (this.options.mode === 'hybrid' && (this.postcopyRequested || round >= this.options.postcopyAfterRounds)) || conv.converged;
+      if (wouldSwitch && devices && !devices.canSwitchover()) {
+        await devices.waitForAck(ACK_WAIT_MS);
+        if (!channel.isOpen) throw new PrecopyCancelledError(`the destination's main channel closed during precopy round ${this.roundNumber}`);
+        continue;
+      }
       if (this.options.mode === 'hybrid' && this.postcopyRequested) return this.decide({ postcopy: true, reason: 'migrate-start-postcopy' });
       if (this.options.mode === 'hybrid' && round >= this.options.postcopyAfterRounds) return this.decide({ postcopy: true, reason: 'rounds' });
       if (conv.converged) return this.decide({ postcopy: false, reason: this.autoConverge.throttlePercent > 0 ? 'auto-converge' : 'converged' });
@@ -227,6 +283,11 @@ export class Precopy {
     }
   }
 
+  /** A dirty sync: the vCPU dirty log, then the devices' DMA trackers into the same bitmap (QEMU's vfio_listener_log_sync). */
+  private syncDirty(into: Int32Array): number {
+    return this.dirtyLog.sync(into) + (this.devices?.syncDirty(into) ?? 0);
+  }
+
   private decide(decision: SwitchoverDecision): SwitchoverDecision {
     this.decision = decision;
     return decision;
@@ -238,7 +299,7 @@ export class Precopy {
     return new NotConvergedError(
       `precopy did not converge in ${round} rounds${extra ? ` (${extra})` : ''}: the guest dirties ${Math.round(rate)} pages/s ` +
         `(${mibs(rate * pageSize)}) against a bandwidth of ${mibs(bytesPerMs * 1000)}, ` +
-        `so the expected downtime is ${Math.round(expectedMs)} ms over the ${this.options.downtimeLimitMs} ms limit; ` +
+        `so the expected downtime is ${Math.round(expectedMs)} ms over the ${this.options.downtimeLimitMs} ms limit${this.devices?.notConvergedDetail() ?? ''}; ` +
         `expected a dirty rate below the bandwidth: try --auto-converge, a larger --downtime-limit, or --mode hybrid`,
     );
   }
@@ -250,8 +311,11 @@ export class Precopy {
    */
   async switchover(channel: Channel, decision: SwitchoverDecision): Promise<SwitchoverResult> {
     const stoppedAt = await this.guest.stop();
+    // The devices stop too, before the final sync: no DMA may write after its trackers are read.
+    const deviceStopMs = this.devices?.stop() ?? 0;
+    const ramStarted = performance.now();
     // Everything still dirty: the last round's sync left its pages in roundSet; the final sync adds the rest.
-    const dirtied = this.dirtyLog.sync(this.roundSet);
+    const dirtied = this.syncDirty(this.roundSet);
     this.syncs++;
     this.dirtiedTotal += dirtied;
     const totalPages = this.image.layout.totalPages;
@@ -280,6 +344,9 @@ export class Precopy {
     }
     this.roundSet.fill(0);
     this.remaining = 0;
+    this.switchoverRamMs = performance.now() - ramStarted;
+    // Then the rest of the devices' state, to the end of each stream.
+    this.switchoverDeviceMs = deviceStopMs + (this.devices ? await this.devices.saveComplete(channel) : 0);
     // The `switchover` frame is the caller's: it goes once postcopy is set up.
     this.switchoverResult = result;
     return result;

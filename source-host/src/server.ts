@@ -40,6 +40,8 @@ export interface SourceServerOptions {
   guest?: ControllerOptions['guest'];
   /** Testing only: the dirty log forgets every Nth dirty bit. */
   loseDirtyBitsEvery?: number;
+  /** The guest's assigned devices (devices/). */
+  devices?: ControllerOptions['devices'];
   /** A peer that has not completed its hello within this time is sent an error and dropped (default 10 s). */
   handshakeTimeoutMs?: number;
   /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
@@ -224,6 +226,7 @@ export class SourceServer extends EventEmitter {
       ...(options.precopy ? { precopy: options.precopy } : {}),
       ...(options.guest ? { guest: options.guest } : {}),
       ...(options.loseDirtyBitsEvery !== undefined ? { loseDirtyBitsEvery: options.loseDirtyBitsEvery } : {}),
+      ...(options.devices ? { devices: options.devices } : {}),
       restarted,
       resumeTimeoutMs: options.resumeTimeoutMs ?? SERVER_DEFAULTS.resumeTimeoutMs,
     });
@@ -446,6 +449,15 @@ export class SourceServer extends EventEmitter {
       case 'hash-request':
         main('hash-request');
         this.controller.hashRequest(channel);
+        return;
+      case 'devices-ready':
+      case 'switchover-ack':
+        main(message.type);
+        this.controller.deviceAnswer(message);
+        return;
+      case 'error':
+        main('error');
+        this.controller.peerError(message);
         return;
       default:
         // Worded as before resume existed: e2e/test/hostile-client.test.ts matches it.

@@ -9,8 +9,9 @@
  * recovers (recovery.ts).
  */
 import type { Server } from 'node:http';
-import { ChannelRole, ConnectionError, CpuMeter, counterWord, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
+import { ChannelRole, ConnectionError, CpuMeter, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
+import { DeviceReceiver } from '../devices/receiver.js';
 import { DestLifecycle } from '../lifecycle.js';
 import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
@@ -72,6 +73,8 @@ export class DestinationRun {
   /** The strategy's contexts, until released. */
   private contexts: StrategySetup | undefined;
   private startedAt: number | undefined;
+  /** The guest's devices, in precopy modes (the source says which in device-setup). */
+  private devices: DeviceReceiver | undefined;
   /** The accounting is done: connections that close now are the run's own wind-down. */
   private finishing = false;
   private keepaliveTimeouts = 0;
@@ -145,7 +148,8 @@ export class DestinationRun {
       vcpuSlot: (v) => v,
       ioSlot: (i) => options.vcpus + i,
     };
-    const threadCount = options.vcpus + options.ioThreads;
+    // Precopy modes keep slots for the devices' DMA threads: the source names the devices only after start.
+    const threadCount = options.vcpus + options.ioThreads + (this.precopyMode ? MAX_DEVICES : 0);
     const memory = BACKEND_BY_NAME[options.memoryBackend].create({ layout, memslotBytes: options.memslotBytes, maxThreads: threadCount, maxContexts: options.vcpus + 2 });
     this.memory = memory;
     const vmm = VmmState.create(layout.totalPages, threadCount);
@@ -187,6 +191,17 @@ export class DestinationRun {
   private openMainChannel(): void {
     const { options, guest } = this;
     const { vmm } = guest;
+    if (this.precopyMode) {
+      this.devices = new DeviceReceiver({
+        catalog: options.mdevCatalog ?? DEFAULT_MDEV_CATALOG,
+        imageSeed: this.welcome.imageSeed,
+        send: (m) => this.main!.send(m),
+        fail: (err) => this.abort.fail(err),
+        installed: () => vmm.counter(COUNTER.INSTALLED),
+        addDeviceThreads: (devices) => this.threads!.addDevices(devices.map((d) => ({ ...d, slot: options.vcpus + options.ioThreads + d.index }))),
+        onReady: (uuids) => options.onEvent?.(`devices: ${this.devices!.devices.map((d, i) => `${d.a.name} is mdev ${d.a.type} ${uuids[i]}`).join(', ')} (RESUMING)`),
+      });
+    }
     this.channel = new MainChannel({
       totalPages: options.layout.totalPages,
       pageSize: options.layout.pageSize,
@@ -198,6 +213,7 @@ export class DestinationRun {
       onSwitchover: (postcopy) =>
         options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
       afterPush: () => this.maybeInjectDrop(),
+      ...(this.devices ? { devices: this.devices } : {}),
     });
     this.adoptMain(this.main!);
     this.session = new Session(vmm.counters);
@@ -348,7 +364,7 @@ export class DestinationRun {
   }
 
   /** The guest runs here until every vCPU and I/O thread is done, and (with push) every page is in. */
-  private async runGuest(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; elapsedMs: number; cpu: CpuSpent }> {
+  private async runGuest(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; deviceResults: GuestThreadResult[]; elapsedMs: number; cpu: CpuSpent }> {
     const started = performance.now();
     // CPU of postcopy (this thread's and the whole process's): the report's CPU per fault.
     const cpuMeter = new CpuMeter();
@@ -401,6 +417,8 @@ export class DestinationRun {
       destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main: this.main!, channel: this.channel, pages, vmm, totalPages: layout.totalPages, abort: this.abort }) : undefined;
     this.finishing = true;
     this.lifecycle.finish();
+    // The run is over: the mdev instances go (before the report, which says so).
+    this.devices?.destroy();
     const recovery = this.recovery;
     const built = buildReportWithHistogram({
       strategy: options.strategy,
@@ -418,6 +436,9 @@ export class DestinationRun {
       elapsedMs: results.elapsedMs,
       vcpuResults: results.vcpuResults,
       ioResults: results.ioResults,
+      deviceResults: results.deviceResults,
+      destDevices: (this.devices?.devices ?? []).map((d) => ({ name: d.a.name, uuid: d.uuid, statePath: [...d.fsm.path], digestMatch: d.digestMatch })),
+      deviceRestoreMs: this.devices?.restoreMs ?? 0,
       vmm,
       summary,
       imageDigest: welcome.imageDigest,
@@ -469,6 +490,8 @@ export class DestinationRun {
   }
 
   private async close(): Promise<void> {
+    // Whatever happened, no mdev instance outlives the run.
+    if (this.devices && !this.devices.destroyed) this.devices.destroy();
     this.status?.close();
     this.watchdog?.stop();
     for (const t of this.timers.splice(0)) clearInterval(t);

@@ -7,7 +7,7 @@
  * reading and finish what they have in flight.
  */
 import type { Worker } from 'node:worker_threads';
-import { startWorker, type StrategyName, type WorkloadName } from '@postcopy/shared';
+import { startWorker, type PageRange, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
 import type { WatchedThread } from '../watchdog.js';
 import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from '../workers/protocol.js';
@@ -44,9 +44,14 @@ export class GuestThreads {
   private readonly resolvers: Thread[];
   private readonly vcpus: Thread[];
   private readonly ios: Thread[];
+  /** The devices' DMA threads (added once the source said which devices the guest has). */
+  private readonly devices: Thread[] = [];
+  /** What the watchdog watches; device threads join it as they are added. */
+  private readonly watchedThreads: WatchedThread[];
+  private readonly start: (name: string, workerData: unknown, label: string) => Thread;
 
   constructor(private readonly o: GuestThreadsOptions) {
-    const start = (name: string, workerData: unknown, label: string): Thread => {
+    const start = (this.start = (name: string, workerData: unknown, label: string): Thread => {
       const worker = startWorker(WORKERS_CALLER, name, { workerData });
       this.workers.push(worker);
       worker.on('message', (m: WorkerReport) => {
@@ -55,7 +60,7 @@ export class GuestThreads {
       });
       worker.on('error', (err) => o.abort.fail(new Error(`${label}: ${err.message}`)));
       return { worker, label };
-    };
+    });
     this.resolvers = o.plan.resolvers.map((spec) => {
       const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint };
       return start('resolver-worker', data, spec.label);
@@ -77,6 +82,50 @@ export class GuestThreads {
     };
     this.vcpus = Array.from({ length: o.threads.vcpus }, (_, v) => guestThread('vcpu', v));
     this.ios = Array.from({ length: o.threads.ioThreads }, (_, i) => guestThread('io', i));
+    this.watchedThreads = [
+      ...this.vcpus.map((_, v) => ({ slot: this.o.threads.vcpuSlot(v), name: `vCPU ${v}` })),
+      ...this.ios.map((_, i) => ({ slot: this.o.threads.ioSlot(i), name: `I/O thread ${i}` })),
+    ];
+  }
+
+  /**
+   * The devices' DMA threads, in the slots after the I/O threads'. They
+   * fault through the userfaultfd as I/O threads do; a context of the
+   * strategy's that no resolver reads yet (kvm-exit's and per-thread-uffd's
+   * process-wide one, without I/O threads) gets one, which owes a WAKE after
+   * EEXIST as the I/O-thread resolver does. Resolves once each is ready.
+   */
+  async addDevices(devices: { name: string; index: number; dmaRanges: PageRange[]; slot: number }[]): Promise<void> {
+    const o = this.o;
+    const added: Thread[] = [];
+    const read = new Set(o.plan.resolvers.map((r) => r.ctx));
+    for (const ctx of new Set(o.plan.ranges.map((r) => r.ctx))) {
+      if (read.has(ctx)) continue;
+      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake: true, pageWait: 'await', state: o.shared, source: o.endpoint };
+      const t = this.start('resolver-worker', data, data.label);
+      this.resolvers.push(t);
+      added.push(t);
+    }
+    for (const d of devices) {
+      const data: GuestThreadData = {
+        kind: 'device',
+        index: d.index,
+        slot: d.slot,
+        strategy: o.strategy,
+        delivery: 'userfaultfd',
+        state: o.shared,
+        workload: o.workload,
+        ioAccesses: o.ioAccesses,
+        source: o.endpoint,
+        copyCtx: o.plan.vcpuCopyCtx,
+        dmaRanges: d.dmaRanges,
+      };
+      const t = this.start('guest-thread-worker', data, `device ${d.name}`);
+      this.devices.push(t);
+      added.push(t);
+      this.watchedThreads.push({ slot: d.slot, name: `device ${d.name}` });
+    }
+    await Promise.all(added.map((t) => expectReport(t.worker, 'ready', t.label, this.o.abort)));
   }
 
   /** Every thread connected and bound to guest memory. */
@@ -84,21 +133,20 @@ export class GuestThreads {
     await Promise.all([...this.resolvers, ...this.vcpus, ...this.ios].map((t) => expectReport(t.worker, 'ready', t.label, this.o.abort)));
   }
 
-  /** The threads the watchdog watches: every vCPU and I/O thread. */
+  /** The threads the watchdog watches: every vCPU, I/O thread and device (the list grows as devices are added). */
   watched(): WatchedThread[] {
-    return [
-      ...this.vcpus.map((_, v) => ({ slot: this.o.threads.vcpuSlot(v), name: `vCPU ${v}` })),
-      ...this.ios.map((_, i) => ({ slot: this.o.threads.ioSlot(i), name: `I/O thread ${i}` })),
-    ];
+    return this.watchedThreads;
   }
 
-  /** The guest runs: every vCPU and I/O thread at once. Resolves with their results once every one is done. */
-  async run(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[] }> {
-    const guest = [...this.vcpus, ...this.ios];
+  /** The guest runs: every vCPU, I/O thread and device at once. Resolves with their results once every one is done. */
+  async run(): Promise<{ vcpuResults: GuestThreadResult[]; ioResults: GuestThreadResult[]; deviceResults: GuestThreadResult[] }> {
+    const guest = [...this.vcpus, ...this.ios, ...this.devices];
     const done = guest.map((t) => expectReport(t.worker, 'done', t.label, this.o.abort));
     for (const t of guest) t.worker.postMessage({ type: 'go' });
     const results = (await Promise.all(done)).map((r) => r.result);
-    return { vcpuResults: results.slice(0, this.vcpus.length), ioResults: results.slice(this.vcpus.length) };
+    const v = this.vcpus.length;
+    const io = this.ios.length;
+    return { vcpuResults: results.slice(0, v), ioResults: results.slice(v, v + io), deviceResults: results.slice(v + io) };
   }
 
   /**

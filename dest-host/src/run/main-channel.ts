@@ -10,6 +10,7 @@
  * run too: nothing it sends may land where it does not belong.
  */
 import { PostcopyError, ProtocolError, type Message, type PageHashes, type SourceSummary } from '@postcopy/shared';
+import type { DeviceReceiver } from '../devices/receiver.js';
 import { ERRNO } from '../memory/backend.js';
 import type { DestLifecycle } from '../lifecycle.js';
 import type { PageInstaller } from '../vmm/page-installer.js';
@@ -29,6 +30,8 @@ export interface MainChannelDeps {
   onSwitchover: (postcopy: boolean) => void;
   /** After each pushed run (fault injection counts installed pages there). */
   afterPush?: () => void;
+  /** The guest's devices (precopy modes): their messages, and their resume at the switchover. */
+  devices?: DeviceReceiver;
 }
 
 export class MainChannel {
@@ -123,6 +126,15 @@ export class MainChannel {
           );
           return;
         }
+        if (this.d.devices) {
+          // The devices leave RESUMING (their state checked) and run, before the guest does.
+          try {
+            this.d.devices.resume();
+          } catch (err) {
+            fail(err as Error);
+            return;
+          }
+        }
         this.d.lifecycle.switchover(m.postcopy);
         // After a stop-and-copy every page is here: nothing more will come, as a `complete` would say.
         if (!m.postcopy) this.complete = true;
@@ -164,6 +176,17 @@ export class MainChannel {
         return;
       case 'error':
         fail(new PostcopyError(m.code, `the source reported: ${m.message}`));
+        return;
+      case 'device-setup':
+      case 'device-data':
+      case 'device-init-data-sent':
+      case 'device-end':
+        if (!this.d.devices) {
+          fail(new ProtocolError(`expected no device messages in a ${this.d.lifecycle.state} migration without devices, got ${m.type}`));
+          return;
+        }
+        if (!this.expectPrecopy(m.type)) return;
+        this.d.devices.onMessage(m);
         return;
       default:
         fail(new ProtocolError(`expected pushed, complete, summary or error on the main channel, got ${m.type}`));

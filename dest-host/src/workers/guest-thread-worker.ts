@@ -1,5 +1,7 @@
 /**
- * A guest thread: a vCPU (kind 'vcpu') or a non-vCPU I/O thread (kind 'io').
+ * A guest thread: a vCPU (kind 'vcpu'), a non-vCPU I/O thread (kind 'io'),
+ * or a device's DMA after the switchover (kind 'device', an I/O thread
+ * whose pages lie in the device's DMA ranges, and whose accesses write).
  * Binds itself as a faulting thread of guest memory (on uffd its plain loads
  * of missing pages block in the kernel), says which id its fault messages
  * carry, waits for 'go' (all threads start together, like
@@ -7,7 +9,7 @@
  * faults and blocked intervals.
  */
 import { workerData } from 'node:worker_threads';
-import { ChannelRole, CpuMeter, accessPattern, ioPattern } from '@postcopy/shared/core';
+import { ChannelRole, CpuMeter, accessPattern, dmaPattern, ioPattern } from '@postcopy/shared/core';
 import { GuestPages } from '../memory/pages.js';
 import type { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
@@ -48,7 +50,9 @@ runWorker(async () => {
   const pattern =
     data.kind === 'vcpu'
       ? accessPattern(data.workload, data.index)
-      : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
+      : data.kind === 'device'
+        ? dmaPattern(data.dmaRanges!, data.workload.seed, data.index, data.ioAccesses)
+        : ioPattern(data.workload.totalPages, data.workload.seed, data.index, data.ioAccesses);
   const ran = await runGuestLoop({
     slot: data.slot,
     thread,
@@ -59,13 +63,14 @@ runWorker(async () => {
     image: data.state.image,
     ignoreWord: data.state.ignoreWord,
     pattern,
-    writeFraction: data.workload.writeFraction,
+    // A device's accesses are DMA writes (each stores what it read, so the digests still compare).
+    writeFraction: data.kind === 'device' ? 1 : data.workload.writeFraction,
     seed: data.workload.seed,
     clockOffset,
     ...(exitOnMissing ? { exitOnMissing } : {}),
   });
   const result = { ...ran, cpuUs: cpu.spent().threadUs };
-  if (data.kind === 'io') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
+  if (data.kind !== 'vcpu') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
   client?.close();
   memory.dispose();
   report({ type: 'done', result }, [result.intervals.buffer as ArrayBuffer]);

@@ -1,4 +1,4 @@
-import type { ImageSpec, StrategyName, WorkloadSpec } from '@postcopy/shared';
+import type { ImageSpec, PageRange, StrategyName, WorkloadSpec } from '@postcopy/shared';
 import type { BackendHandle } from '../memory/backend.js';
 import type { ClientTls } from '../net/page-client.js';
 import type { PageWait } from '../vmm/page-installer.js';
@@ -36,7 +36,8 @@ export interface SharedState {
 }
 
 export interface GuestThreadData {
-  kind: 'vcpu' | 'io';
+  /** A vCPU, an I/O thread, or a device's DMA (after the switchover: it faults through the userfaultfd, as an I/O thread). */
+  kind: 'vcpu' | 'io' | 'device';
   /** vCPU index, or I/O thread index. */
   index: number;
   /** Thread slot: its fault queue, and its entry in the emulation's thread table (ThreadPlan). */
@@ -50,6 +51,8 @@ export interface GuestThreadData {
   source?: SourceEndpoint;
   /** kvm-exit: context of the vCPU's DONTWAKE COPY. */
   copyCtx: number;
+  /** A device's DMA: the guest RAM it reaches. */
+  dmaRanges?: PageRange[];
 }
 
 export interface ResolverData {
