@@ -46,6 +46,7 @@ const TYPE_CODES = Object.values(MessageType) as number[];
 const NEEDS_LAYOUT = new Set<Message['type']>([
   'request', 'page', 'zero-page', 'already-sent', 'sent-on-main', 'pushed', 'pushed-zero', 'complete', 'finish',
   'resume', 'resumed', 'precopy-pages', 'precopy-zero', 'discard', 'switchover', 'running', 'hash-request', 'page-hashes',
+  'device-setup', 'devices-ready', 'device-data', 'device-init-data-sent', 'switchover-ack', 'device-end',
 ]);
 
 const isU32 = (v: unknown): boolean => typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= MAX_U32;
@@ -156,6 +157,25 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
     case 'error':
       if (typeof m.code !== 'string' || m.code.length > 64) return 'error.code';
       return typeof m.message === 'string' && m.message.length <= 4096 ? undefined : 'error.message';
+    case 'device-setup':
+      if (m.devices.length > 16) return 'device-setup with more than 16 devices';
+      for (const d of m.devices) {
+        if ((d.flags & 1) === 0 || d.flags > 7) return `device-setup.flags ${d.flags}`;
+        if (!isCount(d.stateBytes) || d.stateBytes % 4 !== 0 || d.stateBytes > 1024 ** 3) return `device-setup.stateBytes ${d.stateBytes}`;
+        if (d.dmaRanges.length === 0 || d.dmaRanges.some((r) => r.count < 1 || r.first + r.count > layout!.totalPages)) return 'device-setup.dmaRanges';
+      }
+      return undefined;
+    case 'devices-ready':
+      return m.uuids.length <= 16 && m.uuids.every((u) => /^[0-9a-f-]{36}$/.test(u)) ? undefined : 'devices-ready.uuids';
+    case 'device-data':
+      if (!(m.device < 16) || !isU32(m.seq) || !isCount(m.offset)) return 'device-data fields';
+      return m.data.length >= 1 && m.data.length <= 65536 ? undefined : `device-data.data of ${m.data.length} bytes`;
+    case 'device-init-data-sent':
+      return m.device < 16 ? undefined : 'device-init-data-sent.device';
+    case 'switchover-ack':
+      return undefined;
+    case 'device-end':
+      return m.device < 16 && isU32(m.records) && isCount(m.bytes) && isHex64(m.digest) ? undefined : 'device-end fields';
     default: {
       const never: never = m;
       return `unknown message ${JSON.stringify(never)}`;
@@ -223,6 +243,27 @@ const migrationArb = fc.record({
   perRound: fc.array(fc.record({ round: fc.nat(), pagesSent: fc.nat(), pagesDirtied: fc.nat(), ms: figure, mbps: figure }), { maxLength: 3 }),
   discardPages: fc.nat(),
   discardRanges: fc.nat(),
+});
+
+const providerArb = fc.record({ syncs: fc.nat(), bitmapBytes: fc.nat(), pagesDirty: fc.nat(), ms: figure });
+const devicesSummaryArb = fc.record({
+  devices: fc.array(
+    fc.record({
+      name: fc.constantFrom('nic0', 'gpu0', 'x'),
+      type: fc.constantFrom('mgpu-128M', 'nvgpu-2Q'),
+      capabilities: fc.subarray(['stop-copy', 'p2p', 'pre-copy']),
+      tracking: fc.constantFrom('device' as const, 'iommu' as const, 'none' as const),
+      statePath: fc.array(fc.constantFrom('RUNNING', 'PRE_COPY', 'STOP_COPY', 'STOP'), { maxLength: 6 }),
+      precopy: fc.record({ initialBytesAtStart: fc.nat(), bytesSent: fc.nat(), dirtyBytesMax: fc.nat() }),
+      stopCopyBytes: fc.nat(),
+      stateDigest: fc.oneof(fc.constant(''), hex64),
+    }),
+    { maxLength: 2 },
+  ),
+  providers: fc.record({ device: providerArb, iommu: providerArb, none: providerArb }),
+  policy: fc.record({ untrackedDma: fc.constantFrom('block', 'all-dirty', 'skip-precopy'), actedOn: fc.array(fc.constantFrom('nic0', 'gpu0'), { maxLength: 2 }), reason: text(200), forcedDowntimeMs: figure }),
+  downtime: fc.record({ ramMs: figure, deviceMs: figure }),
+  switchoverAck: fc.record({ needed: fc.boolean(), waitedMs: figure }),
 });
 
 /** Every message type, each field drawn from its whole valid range for `layout`. */
@@ -298,6 +339,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       migration: migrationArb,
       cpuUs: count,
       cpuMainThreadUs: fc.option(count, { nil: null }),
+      devices: devicesSummaryArb,
     }),
     fc.record({ type: fc.constant('precopy-pages' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page, data: bytesOf(pageSize) }),
     fc.record({ type: fc.constant('precopy-zero' as const), round: fc.integer({ min: 1, max: MAX_U32 }), page }),
@@ -309,6 +351,26 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       ? [fc.record({ type: fc.constant('page-hashes' as const), hashes: bytesOf(4 * totalPages), phases: bytesOf(totalPages) })]
       : []),
     fc.record({ type: fc.constant('error' as const), code: text(64), message: text(4096) }),
+    fc.array(
+      fc.record({
+        name: fc.constantFrom('nic0', 'gpu0'),
+        type: fc.constantFrom('mgpu-128M', 'mgpu-1G'),
+        version: fc.constantFrom('1.0', '2.13'),
+        flags: fc.constantFrom(1, 3, 5, 7),
+        stateBytes: fc.nat({ max: 2 ** 28 }).map((w) => w * 4),
+        dmaRanges: fc
+          .uniqueArray(fc.nat({ max: totalPages - 1 }), { minLength: 1, maxLength: Math.min(20, totalPages) })
+          .map((pages) => coalesce([...pages].sort((a, b) => a - b))),
+      }),
+      { maxLength: 3 },
+    ).map((devices): Message => ({ type: 'device-setup', devices })),
+    fc.record({ type: fc.constant('devices-ready' as const), uuids: fc.array(fc.uuid(), { maxLength: 3 }) }),
+    fc.integer({ min: 1, max: 65536 }).chain((n) =>
+      fc.record({ type: fc.constant('device-data' as const), device: fc.nat({ max: 15 }), seq: u32, offset: fc.nat({ max: 1024 ** 3 }), data: bytesOf(n) }),
+    ),
+    fc.record({ type: fc.constant('device-init-data-sent' as const), device: fc.nat({ max: 15 }) }),
+    fc.constant<Message>({ type: 'switchover-ack' }),
+    fc.record({ type: fc.constant('device-end' as const), device: fc.nat({ max: 15 }), records: u32, bytes: count, digest: hex64 }),
   );
 }
 

@@ -76,6 +76,28 @@ const summary: Summary = {
   },
   cpuUs: 1_234_567,
   cpuMainThreadUs: 1_000_001,
+  devices: {
+    devices: [
+      {
+        name: 'nic0',
+        type: 'mgpu-128M',
+        capabilities: ['stop-copy', 'p2p', 'pre-copy'],
+        tracking: 'device',
+        statePath: ['RUNNING', 'PRE_COPY', 'PRE_COPY_P2P', 'STOP_COPY', 'STOP'],
+        precopy: { initialBytesAtStart: 8192, bytesSent: 12288, dirtyBytesMax: 4096 },
+        stopCopyBytes: 4096,
+        stateDigest: DIGEST,
+      },
+    ],
+    providers: {
+      device: { syncs: 3, bitmapBytes: 24, pagesDirty: 9, ms: 0.25 },
+      iommu: { syncs: 0, bitmapBytes: 0, pagesDirty: 0, ms: 0 },
+      none: { syncs: 0, bitmapBytes: 0, pagesDirty: 0, ms: 0 },
+    },
+    policy: { untrackedDma: 'block', actedOn: [], reason: "every device's DMA is tracked", forcedDowntimeMs: 0 },
+    downtime: { ramMs: 1.5, deviceMs: 2.25 },
+    switchoverAck: { needed: true, waitedMs: 0.5 },
+  },
 };
 
 const receivedmap = new Uint8Array(8);
@@ -140,6 +162,12 @@ const samples: Message[] = [
   { type: 'hash-request' },
   { type: 'page-hashes', hashes: new Uint8Array(4 * 64).fill(7), phases: new Uint8Array(64).fill(1) },
   { type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'request.page: expected a whole number from 0 to 63, got 64 (number)' },
+  { type: 'device-setup', devices: [{ name: 'nic0', type: 'mgpu-128M', version: '1.0', flags: 7, stateBytes: 8192, dmaRanges: [{ first: 0, count: 16 }, { first: 32, count: 32 }] }] },
+  { type: 'devices-ready', uuids: ['83b8f4f2-509f-382f-3c1e-e6bfe0fa1001'] },
+  { type: 'device-data', device: 0, seq: 3, offset: 4096, data: pageData(1) },
+  { type: 'device-init-data-sent', device: 0 },
+  { type: 'switchover-ack' },
+  { type: 'device-end', device: 0, records: 4, bytes: 16384, digest: DIGEST },
 ];
 
 describe('round trip', () => {
@@ -404,6 +432,38 @@ describe('rejects malformed frames with ProtocolError', () => {
 
     expectRejected(pack([MessageType.Summary, [1, 2, 3]]), 'summary', 'object of counters', 'array of 3');
     expectRejected(pack([MessageType.Summary, 7]), 'summary', 'object of counters', '7 (number)');
+
+    const noDevices = goodSummaryFields();
+    delete noDevices.devices;
+    expectRejected(pack([MessageType.Summary, noDevices]), 'summary.devices', 'an object', 'undefined');
+    const badTracking = { ...goodSummaryFields(), devices: { ...summary.devices, devices: [{ ...summary.devices.devices[0], tracking: 'psychic' }] } };
+    expectRejected(pack([MessageType.Summary, badTracking]), 'summary.devices.devices[0].tracking', 'one of device, iommu, none', '"psychic" (string)');
+    const badProvider = { ...goodSummaryFields(), devices: { ...summary.devices, providers: { ...summary.devices.providers, iommu: { syncs: -1, bitmapBytes: 0, pagesDirty: 0, ms: 0 } } } };
+    expectRejected(pack([MessageType.Summary, badProvider]), 'summary.devices.providers.iommu.syncs', 'a number >= 0', '-1 (number)');
+  });
+
+  it('device messages: every field checked (devices, sizes, names, UUIDs, digests)', () => {
+    const ranges = Buffer.alloc(8);
+    ranges.writeUInt32LE(0, 0);
+    ranges.writeUInt32LE(16, 4);
+    const setup = (entry: unknown[]): Uint8Array => pack([MessageType.DeviceSetup, [entry]]);
+    expect(decode(setup(['nic0', 'mgpu-128M', '1.0', 5, 8192, ranges]), limits)).toMatchObject({ type: 'device-setup', devices: [{ name: 'nic0', flags: 5, dmaRanges: [{ first: 0, count: 16 }] }] });
+    expect(rejection(setup(['nic0', 'mgpu-128M', '1.0', 2, 8192, ranges]))).toMatch(/device-setup.devices\[0\].flags: expected VFIO_MIGRATION_STOP_COPY \(1\) among the flags, got 2/);
+    expect(rejection(setup(['nic0', 'mgpu-128M', '1.0', 8, 8192, ranges]))).toMatch(/flags: expected a whole number from 0 to 7, got 8/);
+    expect(rejection(setup(['nic0', 'mgpu-128M', '1.0', 1, 8193, ranges]))).toMatch(/stateBytes: expected a multiple of 4, got 8193/);
+    expect(rejection(setup(['nic 0', 'mgpu-128M', '1.0', 1, 8192, ranges]))).toMatch(/device-setup.devices\[0\].name: expected a device name/);
+    expect(rejection(setup(['nic0', 'mgpu-128M', 'v1', 1, 8192, ranges]))).toMatch(/version: expected a version MAJOR.MINOR/);
+    const outside = Buffer.alloc(8);
+    outside.writeUInt32LE(60, 0);
+    outside.writeUInt32LE(5, 4);
+    expect(rejection(setup(['nic0', 'mgpu-128M', '1.0', 1, 8192, outside]))).toMatch(/dmaRanges: expected ranges inside the guest's 64 pages, got pages 60 to 64/);
+    expect(rejection(pack([MessageType.DevicesReady, ['not-a-uuid']]))).toMatch(/devices-ready.uuids\[0\]: expected a lowercase UUID, got "not-a-uuid"/);
+    expect(rejection(pack([MessageType.DeviceData, 16, 0, 0, pageData(0)]))).toMatch(/device-data.device: expected a whole number from 0 to 15, got 16/);
+    expect(rejection(pack([MessageType.DeviceData, 0, 0, 0, new Uint8Array(0)]))).toMatch(/device-data.data: expected 1 to 65536 bytes of device state, got 0 bytes/);
+    expect(rejection(pack([MessageType.DeviceData, 0, 0, 0, new Uint8Array(65537)]))).toMatch(/got 65537 bytes/);
+    expect(rejection(pack([MessageType.DeviceEnd, 0, 1, 4096, 'abc']))).toMatch(/device-end.digest: expected 64 hex digits \(SHA-256\), got "abc"/);
+    expect(rejection(pack([MessageType.SwitchoverAck, 1]))).toMatch(/switchover-ack: expected 0 fields, got 1/);
+    expect(rejection(pack([MessageType.DeviceInitDataSent, 0]), {})).toMatch(/device-init-data-sent: expected the handshake \(hello, welcome\) first/);
   });
 
   it("a summary's main-thread CPU: a whole number, or nil where the source cannot tell; nothing else", () => {
