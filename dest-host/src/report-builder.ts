@@ -195,7 +195,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
 }
 
 /** The devices (issue 11): the source's figures with the destination's instance, states, verification and DMA. */
-function deviceFigures(inp: ReportInputs): Pick<Report, 'devices' | 'dirtyTracking' | 'policy' | 'downtimeSplit'> {
+function deviceFigures(inp: ReportInputs): Pick<Report, 'devices' | 'dirtyTracking' | 'policy' | 'downtimeSplit' | 'switchoverAck'> {
   const s = inp.summary.devices;
   const dest = inp.destDevices ?? [];
   const devices: DeviceReport[] = s.devices.map((d, i) => {
@@ -227,6 +227,7 @@ function deviceFigures(inp: ReportInputs): Pick<Report, 'devices' | 'dirtyTracki
     dirtyTracking: { provider: Object.fromEntries(s.devices.map((d) => [d.name, d.tracking])), perProvider },
     policy: { ...s.policy },
     downtimeSplit: { ramMs, deviceMs, otherMs: round(Math.max(0, downtimeMs - ramMs - deviceMs)) },
+    switchoverAck: { ...s.switchoverAck },
   };
 }
 

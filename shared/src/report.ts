@@ -119,6 +119,8 @@ export interface Report {
   policy: PolicyReport;
   /** The downtime's RAM and device parts. */
   downtimeSplit: DowntimeSplit;
+  /** QEMU's switchover-ack: whether a device needed it, and how long the switchover waited for it (ms). */
+  switchoverAck: { needed: boolean; waitedMs: number };
 }
 
 /** The precopy rounds (QEMU's names where it has them): the source's figures, as its summary gives them. */
