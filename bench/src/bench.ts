@@ -39,6 +39,7 @@ import { NET_RECEIVE_MODES, measureNetCeiling, type NetCeilingResult } from './n
 import type { BenchOptions } from './options.js';
 import { BackendsBench, type BackendsResult } from './backends.js';
 import { PhasesBench, type PhasesResult } from './phases.js';
+import { DevicesBench, type DevicesResult } from './devices.js';
 
 export interface FloorSample {
   p50Us: number;
@@ -85,6 +86,8 @@ export interface BenchResult extends BenchFigures {
   backends: BackendsResult;
   /** Precopy, hybrid and postcopy of the same guest (phases.ts). */
   phases: PhasesResult;
+  /** The same guest and device under each DMA tracking and untracked-DMA policy (devices.ts); absent with --device-section off. */
+  devices?: DevicesResult;
 }
 
 export const METHOD = {
@@ -107,6 +110,8 @@ export const METHOD = {
     "against the native floor (bench/native/fault-floor.c, built with the machine's compiler: the real userfaultfd, loopback TCP, N vCPU threads each reading " +
     'its own M MiB partition in order) in the counterpart mode of each strategy (shared-uffd: shared, per-thread-uffd: per-region, kvm-exit: exit), each tool run followed by its native run',
   phases: 'npm start -- --mode precopy|hybrid|postcopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 (no dirty rate in postcopy): the report\'s totalTimeMs and downtimeMs; precopy\'s round 1 (every page) throughput from precopy.perRound[0].mbps',
+  devices:
+    "npm start -- --mode precopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 --downtime-limit 1000 --device bench0:tracking=T,dma-rate=2000,state=8MiB,pre-copy,dma-range=(the guest's first eighth), T = device, iommu, or none with --untracked-dma all-dirty or skip-precopy: the report's totalTimeMs, downtimeMs, downtimeSplit, and dirtyTracking.perProvider of the device's provider (bitmap bytes and pages per sync, ms per sync); no target",
   tls: "the kvm-exit strategy run and the push run again with --tls (throwaway EC P-256 certificates, TLS 1.3, the source verifying the destination's certificate too), interleaved with the plain ones; ratios against the plain runs of the same bench",
   recovery:
     'npm start -- --strategy kvm-exit --vcpus 1 --workload random --max-postcopy-bandwidth 400mbit (push on, capped so the fault lands mid-migration) ' +
@@ -182,9 +187,11 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const backends = new BackendsBench(options.backends, options.memoryBytes);
   if (backends.note) progress(backends.note);
   const phases = new PhasesBench(options.memoryBytes);
+  const devices = options.deviceSection ? new DevicesBench(options.memoryBytes) : undefined;
   for (let r = 0; r < options.repeat; r++) {
     steps.push(...backends.steps());
     steps.push(...phases.steps());
+    if (devices) steps.push(...devices.steps());
     steps.push({
       label: 'floor (round trip and bulk)',
       run: async () => {
@@ -379,5 +386,6 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     samples: { floor: floorSamples, netCeiling: netSamples, native: nativeSamples, runs: runSamples, large: largeSamples },
     backends: backends.result(),
     phases: phasesResult,
+    ...(devices ? { devices: devices.result() } : {}),
   };
 }

@@ -4,6 +4,7 @@ import { injectAtPages } from './migrations.js';
 import { formatBackends } from './backends.js';
 import { formatPhases } from './phases.js';
 import { NATIVE_COUNTERPART } from './native-floor.js';
+import { formatDevices } from './devices.js';
 
 function table(rows: string[][], indent = '  '): string {
   const widths: number[] = [];
@@ -159,6 +160,8 @@ export function formatBench(r: BenchResult): string {
   lines.push(formatBackends(r.backends));
   lines.push('');
   lines.push(formatPhases(r.phases, r.pushThroughputMiBs));
+  lines.push('');
+  lines.push(formatDevices(r.devices));
   lines.push('');
   lines.push('ratios');
   const rows2: string[][] = [['name', 'value', 'target', '', 'meaning']];

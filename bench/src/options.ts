@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { UsageError, formatBytes, parseIntOption, parseSize } from '@postcopy/shared';
+import { UsageError, formatBytes, parseChoice, parseIntOption, parseSize } from '@postcopy/shared';
 import { addBackendsOption, parseBackendsOptions, type BackendsOptions } from './backends.js';
 
 /** Option defaults in one literal (the `ws` convention). */
@@ -42,6 +42,8 @@ export interface BenchOptions {
   json: string | undefined;
   /** The memory-backends section (backends.ts). */
   backends: BackendsOptions;
+  /** The devices section (devices.ts). */
+  deviceSection: boolean;
 }
 
 /** The whole code path in seconds (the bench's own test runs this). */
@@ -74,6 +76,7 @@ function benchCommandWithoutBackends(): Command {
     .option('--net-mib <n>', "MiB the net ceiling streams (Node's net into a SharedArrayBuffer)", BENCH_DEFAULTS.netMib)
     .option('--push-memory <size>', 'guest of the idle push run (one vCPU touching one page)', BENCH_DEFAULTS.pushMemory)
     .option('--json <path>', 'also write the results as JSON to this file')
+    .option('--device-section <on|off>', 'the devices section: the same guest and device with tracking=device, tracking=iommu, all-dirty and skip-precopy (devices.ts)', 'on')
     .addHelpText('after', `\nA tiny run of the whole code path: ${TINY_ARGS.join(' ')}`);
 }
 
@@ -96,6 +99,7 @@ export function parseBenchOptions(raw: Record<string, unknown>): BenchOptions {
     pushMemoryBytes: parseSize('--push-memory', String(raw.pushMemory)),
     json: typeof raw.json === 'string' ? raw.json : undefined,
     backends: parseBackendsOptions(raw),
+    deviceSection: parseChoice('--device-section', String(raw.deviceSection ?? 'on'), ['on', 'off'] as const) === 'on',
   };
 }
 

@@ -9,7 +9,7 @@ import { TINY_ARGS } from '../src/options.js';
 /** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
 const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 /** The whole code path, tiny: every run is a real two-process migration of a few MiB (throughput runs: 2 vCPUs x 1 MiB). */
-const TINY = [...TINY_ARGS, '--memory-backends', 'none'];
+const TINY = [...TINY_ARGS, '--memory-backends', 'none', '--device-section', 'off'];
 const TIMEOUT_MS = 55_000;
 
 /** Every ratio the tiny bench computes (its throughput runs have 2 vCPUs: names end in 2). */
@@ -144,6 +144,8 @@ describe('npm run bench (tiny)', () => {
 
     // The memory-backends section has its own test (backends.test.ts): skipped here to keep the tiny run short.
     expect(run.stdout).toContain('memory backends: not measured (--memory-backends none)');
+    // So is the devices section (devices.test.ts).
+    expect(run.stdout).toContain('devices: not measured (--device-section off)');
     for (const name of [...RATIOS, 'rankingInversions2']) expect(run.stdout).toContain(name);
     expect(run.stdout).toMatch(new RegExp(`targets met: \\d+ of ${TARGETED.length}$`, 'm'));
     expect(run.stdout).toMatch(/^phases before postcopy: the same guest, 1 source vCPU dirtying 1000 pages\/s/m);
