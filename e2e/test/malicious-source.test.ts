@@ -14,6 +14,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { pack } from 'msgpackr';
 import {
+  noDevicesSummary,
   MessageType,
   PHASE,
   PROTOCOL_VERSION,
@@ -189,6 +190,7 @@ class FakeSource {
       },
       cpuUs: 0,
       cpuMainThreadUs: null,
+      devices: noDevicesSummary(),
     };
   }
 
