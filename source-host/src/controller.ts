@@ -234,6 +234,7 @@ export class MigrationController extends EventEmitter {
     if (this.lifecycle.ended) return;
     if (err instanceof PrecopyCancelledError) return; // mainLost() has cancelled already
     void this.guest?.close();
+    this.devices?.abandon();
     void this.devices?.close();
     const reason = err instanceof NotConvergedError || err instanceof DeviceRefusedError ? err.message : `precopy failed: ${err.message}`;
     this.lifecycle.fail(reason);
@@ -363,6 +364,7 @@ export class MigrationController extends EventEmitter {
     this.migration.stop();
     // The guest keeps running on the source (it may have stopped for the switchover); it is ours still.
     void this.guest?.close();
+    this.devices?.abandon();
     void this.devices?.close();
     this.emit('cancelled', `${reason}: the migration is cancelled and the guest stays on the source`);
   }

@@ -309,6 +309,16 @@ export class SourceDevices implements PrecopyDevices {
     };
   }
 
+  /**
+   * The migration failed or was cancelled: the guest stays here, and its
+   * devices run on (QEMU's MIG_EVENT_PRECOPY_FAILED puts them back in
+   * RUNNING, vfio_migration_state_notifier); dirty logging stops.
+   */
+  abandon(): void {
+    this.tracking.stop();
+    for (const d of this.devices) if (d.fsm.state !== DEVICE_STATE.RUNNING) d.fsm.setState(DEVICE_STATE.RUNNING);
+  }
+
   async close(): Promise<void> {
     this.refused(new Error('the source is closing'));
     await Promise.all(this.devices.map((d) => d.close()));
