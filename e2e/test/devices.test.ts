@@ -6,12 +6,23 @@
  * IOMMU, PRE_COPY data and switchover-ack; each untracked-DMA policy
  * (all-dirty does not converge and says why, block refuses naming the
  * device, enable-migration=on lets it through); the proof that the content
- * check sees DMA; the mdev refusal before any page moves; the mdev tree;
+ * check sees DMA; the mdev refusals before any page moves (no instance
+ * available, an incompatible version); the mdev tree;
  * and the bad inputs, each exit 2 saying what is accepted.
  */
-import { describe, expect, it } from 'vitest';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
-import { DEST, LAUNCHER, failedChecks, migrate, runNode } from './run.js';
+import { exitCode, listeningUrl } from '../src/launcher.js';
+import { DEST, LAUNCHER, SOURCE, failedChecks, migrate, runNode } from './run.js';
+
+const cleanups: (() => void)[] = [];
+afterEach(() => {
+  while (cleanups.length) cleanups.pop()!();
+});
 
 function expectVerified(result: Awaited<ReturnType<typeof migrate>>): Report {
   expect(result.code, result.stderr + result.stdout.slice(-3000)).toBe(0);
@@ -120,6 +131,28 @@ describe('devices, end to end', () => {
     expect(result.report).toBeUndefined();
     expect(result.stderr).toMatch(/dest: the migration is refused before any page moved: device b needs an instance of mdev type mgpu-1G, and none can be created \(EDQUOT\): .*available_instances: mgpu-128M 4, mgpu-256M 2, mgpu-512M 1, mgpu-1G 0/);
     expect(result.stderr).toMatch(/source: migration failed: the destination refused the migration before any page was sent: device b needs an instance of mdev type mgpu-1G/);
+  });
+
+  it("a destination whose type is another major version refuses before any page moves (hosts run apart, each with its own --mdev-types)", { timeout: 60_000 }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'postcopy-mdev-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const catalog = (version: string): string => {
+      const file = join(dir, `v${version}.json`);
+      writeFileSync(file, JSON.stringify({ parents: [{ name: '0000:65:00.0', driver: 'nvgpu', resource: { name: 'vram', total: '4GiB' }, types: [{ id: 'nvgpu-1Q', version, cost: '1GiB' }] }] }));
+      return file;
+    };
+    const env = { ...process.env, POSTCOPY_TOKEN: 'devices-test-token' };
+    const source: ChildProcess = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', '8MiB', '--mode', 'precopy', '--mdev-types', catalog('1.4'), '--device', 'gpu0:type=nvgpu-1Q'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    cleanups.push(() => source.kill('SIGKILL'));
+    let sourceStderr = '';
+    source.stderr!.on('data', (d: Buffer) => (sourceStderr += d.toString()));
+    const sourceExit = exitCode(source);
+    const url = await listeningUrl(source, sourceExit, 'the source', 30_000, () => sourceStderr);
+    const dest = await runNode(DEST, ['--source', url, '--memory', '8MiB', '--mdev-types', catalog('2.0')], { env, timeoutMs: 30_000 });
+    expect(dest.code).toBe(1);
+    expect(dest.stderr).toMatch(/dest: the migration is refused before any page moved: device gpu0 is mdev type nvgpu-1Q version 1.4, and this host's nvgpu-1Q is version 2.0: expected the same major version and a minor version at least the source's/);
+    expect(await sourceExit).toBe(1);
+    expect(sourceStderr).toMatch(/source: migration failed: the destination refused the migration before any page was sent: device gpu0 is mdev type nvgpu-1Q version 1.4/);
   });
 
   it('npm run dest -- --list-mdev-types prints the sysfs tree with the counts', async () => {
