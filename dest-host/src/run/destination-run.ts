@@ -198,7 +198,7 @@ export class DestinationRun {
         send: (m) => this.main!.send(m),
         fail: (err) => this.abort.fail(err),
         installed: () => vmm.counter(COUNTER.INSTALLED),
-        addDeviceThreads: (devices) => this.threads!.addDevices(devices.map((d) => ({ ...d, slot: options.vcpus + options.ioThreads + d.index }))),
+        addDeviceThreads: (devices) => this.threads!.addDevices(devices.map((d) => ({ ...d, slot: options.vcpus + options.ioThreads + d.index })), !options.skipOwedWake),
         onReady: (uuids) => options.onEvent?.(`devices: ${this.devices!.devices.map((d, i) => `${d.a.name} is mdev ${d.a.type} ${uuids[i]}`).join(', ')} (RESUMING)`),
       });
     }

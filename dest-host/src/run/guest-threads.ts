@@ -93,15 +93,16 @@ export class GuestThreads {
    * fault through the userfaultfd as I/O threads do; a context of the
    * strategy's that no resolver reads yet (kvm-exit's and per-thread-uffd's
    * process-wide one, without I/O threads) gets one, which owes a WAKE after
-   * EEXIST as the I/O-thread resolver does. Resolves once each is ready.
+   * EEXIST as the I/O-thread resolver does (`owesWake` false: the testing-only
+   * --unsafe-skip-owed-wake). Resolves once each is ready.
    */
-  async addDevices(devices: { name: string; index: number; dmaRanges: PageRange[]; slot: number }[]): Promise<void> {
+  async addDevices(devices: { name: string; index: number; dmaRanges: PageRange[]; slot: number }[], owesWake = true): Promise<void> {
     const o = this.o;
     const added: Thread[] = [];
     const read = new Set(o.plan.resolvers.map((r) => r.ctx));
     for (const ctx of new Set(o.plan.ranges.map((r) => r.ctx))) {
       if (read.has(ctx)) continue;
-      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake: true, pageWait: 'await', state: o.shared, source: o.endpoint };
+      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake, pageWait: 'await', state: o.shared, source: o.endpoint };
       const t = this.start('resolver-worker', data, data.label);
       this.resolvers.push(t);
       added.push(t);
