@@ -15,22 +15,13 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, LAUNCHER, SOURCE, failedChecks, migrate, runNode } from './run.js';
+import { DEST, LAUNCHER, SOURCE, expectVerified, migrate, runNode } from './run.js';
 
 const cleanups: (() => void)[] = [];
 afterEach(() => {
   while (cleanups.length) cleanups.pop()!();
 });
-
-function expectVerified(result: Awaited<ReturnType<typeof migrate>>): Report {
-  expect(result.code, result.stderr + result.stdout.slice(-3000)).toBe(0);
-  const report = result.report!;
-  expect(failedChecks(report)).toEqual([]);
-  expect(report.verified).toBe(true);
-  return report;
-}
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
