@@ -165,6 +165,11 @@ describe('devices, end to end', () => {
     ['a device state smaller than 0', ['--device', 'nic0:state=-4KiB'], /state: expected a size of 0 or more/],
     ['two devices with one name', ['--device', 'nic0', '--device', 'nic0'], /expected each device name once, got nic0 again/],
     ['devices with --mode postcopy', ['--mode', 'postcopy', '--device', 'nic0'], /--device: expected --mode precopy or hybrid with devices/],
+    [
+      'skip-precopy whose stop-and-copy cannot fit the downtime limit',
+      ['--mode', 'precopy', '--link-bandwidth', '100mbit', '--device', 'gpu0:tracking=none', '--untracked-dma', 'skip-precopy'],
+      /--untracked-dma skip-precopy: with --mode precopy the whole migration is one stop-and-copy: 8MiB of RAM and 1MiB of device state over 100 Mbit\/s is an estimated downtime of 755 ms, over the 300 ms --downtime-limit/,
+    ],
   ])('%s exits 2 saying what is accepted', async (_, extra, pattern) => {
     const result = await runNode(LAUNCHER, ['--memory', '8MiB', '--mode', 'hybrid', ...extra]);
     expect(result.code, result.stderr).toBe(2);
