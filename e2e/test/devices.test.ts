@@ -3,7 +3,7 @@
  * hybrid with a device-tracked device and an untracked one under
  * skip-precopy (every check passing, the devices' DMA on the destination
  * faulting and resolved); precopy with DMA tracked by a device and by an
- * IOMMU, PRE_COPY data and switchover-ack; each untracked-DMA policy
+ * IOMMU, PRE_COPY data and switchover-ack (and hybrid without it); each untracked-DMA policy
  * (all-dirty does not converge and says why, block refuses naming the
  * device, enable-migration=on lets it through); the proof that the content
  * check sees DMA; the mdev refusals before any page moves (no instance
@@ -81,6 +81,20 @@ describe('devices, end to end', () => {
     expect(report.switchoverAck.needed).toBe(true);
     expect(report.devices.every((d) => d.stateDigestMatch)).toBe(true);
     expect(report.downtimeSplit.ramMs + report.downtimeSplit.deviceMs).toBeLessThanOrEqual(report.downtimeMs);
+  });
+
+  it('hybrid with --no-switchover-ack: nothing waits for the initial data, what is left goes in STOP_COPY, the state still verifies', { timeout: 90_000 }, async () => {
+    const result = await migrate([
+      '--memory', '16MiB', '--vcpus', '1', '--mode', 'hybrid', '--no-switchover-ack', '--link-bandwidth', '200mbit',
+      '--device', 'nic0:tracking=device,dma-rate=1000,state=8MiB,state-dirty-rate=1MiB,pre-copy',
+    ]);
+    const report = expectVerified(result);
+    expect(report.switchoverAck).toEqual({ needed: false, waitedMs: 0 });
+    const nic = report.devices[0]!;
+    expect(nic.statePath.source).toEqual(['RUNNING', 'PRE_COPY', 'STOP_COPY', 'STOP']);
+    expect(nic.precopy.initialBytesAtStart).toBe(8 * 1024 * 1024);
+    expect(nic.stateDigestMatch).toBe(true);
+    expect(report.downtimeSplit.deviceMs).toBeGreaterThan(0);
   });
 
   it("all-dirty in precopy does not converge, and says it is the device's untracked DMA", { timeout: 90_000 }, async () => {
