@@ -19,6 +19,8 @@ export interface StatusSource {
   startedAt(): number | undefined;
   /** Precopy: the latest round whose pages arrived (0 before any). */
   round?(): number;
+  /** Precopy modes with devices: each device's mdev instance and its device_state. */
+  devices?(): { name: string; type: string; uuid: string; state: string }[];
 }
 
 /** The snapshot `GET /status` returns, shaped like QEMU's query-migrate on the destination. */
@@ -62,6 +64,7 @@ export function statusSnapshot(s: StatusSource): Record<string, unknown> {
     // Fault messages resolvers have read for each vCPU (mapped from the message's thread id; 0 for kvm-exit's vCPUs, which exit instead).
     'vcpu-fault-messages': Array.from({ length: s.vcpus }, (_, v) => vmm.messagesOf(v)),
     'postcopy-latency': faults > 0 ? Math.round((blockedSum * 1e6) / faults) : 0,
+    ...(s.devices ? { devices: s.devices().map((d) => ({ name: d.name, type: d.type, 'mdev-uuid': d.uuid, 'device-state': d.state })) } : {}),
   };
 }
 

@@ -183,11 +183,14 @@ async function status(url: string): Promise<Record<string, unknown>> {
 }
 
 describe('the source\'s control endpoint', () => {
-  it('POST /migrate-start-postcopy switches a running hybrid precopy; GET /status on both hosts shows the phase; 409 outside it', { timeout: 60_000 }, async () => {
+  it('POST /migrate-start-postcopy switches a running hybrid precopy; GET /status on both hosts shows the phase and the device state; 409 outside it', { timeout: 60_000 }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'postcopy-precopy-'));
     dirs.push(dir);
     // Precopy would go on for a long time: a slow link and many rounds before the switch.
-    const source = startHost(SOURCE, ['--host', '127.0.0.1', '--port', '0', '--memory', '8MiB', '--mode', 'hybrid', '--postcopy-after-rounds', '1000', '--link-bandwidth', '20mbit', '--control-port', '0']);
+    const source = startHost(SOURCE, [
+      '--host', '127.0.0.1', '--port', '0', '--memory', '8MiB', '--mode', 'hybrid', '--postcopy-after-rounds', '1000', '--link-bandwidth', '20mbit', '--control-port', '0',
+      '--device', 'nic0:tracking=device,state=1MiB,pre-copy',
+    ]);
     const url = await listeningUrl(source.child, source.exit, 'the source', 20_000, source.stderr);
     const control = (await source.line(/^control (http:\/\/\S+)$/))[1]!;
     expect(await status(`${control}/status`)).toMatchObject({ status: 'setup', mode: 'hybrid' });
@@ -212,6 +215,13 @@ describe('the source\'s control endpoint', () => {
     expect(d.status).toBe('active');
     expect(d.round).toBeGreaterThanOrEqual(1);
     expect(d['pages-remaining']).toBeGreaterThan(0);
+    // The device: PRE_COPY on the source, with what is left of its state; RESUMING in its mdev instance here.
+    const [nic] = s.devices as Record<string, unknown>[];
+    expect(nic).toMatchObject({ name: 'nic0', 'device-state': 'PRE_COPY' });
+    expect(nic!['initial-bytes']).toBeLessThanOrEqual(1024 * 1024);
+    expect(typeof nic!['dirty-bytes']).toBe('number');
+    expect(nic!['stop-copy-length']).toBeGreaterThanOrEqual(0);
+    expect(d.devices).toEqual([{ name: 'nic0', type: expect.any(String), 'mdev-uuid': expect.stringMatching(/^[0-9a-f-]{36}$/), 'device-state': 'RESUMING' }]);
     // The user's switch.
     const res = await fetch(`${control}/migrate-start-postcopy`, { method: 'POST' });
     expect(res.status).toBe(200);

@@ -8,8 +8,9 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { hostForUrl } from '@postcopy/shared';
+import { hostForUrl, stateName } from '@postcopy/shared';
 import type { MigrationController } from './controller.js';
+import type { SourceDevice } from './devices/device.js';
 
 /** The status snapshot. */
 export function controlStatus(controller: MigrationController): Record<string, unknown> {
@@ -30,6 +31,22 @@ export function controlStatus(controller: MigrationController): Record<string, u
     'postcopy-requests': stats.requests,
     'pages-pushed': stats.pagesPushed,
     'pages-sent': controller.migration.sentmap.sent,
+    ...(controller.devices ? { devices: controller.devices.devices.map(deviceStatus) } : {}),
+  };
+}
+
+/**
+ * A device as QEMU's `info vfio`-like view would show it: its device_state,
+ * and in PRE_COPY the kernel's VFIO_MIG_GET_PRECOPY_INFO (initial and dirty
+ * bytes) with VFIO_DEVICE_FEATURE_MIG_DATA_SIZE (what STOP_COPY would carry).
+ */
+function deviceStatus(d: SourceDevice): Record<string, unknown> {
+  const info = d.precopyInfo();
+  return {
+    name: d.name,
+    'device-state': stateName(d.fsm.state),
+    ...(typeof info === 'number' ? {} : { 'initial-bytes': info.initialBytes, 'dirty-bytes': info.dirtyBytes }),
+    'stop-copy-length': d.stopCopyLength(),
   };
 }
 

@@ -9,7 +9,7 @@
  * recovers (recovery.ts).
  */
 import type { Server } from 'node:http';
-import { ChannelRole, ConnectionError, CpuMeter, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
+import { ChannelRole, ConnectionError, CpuMeter, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
 import { DeviceReceiver } from '../devices/receiver.js';
 import { DestLifecycle } from '../lifecycle.js';
@@ -181,6 +181,7 @@ export class DestinationRun {
         now: () => performance.now(),
         startedAt: () => this.startedAt,
         round: () => guest.receiver.round,
+        devices: () => (this.devices?.devices ?? []).map((d) => ({ name: d.a.name, type: d.a.type, uuid: d.uuid, state: stateName(d.fsm.state) })),
       },
       options.statusHost,
     );
