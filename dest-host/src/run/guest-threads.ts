@@ -9,6 +9,7 @@
 import type { Worker } from 'node:worker_threads';
 import { startWorker, type PageRange, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
+import type { ResolverTrace } from '../trace/thread-logs.js';
 import type { WatchedThread } from '../watchdog.js';
 import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from '../workers/protocol.js';
 import { expectReport, type Abort } from './abort.js';
@@ -25,6 +26,18 @@ export interface GuestThreadsOptions {
   abort: Abort;
   /** A worker's fault channel dropped in session `epoch` (see net/session.ts): the caller pauses or fails. */
   onChannelLost: (label: string, message: string, epoch: number) => void;
+  /** --trace: every thread logs its faults and messages for the timeline. */
+  trace: boolean;
+}
+
+/** What a resolver reports at its end. */
+export interface ResolverEnd {
+  label: string;
+  owesWake: boolean;
+  /** Its own CPU time over the run, µs (null where it cannot be told). */
+  cpuUs: number | null;
+  /** --trace: its fault messages. */
+  trace?: ResolverTrace;
 }
 
 interface Thread {
@@ -62,7 +75,7 @@ export class GuestThreads {
       return { worker, label };
     });
     this.resolvers = o.plan.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint };
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint, trace: o.trace };
       return start('resolver-worker', data, spec.label);
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
@@ -77,6 +90,7 @@ export class GuestThreads {
         ioAccesses: o.ioAccesses,
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
+        trace: o.trace,
       };
       return start('guest-thread-worker', data, kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`);
     };
@@ -152,12 +166,18 @@ export class GuestThreads {
 
   /**
    * The resolvers stop reading and finish their in-flight requests (before
-   * their contexts may close). Resolves with each resolver's own CPU time over
-   * the run, µs (null where it cannot be told).
+   * their contexts may close). Resolves with each resolver's end: its own CPU
+   * time over the run, and with --trace its log.
    */
-  async stopResolvers(): Promise<(number | null)[]> {
+  async stopResolvers(): Promise<ResolverEnd[]> {
     const done = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, this.o.abort));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
-    return (await Promise.all(done)).map((d) => d.cpuUs);
+    const specs = this.o.plan.resolvers;
+    return (await Promise.all(done)).map((d, i) => ({
+      label: specs[i]!.label,
+      owesWake: specs[i]!.owesWake,
+      cpuUs: d.cpuUs,
+      ...(d.trace ? { trace: d.trace } : {}),
+    }));
   }
 }
