@@ -26,8 +26,14 @@ export const FAULT_RESOLUTIONS = [
   'eexist',
   /** As eexist, and the resolver paid the WAKE it owed (the kernel wakes nobody on EEXIST). */
   'eexist-wake',
-  /** Another thread had claimed the page (asked for it) first: this fault sent no request. */
+  /** Another thread had claimed the page (asked for it) first, so this fault's handler did not ask again (the report's duplicateRequestsSuppressed). */
   'duplicate-suppressed',
+  /**
+   * Another thread's request brought the page before this fault's handler
+   * looked, or its install woke the thread before any handler took the
+   * fault's message: a duplicate too, but one there was nothing to suppress for.
+   */
+  'other-request',
   /** The page came in a precopy round (not expected after the switchover: a fault on it would be a bug). */
   'precopy',
   /** Nobody is known to have installed the page (a bug of the destination's bookkeeping). */
@@ -74,8 +80,8 @@ export function faultResolution(own: number, origin: number, owesWake: boolean):
           return 'push';
         case ORIGIN.DEMAND:
         case ORIGIN.MAIN:
-          // Another thread's request brought it (it had claimed the page): no request of this fault's.
-          return 'duplicate-suppressed';
+          // Another thread's request brought it: no request of this fault's.
+          return 'other-request';
         case ORIGIN.PRECOPY:
           return 'precopy';
         default:
