@@ -10,7 +10,7 @@ import type { GuestThreadResult } from '../workers/protocol.js';
 import { MAIN_KIND, MainLog } from './main-log.js';
 import { FAULT_RESOLUTIONS, faultResolution, wakeIssued } from './resolution.js';
 import { FaultLog, ResolverLog } from './thread-logs.js';
-import { TID, buildTimeline, type TimelineInputs } from './timeline.js';
+import { COUNTER_NAME, TID, buildTimeline, type TimelineInputs } from './timeline.js';
 import type { CompleteEvent, CounterEvent, MetadataEvent } from './trace-event.js';
 
 /** A guest thread's result: faults as [page, write, own Resolution or -1, start ms, end ms]. */
@@ -146,13 +146,14 @@ describe('buildTimeline', () => {
 
   it('counters: pages received and the push throughput over the last 100 ms', () => {
     const counters = events.filter((e): e is CounterEvent => e.ph === 'C');
-    expect(counters.filter((c) => c.name === 'pages received').map((c) => [c.ts, c.args.pages])).toEqual([
+    expect(counters.filter((c) => c.name === COUNTER_NAME.RECEIVED).map((c) => [c.ts, c.args.pages])).toEqual([
       [0, 0],
       [50_000, 8],
       [150_000, 16],
     ]);
+    expect(counters.filter((c) => c.name === COUNTER_NAME.DEMAND).map((c) => c.args.pages)).toEqual([0, 2, 3]);
     // 256 pages of 4 KiB in the 100 ms from the sample at 50 ms: 10 MiB/s.
-    expect(counters.filter((c) => c.name === 'push throughput (MiB/s)').map((c) => c.args.MiBs)).toEqual([0, 0, 10]);
+    expect(counters.filter((c) => c.name === COUNTER_NAME.PUSH).map((c) => c.args['MiB/s'])).toEqual([0, 0, 10]);
   });
 
   it('refuses a thread that ran without its log', () => {
