@@ -49,14 +49,15 @@ function expectTimeline(doc: TraceDocument, report: Report): Slice[] {
 
   // As many fault slices as the report counts faults (vCPU and non-vCPU), each on its thread's own track.
   expect(faults).toHaveLength(report.counters.faults);
-  for (const f of faults) expect(threadNames.get(f.tid)).toMatch(/^(vCPU|I\/O thread) \d+$/);
+  for (const f of faults) expect(threadNames.get(f.tid)).toMatch(/^(vCPU \d+|I\/O thread \d+|device \S+)$/);
   for (const v of report.perVcpu) {
     const own = faults.filter((f) => threadNames.get(f.tid) === `vCPU ${v.vcpu}`);
     expect(own).toHaveLength(v.faults);
     // µs: the slices add up to the report's blocktime in ms (the same intervals; 1 ns of rounding a slice).
     expect(Math.abs(own.reduce((s, f) => s + f.dur, 0) / 1000 - v.blocktimeMs)).toBeLessThan(0.01 + v.faults * 2e-6);
   }
-  expect(faults.filter((f) => threadNames.get(f.tid)!.startsWith('I/O thread'))).toHaveLength(report.counters.nonVcpuFaults);
+  // I/O threads' and devices' DMA faults are the non-vCPU ones.
+  expect(faults.filter((f) => /^(I\/O thread|device) /.test(threadNames.get(f.tid)!))).toHaveLength(report.counters.nonVcpuFaults);
 
   // Each with its page, read or write, and a known resolution; the bookkeeping never lost one.
   const pages = report.guestBytes / report.pageSize;
@@ -136,6 +137,19 @@ describe('--trace: the run as a Chrome trace-event timeline', () => {
     expect(pauses[0]!.name).toBe('postcopy-paused');
     expect(pauses[0]!.args.reason).toMatch(/drop@300/);
     expect(Math.abs(pauses[0]!.dur / 1000 - report.recovery.pausedMs)).toBeLessThan(0.01);
+  });
+
+  it('hybrid with a device: its DMA faults after the switchover are slices on the device\'s own track', async () => {
+    const { report, doc } = await traced('hybrid-device', [
+      '--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--no-push', '--device', 'nic0:tracking=device,dma-rate=4000,state=1MiB',
+    ]);
+    const faults = expectTimeline(doc, report);
+    const names = new Map<number, string>();
+    for (const e of doc.traceEvents) if (e.ph === 'M' && e.name === 'thread_name') names.set(e.tid, (e.args as { name: string }).name);
+    expect([...names.values()]).toContain('device nic0');
+    const dma = report.devices.find((d) => d.name === 'nic0')!;
+    expect(dma.destDma.faults).toBeGreaterThan(0);
+    expect(faults.filter((f) => names.get(f.tid) === "device nic0")).toHaveLength(dma.destDma.faults);
   });
 
   it('npm run experiment -- --trace DIR: one timeline per run, named after it', async () => {

@@ -497,6 +497,7 @@ export class DestinationRun {
     const threads = [
       ...results.vcpuResults.map((result, v) => ({ name: `vCPU ${v}`, slot: guest.plan.vcpuSlot(v), result })),
       ...results.ioResults.map((result, i) => ({ name: `I/O thread ${i}`, slot: guest.plan.ioSlot(i), result })),
+      ...results.deviceResults.map((result, d) => ({ ...this.threads!.deviceThreads[d]!, result })),
     ];
     return buildTimeline({
       pid: process.pid,

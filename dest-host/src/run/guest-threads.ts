@@ -45,6 +45,11 @@ interface Thread {
   label: string;
 }
 
+/** A resolver thread and what its end reports name (its label, whether it owes WAKEs). */
+interface ResolverThread extends Thread {
+  owesWake: boolean;
+}
+
 /**
  * startWorker() finds an entry next to its caller's URL; the entries are in
  * ../workers/, so the "caller" is a file there (.ts under the test runner,
@@ -54,11 +59,13 @@ const WORKERS_CALLER = new URL(`../workers/threads.${import.meta.url.endsWith('.
 
 export class GuestThreads {
   readonly workers: Worker[] = [];
-  private readonly resolvers: Thread[];
+  private readonly resolvers: ResolverThread[];
   private readonly vcpus: Thread[];
   private readonly ios: Thread[];
   /** The devices' DMA threads (added once the source said which devices the guest has). */
   private readonly devices: Thread[] = [];
+  /** Each device's DMA thread by name and slot, in the order run() gives their results. */
+  readonly deviceThreads: { name: string; slot: number }[] = [];
   /** What the watchdog watches; device threads join it as they are added. */
   private readonly watchedThreads: WatchedThread[];
   private readonly start: (name: string, workerData: unknown, label: string) => Thread;
@@ -76,7 +83,7 @@ export class GuestThreads {
     });
     this.resolvers = o.plan.resolvers.map((spec) => {
       const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint, trace: o.trace };
-      return start('resolver-worker', data, spec.label);
+      return { ...start('resolver-worker', data, spec.label), owesWake: spec.owesWake };
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
       const data: GuestThreadData = {
@@ -116,8 +123,8 @@ export class GuestThreads {
     const read = new Set(o.plan.resolvers.map((r) => r.ctx));
     for (const ctx of new Set(o.plan.ranges.map((r) => r.ctx))) {
       if (read.has(ctx)) continue;
-      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake, pageWait: 'await', state: o.shared, source: o.endpoint };
-      const t = this.start('resolver-worker', data, data.label);
+      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake, pageWait: 'await', state: o.shared, source: o.endpoint, trace: o.trace };
+      const t = { ...this.start('resolver-worker', data, data.label), owesWake };
       this.resolvers.push(t);
       added.push(t);
     }
@@ -134,9 +141,11 @@ export class GuestThreads {
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
         dmaRanges: d.dmaRanges,
+        trace: o.trace,
       };
       const t = this.start('guest-thread-worker', data, `device ${d.name}`);
       this.devices.push(t);
+      this.deviceThreads.push({ name: `device ${d.name}`, slot: d.slot });
       added.push(t);
       this.watchedThreads.push({ slot: d.slot, name: `device ${d.name}` });
     }
@@ -172,10 +181,9 @@ export class GuestThreads {
   async stopResolvers(): Promise<ResolverEnd[]> {
     const done = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, this.o.abort));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
-    const specs = this.o.plan.resolvers;
     return (await Promise.all(done)).map((d, i) => ({
-      label: specs[i]!.label,
-      owesWake: specs[i]!.owesWake,
+      label: this.resolvers[i]!.label,
+      owesWake: this.resolvers[i]!.owesWake,
       cpuUs: d.cpuUs,
       ...(d.trace ? { trace: d.trace } : {}),
     }));
