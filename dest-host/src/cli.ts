@@ -6,6 +6,7 @@ import { assertVerified, runDestination } from './destination.js';
 import { addMdevOptions, destCommand, parseDestOptions } from './options.js';
 import { preflightMemoryBackend } from './preflight.js';
 import { progressLine } from './progress.js';
+import { writeTraceFile } from './trace/trace-event.js';
 
 // Before any worker starts (see v8-tiering.ts).
 tuneV8Tiering();
@@ -29,7 +30,7 @@ async function main(): Promise<number> {
   preflightMemoryBackend(options);
   for (const warning of options.tlsWarnings) process.stderr.write(`dest: warning: ${warning}\n`);
   const showProgress = process.stderr.isTTY === true;
-  const { report, hgrm } = await runDestination({
+  const { report, hgrm, timeline } = await runDestination({
     ...options,
     onStatusUrl: (url) => process.stderr.write(`status ${url}\n`),
     onEvent: (line) => process.stderr.write(`${showProgress ? '\r\x1b[K' : ''}dest: ${line}\n`),
@@ -39,6 +40,12 @@ async function main(): Promise<number> {
   process.stdout.write(formatReport(report) + '\n');
   if (options.json) writeFileSync(options.json, JSON.stringify(report, null, 2) + '\n');
   if (options.hgrm) writeFileSync(options.hgrm, hgrm);
+  if (options.tracePath && timeline) {
+    const bytes = writeTraceFile(options.tracePath, timeline.doc);
+    process.stderr.write(
+      `dest: trace: wrote ${options.tracePath} (${timeline.doc.traceEvents.length} events, ${timeline.faultSlices} fault slices, ${(bytes / 1024 / 1024).toFixed(1)} MiB): open it in https://ui.perfetto.dev or chrome://tracing\n`,
+    );
+  }
   const asked = options.injectDrops.length + (options.injectPostcopyDrops?.length ?? 0);
   if (report.recovery.dropsInjected < asked) {
     process.stderr.write(

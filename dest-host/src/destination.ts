@@ -1,5 +1,6 @@
 import { CheckError, type GuestLayout, type MdevCatalog, type MemoryBackendName, type Report, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { ClientTls } from './net/page-client.js';
+import type { Timeline } from './trace/timeline.js';
 import { DestinationRun } from './run/destination-run.js';
 
 export interface DestinationOptions {
@@ -50,12 +51,16 @@ export interface DestinationOptions {
   onStatusUrl?: (url: string) => void;
   /** The mdev parents and types of this host (--mdev-types; default the built-in GPU). */
   mdevCatalog?: MdevCatalog;
+  /** --trace: record the run as a timeline (DestinationResult.timeline); off, nothing is recorded. */
+  trace?: boolean;
 }
 
 export interface DestinationResult {
   report: Report;
   /** The vCPU fault-latency distribution in HdrHistogram's .hgrm text (values in µs). */
   hgrm: string;
+  /** With options.trace: the run as a trace-event document (written by the caller: see trace/trace-event.ts). */
+  timeline?: Timeline;
 }
 
 /**

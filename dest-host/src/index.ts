@@ -15,3 +15,6 @@ export * from './memory/uffd-backend.js';
 export * from './memory/pages.js';
 export * from './preflight.js';
 export { loadUffdNative, errnoName } from './memory/uffd-native.js';
+export { checkTracePath } from './trace/trace-path.js';
+export { FAULT_RESOLUTIONS, type FaultResolution } from './trace/resolution.js';
+export { writeTraceFile, type TraceDocument, type TraceEvent } from './trace/trace-event.js';

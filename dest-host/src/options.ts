@@ -18,6 +18,7 @@ import {
 } from '@postcopy/shared';
 import type { DestinationOptions } from './destination.js';
 import type { ClientTls } from './net/page-client.js';
+import { checkTracePath } from './trace/trace-path.js';
 
 /** Option defaults in one literal. */
 export const DEST_DEFAULTS = {
@@ -73,6 +74,10 @@ export function addRunOptions(cmd: Command): Command {
     )
     .option('--json <path>', 'also write the report as JSON to this file')
     .option('--hgrm <path>', "also write the vCPU fault-latency distribution as HdrHistogram's .hgrm (µs)")
+    .option(
+      '--trace <path>',
+      "write the run as a timeline in Chrome's trace-event JSON (opens in Perfetto and chrome://tracing): a track per vCPU and I/O thread with every fault as a slice, resolver and push tracks, counters, recovery pauses",
+    )
     .option('--status-port <port>', 'serve GET /status (a JSON snapshot like query-migrate) on 127.0.0.1:PORT while the run goes (0 = any free port)')
     .addOption(new Option('--unsafe-skip-owed-wake', 'testing only: resolvers skip the WAKE they owe after EEXIST or a page installed elsewhere').default(false))
     .addOption(new Option('--unsafe-skip-discard', 'testing only: keep the pages the switch to postcopy discards (the content check must fail)').default(false));
@@ -169,7 +174,15 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     injectPostcopyDrops: parseInjections(raw.inject).postcopyDrops,
     skipOwedWake: raw.unsafeSkipOwedWake === true,
     skipDiscard: raw.unsafeSkipDiscard === true,
+    trace: traceOption(raw.trace),
   };
+}
+
+/** `--trace PATH`: on when given, once the path is known to be writable (checked before anything starts). */
+function traceOption(value: unknown): boolean {
+  if (value === undefined) return false;
+  checkTracePath(String(value));
+  return true;
 }
 
 /** `--source`: a ws:// or wss:// URL (IPv6 hosts in brackets). */
@@ -205,7 +218,9 @@ function parseClientTls(raw: Record<string, unknown>, source: string): { tls: Cl
   return { tls: { ...material, ...(serverName !== undefined ? { serverName } : {}) }, warnings };
 }
 
-export function parseDestOptions(raw: Record<string, unknown>): DestinationOptions & { json: string | undefined; hgrm: string | undefined; tlsWarnings: string[] } {
+export function parseDestOptions(
+  raw: Record<string, unknown>,
+): DestinationOptions & { json: string | undefined; hgrm: string | undefined; tracePath: string | undefined; tlsWarnings: string[] } {
   const token = (raw.token as string | undefined) ?? process.env.POSTCOPY_TOKEN;
   if (!token) throw new UsageError('--token: expected an access token (or $POSTCOPY_TOKEN), got none');
   const layout = makeLayout(parseSize('--memory', String(raw.memory)), parseSize('--page-size', String(raw.pageSize)));
@@ -227,5 +242,6 @@ export function parseDestOptions(raw: Record<string, unknown>): DestinationOptio
     ...(raw.mdevTypes !== undefined ? { mdevCatalog: readMdevCatalog(String(raw.mdevTypes)) } : {}),
     json: raw.json as string | undefined,
     hgrm: raw.hgrm as string | undefined,
+    tracePath: raw.trace as string | undefined,
   };
 }

@@ -50,7 +50,10 @@ export class Recovery {
   pagesResent = 0;
   sourceRestarts = 0;
   pausedMs = 0;
+  /** Each pause that ended in a resume: when (the options' clock), and why it began (for the timeline). */
+  readonly spans: { startMs: number; endMs: number; reason: string }[] = [];
   private pausedNow = false;
+  private pauseReason = '';
   private activeWaiters: (() => void)[] = [];
   private pauseWaiters: (() => void)[] = [];
 
@@ -80,6 +83,7 @@ export class Recovery {
   private async recover(reason: string): Promise<void> {
     const { session } = this.o;
     const pausedAt = this.o.now();
+    this.pauseReason = reason;
     this.pauses++;
     session.pause();
     this.o.onPause(reason);
@@ -148,7 +152,9 @@ export class Recovery {
 
   /** Synchronous: the source resumed. Everything is in place before the next frame is read. */
   private resumed(client: PageClient, m: Resumed, pausedAt: number): void {
-    const pausedMs = this.o.now() - pausedAt;
+    const now = this.o.now();
+    const pausedMs = now - pausedAt;
+    this.spans.push({ startMs: pausedAt, endMs: now, reason: this.pauseReason });
     this.resumes++;
     this.pagesResent += m.pagesMarkedUnsent;
     if (m.restarted) this.sourceRestarts++;

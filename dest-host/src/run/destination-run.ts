@@ -22,6 +22,8 @@ import { Recovery } from '../recovery.js';
 import { buildReportWithHistogram } from '../report-builder.js';
 import { startStatusServer } from '../status-server.js';
 import { STRATEGY_BY_NAME, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
+import { MainLog } from '../trace/main-log.js';
+import { buildTimeline, type Timeline } from '../trace/timeline.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { PrecopyReceiver } from '../vmm/precopy-receiver.js';
 import { COUNTER, PAGE, VmmState } from '../vmm/state.js';
@@ -30,7 +32,7 @@ import type { GuestThreadResult, SharedState, SourceEndpoint } from '../workers/
 import { Abort } from './abort.js';
 import { DropInjector } from './drops.js';
 import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './finish.js';
-import { GuestThreads } from './guest-threads.js';
+import { GuestThreads, type ResolverEnd } from './guest-threads.js';
 import { MainChannel } from './main-channel.js';
 
 /** How long the end of a run waits for its workers to exit before it leaves guest memory mapped. */
@@ -75,11 +77,15 @@ export class DestinationRun {
   private startedAt: number | undefined;
   /** The guest's devices, in precopy modes (the source says which in device-setup). */
   private devices: DeviceReceiver | undefined;
+  private setupStartedAt = 0;
   /** The accounting is done: connections that close now are the run's own wind-down. */
   private finishing = false;
   private keepaliveTimeouts = 0;
+  /** --trace: what the main thread records for the timeline (the workers keep their own logs). */
+  private readonly trace: MainLog | undefined;
 
   constructor(private readonly options: DestinationOptions) {
+    this.trace = options.trace === true ? new MainLog() : undefined;
     this.drops = new DropInjector(options.injectDrops, options.injectPostcopyDrops);
     this.endpoint = {
       url: options.source,
@@ -95,6 +101,7 @@ export class DestinationRun {
   }
 
   async run(): Promise<DestinationResult> {
+    this.setupStartedAt = performance.now();
     try {
       await this.connect();
       this.createGuest();
@@ -152,7 +159,7 @@ export class DestinationRun {
     const threadCount = options.vcpus + options.ioThreads + (this.precopyMode ? MAX_DEVICES : 0);
     const memory = BACKEND_BY_NAME[options.memoryBackend].create({ layout, memslotBytes: options.memslotBytes, maxThreads: threadCount, maxContexts: options.vcpus + 2 });
     this.memory = memory;
-    const vmm = VmmState.create(layout.totalPages, threadCount);
+    const vmm = VmmState.create(layout.totalPages, threadCount, this.trace !== undefined);
     const fault = STRATEGY_BY_NAME[options.strategy];
     const setup = fault.setup(memory, plan, layout.totalPages);
     this.contexts = setup;
@@ -215,6 +222,7 @@ export class DestinationRun {
         options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
       afterPush: () => this.maybeInjectDrop(),
       ...(this.devices ? { devices: this.devices } : {}),
+      ...(this.trace ? { trace: this.trace } : {}),
     });
     this.adoptMain(this.main!);
     this.session = new Session(vmm.counters);
@@ -329,6 +337,7 @@ export class DestinationRun {
         if (epoch !== this.session.epoch || this.finishing) return;
         this.connectionLost(label, new ConnectionError(message));
       },
+      trace: this.trace !== undefined,
     });
     await this.threads.ready();
     this.watchdog = new Watchdog(guest.vmm, guest.memory, this.threads.watched(), options.watchdogMs, () => performance.now(), (err) => this.abort.fail(err));
@@ -340,6 +349,8 @@ export class DestinationRun {
   private async start(): Promise<void> {
     const { options, guest } = this;
     this.startedAt = performance.now();
+    this.trace?.phase('setup (main channel, guest memory, threads connect)', this.setupStartedAt, this.startedAt);
+    this.trace?.startSampling(guest.vmm);
     this.lifecycle.start(this.precopyMode);
     this.main!.send({ type: 'start', push: options.push, preempt: options.preempt });
     if (options.onProgress) {
@@ -361,6 +372,7 @@ export class DestinationRun {
     } finally {
       clearInterval(poll);
     }
+    this.trace?.phase('precopy (the guest runs on the source)', this.startedAt, performance.now());
     this.main!.send({ type: 'running' });
   }
 
@@ -373,6 +385,8 @@ export class DestinationRun {
     this.watching = true;
     this.pollDrops();
     const results = await this.threads!.run();
+    const guestDone = performance.now();
+    this.trace?.phase('postcopy: the guest runs', started, guestDone);
     if (this.options.push) {
       // The main thread re-checks on every page it installs and on complete.
       // The last page may instead be a requested page installed by a vCPU or
@@ -383,6 +397,7 @@ export class DestinationRun {
       } finally {
         clearInterval(poll);
       }
+      this.trace?.phase('postcopy: the push brings the rest', guestDone, performance.now());
     }
     return { ...results, elapsedMs: performance.now() - started, cpu: cpuMeter.spent() };
   }
@@ -393,20 +408,24 @@ export class DestinationRun {
    * closed context is EBADF). Returns the threads still blocked (none) and
    * each resolver's CPU over the run.
    */
-  private async windDown(): Promise<{ blocked: string[]; resolverCpuUs: (number | null)[] }> {
-    const resolverCpuUs = await this.threads!.stopResolvers();
+  private async windDown(): Promise<{ blocked: string[]; resolvers: ResolverEnd[] }> {
+    const started = performance.now();
+    const resolvers = await this.threads!.stopResolvers();
     this.releaseContexts();
     this.watching = false;
     this.watchdog!.stop();
     // A drop whose threshold was reached goes off before the end (drop@N with N up to every page).
     this.maybeInjectDrop();
     for (const t of this.timers.splice(0)) clearInterval(t);
-    return { blocked: this.watchdog!.blocked(), resolverCpuUs };
+    this.trace?.stopSampling(this.guest.vmm);
+    this.trace?.phase('wind-down (resolvers finish, contexts close)', started, performance.now());
+    return { blocked: this.watchdog!.blocked(), resolvers };
   }
 
   /** The exactly-once accounting with the source, the memory's digest (and, when it differs, which pages), the report. */
-  private async account(results: Awaited<ReturnType<DestinationRun['runGuest']>>, { blocked, resolverCpuUs }: Awaited<ReturnType<DestinationRun['windDown']>>): Promise<DestinationResult> {
+  private async account(results: Awaited<ReturnType<DestinationRun['runGuest']>>, { blocked, resolvers }: Awaited<ReturnType<DestinationRun['windDown']>>): Promise<DestinationResult> {
     const { options, guest, welcome } = this;
+    const accountStarted = performance.now();
     const { layout } = options;
     const { vmm } = guest;
     const { summary, received } = await exchangeSummary({ main: () => this.main!, channel: this.channel, vmm, totalPages: layout.totalPages, recovery: this.recovery, abort: this.abort });
@@ -447,7 +466,7 @@ export class DestinationRun {
       ...(digestMismatch !== undefined ? { digestMismatch } : {}),
       allReceived: received === layout.totalPages,
       blocked,
-      cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolverCpuUs },
+      cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolvers.map((r) => r.cpuUs) },
       preempt: options.preempt,
       mode: welcome.mode,
       tls: options.source.startsWith('wss:'),
@@ -467,7 +486,49 @@ export class DestinationRun {
         sourceKeepaliveTimeouts: summary.keepaliveTimeouts,
       },
     });
-    return { report: built.report as Report, hgrm: built.histogram.outputPercentileDistribution(5, 1000) };
+    const report = built.report as Report;
+    this.trace?.phase('accounting (summary, digests)', accountStarted, performance.now());
+    const timeline = this.trace ? this.timeline(this.trace, report, results, resolvers) : undefined;
+    return { report, hgrm: built.histogram.outputPercentileDistribution(5, 1000), ...(timeline ? { timeline } : {}) };
+  }
+
+  /** --trace: the run as a timeline, from every thread's log (trace/timeline.ts). */
+  private timeline(main: MainLog, report: Report, results: Awaited<ReturnType<DestinationRun['runGuest']>>, resolvers: ResolverEnd[]): Timeline {
+    const { options, guest } = this;
+    const threads = [
+      ...results.vcpuResults.map((result, v) => ({ name: `vCPU ${v}`, slot: guest.plan.vcpuSlot(v), result })),
+      ...results.ioResults.map((result, i) => ({ name: `I/O thread ${i}`, slot: guest.plan.ioSlot(i), result })),
+      ...results.deviceResults.map((result, d) => ({ ...this.threads!.deviceThreads[d]!, result })),
+    ];
+    return buildTimeline({
+      pid: process.pid,
+      title: `postcopy destination: ${options.strategy} on ${options.memoryBackend}, ${options.vcpus} vCPUs`,
+      pageSize: options.layout.pageSize,
+      threads,
+      resolvers: resolvers.map((r) => {
+        if (!r.trace) throw new Error(`expected ${r.label}'s log of fault messages (it ran without --trace)`);
+        return { label: r.label, owesWake: r.owesWake, trace: r.trace };
+      }),
+      origins: guest.vmm.origins!,
+      main,
+      pauses: this.recovery.spans,
+      otherData: {
+        tool: 'postcopy destination',
+        clock: "ms since the destination process's performance.timeOrigin, shown in µs",
+        strategy: options.strategy,
+        memoryBackend: options.memoryBackend,
+        mode: report.mode,
+        workload: options.workload,
+        vcpus: options.vcpus,
+        ioThreads: options.ioThreads,
+        push: options.push,
+        preempt: options.preempt,
+        pageSize: options.layout.pageSize,
+        totalPages: options.layout.totalPages,
+        faults: report.counters.faults,
+        verified: report.verified,
+      },
+    });
   }
 
   // ------------------------------------------------------------ the end, whatever happened

@@ -9,6 +9,7 @@
 import type { Worker } from 'node:worker_threads';
 import { startWorker, type PageRange, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
+import type { ResolverTrace } from '../trace/thread-logs.js';
 import type { WatchedThread } from '../watchdog.js';
 import type { GuestThreadData, GuestThreadResult, ResolverData, SharedState, SourceEndpoint, WorkerReport } from '../workers/protocol.js';
 import { expectReport, type Abort } from './abort.js';
@@ -25,11 +26,28 @@ export interface GuestThreadsOptions {
   abort: Abort;
   /** A worker's fault channel dropped in session `epoch` (see net/session.ts): the caller pauses or fails. */
   onChannelLost: (label: string, message: string, epoch: number) => void;
+  /** --trace: every thread logs its faults and messages for the timeline. */
+  trace: boolean;
+}
+
+/** What a resolver reports at its end. */
+export interface ResolverEnd {
+  label: string;
+  owesWake: boolean;
+  /** Its own CPU time over the run, µs (null where it cannot be told). */
+  cpuUs: number | null;
+  /** --trace: its fault messages. */
+  trace?: ResolverTrace;
 }
 
 interface Thread {
   worker: Worker;
   label: string;
+}
+
+/** A resolver thread and what its end reports name (its label, whether it owes WAKEs). */
+interface ResolverThread extends Thread {
+  owesWake: boolean;
 }
 
 /**
@@ -41,11 +59,13 @@ const WORKERS_CALLER = new URL(`../workers/threads.${import.meta.url.endsWith('.
 
 export class GuestThreads {
   readonly workers: Worker[] = [];
-  private readonly resolvers: Thread[];
+  private readonly resolvers: ResolverThread[];
   private readonly vcpus: Thread[];
   private readonly ios: Thread[];
   /** The devices' DMA threads (added once the source said which devices the guest has). */
   private readonly devices: Thread[] = [];
+  /** Each device's DMA thread by name and slot, in the order run() gives their results. */
+  readonly deviceThreads: { name: string; slot: number }[] = [];
   /** What the watchdog watches; device threads join it as they are added. */
   private readonly watchedThreads: WatchedThread[];
   private readonly start: (name: string, workerData: unknown, label: string) => Thread;
@@ -62,8 +82,8 @@ export class GuestThreads {
       return { worker, label };
     });
     this.resolvers = o.plan.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint };
-      return start('resolver-worker', data, spec.label);
+      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint, trace: o.trace };
+      return { ...start('resolver-worker', data, spec.label), owesWake: spec.owesWake };
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
       const data: GuestThreadData = {
@@ -77,6 +97,7 @@ export class GuestThreads {
         ioAccesses: o.ioAccesses,
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
+        trace: o.trace,
       };
       return start('guest-thread-worker', data, kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`);
     };
@@ -102,8 +123,8 @@ export class GuestThreads {
     const read = new Set(o.plan.resolvers.map((r) => r.ctx));
     for (const ctx of new Set(o.plan.ranges.map((r) => r.ctx))) {
       if (read.has(ctx)) continue;
-      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake, pageWait: 'await', state: o.shared, source: o.endpoint };
-      const t = this.start('resolver-worker', data, data.label);
+      const data: ResolverData = { label: `device-resolver${ctx}`, ctx, owesWake, pageWait: 'await', state: o.shared, source: o.endpoint, trace: o.trace };
+      const t = { ...this.start('resolver-worker', data, data.label), owesWake };
       this.resolvers.push(t);
       added.push(t);
     }
@@ -120,9 +141,11 @@ export class GuestThreads {
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
         dmaRanges: d.dmaRanges,
+        trace: o.trace,
       };
       const t = this.start('guest-thread-worker', data, `device ${d.name}`);
       this.devices.push(t);
+      this.deviceThreads.push({ name: `device ${d.name}`, slot: d.slot });
       added.push(t);
       this.watchedThreads.push({ slot: d.slot, name: `device ${d.name}` });
     }
@@ -152,12 +175,17 @@ export class GuestThreads {
 
   /**
    * The resolvers stop reading and finish their in-flight requests (before
-   * their contexts may close). Resolves with each resolver's own CPU time over
-   * the run, µs (null where it cannot be told).
+   * their contexts may close). Resolves with each resolver's end: its own CPU
+   * time over the run, and with --trace its log.
    */
-  async stopResolvers(): Promise<(number | null)[]> {
+  async stopResolvers(): Promise<ResolverEnd[]> {
     const done = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, this.o.abort));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
-    return (await Promise.all(done)).map((d) => d.cpuUs);
+    return (await Promise.all(done)).map((d, i) => ({
+      label: this.resolvers[i]!.label,
+      owesWake: this.resolvers[i]!.owesWake,
+      cpuUs: d.cpuUs,
+      ...(d.trace ? { trace: d.trace } : {}),
+    }));
   }
 }

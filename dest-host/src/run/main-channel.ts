@@ -14,8 +14,9 @@ import type { DeviceReceiver } from '../devices/receiver.js';
 import { ERRNO } from '../memory/backend.js';
 import type { DestLifecycle } from '../lifecycle.js';
 import type { PageInstaller } from '../vmm/page-installer.js';
+import { MAIN_KIND, type MainLog } from '../trace/main-log.js';
 import type { PrecopyReceiver } from '../vmm/precopy-receiver.js';
-import { COUNTER, type VmmState } from '../vmm/state.js';
+import { COUNTER, ORIGIN, type VmmState } from '../vmm/state.js';
 import { deferred, type Deferred } from './abort.js';
 
 export interface MainChannelDeps {
@@ -32,6 +33,8 @@ export interface MainChannelDeps {
   afterPush?: () => void;
   /** The guest's devices (precopy modes): their messages, and their resume at the switchover. */
   devices?: DeviceReceiver;
+  /** --trace: the main thread's installs go in the timeline. */
+  trace?: MainLog;
 }
 
 export class MainChannel {
@@ -70,7 +73,8 @@ export class MainChannel {
 
   /** Installs one page that came on the main channel (a zero push, or a requested page without preempt). */
   private installOne(page: number, data: Uint8Array | undefined, kind: 'pushed' | 'requested'): void {
-    const { vmm } = this.d;
+    const { vmm, trace } = this.d;
+    const t0 = trace !== undefined ? performance.now() : 0;
     const result = this.d.installer.installOwned(page, data);
     if (result === this.d.pageSize) {
       vmm.count(kind === 'pushed' ? COUNTER.PAGES_PUSHED : COUNTER.PAGES_DEMAND);
@@ -79,12 +83,13 @@ export class MainChannel {
         vmm.count(COUNTER.PAGES_ZERO);
         if (kind === 'pushed') vmm.count(COUNTER.PUSHED_ZERO);
       }
-      vmm.markReceived(page);
+      vmm.markReceived(page, kind === 'pushed' ? ORIGIN.PUSH : ORIGIN.MAIN);
     } else if (result === -ERRNO.EEXIST) {
       vmm.count(COUNTER.DUPLICATE_DATA);
     } else {
       this.d.fail(new Error(`installing ${kind} page ${page} failed with errno ${-result}`));
     }
+    if (trace !== undefined) trace.install(kind === 'requested' ? MAIN_KIND.REQUESTED : MAIN_KIND.PUSHED_ZERO, page, 1, t0, performance.now());
     if (this.complete) this.checkInstalled();
   }
 
@@ -144,9 +149,12 @@ export class MainChannel {
       case 'pushed': {
         if (!this.expectPostcopy('pushed pages')) return;
         const count = m.data.length / this.d.pageSize;
-        const installed = this.d.installer.installRun(m.page, m.data, count);
+        const trace = this.d.trace;
+        const t0 = trace !== undefined ? performance.now() : 0;
+        const installed = this.d.installer.installRun(m.page, m.data, count, ORIGIN.PUSH);
         if (installed < 0) fail(new Error(`installing pushed pages from ${m.page} failed with errno ${-installed}`));
         else vmm.count(COUNTER.PAGES_PUSHED, installed);
+        if (trace !== undefined) trace.install(MAIN_KIND.PUSHED, m.page, count, t0, performance.now());
         if (this.complete) this.checkInstalled();
         this.d.afterPush?.();
         return;

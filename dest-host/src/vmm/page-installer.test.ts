@@ -12,7 +12,7 @@ import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { GuestPages } from '../memory/pages.js';
 import { STRATEGY_BY_NAME } from '../strategies/index.js';
 import { PageInstaller } from './page-installer.js';
-import { COUNTER, VmmState } from './state.js';
+import { COUNTER, ORIGIN, VmmState } from './state.js';
 
 const backends = process.platform === 'linux' ? MEMORY_BACKENDS : MEMORY_BACKENDS.filter((b) => b !== 'uffd');
 const PAGE = 4096;
@@ -33,8 +33,8 @@ describe.each(backends)('PageInstaller on the %s backend', (name) => {
       expect(memory.copy(setup.ranges[0]!.ctx, 12 * PAGE, data, 8 * PAGE)).toBe(-ERRNO.ENOENT);
       // Page 14 is in already: the run stops short there, counts it, and goes on after it.
       expect(installer.installOwned(14, data.subarray(2 * PAGE, 3 * PAGE))).toBe(PAGE);
-      vmm.markReceived(14);
-      expect(installer.installRun(12, data, 8)).toBe(7);
+      vmm.markReceived(14, ORIGIN.PUSH);
+      expect(installer.installRun(12, data, 8, ORIGIN.PUSH)).toBe(7);
       expect(vmm.counter(COUNTER.EEXIST)).toBe(1);
       expect(vmm.counter(COUNTER.DUPLICATE_DATA)).toBe(1);
       expect(vmm.counter(COUNTER.INSTALLED)).toBe(8);

@@ -2,16 +2,26 @@ import type { PageReply, ZeroPageReply } from '@postcopy/shared';
 import { ERRNO, MODE_DONTWAKE, type BackendMemory } from '../memory/backend.js';
 import type { PageClient } from '../net/page-client.js';
 import { rangeOf, type ContextRange } from '../strategies/strategy.js';
-import { COUNTER, type VmmState } from './state.js';
+import { COUNTER, ORIGIN, type VmmState } from './state.js';
 
-/** How a resolution ended (for the caller's accounting; never allocated). */
+/**
+ * How a resolution ended (for the caller's accounting and the timeline; a
+ * number, never allocated). Any WAKE owed was issued in every case but
+ * INSTALLED, whose own COPY woke the waiters (unless DONTWAKE).
+ */
 export const Resolution = {
-  /** This resolver installed the page. */
+  /** This resolver's request brought the page and it installed it. */
   INSTALLED: 0,
-  /** The page was (or became) installed by someone else; any owed WAKE was issued. */
+  /** The page was installed already when the resolver looked (a push, another thread's request). */
   ELSEWHERE: 1,
-  /** Our COPY found the page present: EEXIST (and the owed WAKE, if any). */
+  /** Our request brought the page but our COPY found it present: EEXIST. */
   EEXIST: 2,
+  /** Another thread had claimed the page (asked for it) first: no request of ours (a duplicate suppressed). */
+  SUPPRESSED: 3,
+  /** Our request was answered already-sent: the page came by push. */
+  ALREADY_SENT: 4,
+  /** Our request was answered on the main channel (no preempt): the main thread installed it. */
+  ON_MAIN: 5,
 } as const;
 
 export interface ResolveOptions {
@@ -89,7 +99,8 @@ export class PageInstaller {
       // Another thread already asked for this page: do not ask twice.
       vmm.count(COUNTER.SUPPRESSED);
       await this.untilReceived(page, options.pageWait);
-      return this.elsewhere(page, options);
+      this.elsewhere(page, options);
+      return Resolution.SUPPRESSED;
     }
     vmm.count(COUNTER.REQUESTS);
     const session = client.session;
@@ -104,7 +115,8 @@ export class PageInstaller {
         vmm.count(COUNTER.REPLIES);
         vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
         await this.untilReceived(page, options.pageWait);
-        return this.elsewhere(page, options);
+        this.elsewhere(page, options);
+        return reply.type === 'already-sent' ? Resolution.ALREADY_SENT : Resolution.ON_MAIN;
       }
       // Recovery: a reply whose session ended after it was read must not be
       // installed once the pause has taken its receivedmap (see Session).
@@ -128,7 +140,7 @@ export class PageInstaller {
       this.vmm.count(COUNTER.PAGES_DEMAND);
       if (reply.type === 'zero-page') this.vmm.count(COUNTER.PAGES_ZERO);
       this.vmm.noteDemanded(page);
-      this.vmm.markReceived(page);
+      this.vmm.markReceived(page, ORIGIN.DEMAND);
       return Resolution.INSTALLED;
     }
     if (result === -ERRNO.EEXIST) {
@@ -168,10 +180,11 @@ export class PageInstaller {
    * that context, so its waiters wake. A page found present stops a COPY
    * short (the kernel's EAGAIN with the bytes copied so far, or EEXIST at
    * the first page): it is counted as EEXIST and as duplicate data, and the
-   * COPY resumes after it. Marks every page installed in the receivedmap;
-   * returns how many were installed, or -errno.
+   * COPY resumes after it. Marks every page installed in the receivedmap
+   * (with `origin`, an ORIGIN: push or precopy); returns how many were
+   * installed, or -errno.
    */
-  installRun(first: number, data: Uint8Array, count: number): number {
+  installRun(first: number, data: Uint8Array, count: number, origin: number): number {
     const size = this.pageSize;
     let done = 0;
     let installed = 0;
@@ -188,7 +201,7 @@ export class PageInstaller {
       }
       if (result < 0) return result;
       const pages = result / size;
-      for (let p = first + done; p < first + done + pages; p++) this.vmm.markReceived(p);
+      for (let p = first + done; p < first + done + pages; p++) this.vmm.markReceived(p, origin);
       installed += pages;
       done += pages;
     }
@@ -202,6 +215,7 @@ export class PageInstaller {
     return undefined;
   }
 
+  /** The page got in some other way: pays the WAKE owed (if any). */
   private elsewhere(page: number, options: ResolveOptions): number {
     if (options.owesWake) this.wake(options.ctx, page);
     return Resolution.ELSEWHERE;

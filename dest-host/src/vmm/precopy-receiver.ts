@@ -14,7 +14,7 @@ import type { PageRange } from '@postcopy/shared';
 import type { BackendMemory } from '../memory/backend.js';
 import { GuestPages } from '../memory/pages.js';
 import type { PageInstaller } from './page-installer.js';
-import { COUNTER, type VmmState } from './state.js';
+import { COUNTER, ORIGIN, type VmmState } from './state.js';
 
 export class PrecopyReceiver {
   private readonly pages: GuestPages;
@@ -53,13 +53,13 @@ export class PrecopyReceiver {
       let end = p + 1;
       while (end < first + count && !this.vmm.isReceived(end)) end++;
       if (data) {
-        const installed = this.installer.installRun(p, data.subarray((p - first) * size, (end - first) * size), end - p);
+        const installed = this.installer.installRun(p, data.subarray((p - first) * size, (end - first) * size), end - p, ORIGIN.PRECOPY);
         if (installed < 0) return installed;
         this.vmm.count(COUNTER.PAGES_PRECOPY, installed);
       } else {
         const r = this.installer.installOwned(p, undefined);
         if (r !== size) return r < 0 ? r : -1;
-        this.vmm.markReceived(p);
+        this.vmm.markReceived(p, ORIGIN.PRECOPY);
         this.vmm.count(COUNTER.PAGES_PRECOPY);
         this.vmm.count(COUNTER.PAGES_ZERO);
       }

@@ -13,7 +13,7 @@ import type { PageClient } from '../net/page-client.js';
 import { STRATEGY_BY_NAME } from '../strategies/index.js';
 import type { PageMarkerData } from './fixtures/page-marker.js';
 import { PageInstaller, Resolution } from './page-installer.js';
-import { COUNTER, FAULT_QUEUE, NO_TID, PAGE, VmmState } from './state.js';
+import { COUNTER, FAULT_QUEUE, NO_TID, ORIGIN, PAGE, VmmState } from './state.js';
 
 const PAGES = 3000;
 
@@ -45,7 +45,7 @@ describe('waiting for a page another thread installs', () => {
 
   it('markReceived notifies nobody while no thread waits; a waiter counts itself only while it waits', () => {
     const vmm = VmmState.create(4, 1);
-    vmm.markReceived(0);
+    vmm.markReceived(0, ORIGIN.PUSH);
     vmm.waitReceived(0); // received already: returns at once, never counted
     expect(vmm.counter(COUNTER.PAGE_WAITERS)).toBe(0);
     expect(Atomics.load(vmm.pageStatus, 0)).toBe(PAGE.RECEIVED);
@@ -72,7 +72,7 @@ describe('PageInstaller: how a resolver waits for a page that comes another way'
 
   it("none: a shared-uffd reader's fault is done at the reply (the installer's COPY wakes the vCPU)", async () => {
     const { installer: inst, vmm } = installer();
-    await expect(inst.resolve(answering('sent-on-main'), 3, { ctx: 0, dontWake: false, owesWake: false, pageWait: 'none' })).resolves.toBe(Resolution.ELSEWHERE);
+    await expect(inst.resolve(answering('sent-on-main'), 3, { ctx: 0, dontWake: false, owesWake: false, pageWait: 'none' })).resolves.toBe(Resolution.ON_MAIN);
     // Still on its way (the main thread installs it), and counted as asked and answered.
     expect(vmm.isReceived(3)).toBe(false);
     expect([vmm.counter(COUNTER.REQUESTS), vmm.counter(COUNTER.REPLIES), vmm.counter(COUNTER.ON_MAIN)]).toEqual([1, 1, 1]);
@@ -80,13 +80,13 @@ describe('PageInstaller: how a resolver waits for a page that comes another way'
 
   it('block: the resolver waits for the page, then pays the WAKE it owes', { timeout: 30_000 }, async () => {
     const { installer: inst, vmm } = installer();
-    for (let page = 1; page < layout.totalPages; page++) vmm.markReceived(page); // page 0 stays missing: marked by the worker below
+    for (let page = 1; page < layout.totalPages; page++) vmm.markReceived(page, ORIGIN.PUSH); // page 0 stays missing: marked by the worker below
     const wakes = vmm.counter(COUNTER.WAKES);
     // The worker marks page 0 after a spin: the resolver is blocked in its wait by then, most likely.
     const finishing = marker(vmm, 1, 200_000);
     const r = await inst.resolve(answering('already-sent'), 0, { ctx: 0, dontWake: false, owesWake: true, pageWait: 'block' });
     await finishing;
-    expect(r).toBe(Resolution.ELSEWHERE);
+    expect(r).toBe(Resolution.ALREADY_SENT);
     expect(vmm.isReceived(0)).toBe(true);
     expect(vmm.counter(COUNTER.WAKES)).toBe(wakes + 1);
   });

@@ -85,6 +85,23 @@ export const FAULT_QUEUE = {
 /** tids entry of a thread slot whose thread has not said its id yet. */
 export const NO_TID = -1;
 
+/**
+ * Who installed a page (the origins buffer, kept only while tracing: see
+ * trace/): the timeline says of each fault whether its own request brought
+ * the page or something else did, and only the installer knows which.
+ */
+export const ORIGIN = {
+  NONE: 0,
+  /** A fault's request, answered on its resolver's (or kvm-exit vCPU's) own channel. */
+  DEMAND: 1,
+  /** A fault's request, answered on the main channel (no preempt) and installed by the main thread. */
+  MAIN: 2,
+  /** Pushed by the source, unrequested. */
+  PUSH: 3,
+  /** Sent in a precopy round (or stop-and-copy). */
+  PRECOPY: 4,
+} as const;
+
 export interface VmmBuffers {
   pageStatus: SharedArrayBuffer;
   firstTouch: SharedArrayBuffer;
@@ -102,6 +119,8 @@ export interface VmmBuffers {
    * is bound, before it reports ready. Int32, NO_TID until then.
    */
   tids: SharedArrayBuffer;
+  /** One byte a page, an {@link ORIGIN}: who installed it. Only while tracing (--trace); absent, nobody records it. */
+  origins?: SharedArrayBuffer;
 }
 
 export class VmmState {
@@ -115,11 +134,15 @@ export class VmmState {
   readonly blockedTotals: Float64Array;
   /** Thread slot → the id its fault messages carry (see VmmBuffers.tids). */
   readonly tids: Int32Array;
+  /** Page → {@link ORIGIN}, while tracing (see VmmBuffers.origins). */
+  readonly origins: Uint8Array | undefined;
   /** tid → slot, built by this thread as tids appear. */
   private readonly slotByTid = new Map<number, number>();
 
-  static create(totalPages: number, threads: number): VmmState {
+  /** `trace`: also keep who installed each page (the timeline's, one byte a page). */
+  static create(totalPages: number, threads: number, trace = false): VmmState {
     return new VmmState({
+      ...(trace ? { origins: new SharedArrayBuffer(totalPages) } : {}),
       pageStatus: new SharedArrayBuffer(totalPages * 4),
       firstTouch: new SharedArrayBuffer(totalPages),
       counters: new SharedArrayBuffer(COUNTER.LENGTH * 4),
@@ -144,6 +167,7 @@ export class VmmState {
     this.discarded = new Uint8Array(buffers.discarded);
     this.blockedTotals = new Float64Array(buffers.blockedTotals);
     this.tids = new Int32Array(buffers.tids);
+    this.origins = buffers.origins ? new Uint8Array(buffers.origins) : undefined;
   }
 
   /** Thread `slot` says which id its fault messages carry (once bound, before it reports ready). */
@@ -207,8 +231,14 @@ export class VmmState {
    * before it loads the count, and all four are sequentially consistent, so
    * either this sees the waiter counted (and notifies), or the waiter's load
    * comes after this store and sees RECEIVED (and does not sleep).
+   *
+   * `origin` ({@link ORIGIN}) says who installed it; it is kept only while
+   * tracing. The plain byte store is ordered before the status store, and
+   * it is read only at the end of the run, after every worker said done.
    */
-  markReceived(page: number): void {
+  markReceived(page: number, origin: number): void {
+    const origins = this.origins;
+    if (origins !== undefined) origins[page] = origin;
     Atomics.store(this.pageStatus, page, PAGE.RECEIVED);
     Atomics.add(this.counters, COUNTER.INSTALLED, 1);
     if (Atomics.load(this.counters, COUNTER.PAGE_WAITERS) > 0) Atomics.notify(this.pageStatus, page);

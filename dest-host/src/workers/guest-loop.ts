@@ -1,6 +1,7 @@
 import { rng, verifyPage, type AccessPattern, type ImageSpec } from '@postcopy/shared/core';
 import type { GuestThread } from '../memory/backend.js';
 import type { GuestPages } from '../memory/pages.js';
+import { FaultLog } from '../trace/thread-logs.js';
 import { COUNTER, type VmmState } from '../vmm/state.js';
 import type { GuestThreadResult } from './protocol.js';
 
@@ -24,10 +25,12 @@ export interface GuestLoop {
   clockOffset: number;
   /**
    * kvm-exit: called on a page missing from the userfault bitmap; resolves
-   * once the page is installed. Absent: the thread faults through the
-   * userfaultfd and blocks in it.
+   * with its Resolution once the page is installed. Absent: the thread
+   * faults through the userfaultfd and blocks in it.
    */
-  exitOnMissing?: (page: number) => Promise<unknown>;
+  exitOnMissing?: (page: number) => Promise<number>;
+  /** --trace: also log each fault's page, access and (kvm-exit) resolution. */
+  trace?: boolean;
 }
 
 /**
@@ -51,6 +54,8 @@ export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadRes
   let intervals = new Float64Array(Math.min(pattern.length, loop.totalPages, 1 << 16) * 2 + 2);
   let faults = 0;
   const exit = loop.exitOnMissing;
+  // Without --trace there is no log, and a fault costs one more branch.
+  const log = loop.trace === true ? new FaultLog(intervals.length >>> 1) : undefined;
   const startMs = performance.now() + clockOffset;
   for (let i = 0; i < pattern.length; i++) {
     const page = pattern.next();
@@ -60,7 +65,8 @@ export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadRes
     if (!vmm.isReceived(page)) {
       const t0 = performance.now() + clockOffset;
       vmm.pushFault(slot, page, t0);
-      if (exit) await exit(page);
+      let own = -1;
+      if (exit) own = await exit(page);
       // The fault itself (on kvm-exit the page is in by now, so no fault).
       value = thread.load(page, word);
       const t1 = performance.now() + clockOffset;
@@ -72,6 +78,7 @@ export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadRes
       }
       intervals[faults * 2] = t0;
       intervals[faults * 2 + 1] = t1;
+      if (log !== undefined) log.record(faults, page, write, own);
       faults++;
     } else {
       value = thread.load(page, word);
@@ -84,5 +91,5 @@ export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadRes
   }
   vmm.count(COUNTER.ACCESSES, pattern.length & 63);
   const endMs = performance.now() + clockOffset;
-  return { faults, accesses: pattern.length, intervals: intervals.slice(0, faults * 2), startMs, endMs };
+  return { faults, accesses: pattern.length, intervals: intervals.slice(0, faults * 2), startMs, endMs, ...(log !== undefined ? { trace: log.take(faults) } : {}) };
 }

@@ -25,7 +25,7 @@ runWorker(async () => {
   // Before 'ready': resolvers map the ids in fault messages to fault queues with it.
   vmm.setTid(data.slot, thread.tid);
   let client: PageClient | undefined;
-  let exitOnMissing: ((page: number) => Promise<unknown>) | undefined;
+  let exitOnMissing: ((page: number) => Promise<number>) | undefined;
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
@@ -68,10 +68,13 @@ runWorker(async () => {
     seed: data.workload.seed,
     clockOffset,
     ...(exitOnMissing ? { exitOnMissing } : {}),
+    trace: data.trace,
   });
   const result = { ...ran, cpuUs: cpu.spent().threadUs };
   if (data.kind !== 'vcpu') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
   client?.close();
   memory.dispose();
-  report({ type: 'done', result }, [result.intervals.buffer as ArrayBuffer]);
+  const transfer = [result.intervals.buffer as ArrayBuffer];
+  if (result.trace) transfer.push(result.trace.pages.buffer as ArrayBuffer, result.trace.flags.buffer as ArrayBuffer);
+  report({ type: 'done', result }, transfer);
 });

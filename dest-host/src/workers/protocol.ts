@@ -1,6 +1,7 @@
 import type { ImageSpec, PageRange, StrategyName, WorkloadSpec } from '@postcopy/shared';
 import type { BackendHandle } from '../memory/backend.js';
 import type { ClientTls } from '../net/page-client.js';
+import type { FaultTrace, ResolverTrace } from '../trace/thread-logs.js';
 import type { PageWait } from '../vmm/page-installer.js';
 import type { VmmBuffers } from '../vmm/state.js';
 
@@ -53,6 +54,8 @@ export interface GuestThreadData {
   copyCtx: number;
   /** A device's DMA: the guest RAM it reaches. */
   dmaRanges?: PageRange[];
+  /** --trace: log each fault's page, access and (kvm-exit) resolution for the timeline. */
+  trace: boolean;
 }
 
 export interface ResolverData {
@@ -62,6 +65,8 @@ export interface ResolverData {
   pageWait: PageWait;
   state: SharedState;
   source: SourceEndpoint;
+  /** --trace: log each fault message and its resolution for the timeline. */
+  trace: boolean;
 }
 
 export interface GuestThreadResult {
@@ -73,6 +78,8 @@ export interface GuestThreadResult {
   endMs: number;
   /** This thread's own CPU time from 'go' to its last access, µs (null where it cannot be told: see shared's cpu.ts). */
   cpuUs: number | null;
+  /** --trace: each fault's page and flags, beside `intervals`. */
+  trace?: FaultTrace;
 }
 
 /** Messages workers post to the main thread. */
@@ -80,7 +87,7 @@ export type WorkerReport =
   | { type: 'ready' }
   | { type: 'done'; result: GuestThreadResult }
   /** cpuUs: the resolver thread's own CPU time from ready to done, µs (null where it cannot be told). */
-  | { type: 'resolver-done'; messages: number; cpuUs: number | null }
+  | { type: 'resolver-done'; messages: number; cpuUs: number | null; trace?: ResolverTrace }
   /** A fault channel's connection dropped while its session was current: the main thread pauses the migration. */
   | { type: 'channel-lost'; epoch: number; message: string }
   | { type: 'error'; message: string; stack?: string };

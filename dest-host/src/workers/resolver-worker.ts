@@ -15,13 +15,14 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { ERRNO, type FaultMessage } from '../memory/backend.js';
 import { PageClient } from '../net/page-client.js';
+import { ResolverLog } from '../trace/thread-logs.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { attach, followSession, report, runWorker } from './attach.js';
 import type { ResolverData, WorkerCommand } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as ResolverData;
-  const { memory, vmm } = attach(data.state);
+  const { memory, vmm, clockOffset } = attach(data.state);
   const stop = new AbortController();
   parentPort!.on('message', (c: WorkerCommand) => {
     if (c.type === 'stop') stop.abort();
@@ -56,6 +57,8 @@ runWorker(async () => {
     settle();
   };
   let messages = 0;
+  // --trace: each message, from its read to the end of its resolution. Without it, one branch a message.
+  const log = data.trace ? new ResolverLog() : undefined;
   for (;;) {
     const r = await memory.readAsync(data.ctx, msg, stop.signal);
     if (r === -ERRNO.EINTR || r === -ERRNO.EBADF || failure !== undefined) break; // stopped, or the context closed
@@ -66,12 +69,22 @@ runWorker(async () => {
     const page = Math.floor(msg.address / pageSize);
     inFlight++;
     messages++;
-    installer.resolve(client, page, options).then(settle, fail);
+    if (log === undefined) {
+      installer.resolve(client, page, options).then(settle, fail);
+    } else {
+      const t0 = performance.now() + clockOffset;
+      installer.resolve(client, page, options).then((resolution) => {
+        log.add(t0, performance.now() + clockOffset, page, slot, resolution);
+        settle();
+      }, fail);
+    }
   }
   if (inFlight > 0) await new Promise<void>((resolve) => (drained = resolve));
   client.close();
   memory.dispose();
   parentPort!.removeAllListeners('message');
   if (failure) throw failure;
-  report({ type: 'resolver-done', messages, cpuUs: cpu.spent().threadUs });
+  const cpuUs = cpu.spent().threadUs;
+  const trace = log?.take();
+  report({ type: 'resolver-done', messages, cpuUs, ...(trace ? { trace } : {}) }, trace ? [trace.times.buffer as ArrayBuffer, trace.info.buffer as ArrayBuffer] : []);
 });

@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { expandRuns } from './matrix.js';
@@ -26,6 +27,10 @@ async function main(): Promise<number> {
   if (results.length === 0) writeSummary(options, results, command);
   process.stdout.write(comparisonTable(options.params, summarizeRuns(options.params, results)) + '\n');
   process.stdout.write(`\nwrote ${join(options.out, 'report.html')}, ${join(options.out, 'summary.csv')} and ${results.length} reports in ${join(options.out, 'runs')}\n`);
+  if (options.trace !== undefined) {
+    const traces = results.filter((r) => r.files.trace !== undefined && existsSync(r.files.trace)).length;
+    process.stdout.write(`wrote ${traces} timelines (${options.trace.includes('{name}') ? options.trace : join(options.trace, '<run name>.trace.json')})\n`);
+  }
   const failed = results.filter((r) => !r.ok);
   if (failed.length > 0) {
     process.stderr.write(`experiment: ${failed.length} of ${results.length} runs failed:\n`);

@@ -1,11 +1,16 @@
+import { mkdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { Command, Option } from 'commander';
-import { preflightMemoryBackend, type PreflightSpec } from '@postcopy/dest-host';
+import { checkTracePath, preflightMemoryBackend, type PreflightSpec } from '@postcopy/dest-host';
 import { BackendUnavailableError, UsageError, parseIntOption } from '@postcopy/shared';
 import { launcherCommand, splitArgs } from '../options.js';
 import { columnName, combinations, describeCombination, parseList, type SweptParam } from './matrix.js';
 
 /** Launcher options the sweep sets itself, one file per run. */
-export const PER_RUN_OPTIONS: readonly string[] = ['json', 'hgrm'];
+export const PER_RUN_OPTIONS: readonly string[] = ['json', 'hgrm', 'trace'];
+
+/** In a `--trace` template, where the run's name goes. */
+export const RUN_NAME_PLACEHOLDER = '{name}';
 
 /** Plural spellings that read better in a sweep (`--strategies a,b`); both spellings work. */
 export const PLURAL_ALIASES: Readonly<Record<string, string>> = { strategy: '--strategies', workload: '--workloads' };
@@ -49,6 +54,10 @@ export function experimentCommand(): Command {
     cmd.addOption(swept);
   }
   cmd.option('--repeat <n>', 'runs of each combination (summarised by their median and min–max)', '1');
+  cmd.option(
+    '--trace <dir|template>',
+    `write each run's timeline (trace-event JSON, for Perfetto or chrome://tracing): DIR/<run name>.trace.json, or a path in which ${RUN_NAME_PLACEHOLDER} becomes the run's name`,
+  );
   cmd.requiredOption('--out <dir>', 'directory for runs/*.json, runs/*.hgrm, summary.csv and report.html');
   return cmd;
 }
@@ -60,6 +69,8 @@ export interface ExperimentOptions {
   fixed: Record<string, unknown>;
   repeat: number;
   out: string;
+  /** `--trace`: a directory, or a path template with {name} (see traceFile). */
+  trace?: string;
 }
 
 /** Reads the parsed options of {@link experimentCommand} (throws UsageError). */
@@ -80,14 +91,37 @@ export function parseExperimentOptions(opts: Record<string, unknown>): Experimen
   const repeat = parseIntOption('--repeat', String(opts.repeat), 1, 1_000_000);
   const out = String(opts.out ?? '');
   if (out.trim() === '') throw new UsageError('--out: expected a directory, got ""');
-  return { params, fixed, repeat, out };
+  const trace = opts.trace === undefined ? undefined : String(opts.trace);
+  if (trace !== undefined && trace.trim() === '') throw new UsageError(`--trace: expected a directory or a path template with ${RUN_NAME_PLACEHOLDER}, got ""`);
+  return { params, fixed, repeat, out, ...(trace !== undefined ? { trace } : {}) };
+}
+
+/** Where run `name`'s timeline goes: the template with its name in, or DIR/<name>.trace.json. */
+export function traceFile(trace: string, name: string): string {
+  return trace.includes(RUN_NAME_PLACEHOLDER) ? trace.split(RUN_NAME_PLACEHOLDER).join(name) : join(trace, `${name}.trace.json`);
+}
+
+/**
+ * `--trace`: its directory can be made and a file in it written, before
+ * anything runs (a sweep that runs for an hour must not then lose its
+ * timelines to a typo). Throws UsageError.
+ */
+export function checkTraceTarget(trace: string): void {
+  const probe = traceFile(trace, 'r1');
+  try {
+    mkdirSync(dirname(probe), { recursive: true });
+  } catch (err) {
+    throw new UsageError(`--trace: cannot make the directory ${dirname(probe)} for the timelines: ${(err as Error).message}`);
+  }
+  checkTracePath(probe);
 }
 
 /** The launcher's raw options for one combination (what `splitArgs` takes). */
-export function rawOptions(options: ExperimentOptions, values: Record<string, string>, files: { json?: string; hgrm?: string } = {}): Record<string, unknown> {
+export function rawOptions(options: ExperimentOptions, values: Record<string, string>, files: { json?: string; hgrm?: string; trace?: string } = {}): Record<string, unknown> {
   const raw: Record<string, unknown> = { ...options.fixed, ...values };
   if (files.json !== undefined) raw.json = files.json;
   if (files.hgrm !== undefined) raw.hgrm = files.hgrm;
+  if (files.trace !== undefined) raw.trace = files.trace;
   return raw;
 }
 
@@ -104,6 +138,7 @@ export function rawOptions(options: ExperimentOptions, values: Record<string, st
  * sweep goes on, so one sweep can cover every strategy on both backends.
  */
 export function validateMatrix(options: ExperimentOptions): void {
+  if (options.trace !== undefined) checkTraceTarget(options.trace);
   const checked = new Set<string>();
   for (const combination of combinations(options.params)) {
     const where = options.params.length > 0 ? ` (in the combination ${describeCombination(options.params, combination.values)})` : '';

@@ -1,10 +1,10 @@
-import { existsSync, readFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { Report } from '@postcopy/shared';
 import { launch } from '../launcher.js';
 import { splitArgs } from '../options.js';
 import type { RunSpec } from './matrix.js';
-import { rawOptions, type ExperimentOptions } from './options.js';
+import { rawOptions, traceFile, type ExperimentOptions } from './options.js';
 
 /** What one run of the sweep left behind. */
 export interface RunResult {
@@ -20,8 +20,8 @@ export interface RunResult {
   /** The end of the hosts' stderr. */
   stderrTail: string;
   durationMs: number;
-  /** The run's files, relative to the output directory. */
-  files: { json: string; hgrm: string };
+  /** The run's files, relative to the output directory; `trace` (with --trace) as given. */
+  files: { json: string; hgrm: string; trace?: string };
 }
 
 /** Where a run's files go, relative to the output directory. */
@@ -40,13 +40,20 @@ function readReport(path: string): Report | undefined {
 
 /** Runs one real two-process migration of the sweep (the launcher's `launch()`). */
 export async function runOne(options: ExperimentOptions, spec: RunSpec): Promise<RunResult> {
-  const files = runFiles(spec.name);
+  const files: RunResult['files'] = runFiles(spec.name);
   const json = join(options.out, files.json);
   const hgrm = join(options.out, files.hgrm);
+  const trace = options.trace === undefined ? undefined : traceFile(options.trace, spec.name);
   // A file left by an earlier sweep into the same directory must not pass for this run's.
   rmSync(json, { force: true });
   rmSync(hgrm, { force: true });
-  const { sourceArgs, destArgs, killSourceAt } = splitArgs(rawOptions(options, spec.combination.values, { json, hgrm }));
+  if (trace !== undefined) {
+    rmSync(trace, { force: true });
+    // A template may put each run in a folder of its own.
+    mkdirSync(dirname(trace), { recursive: true });
+    files.trace = trace;
+  }
+  const { sourceArgs, destArgs, killSourceAt } = splitArgs(rawOptions(options, spec.combination.values, { json, hgrm, ...(trace !== undefined ? { trace } : {}) }));
   const started = performance.now();
   let exitCode = -1;
   let error: string | undefined;
