@@ -23,6 +23,7 @@ import {
   PUSH_RUN,
   RECOVERY_RUNS,
   TLS_RUNS,
+  traceRuns,
   URGENT_RUNS,
   injectAtPages,
   largeRun,
@@ -112,6 +113,8 @@ export const METHOD = {
   phases: 'npm start -- --mode precopy|hybrid|postcopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 (no dirty rate in postcopy): the report\'s totalTimeMs and downtimeMs; precopy\'s round 1 (every page) throughput from precopy.perRound[0].mbps',
   devices:
     "npm start -- --mode precopy --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --dirty-rate 1000 --downtime-limit 1000 --device bench0:tracking=T,dma-rate=2000,state=8MiB,pre-copy,dma-range=(the guest's first eighth), T = device, iommu, or none with --untracked-dma all-dirty or skip-precopy: the report's totalTimeMs, downtimeMs, downtimeSplit, and dirtyTracking.perProvider of the device's provider (bitmap bytes and pages per sync, ms per sync); no target",
+  trace:
+    "the kvm-exit strategy run, the push run and the shared-uffd demand paging rate run at the first --throughput-vcpus again with --trace FILE (each right after its twin), the file removed with the run: the cost of recording the timeline; ratios against the runs without it",
   tls: "the kvm-exit strategy run and the push run again with --tls (throwaway EC P-256 certificates, TLS 1.3, the source verifying the destination's certificate too), interleaved with the plain ones; ratios against the plain runs of the same bench",
   recovery:
     'npm start -- --strategy kvm-exit --vcpus 1 --workload random --max-postcopy-bandwidth 400mbit (push on, capped so the fault lands mid-migration) ' +
@@ -174,10 +177,16 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     RECOVERY_RUNS.drop,
     RECOVERY_RUNS.killSource,
   ];
-  const memoryOf = (spec: RunSpec): number => (spec === PUSH_RUN || spec === TLS_RUNS.push ? options.pushMemoryBytes : options.memoryBytes);
+  // --trace's cost: the same runs with it on, each right after its twin without it.
+  const TRACE_RUNS = traceRuns(options.throughputVcpus[0]!, options.mibPerVcpu);
+  runSpecs.splice(runSpecs.findIndex((spec) => spec.key === strategyRun('kvm-exit').key) + 1, 0, TRACE_RUNS.fault);
+  runSpecs.splice(runSpecs.indexOf(PUSH_RUN) + 1, 0, TRACE_RUNS.push);
+  const isPush = (spec: RunSpec): boolean => spec === PUSH_RUN || spec === TLS_RUNS.push || spec === TRACE_RUNS.push;
+  const memoryOf = (spec: RunSpec): number => (isPush(spec) ? options.pushMemoryBytes : options.memoryBytes);
   for (const spec of runSpecs) runSamples[spec.key] = [];
   const throughputSpecs = options.throughputVcpus.flatMap((v) => BENCH_STRATEGIES.map((s) => ({ strategy: s, vcpus: v, spec: throughputRun(s, v, options.mibPerVcpu) })));
   for (const t of throughputSpecs) runSamples[t.spec.key] = [];
+  runSamples[TRACE_RUNS.rate.key] = [];
 
   const native = await nativeBinary();
   let nativeUnavailable = 'unavailable' in native ? native.unavailable : undefined;
@@ -220,7 +229,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
             const rec = figures.recovery;
             return `paused ${rec.pausedMs.toFixed(1)} ms at page ${injectAtPages(options.memoryBytes)}, ${rec.pagesResent} pages resent, ${rec.requestsReplayed} requests replayed, run ${figures.elapsedMs.toFixed(0)} ms`;
           }
-          return spec === PUSH_RUN || spec === TLS_RUNS.push
+          return isPush(spec)
             ? `${figures.pushThroughputMiBs} MiB/s`
             : `p50 ${figures.p50Us.toFixed(1)} µs, p99 ${figures.p99Us.toFixed(1)} µs over ${figures.faults} faults`;
         },
@@ -236,6 +245,16 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
           return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
         },
       });
+      if (t.strategy === 'shared-uffd' && t.vcpus === options.throughputVcpus[0]) {
+        steps.push({
+          label: TRACE_RUNS.rate.label,
+          run: async () => {
+            const { figures } = await runMigration(TRACE_RUNS.rate, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
+            runSamples[TRACE_RUNS.rate.key]!.push(figures);
+            return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs`;
+          },
+        });
+      }
       steps.push({
         label: `native floor, ${NATIVE_COUNTERPART[t.strategy]} (${t.vcpus} vCPUs x ${options.mibPerVcpu} MiB)`,
         run: async () => {
@@ -344,6 +363,11 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     tls: {
       fault: { p50: med(TLS_RUNS.fault.key, (f) => f.p50Us), p99: med(TLS_RUNS.fault.key, (f) => f.p99Us) },
       pushThroughputMiBs: med(TLS_RUNS.push.key, (f) => f.pushThroughputMiBs),
+    },
+    trace: {
+      fault: { p50: med(TRACE_RUNS.fault.key, (f) => f.p50Us), p99: med(TRACE_RUNS.fault.key, (f) => f.p99Us) },
+      pushThroughputMiBs: med(TRACE_RUNS.push.key, (f) => f.pushThroughputMiBs),
+      rate: { vcpus: options.throughputVcpus[0]!, pagesPerSec: med(TRACE_RUNS.rate.key, (f) => f.pagesPerSec) },
     },
     recovery: { drop: recoveryMedians(RECOVERY_RUNS.drop.key), killSource: recoveryMedians(RECOVERY_RUNS.killSource.key) },
     large: {

@@ -80,6 +80,8 @@ export interface BenchFigures {
   precopy: { roundMiBs: number; downtimeMs: number; downtimeLimitMs: number };
   /** Over TLS (`--tls`): kvm-exit's fault latency (µs) and the push throughput (MiB/s), runs otherwise like the plain ones. */
   tls: { fault: P50P99; pushThroughputMiBs: number };
+  /** With `--trace`: kvm-exit's fault latency (µs), the push throughput (MiB/s), shared-uffd's demand paging rate at `rate.vcpus` (pages/s). */
+  trace: { fault: P50P99; pushThroughputMiBs: number; rate: { vcpus: number; pagesPerSec: number } };
   /**
    * Postcopy recovery (no target): kvm-exit, 1 vCPU, random workload, push capped
    * at 400mbit, one fault at a quarter of the guest's pages. `pausedMs` is per
@@ -180,6 +182,9 @@ export function ratioDefs(throughputVcpus: readonly number[], largeVcpus: number
     { name: 'sourceRssOverBudget', meaning: 'source peak RSS / (1.15 x large guest + 256 MiB)', target: { kind: 'max', value: 1 } },
     { name: 'tlsFaultP50OverPlain', meaning: 'kvm-exit fault p50 over TLS / the same over plain ws://', target: { kind: 'max', value: 1.2 } },
     { name: 'tlsPushOverPlain', meaning: 'push throughput over TLS / over plain ws://', target: { kind: 'min', value: 0.7 } },
+    { name: 'traceFaultP50OverOff', meaning: 'kvm-exit fault p50 with --trace / without', target: { kind: 'max', value: 1.05 } },
+    { name: 'tracePushOverOff', meaning: 'push throughput with --trace / without', target: { kind: 'min', value: 0.95 } },
+    { name: 'traceRateOverOff', meaning: 'shared-uffd demand paging rate (the first --throughput-vcpus) with --trace / without', target: { kind: 'min', value: 0.95 } },
     { name: 'precopyRoundOverPush', meaning: "precopy's first round (every page) MiB/s / the push throughput of the same bench", target: { kind: 'min', value: 0.8 } },
     { name: 'precopyDowntimeOverLimit', meaning: 'measured downtime of a converging precopy / its --downtime-limit', target: { kind: 'max', value: 1 } },
   );
@@ -248,6 +253,9 @@ export function ratios(f: BenchFigures): Ratios {
     sourceRssOverBudget: sig4(f.large.sourcePeakRssBytes / rssBudget(f.large.guestBytes)),
     tlsFaultP50OverPlain: sig4(f.tls.fault.p50 / f.strategies['kvm-exit'].p50),
     tlsPushOverPlain: sig4(f.tls.pushThroughputMiBs / f.pushThroughputMiBs),
+    traceFaultP50OverOff: sig4(f.trace.fault.p50 / f.strategies['kvm-exit'].p50),
+    tracePushOverOff: sig4(f.trace.pushThroughputMiBs / f.pushThroughputMiBs),
+    traceRateOverOff: sig4(f.trace.rate.pagesPerSec / f.throughput.tool['shared-uffd'][String(f.trace.rate.vcpus)]!.pagesPerSec),
     precopyRoundOverPush: sig4(f.precopy.roundMiBs / f.pushThroughputMiBs),
     precopyDowntimeOverLimit: sig4(f.precopy.downtimeMs / f.precopy.downtimeLimitMs),
   });

@@ -133,6 +133,18 @@ export function formatBench(r: BenchResult): string {
     ]),
   );
   lines.push('');
+  lines.push('--trace (the timeline recorded, written after the run) against the same runs without it');
+  const rateOff = t.tool['shared-uffd'][String(r.trace.rate.vcpus)]!.pagesPerSec;
+  lines.push(
+    table([
+      ['', 'off', '--trace', 'trace / off'],
+      ['kvm-exit fault p50 (µs)', num(r.strategies['kvm-exit'].p50), num(r.trace.fault.p50), num(r.trace.fault.p50 / r.strategies['kvm-exit'].p50, 2)],
+      ['kvm-exit fault p99 (µs)', num(r.strategies['kvm-exit'].p99), num(r.trace.fault.p99), num(r.trace.fault.p99 / r.strategies['kvm-exit'].p99, 2)],
+      ['push throughput (MiB/s)', num(r.pushThroughputMiBs), num(r.trace.pushThroughputMiBs), num(r.trace.pushThroughputMiBs / r.pushThroughputMiBs, 2)],
+      [`shared-uffd demand paging rate, ${r.trace.rate.vcpus} vCPUs (pages/s)`, num(rateOff, 0), num(r.trace.rate.pagesPerSec, 0), num(r.trace.rate.pagesPerSec / rateOff, 2)],
+    ]),
+  );
+  lines.push('');
   lines.push(
     `recovery: kvm-exit, 1 vCPU, random workload, push capped at 400mbit, one fault after ${injectAtPages(o.memoryBytes)} pages (a quarter of the guest); no target, for the record`,
   );

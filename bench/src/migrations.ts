@@ -23,6 +23,8 @@ export interface RunSpec {
    * (see {@link runArgs}) rather than the static `args`.
    */
   inject?: 'drop' | 'kill-source';
+  /** `--trace` to a file of the run's own (removed with it): what recording the timeline costs. */
+  trace?: boolean;
 }
 
 /** The recovery figures the bench takes from a recovery run's report (see {@link RECOVERY_RUNS}). */
@@ -159,6 +161,20 @@ export const TLS_RUNS = {
 } as const satisfies Record<string, RunSpec>;
 
 /**
+ * The same fault and push runs, and one demand paging rate run, with
+ * `--trace` (issue 9: the timeline must move the run's figures by at most a
+ * few percent), to set against the runs without it of the same bench.
+ */
+export function traceRuns(throughputVcpus: number, mibPerVcpu: number): { fault: RunSpec; push: RunSpec; rate: RunSpec } {
+  const rate = throughputRun('shared-uffd', throughputVcpus, mibPerVcpu);
+  return {
+    fault: { key: 'trace:fault', label: 'kvm-exit fault latency with --trace (1 vCPU, push off, preempt)', args: strategyRun('kvm-exit').args, trace: true },
+    push: { key: 'trace:push', label: 'push throughput with --trace', args: PUSH_RUN.args, trace: true },
+    rate: { key: 'trace:rate', label: `${rate.label} with --trace`, args: rate.args, trace: true },
+  };
+}
+
+/**
  * The large guest (issue 4's memory target, issue 9's push with many faulting
  * vCPUs and time targets): defaults otherwise, so it is the tool as a user runs it.
  */
@@ -181,7 +197,7 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
   const json = join(dir, 'report.json');
   try {
     const cmd = launcherCommand().exitOverride();
-    cmd.parse([...runArgs(spec, memoryBytes), '--json', json], { from: 'user' });
+    cmd.parse([...runArgs(spec, memoryBytes), '--json', json, ...(spec.trace ? ['--trace', join(dir, 'run.trace.json')] : [])], { from: 'user' });
     const { sourceArgs, destArgs, killSourceAt, tls, host } = splitArgs(cmd.opts());
     // Piped: the destination's printed report is not wanted (the JSON is), its stderr's end comes back on failure.
     const result = await launch({ sourceArgs, destArgs, killSourceAt, tls, host, destStdio: 'pipe' });

@@ -10,7 +10,7 @@ import { TINY_ARGS } from '../src/options.js';
 const BENCH = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 /** The whole code path, tiny: every run is a real two-process migration of a few MiB (throughput runs: 2 vCPUs x 1 MiB). */
 const TINY = [...TINY_ARGS, '--memory-backends', 'none', '--device-section', 'off'];
-const TIMEOUT_MS = 55_000;
+const TIMEOUT_MS = 110_000;
 
 /** Every ratio the tiny bench computes (its throughput runs have 2 vCPUs: names end in 2). */
 const RATIOS = [
@@ -31,6 +31,9 @@ const RATIOS = [
   'sourceRssOverBudget',
   'tlsFaultP50OverPlain',
   'tlsPushOverPlain',
+  'traceFaultP50OverOff',
+  'tracePushOverOff',
+  'traceRateOverOff',
   'precopyRoundOverPush',
   'precopyDowntimeOverLimit',
 ];
@@ -51,7 +54,7 @@ describe('npm run bench (tiny)', () => {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-test-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('measures every figure and ratio, prints each ratio, and writes them as JSON', async () => {
+  it('measures every figure and ratio, prints each ratio, and writes them as JSON', { timeout: TIMEOUT_MS + 10_000 }, async () => {
     const file = join(dir, 'nested', 'bench.json');
     const run = await runBench([...TINY, '--json', file]);
     expect(run.code, `stdout:\n${run.stdout}\nstderr:\n${run.stderr}`).toBe(0);
@@ -93,6 +96,10 @@ describe('npm run bench (tiny)', () => {
       'tls.fault.p50',
       'tls.fault.p99',
       'tls.pushThroughputMiBs',
+      'trace.fault.p50',
+      'trace.fault.p99',
+      'trace.pushThroughputMiBs',
+      'trace.rate.pagesPerSec',
       'phases.modes.precopy.totalTimeMs',
       'phases.modes.precopy.downtimeMs',
       'phases.modes.precopy.round1MiBs',
@@ -150,6 +157,7 @@ describe('npm run bench (tiny)', () => {
     expect(run.stdout).toMatch(new RegExp(`targets met: \\d+ of ${TARGETED.length}$`, 'm'));
     expect(run.stdout).toMatch(/^phases before postcopy: the same guest, 1 source vCPU dirtying 1000 pages\/s/m);
     expect(run.stdout).toMatch(/^TLS \(--tls: /m);
+    expect(run.stdout).toMatch(/^--trace \(the timeline recorded/m);
     expect(run.stdout).toMatch(/^CPU per fault \(µs;/m);
     expect(run.stdout).toMatch(/^ {2}kvm-exit, 2 vCPUs +\d/m);
   });
