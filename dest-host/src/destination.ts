@@ -24,6 +24,8 @@ export interface DestinationOptions {
   writeFraction: number;
   seed: number;
   push: boolean;
+  /** Pushed pages come on a push channel of their own (net/push-client.ts) where one can be opened. */
+  pushChannel?: boolean;
   /** QEMU's postcopy-preempt: requested pages come back on their own channels, apart from pushed pages. */
   preempt: boolean;
   watchdogMs: number;

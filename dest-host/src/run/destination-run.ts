@@ -17,6 +17,9 @@ import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { GuestPages } from '../memory/pages.js';
 import { PageClient } from '../net/page-client.js';
+import { PushClient } from '../net/push-client.js';
+import type { PushPlacement } from '../net/push-reader.js';
+import { pushPlacement } from '../vmm/push-placement.js';
 import { Session } from '../net/session.js';
 import { Recovery } from '../recovery.js';
 import { buildReportWithHistogram } from '../report-builder.js';
@@ -58,6 +61,10 @@ export class DestinationRun {
   private readonly drops: DropInjector;
   private readonly endpoint: SourceEndpoint;
   private main: PageClient | undefined;
+  /** The push channel (net/push-client.ts), while one is open. */
+  private push: PushClient | undefined;
+  /** Push channels opened (1 a session), for the report's diagnostics. */
+  private pushChannelsOpened = 0;
   private welcome!: Welcome;
   private guest!: Guest;
   private channel!: MainChannel;
@@ -100,6 +107,9 @@ export class DestinationRun {
       this.createGuest();
       await this.serveStatus();
       this.openMainChannel();
+      // Precopy modes open it at the switchover (below): records on another
+      // socket could otherwise overtake the main channel's switchover.
+      if (!this.precopyMode) await this.openPush();
       await this.startThreads();
       await this.start();
       const results = await this.runGuest();
@@ -210,8 +220,11 @@ export class DestinationRun {
       precopy: guest.receiver,
       lifecycle: this.lifecycle,
       fail: (err) => this.abort.fail(err),
-      onSwitchover: (postcopy) =>
-        options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
+      onSwitchover: (postcopy) => {
+        options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`);
+        // The source pushes on the main channel until the push channel is there.
+        if (postcopy) void this.openPush();
+      },
       afterPush: () => this.maybeInjectDrop(),
       ...(this.devices ? { devices: this.devices } : {}),
     });
@@ -232,12 +245,15 @@ export class DestinationRun {
       onPause: (reason) => {
         this.lifecycle.pause();
         this.main?.terminate();
+        // Before the receivedmap snapshot: the pages of a record it was in the middle of go back to missing.
+        this.cutPush();
         this.watchdog?.stop();
         this.channel.forgetComplete();
         options.onEvent?.(`connection lost (${reason}): postcopy paused after ${vmm.counter(COUNTER.INSTALLED)} pages installed; reconnecting`);
       },
       onResume: (resumed, pausedMs) => {
         this.lifecycle.resume();
+        void this.openPush();
         if (this.watching) this.watchdog?.start();
         options.onEvent?.(
           `resumed after ${Math.round(pausedMs)} ms${resumed.restarted ? ' (source restarted)' : ''}: the source marked ${resumed.pagesMarkedUnsent} pages lost on the way as unsent`,
@@ -248,6 +264,81 @@ export class DestinationRun {
       answerTimeoutMs: options.connectTimeoutMs,
       now: () => performance.now(),
     });
+  }
+
+  /**
+   * Whether pushed pages come on a push channel: push on, not over TLS (the
+   * channel is plain TCP), and no emulated link (the source applies it to
+   * WebSockets only), unless --no-push-channel.
+   */
+  private get wantsPushChannel(): boolean {
+    const { options, welcome } = this;
+    return options.push && options.pushChannel !== false && !options.source.startsWith('wss:') && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
+  }
+
+  /**
+   * Opens the push channel (at the start, and after each resume): from its
+   * welcome on the source pushes there. If it cannot be opened, the source
+   * keeps pushing on the main channel, which is slower but loses nothing.
+   */
+  private async openPush(): Promise<void> {
+    if (!this.wantsPushChannel || this.finishing) return;
+    const { options } = this;
+    const epoch = this.session.epoch;
+    const placement = this.guardedPlacement();
+    try {
+      const client = await PushClient.connect({
+        url: options.source,
+        token: options.token,
+        secret: this.endpoint.secret,
+        layout: options.layout,
+        channel: 'push0',
+        connectTimeoutMs: options.connectTimeoutMs,
+        placement,
+        onClose: (err) => {
+          if (this.push !== client) return;
+          this.push = undefined;
+          if (this.finishing || epoch !== this.session.epoch) return;
+          this.connectionLost('push channel', err);
+        },
+      });
+      if (this.finishing || epoch !== this.session.epoch || this.abort.error) {
+        client.cut();
+        return;
+      }
+      this.push = client;
+      this.pushChannelsOpened++;
+    } catch (err) {
+      options.onEvent?.(`push channel: ${(err as Error).message}; pushing on the main channel instead`);
+    }
+  }
+
+  /** The placement for the installer's backend, refusing pushed pages before the switchover. */
+  private guardedPlacement(): PushPlacement {
+    const channel = this.channel;
+    const inner = pushPlacement(this.guest.installer, {
+      installed: (pages) => channel.pushedInstalled(pages),
+      zero: (page) => channel.pushedZero(page),
+      fail: (err) => this.abort.fail(err),
+    });
+    return {
+      claim: (first, count) => {
+        if (!channel.expectPushed()) throw new Error(`pushed pages from ${first} before the switchover`);
+        return inner.claim(first, count);
+      },
+      commit: (claim, first, pages) => inner.commit(claim, first, pages),
+      release: (claim, first, pages) => inner.release(claim, first, pages),
+      zero: (first, count) => {
+        if (!channel.expectPushed()) throw new Error(`pushed zero pages from ${first} before the switchover`);
+        inner.zero(first, count);
+      },
+    };
+  }
+
+  private cutPush(): void {
+    const push = this.push;
+    this.push = undefined;
+    push?.cut();
   }
 
   private adoptMain(client: PageClient): void {
@@ -416,6 +507,7 @@ export class DestinationRun {
     const digestMismatch =
       destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main: this.main!, channel: this.channel, pages, vmm, totalPages: layout.totalPages, abort: this.abort }) : undefined;
     this.finishing = true;
+    this.cutPush();
     this.lifecycle.finish();
     // The run is over: the mdev instances go (before the report, which says so).
     this.devices?.destroy();
@@ -495,6 +587,7 @@ export class DestinationRun {
     this.status?.close();
     this.watchdog?.stop();
     for (const t of this.timers.splice(0)) clearInterval(t);
+    this.cutPush();
     this.main?.close();
     // Threads blocked in a real fault cannot be terminated: closing their
     // contexts wakes them (on zero pages: this run reports nothing).
