@@ -25,6 +25,13 @@ export interface DestinationOptions {
   writeFraction: number;
   seed: number;
   push: boolean;
+  /** Pushed pages come on a push channel of their own (net/push-client.ts) where one can be opened. */
+  pushChannel?: boolean;
+  /**
+   * With preempt and push, the main thread's nice value once the guest
+   * threads are started (0 or absent: unchanged); see DestinationRun.lowerPushPriority.
+   */
+  pushNice?: number;
   /** QEMU's postcopy-preempt: requested pages come back on their own channels, apart from pushed pages. */
   preempt: boolean;
   watchdogMs: number;

@@ -39,6 +39,7 @@ export const DEST_DEFAULTS = {
   connectTimeoutMs: '10000',
   reconnectTimeoutMs: '30000',
   keepaliveMs: '10000',
+  pushNice: '10',
   host: '127.0.0.1',
 } as const;
 
@@ -63,7 +64,9 @@ export function addRunOptions(cmd: Command): Command {
     .option('--write-fraction <f>', 'share of accesses that are writes', DEST_DEFAULTS.writeFraction)
     .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
     .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
+    .option('--no-push-channel', 'push on the main channel instead of a push channel of its own (a raw stream beside the WebSockets; never over TLS or an emulated link)')
     .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
+    .option('--push-nice <n>', 'with --preempt, the nice value the main thread (then only pushed pages and control) runs at, above the guest threads, so that faults get the CPU first (0 = as the guest threads)', DEST_DEFAULTS.pushNice)
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
     .option('--connect-timeout-ms <ms>', 'give up on a source that does not complete the handshake within this time', DEST_DEFAULTS.connectTimeoutMs)
     .option('--reconnect-timeout-ms <ms>', 'after a lost connection, give up when the migration cannot be resumed within this time', DEST_DEFAULTS.reconnectTimeoutMs)
@@ -164,7 +167,9 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     writeFraction: parseFraction('--write-fraction', str('writeFraction')),
     seed: parseIntOption('--seed', str('seed'), 0, 0xffffffff),
     push: raw.push !== false,
+    pushChannel: raw.pushChannel !== false,
     preempt: raw.preempt === true,
+    pushNice: parseIntOption('--push-nice', String(raw.pushNice ?? DEST_DEFAULTS.pushNice), 0, 19),
     statusPort: raw.statusPort === undefined ? undefined : parseIntOption('--status-port', str('statusPort'), 0, 65535),
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),
     connectTimeoutMs: parseIntOption('--connect-timeout-ms', str('connectTimeoutMs'), 100),

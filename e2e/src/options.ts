@@ -99,8 +99,8 @@ export function splitArgs(raw: Record<string, unknown>): {
     if (k === 'inject') {
       const drops = [...injections.drops.map((n) => `drop@${n}`), ...injections.postcopyDrops.map((n) => `drop-postcopy@${n}`)];
       if (drops.length > 0) destArgs.push('--inject', drops.join(','));
-    } else if (k === 'push') {
-      if (v === false) destArgs.push('--no-push');
+    } else if (k === 'push' || k === 'pushChannel') {
+      if (v === false) destArgs.push(k === 'push' ? '--no-push' : '--no-push-channel');
     } else if (v === true) {
       destArgs.push(flag(k));
     } else if (v !== false && v !== undefined) {

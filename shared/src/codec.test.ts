@@ -387,7 +387,7 @@ describe('rejects malformed frames with ProtocolError', () => {
     const hello = (token: unknown): Uint8Array => pack([MessageType.Hello, PROTOCOL_VERSION, token, 0, layout.guestBytes, PAGE, 'main', '']);
     expect(decode(hello('t'.repeat(256)))).toMatchObject({ type: 'hello', token: 't'.repeat(256) });
     expectRejected(hello('t'.repeat(257)), 'hello.token', 'at most 256 characters', '"tttt', '(string)');
-    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 2, layout.guestBytes, PAGE, 'main', '']), 'hello.role', 'from 0 to 1', '2 (number)');
+    expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 3, layout.guestBytes, PAGE, 'main', '']), 'hello.role', 'from 0 to 2', '3 (number)');
     expectRejected(pack([MessageType.Hello, PROTOCOL_VERSION, 't', 0, layout.guestBytes, PAGE, 'c'.repeat(65), '']), 'hello.channel', 'at most 64');
     // The secret is '' or exactly 64 lowercase hex digits: nothing else gets as far as a comparison.
     for (const bad of ['a'.repeat(63), 'a'.repeat(65), 'A'.repeat(64), 'g'.repeat(64), 'x'.repeat(10_000)]) {

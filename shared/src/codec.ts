@@ -255,12 +255,12 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
   switch (type) {
     case MessageType.Hello: {
       expectLength(f, 8);
-      const role = expectUint(f, 3, 'role', 1);
+      const role = expectUint(f, 3, 'role', ChannelRole.Push);
       return {
         type: 'hello',
         protocolVersion: expectUint(f, 1, 'protocolVersion', MAX_U32),
         token: expectString(f, 2, 'token'),
-        role: role === ChannelRole.Main ? ChannelRole.Main : ChannelRole.Fault,
+        role: role === ChannelRole.Main ? ChannelRole.Main : role === ChannelRole.Fault ? ChannelRole.Fault : ChannelRole.Push,
         guestBytes: expectUint(f, 4, 'guestBytes'),
         pageSize: expectUint(f, 5, 'pageSize', MAX_U32),
         channel: expectString(f, 6, 'channel', 64),

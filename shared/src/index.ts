@@ -6,6 +6,7 @@ export * from './digest.js';
 export * from './protocol.js';
 export * from './precopy.js';
 export * from './codec.js';
+export * from './push-stream.js';
 export * from './stats.js';
 export * from './report.js';
 export * from './worker.js';

@@ -8,3 +8,4 @@ export * from './codec.js';
 export * from './keepalive.js';
 export * from './tls.js';
 export * from './turn-cork.js';
+export * from './push-stream.js';

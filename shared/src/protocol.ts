@@ -34,8 +34,10 @@ import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
  * `cpuMainThreadUs`).
  * Version 5: devices (message types 30 to 35, see devices/wire.ts; the
  * summary's device figures).
+ * Version 6: push channels (role 2): a raw stream of pushed runs beside the
+ * WebSockets (see push-stream.ts).
  */
-export const PROTOCOL_VERSION = 5;
+export const PROTOCOL_VERSION = 6;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -80,7 +82,12 @@ export const MessageType = {
 export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
 
 /** What a connection is for: the main channel (push, control) or a fault channel (requests of one resolver or vCPU). */
-export const ChannelRole = { Main: 0, Fault: 1 } as const;
+/**
+ * What a channel is for: the main channel, a fault channel (requests and
+ * their replies), or a push channel (push-stream.ts: pushed pages only, on a
+ * raw stream rather than a WebSocket).
+ */
+export const ChannelRole = { Main: 0, Fault: 1, Push: 2 } as const;
 export type ChannelRoleCode = (typeof ChannelRole)[keyof typeof ChannelRole];
 
 export interface Hello {

@@ -4,10 +4,10 @@
  * page sent at most once, requested pages ahead of pushed ones), with fake
  * channels that decode every frame they are given.
  */
-import { bitmapBytes, bitmapSet, decode, digestPages, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
+import { PUSH_HEADER_BYTES, PUSH_RECORD, bitmapBytes, bitmapSet, decode, decodePushRecordHeader, digestPages, fillPage, makeLayout, verifyPage, type GuestLayout, type ImageSpec, type Message } from '@postcopy/shared';
 import { describe, expect, it } from 'vitest';
 import { GuestImage } from './image.js';
-import { SourceMigration, type Channel } from './migration.js';
+import { SourceMigration, type Channel, type PushStream } from './migration.js';
 import { Scheduler } from './scheduler.js';
 
 const PAGE = 4096;
@@ -725,5 +725,137 @@ describe('SourceMigration recovery (pause, resume)', () => {
     expect(wire.map((s) => s.message.type)).toEqual(['page', 'page']);
     expect(sentPages(wire)).toEqual([4, 30]);
     expect(migration.preempt).toBe(false);
+  });
+});
+
+/** A push channel that records the records written to it (shared/push-stream.ts), as the destination reads them. */
+class FakePushStream implements PushStream {
+  isOpen = true;
+  bufferedAmount = 0;
+  /** Bytes written count against bufferedAmount until drain() (a socket that does not drain). */
+  stuck = false;
+  private bytes: Buffer[] = [];
+  private waiting: (() => void)[] = [];
+  corks = 0;
+  cork(): void {
+    this.corks++;
+  }
+  uncork(): void {}
+  write(bytes: Uint8Array): void {
+    this.bytes.push(Buffer.from(bytes));
+    if (this.stuck) this.bufferedAmount += bytes.length;
+  }
+  drained(): Promise<void> {
+    return this.bufferedAmount === 0 ? Promise.resolve() : new Promise((resolve) => this.waiting.push(resolve));
+  }
+  drain(): void {
+    this.bufferedAmount = 0;
+    for (const w of this.waiting.splice(0)) w();
+  }
+  /** The records, with each PAGES record's bytes. */
+  records(layout: GuestLayout): { kind: number; first: number; count: number; data?: Buffer }[] {
+    const all = Buffer.concat(this.bytes);
+    const out: { kind: number; first: number; count: number; data?: Buffer }[] = [];
+    for (let at = 0; at < all.length; ) {
+      const h = decodePushRecordHeader(all.subarray(at, at + PUSH_HEADER_BYTES), layout);
+      at += PUSH_HEADER_BYTES;
+      if (h.kind === PUSH_RECORD.PAGES) {
+        out.push({ ...h, data: all.subarray(at, at + h.count * layout.pageSize) });
+        at += h.count * layout.pageSize;
+      } else out.push(h);
+    }
+    return out;
+  }
+}
+
+const recordPages = (records: { first: number; count: number }[]): number[] => records.flatMap((r) => Array.from({ length: r.count }, (_, i) => r.first + i));
+
+describe('SourceMigration on a push channel', () => {
+  it('pushes every page once in records (runs of contents, runs of zero pages), answers a request on its channel, and says complete on main', async () => {
+    const PAGES = 2048;
+    const img = image(PAGES, { seed: 5, zeroFraction: 0.1 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const fault = new FakeChannel('vcpu0', img.layout, wire);
+    const stream = new FakePushStream();
+    const migration = new SourceMigration(img, { pushStreamBatchBytes: 64 * PAGE });
+    migration.attachPushStream(stream);
+    migration.startPush(main);
+    void migration.request(fault, 1, 1500);
+    await untilComplete(wire, 'main');
+    await migration.onIdle();
+    const records = stream.records(img.layout);
+    const pushed = recordPages(records);
+    // Page order, every page but the requested one, once.
+    expect(pushed).toEqual(Array.from({ length: PAGES }, (_, p) => p).filter((p) => p !== 1500));
+    for (const r of records) {
+      for (let p = r.first; p < r.first + r.count; p++) expect(img.isZero(p)).toBe(r.kind === PUSH_RECORD.ZERO);
+      if (r.data) expect(r.data.equals(Buffer.from(img.pagesBytes(r.first, r.count)))).toBe(true);
+    }
+    // Runs: far fewer records than pages; each batch corked into one write.
+    expect(records.length).toBeLessThan(PAGES / 3);
+    expect(stream.corks).toBeGreaterThanOrEqual(PAGES / 64);
+    // Main carries no pushed frames: only complete.
+    expect(wire.filter((s) => s.channel === 'main').map((s) => s.message.type)).toEqual(['complete']);
+    expect(wire.filter((s) => s.channel === 'vcpu0').map((s) => s.message)).toMatchObject([{ id: 1, page: 1500 }]);
+    expect(migration.stats.pagesPushed).toBe(PAGES - 1);
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesSentTwice: 0 });
+  });
+
+  it('a record cut by a drop: after the resume the push channel gets exactly the pages the receivedmap lacks, none twice', async () => {
+    const PAGES = 1024;
+    const img = image(PAGES, { seed: 9, zeroFraction: 0 });
+    const before: Sent[] = [];
+    const main1 = new FakeChannel('main1', img.layout, before);
+    const stream1 = new FakePushStream();
+    stream1.stuck = true;
+    const migration = new SourceMigration(img, { pushStreamBatchBytes: 128 * PAGE, pushStreamHighWaterBytes: 200 * PAGE });
+    migration.attachPushStream(stream1);
+    migration.startPush(main1);
+    await migration.onIdle();
+    const pushed1 = recordPages(stream1.records(img.layout));
+    // Stopped at the high-water mark, part way.
+    expect(pushed1.length).toBe(256);
+    // The drop: the destination got the first record whole and 40 pages of the second.
+    const received = pushed1.slice(0, 128 + 40);
+    stream1.isOpen = false;
+    migration.detachPushStream(stream1);
+    migration.pause();
+    stream1.drain();
+    await migration.onIdle();
+    expect(recordPages(stream1.records(img.layout))).toEqual(pushed1);
+
+    const after: Sent[] = [];
+    const main2 = new FakeChannel('main2', img.layout, after);
+    const stream2 = new FakePushStream();
+    migration.attachPushStream(stream2);
+    expect(migration.resume(main2, { push: true, preempt: true, receivedmap: bitmapOf(PAGES, received), requestedmap: bitmapOf(PAGES, []) })).toBe(256 - 168);
+    await untilComplete(after, 'main2');
+    await migration.onIdle();
+    const pushed2 = recordPages(stream2.records(img.layout));
+    expect(pushed2).toEqual(Array.from({ length: PAGES - 168 }, (_, i) => 168 + i));
+    expect(sentPages(after)).toEqual([]);
+    expect(migration.summarize(allReceived(PAGES))).toMatchObject({ pagesSent: PAGES, pagesSentTwice: 0, sentNotReceived: 0, receivedNotSent: 0 });
+  });
+
+  it('falls back to the main channel when the push channel closes, and moves to a push channel opened mid-push', async () => {
+    const PAGES = 512;
+    const img = image(PAGES, { seed: 3, zeroFraction: 0 });
+    const wire: Sent[] = [];
+    const main = new FakeChannel('main', img.layout, wire);
+    const migration = new SourceMigration(img, { pushBatchBytes: 16 * PAGE, pushStreamBatchBytes: 16 * PAGE });
+    migration.startPush(main);
+    // A few batches on main, then the push channel arrives.
+    await new Promise((resolve) => setImmediate(resolve));
+    await new Promise((resolve) => setImmediate(resolve));
+    const stream = new FakePushStream();
+    migration.attachPushStream(stream);
+    await untilComplete(wire, 'main');
+    await migration.onIdle();
+    const onMain = sentPages(wire);
+    const onStream = recordPages(stream.records(img.layout));
+    expect(onMain.length).toBeGreaterThan(0);
+    expect(onStream.length).toBeGreaterThan(0);
+    expect([...onMain, ...onStream]).toEqual(Array.from({ length: PAGES }, (_, p) => p));
   });
 });

@@ -1,7 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { createConnection, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket from 'ws';
-import { ChannelRole, PROTOCOL_VERSION, bitmapBytes, bitmapSet, decode, encode, makeLayout, type Message } from '@postcopy/shared';
+import { ChannelRole, PROTOCOL_VERSION, PUSH_HEADER_BYTES, PUSH_RECORD, PUSH_UPGRADE, bitmapBytes, bitmapSet, decode, decodePushRecordHeader, encode, lengthPrefixed, makeLayout, type Message } from '@postcopy/shared';
 import { GuestImage } from './image.js';
 import { SourceServer, type SourceServerOptions } from './server.js';
 
@@ -130,7 +131,7 @@ async function connect(url: string): Promise<Peer> {
 }
 
 function helloFrame(role: number, channel: string, secret = ''): Buffer {
-  return encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: role as 0 | 1, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel, secret });
+  return encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, token: 'secret', role: role as 0 | 1 | 2, guestBytes: LAYOUT.guestBytes, pageSize: LAYOUT.pageSize, channel, secret });
 }
 
 /** Connects and says hello (with the migration's `secret`, if given); resolves after the welcome. */
@@ -616,5 +617,85 @@ describe('source keepalive', () => {
     await new Promise((r) => setTimeout(r, 600));
     expect(server.state).toBe('postcopy-active');
     expect(server.keepaliveTimeouts).toBe(0);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Push channels (shared/push-stream.ts): a raw stream, bound to the migration's secret.
+
+/** A raw push channel: upgrade, hello; then everything the source sends (the handshake frame, then records). */
+async function pushChannel(url: string, hello: Buffer): Promise<{ bytes: () => Buffer; closed: Promise<void>; socket: Socket }> {
+  const { port } = new URL(url);
+  const socket = createConnection({ host: '127.0.0.1', port: Number(port) });
+  let bytes = Buffer.alloc(0);
+  const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+  socket.on('error', () => {});
+  await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+  socket.write(`GET /push HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nConnection: Upgrade\r\nUpgrade: ${PUSH_UPGRADE}\r\n\r\n`);
+  await new Promise<void>((resolve) => {
+    socket.on('data', (chunk: Buffer) => {
+      bytes = Buffer.concat([bytes, chunk]);
+      const end = bytes.indexOf('\r\n\r\n');
+      if (end >= 0 && bytes.subarray(0, 12).toString() === 'HTTP/1.1 101') {
+        bytes = bytes.subarray(end + 4);
+        resolve();
+      }
+    });
+  });
+  socket.write(lengthPrefixed(hello));
+  return { bytes: () => bytes, closed, socket };
+}
+
+/** The first length-prefixed frame of `bytes`, decoded, and what follows it. */
+function firstFrame(bytes: Buffer): { message: Message; rest: Buffer } {
+  const length = bytes.readUInt32BE(0);
+  return { message: decode(bytes.subarray(4, 4 + length)), rest: bytes.subarray(4 + length) };
+}
+
+describe('source push channels', () => {
+  it('admits a push channel that presents the secret, refuses one that does not; the push goes on it, complete on main', async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    const outsider = await pushChannel(server.url, helloFrame(ChannelRole.Push, 'push-outsider'));
+    await within(outsider.closed, 5000, 'the outsider to be cut');
+    const refused = firstFrame(outsider.bytes()).message;
+    expect(refused).toMatchObject({ type: 'error', code: 'ERR_POSTCOPY_HANDSHAKE' });
+    expect(refused.type === 'error' && refused.message).toMatch(/secret/);
+
+    const push = await pushChannel(server.url, helloFrame(ChannelRole.Push, 'push0', secret));
+    await waitFor(() => push.bytes().length >= 4 && push.bytes().length >= 4 + push.bytes().readUInt32BE(0), 'the push channel welcome');
+    expect(firstFrame(push.bytes()).message).toMatchObject({ type: 'welcome', secret: '' });
+    main.ws.send(encode({ type: 'start', push: true, preempt: true }));
+    await main.next('complete');
+    // The whole guest fits one record.
+    const expected = PUSH_HEADER_BYTES + PAGES * 4096;
+    await waitFor(() => firstFrame(push.bytes()).rest.length >= expected, 'every pushed page');
+    const records = firstFrame(push.bytes()).rest;
+    const pages: number[] = [];
+    for (let at = 0; at < records.length; ) {
+      const h = decodePushRecordHeader(records.subarray(at, at + PUSH_HEADER_BYTES), LAYOUT);
+      at += PUSH_HEADER_BYTES;
+      expect(h.kind).toBe(PUSH_RECORD.PAGES);
+      expect(records.subarray(at, at + h.count * 4096).equals(Buffer.from(IMAGE.pagesBytes(h.first, h.count)))).toBe(true);
+      at += h.count * 4096;
+      for (let p = h.first; p < h.first + h.count; p++) pages.push(p);
+    }
+    expect(pages).toEqual(Array.from({ length: PAGES }, (_, p) => p));
+    expect(main.messages.some((m) => CONTENT.has(m.type))).toBe(false);
+    push.socket.destroy();
+  });
+
+  it("refuses a push channel's hello on a WebSocket, and a fault channel's on a push stream", async () => {
+    const server = await listenWith();
+    const main = await channel(server.url, ChannelRole.Main, 'main');
+    const secret = secretOf(main);
+    const ws = await connect(server.url);
+    ws.ws.send(helloFrame(ChannelRole.Push, 'push-on-ws', secret));
+    await expectRefused(ws, 'ERR_POSTCOPY_HANDSHAKE', /expected a main or fault channel's hello on a WebSocket, got a push channel's/, 1008);
+    const stream = await pushChannel(server.url, helloFrame(ChannelRole.Fault, 'fault-on-push', secret));
+    await within(stream.closed, 5000, 'the fault hello on a push stream to be refused');
+    const refused = firstFrame(stream.bytes()).message;
+    expect(refused.type === 'error' && refused.message).toMatch(/expected a push channel's hello \(role 2\)/);
   });
 });

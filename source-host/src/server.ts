@@ -8,6 +8,7 @@ import {
   HandshakeError,
   Keepalive,
   PROTOCOL_VERSION,
+  PUSH_UPGRADE,
   PausedError,
   PostcopyError,
   ProtocolError,
@@ -26,6 +27,8 @@ import type { SourceState } from './lifecycle.js';
 import { Link, NO_LINK, type LinkSpec } from './link.js';
 import { listen, type Listener, type ListenerTls } from './listener.js';
 import type { Channel, MigrationOptions, SourceMigration } from './migration.js';
+import { SourcePushChannel, isPushUpgrade } from './push-channel.js';
+import type { Admission } from './access.js';
 
 export { generateToken, tokensEqual } from './access.js';
 
@@ -199,6 +202,8 @@ export class SourceServer extends EventEmitter {
   private closing = false;
   /** Every open connection, with or without a hello (the connection limit counts them all). */
   private readonly connections = new Set<WsChannel>();
+  /** Push channels (push-channel.ts), with or without a hello: counted in the connection limit too. */
+  private readonly pushChannels = new Set<SourcePushChannel>();
   readonly link: Link;
   /** The migration's secret (see access.ts): every channel but the first main one must present it. */
   readonly secret: string;
@@ -263,7 +268,7 @@ export class SourceServer extends EventEmitter {
 
   /** Connections open now, with or without a hello (what the connection limit counts). */
   get openConnections(): number {
-    return this.connections.size;
+    return this.connections.size + this.pushChannels.size;
   }
 
   get resumeTimeoutMs(): number {
@@ -280,7 +285,8 @@ export class SourceServer extends EventEmitter {
       onRejected: (peer, reason) => server?.emit('rejected', peer, new HandshakeError(reason)),
     });
     const wss = new WebSocketServer({
-      server: listener.server,
+      // Upgrades are routed below: push channels here, WebSockets to ws.
+      noServer: true,
       perMessageDeflate: false,
       maxPayload: maxFrameBytes(image.layout.pageSize, image.layout.totalPages),
       // Under --tls-verify-peer, a peer whose client certificate is not
@@ -292,6 +298,11 @@ export class SourceServer extends EventEmitter {
       },
     });
     server = new SourceServer(image, options, listener, wss);
+    const created = server;
+    listener.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (isPushUpgrade(req)) created.acceptPush(req, socket, head);
+      else wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+    });
     return server;
   }
 
@@ -306,6 +317,7 @@ export class SourceServer extends EventEmitter {
     void this.controller.close();
     this.link.stop();
     for (const ws of this.wss.clients) ws.terminate();
+    for (const push of this.pushChannels) push.destroy();
     return new Promise((resolve) => {
       this.wss.close(() => {
         this.listener.server.close(() => resolve());
@@ -316,15 +328,56 @@ export class SourceServer extends EventEmitter {
     });
   }
 
+  /** A push channel's upgrade (push-channel.ts): its hello is checked like every channel's. */
+  private acceptPush(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    const refused = this.listener.refusal(req.socket);
+    if (refused !== undefined) {
+      socket.end(`HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n${refused}\n`);
+      return;
+    }
+    this.listener.upgraded(req.socket);
+    const channel = new SourcePushChannel(
+      socket,
+      head,
+      (c, hello) => this.pushHello(c, hello),
+      (c, err) => this.emit('rejected', c.label, err),
+    );
+    const max = this.options.maxConnections ?? SERVER_DEFAULTS.maxConnections;
+    if (this.openConnections + 1 > max) {
+      channel.reject(new BusyError(`expected at most ${max} connections, this would be ${this.openConnections + 1}`));
+      return;
+    }
+    this.pushChannels.add(channel);
+    const timeoutMs = this.options.handshakeTimeoutMs ?? SERVER_DEFAULTS.handshakeTimeoutMs;
+    const handshakeTimer = setTimeout(() => {
+      if (!channel.admitted) channel.reject(new HandshakeError(`expected hello within ${timeoutMs} ms, got none`));
+    }, timeoutMs);
+    handshakeTimer.unref();
+    void channel.closed.then(() => {
+      clearTimeout(handshakeTimer);
+      this.pushChannels.delete(channel);
+      this.migration.detachPushStream(channel);
+    });
+  }
+
+  private pushHello(channel: SourcePushChannel, hello: Extract<Message, { type: 'hello' }>): void {
+    channel.label = safeLabel(hello.channel);
+    if (hello.role !== ChannelRole.Push) throw new HandshakeError(`expected a push channel's hello (role ${ChannelRole.Push}) on a ${PUSH_UPGRADE} stream, got role ${hello.role}`);
+    this.checkHello(channel.label, hello);
+    channel.admitted = true;
+    channel.send(this.welcomeFor({ kind: 'fault' }));
+    this.migration.attachPushStream(channel);
+  }
+
   private accept(ws: WebSocket, socket: Duplex): void {
     const channel = new WsChannel(ws, this.link, socket);
     ws.binaryType = 'nodebuffer';
     ws.on('error', (err) => this.reject(channel, err));
     const max = this.options.maxConnections ?? SERVER_DEFAULTS.maxConnections;
-    if (this.connections.size + 1 > max) {
+    if (this.openConnections + 1 > max) {
       // Nothing it sends is read: it gets the error and the close behind it.
       ws.once('close', () => this.link.out.drop(channel));
-      this.reject(channel, new BusyError(`expected at most ${max} connections, this would be ${this.connections.size + 1}`));
+      this.reject(channel, new BusyError(`expected at most ${max} connections, this would be ${this.openConnections + 1}`));
       return;
     }
     this.connections.add(channel);
@@ -371,6 +424,8 @@ export class SourceServer extends EventEmitter {
     for (const other of this.connections) {
       if (other.role === ChannelRole.Fault) other.ws.terminate();
     }
+    // Push channels too: records of the old session stop where they are (the resume's receivedmap says what arrived).
+    for (const push of this.pushChannels) push.destroy();
   }
 
   /** Cuts the main channel when the destination goes silent (a dead link closes nothing). */
@@ -490,21 +545,56 @@ export class SourceServer extends EventEmitter {
     };
   }
 
-  private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
-    channel.label = safeLabel(hello.channel);
+  /**
+   * The checks every channel's hello passes (version, token, layout, the
+   * migration's secret: admit()); throws a HandshakeError (or PausedError)
+   * saying what was expected. Returns what the channel joins as.
+   */
+  private checkHello(label: string, hello: Extract<Message, { type: 'hello' }>): Admission {
     if (hello.protocolVersion !== PROTOCOL_VERSION) {
       throw new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, got ${hello.protocolVersion}`);
     }
     if (!tokensEqual(this.options.token, hello.token)) {
       throw new HandshakeError(`expected a valid access token, got ${hello.token === '' ? 'none' : 'a wrong one'}`);
     }
-    const { guestBytes, pageSize, totalPages } = this.image.layout;
+    const { guestBytes, pageSize } = this.image.layout;
     if (hello.guestBytes !== guestBytes || hello.pageSize !== pageSize) {
       throw new HandshakeError(
         `expected guest layout ${formatBytes(guestBytes)} in ${formatBytes(pageSize)} pages, got ${formatBytes(hello.guestBytes)} in ${formatBytes(hello.pageSize)} pages`,
       );
     }
-    const admission = admit(hello, this.admission(channel.label));
+    const admission = admit(hello, this.admission(label));
+    if (admission.kind === 'fault' && this.controller.lifecycle.isPaused) {
+      throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
+    }
+    return admission;
+  }
+
+  private welcomeFor(admission: Admission): Message {
+    const { guestBytes, pageSize, totalPages } = this.image.layout;
+    return {
+      type: 'welcome',
+      protocolVersion: PROTOCOL_VERSION,
+      guestBytes,
+      pageSize,
+      totalPages,
+      imageDigest: this.image.digest,
+      imageSeed: this.image.spec.seed,
+      zeroFraction: this.image.spec.zeroFraction,
+      linkDelayUs: this.link.spec.delayUs,
+      linkBandwidthBps: this.link.spec.bandwidthBps,
+      // Only the main channel that starts the migration learns the secret; nobody gets it echoed.
+      secret: admission.kind === 'new-main' ? this.secret : '',
+      mode: this.controller.mode,
+    };
+  }
+
+  private handshake(channel: WsChannel, hello: Extract<Message, { type: 'hello' }>): void {
+    channel.label = safeLabel(hello.channel);
+    if (hello.role === ChannelRole.Push) {
+      throw new HandshakeError(`expected a main or fault channel's hello on a WebSocket, got a push channel's (role ${ChannelRole.Push}: those upgrade to ${PUSH_UPGRADE})`);
+    }
+    const admission = this.checkHello(channel.label, hello);
     switch (admission.kind) {
       case 'new-main':
         this.main = channel;
@@ -526,29 +616,10 @@ export class SourceServer extends EventEmitter {
         break;
       }
       case 'fault':
-        if (this.controller.lifecycle.isPaused) {
-          throw new PausedError(`the migration is paused: expected the destination's main channel to resume it first`);
-        }
         break;
     }
     if (hello.role === ChannelRole.Main) this.watchMain(channel);
     channel.role = hello.role;
-    channel.send(
-      encode({
-        type: 'welcome',
-        protocolVersion: PROTOCOL_VERSION,
-        guestBytes,
-        pageSize,
-        totalPages,
-        imageDigest: this.image.digest,
-        imageSeed: this.image.spec.seed,
-        zeroFraction: this.image.spec.zeroFraction,
-        linkDelayUs: this.link.spec.delayUs,
-        linkBandwidthBps: this.link.spec.bandwidthBps,
-        // Only the main channel that starts the migration learns the secret; nobody gets it echoed.
-        secret: admission.kind === 'new-main' ? this.secret : '',
-        mode: this.controller.mode,
-      }),
-    );
+    channel.send(encode(this.welcomeFor(admission)));
   }
 }

@@ -127,6 +127,13 @@ export interface BackendMemory {
    * may be another context's: it is installed, and wakes nobody there.
    */
   copy(ctx: number, dst: number, src: ArrayBufferView, len: number, mode?: number): number;
+  /**
+   * A COPY in two halves, for bytes that arrive later straight into guest
+   * memory (a push channel's socket reads into {@link DirectCopy.view}); the
+   * emulation's only: on uffd no thread may touch a missing page, so bytes
+   * go to a buffer and {@link copy} from there.
+   */
+  readonly direct?: DirectCopy;
   /** UFFDIO_ZEROPAGE: like copy, with zeros; -EINVAL on 2 MiB pages (hugetlb has no zero page). */
   zeropage(ctx: number, dst: number, len: number, mode?: number): number;
   /** UFFDIO_WAKE: 0 (also with nobody waiting) or -EINVAL. Wakes this context's waiters only. */
@@ -154,6 +161,18 @@ export interface BackendMemory {
    * unmapped memory kills the process.
    */
   dispose(): void;
+}
+
+/** See {@link BackendMemory.direct} (and the emulation's copyClaim). */
+export interface DirectCopy {
+  /** Takes up to `count` missing pages from `first` (within one memslot): how many (0: `first` is present), or -ENOENT. */
+  claim(first: number, count: number): number;
+  /** Guest memory of `count` pages from `first` (taken by claim; within one memslot): where their bytes go. */
+  view(first: number, count: number): Uint8Array;
+  /** The bytes of `count` taken pages are in: installs them, waking `ctx`'s waiters. Returns the bytes installed. */
+  publish(ctx: number, first: number, count: number): number;
+  /** Taken pages whose bytes will not come: missing again. */
+  release(first: number, count: number): void;
 }
 
 /** A faulting thread's accesses (vCPU, I/O thread, test thread). */

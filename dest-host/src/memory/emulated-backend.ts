@@ -8,7 +8,7 @@
  */
 import { ERRNO } from '../uffd/layout.js';
 import { Userfaultfd, type UffdBuffers } from '../uffd/userfaultfd.js';
-import type { BackendHandle, BackendMemory, FaultMessage, GuestMemorySpec, GuestThread, MemoryBackend, OpenOptions } from './backend.js';
+import type { BackendHandle, BackendMemory, DirectCopy, FaultMessage, GuestMemorySpec, GuestThread, MemoryBackend, OpenOptions } from './backend.js';
 import { GuestMemory, type GuestMemoryBuffers } from './guest-memory.js';
 
 export interface EmulatedHandle extends BackendHandle {
@@ -33,12 +33,19 @@ export const emulatedBackend: MemoryBackend = {
 export class EmulatedMemory implements BackendMemory {
   readonly backend = 'emulated' as const;
   readonly handle: EmulatedHandle;
+  readonly direct: DirectCopy;
 
   constructor(
     readonly memory: GuestMemory,
     readonly uffd: Userfaultfd,
   ) {
     this.handle = { backend: 'emulated', memory: memory.toBuffers(), uffd: uffd.toBuffers() };
+    this.direct = {
+      claim: (first, count) => uffd.copyClaim(first, count),
+      view: (first, count) => memory.pagesBytes(first, count),
+      publish: (ctx, first, count) => uffd.copyPublish(ctx, first, count),
+      release: (first, count) => uffd.copyRelease(first, count),
+    };
   }
 
   get layout(): GuestMemory['layout'] {

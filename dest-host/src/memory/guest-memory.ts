@@ -55,6 +55,14 @@ export class GuestMemory implements PageSource {
     return this.bytes[slot]!.subarray(offset, offset + this.layout.pageSize);
   }
 
+  /** A view of `count` pages from `page`, which must lie in one memslot. */
+  pagesBytes(page: number, count: number): Uint8Array {
+    const slot = this.memslotOf(page);
+    if (this.memslotOf(page + count - 1) !== slot) throw new RangeError(`expected pages ${page} to ${page + count - 1} in one memslot, got them across two`);
+    const offset = (page - slot * this.memslots.pagesPerMemslot) * this.layout.pageSize;
+    return this.bytes[slot]!.subarray(offset, offset + count * this.layout.pageSize);
+  }
+
   pageWords(page: number): Uint32Array {
     const slot = this.memslotOf(page);
     const offset = (page - slot * this.memslots.pagesPerMemslot) * this.layout.pageSize;

@@ -9,6 +9,7 @@
  * recovers (recovery.ts).
  */
 import type { Server } from 'node:http';
+import { setPriority } from 'node:os';
 import { ChannelRole, ConnectionError, CpuMeter, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
 import { DeviceReceiver } from '../devices/receiver.js';
@@ -17,12 +18,15 @@ import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { GuestPages } from '../memory/pages.js';
 import { PageClient } from '../net/page-client.js';
+import { PushClient } from '../net/push-client.js';
+import type { PushPlacement } from '../net/push-reader.js';
+import { pushPlacement } from '../vmm/push-placement.js';
 import { Session } from '../net/session.js';
 import { Recovery } from '../recovery.js';
 import { buildReportWithHistogram } from '../report-builder.js';
 import { startStatusServer } from '../status-server.js';
 import { STRATEGY_BY_NAME, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
-import { MainLog } from '../trace/main-log.js';
+import { MAIN_KIND, MainLog } from '../trace/main-log.js';
 import { buildTimeline, type Timeline } from '../trace/timeline.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { PrecopyReceiver } from '../vmm/precopy-receiver.js';
@@ -60,6 +64,10 @@ export class DestinationRun {
   private readonly drops: DropInjector;
   private readonly endpoint: SourceEndpoint;
   private main: PageClient | undefined;
+  /** The push channel (net/push-client.ts), while one is open. */
+  private push: PushClient | undefined;
+  /** Push channels opened (1 a session), for the report's diagnostics. */
+  private pushChannelsOpened = 0;
   private welcome!: Welcome;
   private guest!: Guest;
   private channel!: MainChannel;
@@ -107,7 +115,11 @@ export class DestinationRun {
       this.createGuest();
       await this.serveStatus();
       this.openMainChannel();
+      // Precopy modes open it at the switchover (below): records on another
+      // socket could otherwise overtake the main channel's switchover.
+      if (!this.precopyMode) await this.openPush();
       await this.startThreads();
+      this.lowerPushPriority();
       await this.start();
       const results = await this.runGuest();
       const wound = await this.windDown();
@@ -218,8 +230,11 @@ export class DestinationRun {
       precopy: guest.receiver,
       lifecycle: this.lifecycle,
       fail: (err) => this.abort.fail(err),
-      onSwitchover: (postcopy) =>
-        options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`),
+      onSwitchover: (postcopy) => {
+        options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`);
+        // The source pushes on the main channel until the push channel is there.
+        if (postcopy) void this.openPush();
+      },
       afterPush: () => this.maybeInjectDrop(),
       ...(this.devices ? { devices: this.devices } : {}),
       ...(this.trace ? { trace: this.trace } : {}),
@@ -241,12 +256,15 @@ export class DestinationRun {
       onPause: (reason) => {
         this.lifecycle.pause();
         this.main?.terminate();
+        // Before the receivedmap snapshot: the pages of a record it was in the middle of go back to missing.
+        this.cutPush();
         this.watchdog?.stop();
         this.channel.forgetComplete();
         options.onEvent?.(`connection lost (${reason}): postcopy paused after ${vmm.counter(COUNTER.INSTALLED)} pages installed; reconnecting`);
       },
       onResume: (resumed, pausedMs) => {
         this.lifecycle.resume();
+        void this.openPush();
         if (this.watching) this.watchdog?.start();
         options.onEvent?.(
           `resumed after ${Math.round(pausedMs)} ms${resumed.restarted ? ' (source restarted)' : ''}: the source marked ${resumed.pagesMarkedUnsent} pages lost on the way as unsent`,
@@ -257,6 +275,112 @@ export class DestinationRun {
       answerTimeoutMs: options.connectTimeoutMs,
       now: () => performance.now(),
     });
+  }
+
+  /**
+   * Whether pushed pages come on a push channel: push on, not over TLS (the
+   * channel is plain TCP), and no emulated link (the source applies it to
+   * WebSockets only), unless --no-push-channel.
+   */
+  private get wantsPushChannel(): boolean {
+    const { options, welcome } = this;
+    return options.push && options.pushChannel !== false && !options.source.startsWith('wss:') && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
+  }
+
+  /**
+   * Opens the push channel (at the start, and after each resume): from its
+   * welcome on the source pushes there. If it cannot be opened, the source
+   * keeps pushing on the main channel, which is slower but loses nothing.
+   */
+  private async openPush(): Promise<void> {
+    if (!this.wantsPushChannel || this.finishing) return;
+    const { options } = this;
+    const epoch = this.session.epoch;
+    const placement = this.guardedPlacement();
+    try {
+      const client = await PushClient.connect({
+        url: options.source,
+        token: options.token,
+        secret: this.endpoint.secret,
+        layout: options.layout,
+        channel: 'push0',
+        connectTimeoutMs: options.connectTimeoutMs,
+        placement,
+        onClose: (err) => {
+          if (this.push !== client) return;
+          this.push = undefined;
+          if (this.finishing || epoch !== this.session.epoch) return;
+          this.connectionLost('push channel', err);
+        },
+      });
+      if (this.finishing || epoch !== this.session.epoch || this.abort.error) {
+        client.cut();
+        return;
+      }
+      this.push = client;
+      this.pushChannelsOpened++;
+    } catch (err) {
+      options.onEvent?.(`push channel: ${(err as Error).message}; pushing on the main channel instead`);
+    }
+  }
+
+  /**
+   * With preempt the main thread carries pushed pages and control messages
+   * only: every fault's reply comes on its resolver's (or vCPU's) own
+   * channel. On two cores a push that keeps this thread busy leaves a
+   * waking resolver waiting for a core, so an urgent fault waits behind
+   * the push after all (issue 9: kvm-exit, random, 256 MiB: p50 150-276 µs
+   * under push against 34 idle; 56-90 µs with this thread at nice 10, push
+   * 5-10% slower). So the main thread steps back to `pushNice`, once the
+   * guest threads are started (Linux threads inherit the nice value of
+   * the thread that creates them, and setpriority of the calling thread
+   * applies to that thread alone). Not in precopy modes (device threads
+   * start later) nor without preempt (requested pages come here then).
+   */
+  private lowerPushPriority(): void {
+    const nice = this.options.pushNice ?? 0;
+    if (nice <= 0 || !this.options.push || !this.options.preempt || this.precopyMode || process.platform !== 'linux') return;
+    try {
+      setPriority(0, nice);
+    } catch (err) {
+      this.options.onEvent?.(`--push-nice ${nice}: could not lower the main thread's priority (${(err as Error).message}); going on without`);
+    }
+  }
+
+  /** The placement for the installer's backend, refusing pushed pages before the switchover. */
+  private guardedPlacement(): PushPlacement {
+    const channel = this.channel;
+    const trace = this.trace;
+    const inner = pushPlacement(this.guest.installer, {
+      installed: (pages) => channel.pushedInstalled(pages),
+      zero: (page) => channel.pushedZero(page),
+      fail: (err) => this.abort.fail(err),
+    });
+    return {
+      claim: (first, count) => {
+        if (!channel.expectPushed()) throw new Error(`pushed pages from ${first} before the switchover`);
+        return inner.claim(first, count);
+      },
+      commit: trace
+        ? (claim, first, pages) => {
+            const t0 = performance.now();
+            inner.commit(claim, first, pages);
+            // A slice from the last bytes' arrival to the install (the read itself is the kernel's).
+            trace.install(MAIN_KIND.PUSHED, first, pages, t0, performance.now());
+          }
+        : (claim, first, pages) => inner.commit(claim, first, pages),
+      release: (claim, first, pages) => inner.release(claim, first, pages),
+      zero: (first, count) => {
+        if (!channel.expectPushed()) throw new Error(`pushed zero pages from ${first} before the switchover`);
+        inner.zero(first, count);
+      },
+    };
+  }
+
+  private cutPush(): void {
+    const push = this.push;
+    this.push = undefined;
+    push?.cut();
   }
 
   private adoptMain(client: PageClient): void {
@@ -436,6 +560,7 @@ export class DestinationRun {
     const digestMismatch =
       destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main: this.main!, channel: this.channel, pages, vmm, totalPages: layout.totalPages, abort: this.abort }) : undefined;
     this.finishing = true;
+    this.cutPush();
     this.lifecycle.finish();
     // The run is over: the mdev instances go (before the report, which says so).
     this.devices?.destroy();
@@ -557,6 +682,7 @@ export class DestinationRun {
     this.status?.close();
     this.watchdog?.stop();
     for (const t of this.timers.splice(0)) clearInterval(t);
+    this.cutPush();
     this.main?.close();
     // Threads blocked in a real fault cannot be terminated: closing their
     // contexts wakes them (on zero pages: this run reports nothing).

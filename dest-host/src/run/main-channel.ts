@@ -93,6 +93,25 @@ export class MainChannel {
     if (this.complete) this.checkInstalled();
   }
 
+  /** A push channel's zero page (net/push-client.ts): installed as one from the main channel. */
+  pushedZero(page: number): void {
+    if (!this.expectPostcopy('pushed pages')) return;
+    this.installOne(page, undefined, 'pushed');
+    this.d.afterPush?.();
+  }
+
+  /** A push channel installed `pages` pushed pages. */
+  pushedInstalled(pages: number): void {
+    this.d.vmm.count(COUNTER.PAGES_PUSHED, pages);
+    if (this.complete) this.checkInstalled();
+    this.d.afterPush?.();
+  }
+
+  /** Whether pushed pages may come now (after the switchover); if not, the run fails. */
+  expectPushed(): boolean {
+    return this.expectPostcopy('pushed pages');
+  }
+
   private expectPrecopy(type: string): boolean {
     if (this.d.lifecycle.state === 'active') return true;
     this.d.fail(new ProtocolError(`expected ${type} only during precopy (before the switchover), got it in state ${this.d.lifecycle.state}`));

@@ -614,6 +614,33 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     expect(uffd.counters()).toMatchObject({ faults: 1, threadsWoken: 1, wakeCalls: 1 });
   });
 
+  it('a COPY in two halves (claim, bytes written in place, publish): waiters block meanwhile, other COPYs get EEXIST, a release wakes nobody', async () => {
+    const f = setup();
+    const { uffd, memory } = f;
+    const ctx = openAll(f);
+    // Page 6 is installed: a claim from 4 takes 4 and 5 and stops there.
+    expect(uffd.copy(ctx, 6 * PAGE, pageData(6), PAGE)).toBe(PAGE);
+    expect(uffd.copyClaim(4, 4)).toBe(2);
+    // Taken pages read as missing: a thread touching one blocks; another COPY of it is EEXIST.
+    const t = startThread(f, 1, 5, false);
+    expect(readMessage(uffd, ctx)).toEqual({ address: 5 * PAGE, flags: 0, tid: 1 });
+    expect(uffd.copy(ctx, 5 * PAGE, pageData(99), PAGE)).toBe(-ERRNO.EEXIST);
+    expect(uffd.copyClaim(5, 1)).toBe(0);
+    // Given back (the bytes never came): missing again, and nobody woken.
+    uffd.copyRelease(4, 2);
+    expect(uffd.isPresent(5)).toBe(false);
+    await expectStaysBlocked(uffd, t);
+    // Taken again, the bytes written straight into memory, then published: the waiter wakes with them.
+    expect(uffd.copyClaim(4, 2)).toBe(2);
+    memory.pagesBytes(4, 2).set(concat(pageData(4), pageData(5)));
+    expect(uffd.copyPublish(ctx, 4, 2)).toBe(2 * PAGE);
+    expect(await t.waitFor('resumed')).toEqual({ type: 'resumed', tid: 1, wakeups: 1, firstWord: firstWord(5) });
+    expect(uffd.isPresent(4)).toBe(true);
+    expect(firstDifference(memory.pageBytes(5), pageData(5))).toBe(-1);
+    // Outside the registered ranges: ENOENT, nothing taken.
+    expect(uffd.copyClaim(f.layout.totalPages - 1, 2)).toBe(-ERRNO.ENOENT);
+  });
+
   it('WAKE while the page is still missing: the thread wakes, faults again, and a new message is delivered', async () => {
     const f = setup();
     const { uffd } = f;

@@ -372,6 +372,54 @@ export class Userfaultfd {
     return copiedPages * this.pageSize;
   }
 
+  /**
+   * The first half of a COPY whose bytes arrive later, straight into guest
+   * memory (a push channel reading into it: vmm/push-placement.ts): takes
+   * up to `count` missing pages from `first` off NONE (INSTALLING, as COPY
+   * does while it copies), stopping at the first page that is not missing.
+   * Returns how many were taken (0: `first` is installed or being
+   * installed, the COPY's EEXIST), or -ENOENT outside the registered
+   * ranges. Taken pages must end in {@link copyPublish} or
+   * {@link copyRelease}. While a page is INSTALLING faulting threads block
+   * on it as on a missing page, and no other COPY can take it, so the bytes
+   * written into it meanwhile are nobody's to see, and nobody else's to write.
+   */
+  copyClaim(first: number, count: number): number {
+    const end = first + count;
+    if (end > this.totalPages || !this.registered(first, end)) return -ERRNO.ENOENT;
+    let page = first;
+    for (; page < end; page++) {
+      if (Atomics.compareExchange(this.ptes, page, PTE.NONE, PTE.INSTALLING) !== PTE.NONE) break;
+    }
+    if (page === first) Atomics.add(this.ctl, HEADER.EEXIST, 1);
+    return page - first;
+  }
+
+  /**
+   * The second half: the bytes of `count` pages taken by copyClaim are in
+   * memory. Makes them present and wakes this context's waiters on them
+   * (unless MODE_DONTWAKE), as a COPY of them would. Returns the bytes installed.
+   */
+  copyPublish(ctx: number, first: number, count: number, mode = 0): number {
+    this.contextBaseChecked(ctx);
+    const end = first + count;
+    // Seq-cst stores: whoever sees PRESENT also sees the bytes the socket wrote before.
+    for (let page = first; page < end; page++) Atomics.store(this.ptes, page, PTE.PRESENT);
+    Atomics.add(this.ctl, HEADER.COPIES, count);
+    if ((mode & MODE_DONTWAKE) === 0) this.wakeRange(ctx, first, end);
+    return count * this.pageSize;
+  }
+
+  /**
+   * Gives back pages taken by copyClaim whose bytes will not come (their
+   * stream was cut): missing again. Threads that faulted on them meanwhile
+   * stay blocked until a later COPY of the page wakes them, as after any
+   * fault whose page has not come yet.
+   */
+  copyRelease(first: number, count: number): void {
+    for (let page = first; page < first + count; page++) Atomics.store(this.ptes, page, PTE.NONE);
+  }
+
   // ---------------------------------------------------------------- faulting side
 
   isPresent(page: number): boolean {
