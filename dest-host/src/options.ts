@@ -64,7 +64,7 @@ export function addRunOptions(cmd: Command): Command {
     .option('--write-fraction <f>', 'share of accesses that are writes', DEST_DEFAULTS.writeFraction)
     .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
     .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
-    .option('--no-push-channel', 'push on the main channel instead of a push channel of its own (a raw stream beside the WebSockets; never over TLS or an emulated link)')
+    .option('--no-push-channel', 'push on the main channel instead of a push channel of its own (a raw stream beside the WebSockets, over TLS for a wss:// source; never with an emulated link)')
     .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
     .option('--push-nice <n>', 'with --preempt, the nice value the main thread (then only pushed pages and control) runs at, above the guest threads, so that faults get the CPU first (0 = as the guest threads)', DEST_DEFAULTS.pushNice)
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)

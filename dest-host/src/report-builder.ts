@@ -122,6 +122,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     duplicateRequestsSuppressed: c(COUNTER.SUPPRESSED),
     pagesDemand: c(COUNTER.PAGES_DEMAND),
     pagesPushed: c(COUNTER.PAGES_PUSHED),
+    pagesPushedOnPushChannel: c(COUNTER.PUSH_CHANNEL_PAGES),
     pagesZero: c(COUNTER.PAGES_ZERO),
     pagesSentBySource: inp.summary.pagesSent,
     totalPages: inp.totalPages,

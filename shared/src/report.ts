@@ -22,6 +22,8 @@ export interface Counters {
   duplicateRequestsSuppressed: number;
   pagesDemand: number;
   pagesPushed: number;
+  /** Of pagesPushed, pages that came on a push channel (the rest came on the main channel). */
+  pagesPushedOnPushChannel: number;
   pagesZero: number;
   pagesSentBySource: number;
   totalPages: number;
@@ -227,6 +229,7 @@ export function formatReport(r: Report): string {
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],
       ['already-sent / sent-on-main replies', `${c.alreadySent} / ${c.repliesOnMain}`],
       ['pages demand / pushed / zero', `${c.pagesDemand} / ${c.pagesPushed} / ${c.pagesZero}`],
+      ['pushed on a push channel / on main', `${c.pagesPushedOnPushChannel} / ${c.pagesPushed - c.pagesPushedOnPushChannel}`],
       ...(r.mode !== 'postcopy' ? [['pages precopy / re-sent / discarded', `${c.pagesPrecopy} / ${c.precopyRewrites} / ${c.pagesDiscarded}`]] : []),
       ['pages sent by source / total', `${c.pagesSentBySource} / ${c.totalPages}`],
       ['EEXIST / WAKE', `${c.eexist} / ${c.wakes}`],

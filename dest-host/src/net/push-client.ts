@@ -4,10 +4,18 @@
  * with a buffer chosen per read), so a pushed run's bytes land in guest
  * memory, or the staging buffer they are COPYed from, with no copy of ours.
  *
+ * Over TLS (a `wss://` source) the socket is a TLSSocket, which decrypts
+ * into buffers of its own (`onread` does not apply to it): each `'data'`
+ * chunk is copied, piece by piece, into the buffers {@link PushClient.buffer}
+ * chooses, so each byte is still copied once, into where it belongs. The
+ * TLS options are those of every other channel (CA, server name, client
+ * certificate).
+ *
  * The handshake is read exactly (the `101`, then the welcome's length, then
  * its bytes), so no read takes a byte of the first record.
  */
-import { connect, type Socket } from 'node:net';
+import { connect, isIP, type Socket } from 'node:net';
+import { connect as connectTls } from 'node:tls';
 import {
   ChannelRole,
   ConnectionError,
@@ -18,14 +26,18 @@ import {
   encode,
   lengthPrefixed,
   MAX_PUSH_HANDSHAKE_BYTES,
+  explainTlsError,
   type GuestLayout,
   type Message,
 } from '@postcopy/shared/net';
+import type { ClientTls } from './page-client.js';
 import { PushRecordReader, type PushPlacement } from './push-reader.js';
 
 export interface PushClientOptions {
-  /** The source's `ws://HOST:PORT` (push channels are not offered over TLS). */
+  /** The source's `ws://HOST:PORT`, or `wss://HOST:PORT` (then the channel runs over TLS, with {@link tls}). */
   url: string;
+  /** wss:// only: the CA to verify the source with, this host's client certificate, the name to expect (as for every channel). */
+  tls?: ClientTls;
   token: string;
   /** The migration's secret (a push channel presents it, like every channel but the first main one). */
   secret: string;
@@ -70,10 +82,17 @@ export class PushClient {
   }
 
   private open(): Promise<void> {
-    const url = new URL(this.options.url);
-    if (url.protocol !== 'ws:') return Promise.reject(new ConnectionError(`expected a ws:// source for a push channel, got ${url.protocol}`));
+    let url: URL;
+    try {
+      url = new URL(this.options.url);
+    } catch (err) {
+      return Promise.reject(new ConnectionError(`expected a source URL like ws://HOST:PORT or wss://HOST:PORT for a push channel, got ${JSON.stringify(this.options.url)} (${(err as Error).message})`));
+    }
+    const secure = url.protocol === 'wss:';
+    if (!secure && url.protocol !== 'ws:') return Promise.reject(new ConnectionError(`expected a ws:// or wss:// source for a push channel, got ${url.protocol}`));
     const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
-    const port = Number(url.port || 80);
+    const port = Number(url.port || (secure ? 443 : 80));
+    const tls = this.options.tls;
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => this.fail(new ConnectionError(`no push channel from the source at ${this.options.url} within ${this.options.connectTimeoutMs} ms`)), this.options.connectTimeoutMs);
       this.settle = {
@@ -86,24 +105,65 @@ export class PushClient {
           reject(err);
         },
       };
-      const socket = connect({
-        host,
-        port,
-        noDelay: true,
-        onread: {
-          buffer: () => this.buffer(),
-          callback: (n: number) => this.read(n),
-        },
-      });
-      this.socket = socket;
-      socket.once('connect', () => {
+      const upgrade = (): void => {
         socket.write(`GET /push HTTP/1.1\r\nHost: ${url.host}\r\nConnection: Upgrade\r\nUpgrade: ${PUSH_UPGRADE}\r\n\r\n`);
-      });
-      socket.on('error', (err) => {
-        this.failure ??= new ConnectionError(`push channel to the source at ${this.options.url}: ${(err as NodeJS.ErrnoException).code ?? ''} ${err.message}`.trim());
+      };
+      let socket: Socket;
+      if (secure) {
+        // As ws does for the other channels: SNI with the name expected (never an IP address).
+        const servername = tls?.serverName ?? (isIP(host) === 0 ? host : undefined);
+        socket = connectTls({
+          host,
+          port,
+          ...(servername !== undefined ? { servername } : {}),
+          ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
+          ...(tls?.cert !== undefined && tls.key !== undefined ? { cert: tls.cert, key: tls.key } : {}),
+        });
+        socket.setNoDelay(true);
+        socket.once('secureConnect', upgrade);
+        socket.on('data', (chunk: Buffer) => this.feed(chunk));
+      } else {
+        socket = connect({
+          host,
+          port,
+          noDelay: true,
+          onread: {
+            buffer: () => this.buffer(),
+            callback: (n: number) => this.read(n),
+          },
+        });
+        socket.once('connect', upgrade);
+      }
+      this.socket = socket;
+      socket.on('error', (err: NodeJS.ErrnoException) => {
+        const tlsProblem = secure ? explainTlsError(err, this.options.url, tls?.serverName) : undefined;
+        this.failure ??= new ConnectionError(
+          tlsProblem !== undefined ? `push channel: TLS with the source at ${this.options.url} failed: ${tlsProblem}` : `push channel to the source at ${this.options.url}: ${err.code ?? ''} ${err.message}`.trim(),
+        );
       });
       socket.once('close', () => this.closed());
     });
+  }
+
+  /**
+   * A TLS socket's decrypted bytes: copied into the buffers {@link buffer}
+   * chooses (a header's 12 bytes, guest memory, the staging buffer), each
+   * piece no larger than what the reader expects next, and handed to
+   * {@link read} as an `onread` read would be.
+   */
+  private feed(chunk: Buffer): void {
+    let offset = 0;
+    while (offset < chunk.length && !this.cutDone) {
+      const into = this.buffer();
+      const n = Math.min(into.length, chunk.length - offset);
+      if (n === 0) {
+        this.fail(new HandshakeError(`expected the source's answer to a push channel's upgrade within ${HTTP_RESPONSE_BYTES} bytes, got more`));
+        return;
+      }
+      into.set(chunk.subarray(offset, offset + n));
+      offset += n;
+      if (!this.read(n)) return;
+    }
   }
 
   private buffer(): Uint8Array {

@@ -278,13 +278,14 @@ export class DestinationRun {
   }
 
   /**
-   * Whether pushed pages come on a push channel: push on, not over TLS (the
-   * channel is plain TCP), and no emulated link (the source applies it to
-   * WebSockets only), unless --no-push-channel.
+   * Whether pushed pages come on a push channel: push on, and no emulated
+   * link (the source applies it to WebSockets only), unless
+   * --no-push-channel. Over TLS too: the channel then runs over TLS with the
+   * other channels' options.
    */
   private get wantsPushChannel(): boolean {
     const { options, welcome } = this;
-    return options.push && options.pushChannel !== false && !options.source.startsWith('wss:') && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
+    return options.push && options.pushChannel !== false && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
   }
 
   /**
@@ -300,6 +301,7 @@ export class DestinationRun {
     try {
       const client = await PushClient.connect({
         url: options.source,
+        ...(options.tls ? { tls: options.tls } : {}),
         token: options.token,
         secret: this.endpoint.secret,
         layout: options.layout,

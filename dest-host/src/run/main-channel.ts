@@ -96,13 +96,16 @@ export class MainChannel {
   /** A push channel's zero page (net/push-client.ts): installed as one from the main channel. */
   pushedZero(page: number): void {
     if (!this.expectPostcopy('pushed pages')) return;
+    const before = this.d.vmm.counter(COUNTER.PAGES_PUSHED);
     this.installOne(page, undefined, 'pushed');
+    this.d.vmm.count(COUNTER.PUSH_CHANNEL_PAGES, this.d.vmm.counter(COUNTER.PAGES_PUSHED) - before);
     this.d.afterPush?.();
   }
 
   /** A push channel installed `pages` pushed pages. */
   pushedInstalled(pages: number): void {
     this.d.vmm.count(COUNTER.PAGES_PUSHED, pages);
+    this.d.vmm.count(COUNTER.PUSH_CHANNEL_PAGES, pages);
     if (this.complete) this.checkInstalled();
     this.d.afterPush?.();
   }

@@ -62,7 +62,9 @@ export const COUNTER = {
   DISCARDED_DEMANDED: 25,
   /** Threads waiting (or about to wait) on some page's status: markReceived notifies only while it is above 0. */
   PAGE_WAITERS: 26,
-  LENGTH: 27,
+  /** Of PAGES_PUSHED, pages that came on a push channel (net/push-client.ts), not in the main channel's messages. */
+  PUSH_CHANNEL_PAGES: 27,
+  LENGTH: 28,
 } as const;
 
 /**
