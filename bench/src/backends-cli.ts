@@ -13,6 +13,7 @@ import { dirname, resolve } from 'node:path';
 import { Command } from 'commander';
 import { exitOnUsageError, formatBytes, parseIntOption, parseSize, runCli } from '@postcopy/shared';
 import { addBackendsOption, BackendsBench, formatBackends, parseBackendsOptions } from './backends.js';
+import { settle } from './settle.js';
 
 async function main(): Promise<number> {
   const cmd = addBackendsOption(
@@ -37,6 +38,7 @@ async function main(): Promise<number> {
     const started = performance.now();
     const outcome = await step.run();
     process.stderr.write(`bench-backends: ${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)\n`);
+    settle();
   }
   const result = bench.result();
   process.stdout.write(formatBackends(result) + '\n');

@@ -2,6 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { arch, cpus, loadavg, platform } from 'node:os';
 import { CPU_GROUPS, formatBytes, type CpuGroup } from '@postcopy/shared';
 import { NativeBuildError, NoCompilerError, UffdUnavailableError } from './errors.js';
+import { settle } from './settle.js';
 import {
   BENCH_STRATEGIES,
   checkTargets,
@@ -291,6 +292,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     const started = performance.now();
     const outcome = await step.run();
     progress(`${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)`);
+    settle();
   }
 
   // Medians in µs to the ns, as the reports give them (an even count averages two).

@@ -14,6 +14,7 @@ import { dirname, resolve } from 'node:path';
 import { Command } from 'commander';
 import { exitOnUsageError, formatBytes, parseIntOption, parseSize, runCli } from '@postcopy/shared';
 import { DevicesBench, formatDevices } from './devices.js';
+import { settle } from './settle.js';
 
 async function main(): Promise<number> {
   const cmd = new Command('postcopy-bench-devices')
@@ -36,6 +37,7 @@ async function main(): Promise<number> {
     const started = performance.now();
     const outcome = await step.run();
     process.stderr.write(`bench-devices: ${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)\n`);
+    settle();
   }
   const result = bench.result();
   process.stdout.write(formatDevices(result) + '\n');
