@@ -13,7 +13,7 @@ import { dirname, resolve } from 'node:path';
 import { Command } from 'commander';
 import { exitOnUsageError, formatBytes, parseIntOption, parseSize, runCli } from '@postcopy/shared';
 import { addBackendsOption, BackendsBench, formatBackends, parseBackendsOptions } from './backends.js';
-import { settle } from './settle.js';
+import { runSteps } from './steps.js';
 
 async function main(): Promise<number> {
   const cmd = addBackendsOption(
@@ -32,14 +32,7 @@ async function main(): Promise<number> {
   process.stderr.write(`bench-backends: guest ${formatBytes(memoryBytes)}, repeat ${repeat}\n`);
   if (bench.note) process.stderr.write(`bench-backends: ${bench.note}\n`);
   const steps = Array.from({ length: repeat }, () => bench.steps()).flat();
-  for (const [i, step] of steps.entries()) {
-    const prefix = `[${i + 1}/${steps.length}] ${step.label}`;
-    process.stderr.write(`bench-backends: ${prefix} ...\n`);
-    const started = performance.now();
-    const outcome = await step.run();
-    process.stderr.write(`bench-backends: ${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)\n`);
-    settle();
-  }
+  await runSteps(steps, (line) => process.stderr.write(`bench-backends: ${line}\n`));
   const result = bench.result();
   process.stdout.write(formatBackends(result) + '\n');
   if (json !== undefined) {

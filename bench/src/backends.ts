@@ -17,6 +17,7 @@ import type { Command } from 'commander';
 import { measureBackendFloor, type BackendFloorResult } from './backend-floor.js';
 import { parseChoiceList } from './list-options.js';
 import { runMigration, type RunSpec } from './migrations.js';
+import type { Step } from './steps.js';
 
 /** Median; with an even count, the mean of the two middle values. */
 function median(values: readonly number[]): number {
@@ -98,12 +99,6 @@ export const BACKENDS_METHOD =
   "the report's latencyUs and demandPagingRate.overall; ratios emulated / uffd of the medians. Local floor: one thread faulting every page of a fresh guest in order, " +
   "this process resolving each fault with a blocking read(2) of the message and a UFFDIO_COPY from memory (which wakes), no network; timed per fault by the faulting thread";
 
-/** A step of the bench (bench.ts's Step). */
-export interface BackendStep {
-  label: string;
-  run: () => Promise<string>;
-}
-
 /**
  * The section's measurements for one bench: `steps()` gives one repeat's
  * steps (the bench interleaves them with its own), `result()` the medians.
@@ -140,8 +135,8 @@ export class BackendsBench {
     return Math.max(64, Math.min(BACKEND_FLOOR_MAX_PAGES, Math.floor(this.memoryBytes / 4096)));
   }
 
-  steps(): BackendStep[] {
-    const steps: BackendStep[] = [];
+  steps(): Step[] {
+    const steps: Step[] = [];
     for (const backend of this.backends) {
       steps.push({
         label: `local floor of ${backend} (fault, UFFDIO_COPY from memory, wake; ${this.floorPages} pages, no network)`,

@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process';
 import { arch, cpus, loadavg, platform } from 'node:os';
 import { CPU_GROUPS, formatBytes, type CpuGroup } from '@postcopy/shared';
 import { NativeBuildError, NoCompilerError, UffdUnavailableError } from './errors.js';
-import { settle } from './settle.js';
+import { runSteps, type Step } from './steps.js';
 import {
   BENCH_STRATEGIES,
   checkTargets,
@@ -136,11 +136,6 @@ function revision(): string {
   } catch {
     return 'unknown';
   }
-}
-
-interface Step {
-  label: string;
-  run: () => Promise<string>;
 }
 
 /** Why the native floor cannot run here (no compiler, a failed build), or its binary. */
@@ -286,14 +281,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       },
     });
   }
-  for (const [i, step] of steps.entries()) {
-    const prefix = `[${i + 1}/${steps.length}] ${step.label}`;
-    progress(`${prefix} ...`);
-    const started = performance.now();
-    const outcome = await step.run();
-    progress(`${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)`);
-    settle();
-  }
+  await runSteps(steps, progress);
 
   // Medians in µs to the ns, as the reports give them (an even count averages two).
   const round3 = (x: number): number => Math.round(x * 1000) / 1000;

@@ -14,7 +14,7 @@ import { dirname, resolve } from 'node:path';
 import { Command } from 'commander';
 import { exitOnUsageError, formatBytes, parseIntOption, parseSize, runCli } from '@postcopy/shared';
 import { DevicesBench, formatDevices } from './devices.js';
-import { settle } from './settle.js';
+import { runSteps } from './steps.js';
 
 async function main(): Promise<number> {
   const cmd = new Command('postcopy-bench-devices')
@@ -31,14 +31,7 @@ async function main(): Promise<number> {
   const bench = new DevicesBench(memoryBytes);
   process.stderr.write(`bench-devices: guest ${formatBytes(memoryBytes)}, repeat ${repeat}\n`);
   const steps = Array.from({ length: repeat }, () => bench.steps()).flat();
-  for (const [i, step] of steps.entries()) {
-    const prefix = `[${i + 1}/${steps.length}] ${step.label}`;
-    process.stderr.write(`bench-devices: ${prefix} ...\n`);
-    const started = performance.now();
-    const outcome = await step.run();
-    process.stderr.write(`bench-devices: ${prefix}: ${outcome} (${((performance.now() - started) / 1000).toFixed(1)} s)\n`);
-    settle();
-  }
+  await runSteps(steps, (line) => process.stderr.write(`bench-devices: ${line}\n`));
   const result = bench.result();
   process.stdout.write(formatDevices(result) + '\n');
   if (json !== undefined) {

@@ -9,6 +9,7 @@
  */
 import type { Report } from '@postcopy/shared';
 import { runMigration, type RunSpec } from './migrations.js';
+import type { Step } from './steps.js';
 
 export const DEVICE_VARIANTS = ['tracking=device', 'tracking=iommu', 'all-dirty', 'skip-precopy'] as const;
 export type DeviceVariant = (typeof DEVICE_VARIANTS)[number];
@@ -89,18 +90,13 @@ function sample(report: Report): DeviceFigures {
   };
 }
 
-export interface DeviceStep {
-  label: string;
-  run: () => Promise<string>;
-}
-
 export class DevicesBench {
   private readonly samples = new Map<DeviceVariant, DeviceFigures[]>(DEVICE_VARIANTS.map((v) => [v, []]));
 
   constructor(private readonly memoryBytes: number) {}
 
   /** One repeat: each variant once. */
-  steps(): DeviceStep[] {
+  steps(): Step[] {
     return DEVICE_VARIANTS.map((variant) => {
       const spec = deviceRun(variant, this.memoryBytes);
       return {

@@ -9,6 +9,7 @@
  */
 import { MIGRATION_MODES, type MigrationMode, type Report } from '@postcopy/shared';
 import { runMigration, type RunSpec } from './migrations.js';
+import type { Step } from './steps.js';
 
 /** Pages per second each source vCPU dirties in these runs: low enough that precopy converges on loopback. */
 export const PHASES_DIRTY_RATE = 1000;
@@ -40,11 +41,6 @@ export interface PhasesResult {
   modes: Record<MigrationMode, PhaseFigures>;
 }
 
-export interface PhaseStep {
-  label: string;
-  run: () => Promise<string>;
-}
-
 function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
@@ -72,7 +68,7 @@ export class PhasesBench {
   constructor(private readonly memoryBytes: number) {}
 
   /** One repeat: each mode once. */
-  steps(): PhaseStep[] {
+  steps(): Step[] {
     return MIGRATION_MODES.map((mode) => {
       const spec = phaseRun(mode);
       return {
