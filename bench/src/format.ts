@@ -124,24 +124,26 @@ export function formatBench(r: BenchResult): string {
   );
   lines.push('');
   lines.push("TLS (--tls: throwaway certificates, the source verifying the destination's too) against plain ws://, same runs otherwise");
+  const kvm = r.strategies['kvm-exit'];
+  // A row of the same figure in the run without an option and with it: both, and their ratio.
+  const against = (what: string, off: number, on: number, digits?: number): string[] => [what, num(off, digits), num(on, digits), num(on / off, 2)];
   lines.push(
     table([
       ['', 'plain', 'TLS', 'TLS / plain'],
-      ['kvm-exit fault p50 (µs)', num(r.strategies['kvm-exit'].p50), num(r.tls.fault.p50), num(r.tls.fault.p50 / r.strategies['kvm-exit'].p50, 2)],
-      ['kvm-exit fault p99 (µs)', num(r.strategies['kvm-exit'].p99), num(r.tls.fault.p99), num(r.tls.fault.p99 / r.strategies['kvm-exit'].p99, 2)],
-      ['push throughput (MiB/s)', num(r.pushThroughputMiBs), num(r.tls.pushThroughputMiBs), num(r.tls.pushThroughputMiBs / r.pushThroughputMiBs, 2)],
+      against('kvm-exit fault p50 (µs)', kvm.p50, r.tls.fault.p50),
+      against('kvm-exit fault p99 (µs)', kvm.p99, r.tls.fault.p99),
+      against('push throughput (MiB/s)', r.pushThroughputMiBs, r.tls.pushThroughputMiBs),
     ]),
   );
   lines.push('');
   lines.push('--trace (the timeline recorded, written after the run) against the same runs without it');
-  const rateOff = t.tool['shared-uffd'][String(r.trace.rate.vcpus)]!.pagesPerSec;
   lines.push(
     table([
       ['', 'off', '--trace', 'trace / off'],
-      ['kvm-exit fault p50 (µs)', num(r.strategies['kvm-exit'].p50), num(r.trace.fault.p50), num(r.trace.fault.p50 / r.strategies['kvm-exit'].p50, 2)],
-      ['kvm-exit fault p99 (µs)', num(r.strategies['kvm-exit'].p99), num(r.trace.fault.p99), num(r.trace.fault.p99 / r.strategies['kvm-exit'].p99, 2)],
-      ['push throughput (MiB/s)', num(r.pushThroughputMiBs), num(r.trace.pushThroughputMiBs), num(r.trace.pushThroughputMiBs / r.pushThroughputMiBs, 2)],
-      [`shared-uffd demand paging rate, ${r.trace.rate.vcpus} vCPUs (pages/s)`, num(rateOff, 0), num(r.trace.rate.pagesPerSec, 0), num(r.trace.rate.pagesPerSec / rateOff, 2)],
+      against('kvm-exit fault p50 (µs)', kvm.p50, r.trace.fault.p50),
+      against('kvm-exit fault p99 (µs)', kvm.p99, r.trace.fault.p99),
+      against('push throughput (MiB/s)', r.pushThroughputMiBs, r.trace.pushThroughputMiBs),
+      against(`shared-uffd demand paging rate, ${r.trace.rate.vcpus} vCPUs (pages/s)`, t.tool['shared-uffd'][String(r.trace.rate.vcpus)]!.pagesPerSec, r.trace.rate.pagesPerSec, 0),
     ]),
   );
   lines.push('');
