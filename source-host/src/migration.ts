@@ -322,34 +322,16 @@ export class SourceMigration {
         continue;
       }
       if (this.image.isZero(page)) {
+        // A zero page is a notice of its own on the main channel.
         frames.push(encode({ type: 'pushed-zero', page }));
-        this.sentmap.mark(page);
-        this.phases[page] = PHASE.POSTCOPY;
-        this.stats.pagesPushed++;
-        this.stats.pagesZero++;
-        this.pushCursor++;
+        this.markPushed(page, page + 1, true);
         pushed++;
         continue;
       }
-      let end = page + 1;
-      while (
-        end < totalPages &&
-        end - page < perFrame &&
-        pushed + (end - page) < budget &&
-        !this.sentmap.isSent(end) &&
-        !this.image.isZero(end) &&
-        this.image.sameChunk(page, end)
-      ) {
-        end++;
-      }
+      const end = this.pushRunEnd(page, Math.min(perFrame, budget - pushed), false);
       frames.push(encode({ type: 'pushed', page, data: this.image.pagesBytes(page, end - page) }));
-      for (let p = page; p < end; p++) {
-        this.sentmap.mark(p);
-        this.phases[p] = PHASE.POSTCOPY;
-      }
-      this.stats.pagesPushed += end - page;
+      this.markPushed(page, end, false);
       pushed += end - page;
-      this.pushCursor = end;
     }
     if (rate > 0) this.pushTokens -= pushed * pageSize;
     let lastSent: Promise<void> | undefined;
@@ -385,28 +367,12 @@ export class SourceMigration {
         continue;
       }
       const zero = this.image.isZero(page);
-      let end = page + 1;
-      while (
-        end < totalPages &&
-        end - page < perRecord &&
-        pushed + (end - page) < budget &&
-        !this.sentmap.isSent(end) &&
-        this.image.isZero(end) === zero &&
-        (zero || this.image.sameChunk(page, end))
-      ) {
-        end++;
-      }
+      const end = this.pushRunEnd(page, Math.min(perRecord, budget - pushed), zero);
       const count = end - page;
       stream.write(pushRecordHeader(zero ? PUSH_RECORD.ZERO : PUSH_RECORD.PAGES, page, count));
       if (!zero) stream.write(this.image.pagesBytes(page, count));
-      for (let p = page; p < end; p++) {
-        this.sentmap.mark(p);
-        this.phases[p] = PHASE.POSTCOPY;
-      }
-      this.stats.pagesPushed += count;
-      if (zero) this.stats.pagesZero += count;
+      this.markPushed(page, end, zero);
       pushed += count;
-      this.pushCursor = end;
     }
     stream.uncork();
     if (rate > 0) this.pushTokens -= pushed * this.image.layout.pageSize;
@@ -417,6 +383,31 @@ export class SourceMigration {
       if (stream.bufferedAmount > this.options.pushStreamHighWaterBytes) void stream.drained().then(next);
       else next();
     }
+  }
+
+  /**
+   * The end of the run the push sends from `page` (the cursor, not sent):
+   * at most `max` pages, none sent yet, all zero pages (`zero`) or all with
+   * contents from one chunk of the image (one buffer to send).
+   */
+  private pushRunEnd(page: number, max: number, zero: boolean): number {
+    const { totalPages } = this.image.layout;
+    let end = page + 1;
+    while (end < totalPages && end - page < max && !this.sentmap.isSent(end) && this.image.isZero(end) === zero && (zero || this.image.sameChunk(page, end))) {
+      end++;
+    }
+    return end;
+  }
+
+  /** Pages [page, end), from the cursor, went out by push: sent in postcopy, counted, and the cursor past them. */
+  private markPushed(page: number, end: number, zero: boolean): void {
+    for (let p = page; p < end; p++) {
+      this.sentmap.mark(p);
+      this.phases[p] = PHASE.POSTCOPY;
+    }
+    this.stats.pagesPushed += end - page;
+    if (zero) this.stats.pagesZero += end - page;
+    this.pushCursor = end;
   }
 
   private maybeComplete(): void {
