@@ -15,9 +15,10 @@
  * new RUN, and every write of the old level is complete before it (the P2P
  * arc's "complete any outstanding operations", vfio.h).
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { workerData } from 'node:worker_threads';
 import { rng } from '@postcopy/shared';
 import { DEVICE_CONTROL, DeviceHardware, RUN_LEVEL, type DeviceHardwareBuffers } from './hardware.js';
+import { serveGuestWorker } from '../guest/worker-entry.js';
 
 const TIMESLICE_MS = 10;
 
@@ -79,12 +80,4 @@ function run(): void {
   }
 }
 
-parentPort!.once('message', () => {
-  try {
-    run();
-    parentPort!.postMessage({ type: 'stopped' });
-  } catch (err) {
-    parentPort!.postMessage({ type: 'error', message: (err as Error).message });
-  }
-});
-parentPort!.postMessage({ type: 'ready' });
+serveGuestWorker(run);

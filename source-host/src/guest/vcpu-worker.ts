@@ -14,10 +14,11 @@
  * does: pct / (1 - pct) of a timeslice. It stops when RUN goes to 0, after
  * finishing the write in progress (so the final sync sees it), and says so.
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { workerData } from 'node:worker_threads';
 import { accessPattern, counterWord, type AccessPattern } from '@postcopy/shared';
 import { DirtyLog } from '../dirty-log.js';
 import { CONTROL, TIMESLICE_MS, type SourceVcpuData } from './control.js';
+import { serveGuestWorker } from './worker-entry.js';
 
 const data = workerData as SourceVcpuData;
 const ctl = new Int32Array(data.control);
@@ -88,12 +89,4 @@ function run(): void {
   Atomics.notify(ctl, CONTROL.STOPPED);
 }
 
-parentPort!.once('message', () => {
-  try {
-    run();
-    parentPort!.postMessage({ type: 'stopped' });
-  } catch (err) {
-    parentPort!.postMessage({ type: 'error', message: (err as Error).message });
-  }
-});
-parentPort!.postMessage({ type: 'ready' });
+serveGuestWorker(run);
