@@ -19,4 +19,4 @@ export { checkTracePath } from './trace/trace-path.js';
 export { FAULT_RESOLUTIONS, type FaultResolution } from './trace/resolution.js';
 export { writeTraceFile, type TraceDocument, type TraceEvent } from './trace/trace-event.js';
 export { PushClient, type PushClientOptions } from './net/push-client.js';
-export { PushRecordReader, type PushClaim, type PushPlacement } from './net/push-reader.js';
+export { PushRecordReader, type PrecopyPushPlacement, type PushClaim, type PushPlacement } from './net/push-reader.js';

@@ -134,6 +134,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     pagesInstalled: c(COUNTER.INSTALLED),
     pagesPrecopy: c(COUNTER.PAGES_PRECOPY),
     precopyRewrites: c(COUNTER.PRECOPY_REWRITES),
+    pagesPrecopyOnPushChannel: c(COUNTER.PRECOPY_PUSH_CHANNEL_PAGES),
     pagesDiscarded: c(COUNTER.DISCARDED),
     discardedDemanded: c(COUNTER.DISCARDED_DEMANDED),
   };

@@ -36,6 +36,9 @@ describe('precopy', () => {
     expect(report.precopy.dirtyPagesRate).toBeGreaterThan(0);
     // Nothing to fault for: every page came before the guest ran here.
     expect(report.counters).toMatchObject({ faults: 0, requests: 0, pagesDemand: 0, pagesPushed: 0, pagesPrecopy: report.counters.totalPages, pagesInstalled: report.counters.totalPages });
+    // No emulated link: every precopy page (rounds and stop-and-copy) came on the push channel.
+    expect(report.counters.pagesPrecopyOnPushChannel).toBe(report.counters.pagesPrecopy + report.counters.precopyRewrites);
+    expect(report.counters.pagesPrecopyOnPushChannel).toBe(report.precopy.pagesSent);
     expect(report.downtimeMs).toBeGreaterThan(0);
     expect(report.expectedDowntimeMs).toBeLessThanOrEqual(report.downtimeLimitMs);
     expect(result.stdout).toMatch(/^precopy: \d+ rounds? .*switchover: converged; downtime/m);
@@ -78,6 +81,53 @@ describe('precopy', () => {
     expect(digest.detail).toMatch(/\d+ page\(s\) differ from the source's memory as its vCPUs stopped, first (\d+ \(last sent by (precopy round \d+|stop-and-copy)\)(, )?)+/);
     expect(lossy.stderr).toMatch(/check digest failed/);
     expectVerified(await migrate(args));
+  });
+});
+
+describe('precopy on the push channel (no emulated link) and on the main channel (--no-push-channel)', () => {
+  for (const mode of ['precopy', 'hybrid'] as const) {
+    it(`${mode}: every precopy page on the push channel, verified; with --no-push-channel all of them on the main channel, verified`, { timeout: 60_000 }, async () => {
+      // A hot set written as fast as the guest can: pages re-sent (precopy) or discarded (hybrid) while records are in flight.
+      const args = ['--memory', '16MiB', '--vcpus', '2', '--mode', mode, '--dirty-rate', mode === 'hybrid' ? '0' : '2000', '--dirty-set', '1MiB'];
+      const onPush = expectVerified(await migrate(args));
+      const c = onPush.counters;
+      expect(c.pagesPrecopy).toBeGreaterThanOrEqual(c.totalPages - (mode === 'hybrid' ? onPush.discard.pages : 0));
+      expect(c.pagesPrecopyOnPushChannel).toBe(c.pagesPrecopy + c.precopyRewrites);
+      expect(c.pagesPrecopyOnPushChannel).toBe(onPush.precopy.pagesSent);
+      if (mode === 'hybrid') {
+        expect(onPush.discard.pages).toBeGreaterThan(0);
+        // Postcopy's push after the switchover: on the push channel once the destination runs (some may go on main before).
+        expect(c.pagesPushedOnPushChannel).toBeLessThanOrEqual(c.pagesPushed);
+      }
+      const onMain = expectVerified(await migrate([...args, '--no-push-channel']));
+      expect(onMain.counters.pagesPrecopyOnPushChannel).toBe(0);
+      expect(onMain.counters.pagesPrecopy + onMain.counters.precopyRewrites).toBe(onMain.precopy.pagesSent);
+      expect(onMain.counters.pagesPushedOnPushChannel).toBe(0);
+    });
+  }
+
+  it('an emulated link keeps precopy on the main channel', { timeout: 60_000 }, async () => {
+    const report = expectVerified(await migrate(['--memory', '8MiB', '--vcpus', '1', '--mode', 'precopy', '--link-bandwidth', '400mbit']));
+    expect(report.counters.pagesPrecopyOnPushChannel).toBe(0);
+    expect(report.counters.pagesPrecopy).toBe(report.counters.totalPages);
+  });
+
+  it('a connection lost during precopy with the push channel in use cancels the migration cleanly', { timeout: 60_000 }, async () => {
+    const result = await migrate(['--memory', '16MiB', '--vcpus', '2', '--mode', 'precopy', '--inject', 'drop@1000']);
+    expect(result.code).toBe(1);
+    expect(result.report).toBeUndefined();
+    expect(result.stdout).not.toContain('verified: true');
+    expect(result.stderr).toMatch(/dest: the connection to the source was lost during precopy \((main|push) channel: .*\): the migration is cancelled, and the guest stays on the source/);
+    expect(result.stderr).toMatch(/source: migration cancelled: the destination's (main|push) channel closed during precopy.*: the migration is cancelled and the guest stays on the source/);
+  });
+
+  it('--unsafe-lose-dirty-bits with precopy on the push channel makes the content check fail and name the pages', { timeout: 60_000 }, async () => {
+    const lossy = await migrate(['--memory', '64MiB', '--vcpus', '2', '--mode', 'precopy', '--dirty-rate', '5000', '--unsafe-lose-dirty-bits', '2']);
+    expect(lossy.code).not.toBe(0);
+    expect(lossy.report!.counters.pagesPrecopyOnPushChannel).toBeGreaterThan(0);
+    const digest = lossy.report!.checks.find((c) => c.name === 'digest')!;
+    expect(digest.ok).toBe(false);
+    expect(digest.detail).toMatch(/\d+ page\(s\) differ from the source's memory as its vCPUs stopped, first (\d+ \(last sent by (precopy round \d+|stop-and-copy)\)(, )?)+/);
   });
 });
 

@@ -225,6 +225,14 @@ describe('full migrations over TLS (npm start -- --tls): the pushed pages come o
     expect(result.stderr).not.toMatch(/pushing on the main channel instead/);
   });
 
+  it('hybrid over TLS: precopy\'s pages on the push channel too, verified', async () => {
+    const result = await migrate(['--tls', '--memory', '16MiB', '--vcpus', '2', '--mode', 'hybrid', '--dirty-set', '1MiB'], 40_000);
+    const report = expectVerified(result);
+    expect(report.counters.pagesPrecopyOnPushChannel).toBe(report.precopy.pagesSent);
+    expect(report.counters.pagesPrecopyOnPushChannel).toBeGreaterThan(0);
+    expect(result.stderr).not.toMatch(/pushing on the main channel instead/);
+  });
+
   it('--no-push-channel under TLS: verified, every pushed page on the main channel', async () => {
     const result = await migrate(['--tls', '--strategy', 'kvm-exit', '--memory', '16MiB', '--vcpus', '1', '--no-push-channel'], 40_000);
     const report = expectVerified(result);

@@ -45,7 +45,7 @@ const TYPE_CODES = Object.values(MessageType) as number[];
 /** Message types that only make sense once the layout is known. */
 const NEEDS_LAYOUT = new Set<Message['type']>([
   'request', 'page', 'zero-page', 'already-sent', 'sent-on-main', 'pushed', 'pushed-zero', 'complete', 'finish',
-  'resume', 'resumed', 'precopy-pages', 'precopy-zero', 'discard', 'switchover', 'running', 'hash-request', 'page-hashes',
+  'resume', 'resumed', 'precopy-pages', 'precopy-zero', 'discard', 'switchover', 'running', 'precopy-synced', 'hash-request', 'page-hashes',
   'device-setup', 'devices-ready', 'device-data', 'device-init-data-sent', 'switchover-ack', 'device-end',
 ]);
 
@@ -152,6 +152,8 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
     case 'running':
     case 'hash-request':
       return undefined;
+    case 'precopy-synced':
+      return isU32(m.seq) && m.seq >= 1 ? undefined : `precopy-synced.seq ${m.seq}`;
     case 'page-hashes':
       return m.hashes.length === 4 * layout!.totalPages && m.phases.length === layout!.totalPages ? undefined : 'page-hashes sizes';
     case 'error':
@@ -346,6 +348,7 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
     fc.uniqueArray(fc.nat({ max: totalPages - 1 }), { minLength: 1, maxLength: Math.min(50, totalPages) }).map((pages): Message => ({ type: 'discard', ranges: coalesce([...pages].sort((a, b) => a - b)) })),
     fc.record({ type: fc.constant('switchover' as const), postcopy: fc.boolean() }),
     fc.constant<Message>({ type: 'running' }),
+    fc.record({ type: fc.constant('precopy-synced' as const), seq: fc.integer({ min: 1, max: MAX_U32 }) }),
     fc.constant<Message>({ type: 'hash-request' }),
     ...(totalPages <= 2 ** 16
       ? [fc.record({ type: fc.constant('page-hashes' as const), hashes: bytesOf(4 * totalPages), phases: bytesOf(totalPages) })]

@@ -159,6 +159,7 @@ const samples: Message[] = [
   { type: 'discard', ranges: [{ first: 0, count: 2 }, { first: 5, count: 1 }, { first: 10, count: 54 }] },
   { type: 'switchover', postcopy: true },
   { type: 'running' },
+  { type: 'precopy-synced', seq: 7 },
   { type: 'hash-request' },
   { type: 'page-hashes', hashes: new Uint8Array(4 * 64).fill(7), phases: new Uint8Array(64).fill(1) },
   { type: 'error', code: 'ERR_POSTCOPY_PROTOCOL', message: 'request.page: expected a whole number from 0 to 63, got 64 (number)' },
@@ -258,7 +259,7 @@ describe('rejects malformed frames with ProtocolError', () => {
   });
 
   it('an unknown or non-number type', () => {
-    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 20, 21 or 23 to 35', '99 (number)');
+    expectRejected(pack([99, 1, 2]), 'message type from 1 to 14, 20, 21 or 23 to 36', '99 (number)');
     expectRejected(pack([0]), 'message type', '0 (number)');
     expectRejected(pack([22, 1]), 'message type', '22 (number)');
     expectRejected(pack(['request', 1, 2]), 'message type', '"request" (string)');
@@ -463,6 +464,9 @@ describe('rejects malformed frames with ProtocolError', () => {
     expect(rejection(pack([MessageType.DeviceData, 0, 0, 0, new Uint8Array(65537)]))).toMatch(/got 65537 bytes/);
     expect(rejection(pack([MessageType.DeviceEnd, 0, 1, 4096, 'abc']))).toMatch(/device-end.digest: expected 64 hex digits \(SHA-256\), got "abc"/);
     expect(rejection(pack([MessageType.SwitchoverAck, 1]))).toMatch(/switchover-ack: expected 0 fields, got 1/);
+    expect(rejection(pack([MessageType.PrecopySynced, 0]))).toMatch(/precopy-synced.seq: expected a sequence number from 1, got 0/);
+    expect(rejection(pack([MessageType.PrecopySynced, -1]))).toMatch(/precopy-synced.seq: expected a whole number/);
+    expect(rejection(pack([MessageType.PrecopySynced]))).toMatch(/precopy-synced/);
     expect(rejection(pack([MessageType.DeviceInitDataSent, 0]), {})).toMatch(/device-init-data-sent: expected the handshake \(hello, welcome\) first/);
   });
 

@@ -130,6 +130,8 @@ export function encode(message: Message): Buffer {
       return packr.pack([MessageType.Switchover, message.postcopy]);
     case 'running':
       return packr.pack([MessageType.Running]);
+    case 'precopy-synced':
+      return packr.pack([MessageType.PrecopySynced, message.seq]);
     case 'hash-request':
       return packr.pack([MessageType.HashRequest]);
     case 'page-hashes':
@@ -429,6 +431,13 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
       expectLength(f, 1);
       requireLayout(f, limits);
       return { type: 'running' };
+    case MessageType.PrecopySynced: {
+      expectLength(f, 2);
+      requireLayout(f, limits);
+      const seq = expectUint(f, 1, 'seq', MAX_U32);
+      if (seq === 0) throw new ProtocolError(`precopy-synced.seq: expected a sequence number from 1, got 0`);
+      return { type: 'precopy-synced', seq };
+    }
     case MessageType.HashRequest:
       expectLength(f, 1);
       requireLayout(f, limits);
@@ -449,7 +458,7 @@ export function decode(frame: Uint8Array, limits: DecodeLimits = {}): Message {
     case MessageType.DeviceEnd:
       return decodeDeviceFrame(f, limits.layout);
     default:
-      throw new ProtocolError(`expected a message type from 1 to 14, 20, 21 or 23 to 35, got ${describe(type)}`);
+      throw new ProtocolError(`expected a message type from 1 to 14, 20, 21 or 23 to 36, got ${describe(type)}`);
   }
 }
 

@@ -9,7 +9,9 @@
  * fault channels reconnect and re-send their pending requests with their ids.
  *
  * The phases before postcopy (precopy, issue 10): after `start` the source
- * sends the guest's pages in rounds (`precopy-pages`, `precopy-zero`) while
+ * sends the guest's pages in rounds (`precopy-pages`, `precopy-zero`, or,
+ * from version 7, precopy records on the push channel with a SYNC after each
+ * round that the destination acknowledges with `precopy-synced`) while
  * its vCPUs keep writing; at switchover it sends the `discard` set (pages
  * sent before and dirtied again since, QEMU's MIG_CMD_POSTCOPY_RAM_DISCARD)
  * and `switchover`, and the destination answers `running` once its vCPUs run
@@ -36,8 +38,11 @@ import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
  * summary's device figures).
  * Version 6: push channels (role 2): a raw stream of pushed runs beside the
  * WebSockets (see push-stream.ts).
+ * Version 7: precopy's pages on the push channel (records PRECOPY_PAGES,
+ * PRECOPY_ZERO and SYNC, see push-stream.ts) and `precopy-synced` (36), the
+ * destination's acknowledgement of a SYNC on the main channel.
  */
-export const PROTOCOL_VERSION = 6;
+export const PROTOCOL_VERSION = 7;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -78,6 +83,7 @@ export const MessageType = {
   PageHashes: 29,
   // 30 to 35: devices (devices/wire.ts).
   ...DeviceMessageType,
+  PrecopySynced: 36,
 } as const;
 export type MessageTypeCode = (typeof MessageType)[keyof typeof MessageType];
 
@@ -360,6 +366,16 @@ export interface Running {
   type: 'running';
 }
 
+/**
+ * Destination to source, during precopy: every record its push channel
+ * carried before SYNC `seq` (push-stream.ts) is placed. The source's
+ * barrier: the discard set and `switchover` wait for the last SYNC's.
+ */
+export interface PrecopySynced {
+  type: 'precopy-synced';
+  seq: number;
+}
+
 /** Destination to source, after `summary`: the digests differ; which pages? */
 export interface HashRequest {
   type: 'hash-request';
@@ -403,6 +419,7 @@ export type Message =
   | Discard
   | Switchover
   | Running
+  | PrecopySynced
   | HashRequest
   | PageHashes
   | DeviceMessage

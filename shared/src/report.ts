@@ -40,6 +40,8 @@ export interface Counters {
   /** Precopy: pages installed by it (first arrivals), pages that arrived again and were overwritten, pages the switch to postcopy discarded. */
   pagesPrecopy: number;
   precopyRewrites: number;
+  /** Of the precopy pages that arrived (pagesPrecopy + precopyRewrites), those that came on a push channel (the rest in main-channel messages). */
+  pagesPrecopyOnPushChannel: number;
   pagesDiscarded: number;
   /** Discarded pages a fault then fetched again (the discard set at work: the guest touched pages it had dirtied). */
   discardedDemanded: number;
@@ -230,7 +232,12 @@ export function formatReport(r: Report): string {
       ['already-sent / sent-on-main replies', `${c.alreadySent} / ${c.repliesOnMain}`],
       ['pages demand / pushed / zero', `${c.pagesDemand} / ${c.pagesPushed} / ${c.pagesZero}`],
       ['pushed on a push channel / on main', `${c.pagesPushedOnPushChannel} / ${c.pagesPushed - c.pagesPushedOnPushChannel}`],
-      ...(r.mode !== 'postcopy' ? [['pages precopy / re-sent / discarded', `${c.pagesPrecopy} / ${c.precopyRewrites} / ${c.pagesDiscarded}`]] : []),
+      ...(r.mode !== 'postcopy'
+        ? [
+            ['pages precopy / re-sent / discarded', `${c.pagesPrecopy} / ${c.precopyRewrites} / ${c.pagesDiscarded}`],
+            ['precopy on a push channel / on main', `${c.pagesPrecopyOnPushChannel} / ${c.pagesPrecopy + c.precopyRewrites - c.pagesPrecopyOnPushChannel}`],
+          ]
+        : []),
       ['pages sent by source / total', `${c.pagesSentBySource} / ${c.totalPages}`],
       ['EEXIST / WAKE', `${c.eexist} / ${c.wakes}`],
       ['fault latency p50 / p90 / p99 / p99.9 / max (µs)', [r.latencyUs.p50, r.latencyUs.p90, r.latencyUs.p99, r.latencyUs.p999, r.latencyUs.max].map((x) => fmt(x)).join(' / ')],

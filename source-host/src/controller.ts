@@ -31,7 +31,7 @@ import { SourceDevices, type SourceDevicesOptions } from './devices/source-devic
 import { SourceGuest, type SourceGuestOptions } from './guest/source-guest.js';
 import type { GuestImage } from './image.js';
 import { SourceLifecycle, type SourceState } from './lifecycle.js';
-import { SourceMigration, type Channel, type MigrationOptions } from './migration.js';
+import { SourceMigration, type Channel, type MigrationOptions, type PushStream } from './migration.js';
 import { NotConvergedError, PRECOPY_DEFAULTS, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
 
 export interface ControllerOptions {
@@ -79,6 +79,10 @@ export class MigrationController extends EventEmitter {
   private pausedByRestart: boolean;
   private closing = false;
   private push = false;
+  /** The push channel precopy's rounds may use (opened before start); in hybrid postcopy's push takes it once the destination runs. */
+  private precopyStream: PushStream | undefined;
+  /** The switchover went to postcopy. */
+  private postcopySwitched = false;
   /** The guest's vCPUs on the source, started with the source (the guest runs before the migration does). */
   private guestStarted: Promise<void> | undefined;
   /**
@@ -185,6 +189,38 @@ export class MigrationController extends EventEmitter {
     }
   }
 
+  /**
+   * The destination's push channel was admitted. Before the switchover of a
+   * precopy mode it is precopy's (its pages, then, in hybrid, postcopy's
+   * push once the destination runs: records on it must not overtake the
+   * main channel's `switchover`); otherwise postcopy's push goes there.
+   */
+  attachPushStream(stream: PushStream): void {
+    if (this.precopy && !this.postcopySwitched && (this.state === 'setup' || this.lifecycle.beforeSwitchover)) {
+      this.precopyStream = stream;
+      this.precopy.attachStream(stream);
+      return;
+    }
+    this.migration.attachPushStream(stream);
+  }
+
+  /** A push channel closed: before the switchover, if precopy used it, the migration is cancelled (as for the main channel). */
+  pushStreamClosed(stream: PushStream): void {
+    this.migration.detachPushStream(stream);
+    if (stream !== this.precopyStream) return;
+    this.precopyStream = undefined;
+    if (this.closing || this.lifecycle.ended || !this.lifecycle.beforeSwitchover || !this.precopy?.onPushChannel) return;
+    this.cancel(`the destination's push channel closed during precopy`);
+  }
+
+  /** `precopy-synced` on the main channel: the destination placed everything up to SYNC `seq`. */
+  precopySynced(seq: number): void {
+    if (!this.precopy?.onPushChannel || !this.lifecycle.beforeSwitchover) {
+      throw new ProtocolError(`expected precopy-synced only during precopy on a push channel, got it in a ${this.mode} migration in state ${this.state}`);
+    }
+    this.precopy.synced(seq);
+  }
+
   /** An error from the destination: before the devices are set up, a refusal (nothing has moved). */
   peerError(message: ErrorMessage): void {
     const devices = this.devices;
@@ -222,6 +258,7 @@ export class MigrationController extends EventEmitter {
     // After the downtime: the devices' STOP_COPY -> STOP, dirty logging stops.
     this.devices?.cleanup();
     if (decision.postcopy) {
+      this.postcopySwitched = true;
       // The CPU per fault is postcopy's: the precopy rounds (and the guest's own vCPUs here) are not the faults'.
       this.cpu = new CpuMeter();
       this.migration.mainChannel = main;
@@ -248,6 +285,8 @@ export class MigrationController extends EventEmitter {
     if (this.stoppedAt === undefined) throw new ProtocolError(`expected running only after a switchover, got it in a ${this.mode} migration in state ${this.state}`);
     if (this.precopy && this.precopy.downtimeMs === 0) {
       this.precopy.downtimeMs = performance.now() - this.stoppedAt;
+      // Postcopy's push records may go on precopy's push channel now: the destination has taken the switchover.
+      if (this.postcopySwitched && this.precopyStream?.isOpen) this.migration.attachPushStream(this.precopyStream);
       this.emit('running', this.precopy.downtimeMs);
     }
   }

@@ -28,7 +28,8 @@ export interface PushStream {
   readonly bufferedAmount: number;
   cork(): void;
   uncork(): void;
-  write(bytes: Uint8Array): void;
+  /** `sent`: once these bytes (and so all before them) have gone to the kernel, or the stream closed. */
+  write(bytes: Uint8Array, sent?: () => void): void;
   /** Resolves once the bytes written so far have gone to the kernel, or the stream closed. */
   drained(): Promise<void>;
 }

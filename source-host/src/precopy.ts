@@ -21,10 +21,15 @@ import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import {
   MAX_DISCARD_RANGES,
   PHASE,
+  PUSH_RECORD,
   PostcopyError,
+  ProtocolError,
   coalesce,
   encode,
   maxPushPages,
+  maxPushRunPages,
+  pushRecordHeader,
+  pushSyncHeader,
   type MigrationSummary,
   type PageRange,
   type PrecopyRound,
@@ -32,7 +37,7 @@ import {
 import { AutoConverge, bandwidthBytesPerMs, convergence } from './convergence.js';
 import { DirtyLog, bitSet, clearBit, popcount, setBit } from './dirty-log.js';
 import type { GuestImage } from './image.js';
-import type { Channel } from './migration.js';
+import type { Channel, PushStream } from './migration.js';
 
 export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge' | 'skip-precopy';
 
@@ -92,6 +97,16 @@ export interface PrecopyOptions {
   batchBytes: number;
   /** Sending pauses while the channel holds more than this. */
   highWaterBytes: number;
+  /** Like batchBytes, on a push channel (records cost no copy: bigger batches, as postcopy's push). */
+  streamBatchBytes: number;
+  /** Like highWaterBytes, on a push channel. */
+  streamHighWaterBytes: number;
+  /**
+   * Testing only: the switchover does not wait for the destination's
+   * acknowledgement of the last SYNC (the barrier is broken: a precopy page
+   * still on the push channel may land after the discard set).
+   */
+  unsafeSkipSync: boolean;
 }
 
 export const PRECOPY_DEFAULTS: PrecopyOptions = {
@@ -103,7 +118,13 @@ export const PRECOPY_DEFAULTS: PrecopyOptions = {
   postcopyAfterRounds: 1,
   batchBytes: 64 * 1024,
   highWaterBytes: 512 * 1024,
+  streamBatchBytes: 1024 * 1024,
+  streamHighWaterBytes: 2 * 1024 * 1024,
+  unsafeSkipSync: false,
 };
+
+/** How often a switchover waiting for the SYNC's acknowledgement looks whether a channel closed meanwhile. */
+const SYNC_POLL_MS = 50;
 
 /** With auto-converge there is no round limit, but a migration that throttles at 99 % and still does not converge must end too. */
 const AUTO_CONVERGE_ROUND_CAP = 1000;
@@ -178,6 +199,17 @@ export class Precopy {
   switchoverDeviceMs = 0;
   /** Device state bytes sent during precopy. */
   deviceBytes = 0;
+  /** The destination's push channel, if it opened one before start; `stream` is what the rounds use (fixed at round 1). */
+  private attached: PushStream | undefined;
+  private stream: PushStream | undefined;
+  /** The last SYNC written on the push channel and the last the destination acknowledged. */
+  private syncSeq = 0;
+  private syncAcked = 0;
+  private syncWake: (() => void) | undefined;
+  /** Pages sent on the push channel (rounds and stop-and-copy). */
+  pagesOnPushChannel = 0;
+  /** Time the switchover waited for the last SYNC's acknowledgement, ms. */
+  syncWaitMs = 0;
 
   constructor(
     private readonly image: GuestImage,
@@ -198,6 +230,28 @@ export class Precopy {
 
   get mode(): 'precopy' | 'hybrid' {
     return this.options.mode;
+  }
+
+  /** The destination opened a push channel: the rounds go there if it is there before round 1. */
+  attachStream(stream: PushStream): void {
+    this.attached = stream;
+  }
+
+  /** Whether the rounds go on the push channel. */
+  get onPushChannel(): boolean {
+    return this.stream !== undefined;
+  }
+
+  /**
+   * The destination's `precopy-synced`: every record before SYNC `seq` is
+   * placed. Throws ProtocolError unless it acknowledges the next SYNC written.
+   */
+  synced(seq: number): void {
+    if (seq !== this.syncAcked + 1 || seq > this.syncSeq) {
+      throw new ProtocolError(`expected precopy-synced ${this.syncAcked + 1} (SYNC ${this.syncSeq} is the last written), got ${seq}`);
+    }
+    this.syncAcked = seq;
+    this.syncWake?.();
   }
 
   /** The user's migrate-start-postcopy (hybrid only): the current round stops and postcopy begins. */
@@ -229,6 +283,9 @@ export class Precopy {
     if (tail !== 0) this.roundSet[this.roundSet.length - 1] = (1 << tail) - 1;
     let roundPages = totalPages;
     this.setupTimeMs = performance.now() - startedAt;
+    // The push channel carries every round or none: pages of one round on the main channel and of the next on the push
+    // channel could arrive in the other order (an older content over a newer one).
+    if (this.attached?.isOpen) this.stream = this.attached;
     const devices = this.devices;
     // --untracked-dma skip-precopy: no round; the switchover sends every page (precopy) or none (hybrid: postcopy brings them).
     if (devices?.skipPrecopy) return this.decide({ postcopy: this.options.mode === 'hybrid', reason: 'skip-precopy' });
@@ -322,11 +379,15 @@ export class Precopy {
     let result: SwitchoverResult;
     if (!decision.postcopy) {
       await this.sendSet(channel, this.roundSet, countBits(this.roundSet), PHASE.STOP_AND_COPY, () => false);
+      // Nothing of the stop-and-copy may be in flight once `switchover` goes.
+      await this.barrier(channel);
       // Every page has gone: the sentmap (what finish checks against the receivedmap) says so.
       const sent = new Uint8Array(Math.ceil(totalPages / 8));
       for (let page = 0; page < totalPages; page++) if (bitSet(this.everSent, page)) sent[page >>> 3]! |= 1 << (page & 7);
       result = { stoppedAt, discard: [], discardPages: 0, sentForPostcopy: sent };
     } else {
+      // No precopy page may land after the discard set (it would resurrect a discarded page's stale content).
+      await this.barrier(channel);
       // Discard: sent before and dirtied since. Postcopy counts as sent what was sent and not dirtied since.
       const discardPages: number[] = [];
       const sentForPostcopy = new Uint8Array(Math.ceil(totalPages / 8));
@@ -360,6 +421,7 @@ export class Precopy {
    * sent; stops early when `stop()` says so (their bits stay set).
    */
   private async sendSet(channel: Channel, set: Int32Array, pages: number, phase: number, stop: () => boolean): Promise<number> {
+    if (this.stream) return this.sendSetOnStream(channel, this.stream, set, pages, phase, stop);
     const { totalPages, pageSize } = this.image.layout;
     const perFrame = maxPushPages(pageSize);
     const batchPages = Math.max(1, Math.floor(this.options.batchBytes / pageSize));
@@ -410,6 +472,98 @@ export class Precopy {
     // its bytes, and the switchover does not queue behind a round's tail.
     await lastOfSet;
     return sent;
+  }
+
+  /**
+   * sendSet on the push channel: runs of consecutive pages (contents from
+   * one image chunk, or zero pages) as records of the round, corked into one
+   * writev a batch, then a SYNC. Returns once the set's bytes have gone to
+   * the kernel (the round's time covers them, as on the main channel).
+   */
+  private async sendSetOnStream(channel: Channel, stream: PushStream, set: Int32Array, pages: number, phase: number, stop: () => boolean): Promise<number> {
+    const { totalPages, pageSize } = this.image.layout;
+    const perRecord = maxPushRunPages(pageSize);
+    const batchPages = Math.max(1, Math.floor(this.options.streamBatchBytes / pageSize));
+    const round = phase === PHASE.STOP_AND_COPY ? this.roundNumber + 1 : this.roundNumber;
+    this.remaining = pages;
+    let sent = 0;
+    let page = 0;
+    const closed = (): PrecopyCancelledError =>
+      new PrecopyCancelledError(`the destination's ${channel.isOpen ? 'push' : 'main'} channel closed during precopy round ${this.roundNumber}`);
+    // Each batch's last write says when the batch has gone to the kernel (a socket's 'drain' comes only after a write it refused).
+    let batchSent: Promise<void> | undefined;
+    while (page < totalPages) {
+      if (!stream.isOpen || !channel.isOpen) throw closed();
+      if (stop()) break;
+      let inBatch = 0;
+      let lastData: Uint8Array | undefined;
+      stream.cork();
+      while (inBatch < batchPages && page < totalPages) {
+        if ((page & 31) === 0 && set[page >>> 5] === 0) {
+          page += 32;
+          continue;
+        }
+        if (!bitSet(set, page)) {
+          page++;
+          continue;
+        }
+        const zero = this.image.isZero(page);
+        let end = page + 1;
+        while (end < totalPages && end - page < perRecord && inBatch + (end - page) < batchPages && bitSet(set, end) && this.image.isZero(end) === zero && (zero || this.image.sameChunk(page, end))) end++;
+        const count = end - page;
+        if (lastData) stream.write(lastData);
+        lastData = pushRecordHeader(zero ? PUSH_RECORD.PRECOPY_ZERO : PUSH_RECORD.PRECOPY_PAGES, page, count, round);
+        // The image's own bytes, not copied: the kernel takes them before the round's closing sync (awaited below).
+        if (!zero) {
+          stream.write(lastData);
+          lastData = this.image.pagesBytes(page, count);
+        }
+        for (let p = page; p < end; p++) this.took(set, p, phase, zero ? 0 : pageSize);
+        this.pagesOnPushChannel += count;
+        inBatch += count;
+        sent += count;
+        page = end;
+      }
+      if (lastData) {
+        const last = lastData;
+        batchSent = new Promise((resolve) => stream.write(last, resolve));
+      }
+      stream.uncork();
+      this.remaining = Math.max(0, pages - sent);
+      // Back-pressure, then a turn of the event loop (pongs, control requests, a close).
+      if (batchSent && stream.bufferedAmount > this.options.streamHighWaterBytes) await batchSent;
+      await yieldToEventLoop();
+    }
+    // The barrier's mark: everything of this set comes before it. Once it has gone to the kernel, so has the set
+    // (the round's time, and so the bandwidth it measures, covers its bytes).
+    this.syncSeq++;
+    const seq = this.syncSeq;
+    await new Promise<void>((resolve) => stream.write(pushSyncHeader(seq), resolve));
+    if (!stream.isOpen || !channel.isOpen) throw closed();
+    return sent;
+  }
+
+  /**
+   * QEMU's multifd_send_sync_main: waits until the destination acknowledged
+   * the last SYNC written (every precopy page before it placed). Nothing to
+   * wait for on the main channel (one socket keeps its order).
+   */
+  private async barrier(channel: Channel): Promise<void> {
+    if (this.options.unsafeSkipSync) return;
+    const started = performance.now();
+    while (this.syncAcked < this.syncSeq) {
+      if (!channel.isOpen) throw new PrecopyCancelledError(`the destination's main channel closed during the switchover`);
+      if (!this.stream?.isOpen) throw new PrecopyCancelledError(`the destination's push channel closed during the switchover`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, SYNC_POLL_MS);
+        this.syncWake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.syncWake = undefined;
+    }
+    this.syncWaitMs += performance.now() - started;
   }
 
   private sendFrame(channel: Channel, frame: Uint8Array): Promise<void> {

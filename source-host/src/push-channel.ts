@@ -56,8 +56,20 @@ export class SourcePushChannel implements PushStream {
     this.socket.uncork();
   }
 
-  write(bytes: Uint8Array): void {
-    this.socket.write(bytes);
+  write(bytes: Uint8Array, sent?: () => void): void {
+    if (sent === undefined) {
+      this.socket.write(bytes);
+      return;
+    }
+    // A write's callback also runs (with an error) when the socket is destroyed first; the close settles it too.
+    let done = false;
+    const once = (): void => {
+      if (done) return;
+      done = true;
+      sent();
+    };
+    this.socket.write(bytes, once);
+    void this.closedPromise.then(once);
   }
 
   drained(): Promise<void> {

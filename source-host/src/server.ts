@@ -356,7 +356,7 @@ export class SourceServer extends EventEmitter {
     void channel.closed.then(() => {
       clearTimeout(handshakeTimer);
       this.pushChannels.delete(channel);
-      this.migration.detachPushStream(channel);
+      if (channel.admitted) this.controller.pushStreamClosed(channel);
     });
   }
 
@@ -366,7 +366,7 @@ export class SourceServer extends EventEmitter {
     this.checkHello(channel.label, hello);
     channel.admitted = true;
     channel.send(this.welcomeFor({ kind: 'fault' }));
-    this.migration.attachPushStream(channel);
+    this.controller.attachPushStream(channel);
   }
 
   private accept(ws: WebSocket, socket: Duplex): void {
@@ -500,6 +500,10 @@ export class SourceServer extends EventEmitter {
       case 'running':
         main('running');
         this.controller.running();
+        return;
+      case 'precopy-synced':
+        main('precopy-synced');
+        this.controller.precopySynced(message.seq);
         return;
       case 'hash-request':
         main('hash-request');

@@ -31,7 +31,7 @@ import {
   type Message,
 } from '@postcopy/shared/net';
 import type { ClientTls } from './page-client.js';
-import { PushRecordReader, type PushPlacement } from './push-reader.js';
+import { PushRecordReader, type PrecopyPushPlacement, type PushPlacement } from './push-reader.js';
 
 export interface PushClientOptions {
   /** The source's `ws://HOST:PORT`, or `wss://HOST:PORT` (then the channel runs over TLS, with {@link tls}). */
@@ -45,6 +45,8 @@ export interface PushClientOptions {
   channel: string;
   connectTimeoutMs: number;
   placement: PushPlacement;
+  /** Where precopy's records go (precopy and hybrid modes); without it one is a protocol error. */
+  precopy?: PrecopyPushPlacement;
   /** The channel ended (not after {@link PushClient.cut}): `err` says why. */
   onClose: (err: Error) => void;
 }
@@ -67,7 +69,7 @@ export class PushClient {
   pagesReleased = 0;
 
   private constructor(private readonly options: PushClientOptions) {
-    this.reader = new PushRecordReader(options.layout, options.placement);
+    this.reader = new PushRecordReader(options.layout, options.placement, options.precopy);
   }
 
   /** Records read whole. */

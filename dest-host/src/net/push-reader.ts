@@ -9,8 +9,14 @@
  * is in. {@link PushRecordReader.end} gives back the pages of a record the
  * stream stopped in the middle of: nothing of them was installed, and the
  * resume's receivedmap says so.
+ *
+ * Precopy's records (PRECOPY_PAGES, PRECOPY_ZERO: see push-stream.ts) go to
+ * a placement of their own ({@link PrecopyPushPlacement}: a page already
+ * here is overwritten, not EEXIST), told each record's round first; a SYNC
+ * is handed on once every record before it is placed, and its sequence
+ * numbers must go 1, 2, 3, ...: anything else is a protocol error.
  */
-import { PUSH_HEADER_BYTES, PUSH_RECORD, decodePushRecordHeader, type GuestLayout } from '@postcopy/shared/net';
+import { ProtocolError, PUSH_HEADER_BYTES, PUSH_RECORD, decodePushRecordHeader, isPrecopyRecord, type GuestLayout } from '@postcopy/shared/net';
 
 /** Pages taken for bytes about to arrive, and where those bytes go. */
 export interface PushClaim {
@@ -34,6 +40,14 @@ export interface PushPlacement {
   zero(first: number, count: number): void;
 }
 
+/** Where precopy's records go (vmm/precopy-push-placement.ts). */
+export interface PrecopyPushPlacement extends PushPlacement {
+  /** The next record was sent in round `round` (throws when precopy records may not come now). */
+  round(round: number): void;
+  /** SYNC `seq`: every record before it is placed. */
+  synced(seq: number): void;
+}
+
 export class PushRecordReader {
   private readonly header = new Uint8Array(PUSH_HEADER_BYTES);
   private headerBytes = 0;
@@ -46,12 +60,19 @@ export class PushRecordReader {
   private readonly pageSize: number;
   /** Records read whole (tests, diagnostics). */
   records = 0;
+  /** The placement of the record being read (postcopy's or precopy's). */
+  private active: PushPlacement;
+  /** The last SYNC's sequence number (0: none yet). */
+  private lastSync = 0;
 
   constructor(
     private readonly layout: GuestLayout,
     private readonly placement: PushPlacement,
+    /** Where precopy records go; without it, one is a protocol error. */
+    private readonly precopy?: PrecopyPushPlacement,
   ) {
     this.pageSize = layout.pageSize;
+    this.active = placement;
   }
 
   /** Where the next read goes (never past the current header or claim). */
@@ -68,9 +89,22 @@ export class PushRecordReader {
       this.headerBytes += n;
       if (this.headerBytes < PUSH_HEADER_BYTES) return;
       this.headerBytes = 0;
-      const { kind, first, count } = decodePushRecordHeader(this.header, this.layout);
-      if (kind === PUSH_RECORD.ZERO) {
-        this.placement.zero(first, count);
+      const { kind, first, count, round } = decodePushRecordHeader(this.header, this.layout);
+      if (kind === PUSH_RECORD.SYNC) {
+        if (this.precopy === undefined) throw new ProtocolError(`push record: expected no SYNC on a push channel without precopy, got SYNC ${first}`);
+        if (first !== this.lastSync + 1) throw new ProtocolError(`push record: expected SYNC ${this.lastSync + 1}, got SYNC ${first}`);
+        this.lastSync = first;
+        this.records++;
+        this.precopy.synced(first);
+        return;
+      }
+      if (isPrecopyRecord(kind)) {
+        if (this.precopy === undefined) throw new ProtocolError(`push record: expected no precopy records on a push channel without precopy, got kind ${kind} of round ${round}`);
+        this.precopy.round(round);
+        this.active = this.precopy;
+      } else this.active = this.placement;
+      if (kind === PUSH_RECORD.ZERO || kind === PUSH_RECORD.PRECOPY_ZERO) {
+        this.active.zero(first, count);
         this.records++;
         return;
       }
@@ -86,7 +120,7 @@ export class PushRecordReader {
       // injected drop pauses the run, which cuts the channel: end()), and
       // end() must give back only the pages not installed.
       this.claimDone = done;
-      this.placement.commit(claim, claim.first + from, done - from);
+      this.active.commit(claim, claim.first + from, done - from);
       if (this.claim !== claim) return;
     }
     if (done < claim.pages) return;
@@ -103,12 +137,12 @@ export class PushRecordReader {
     this.headerBytes = 0;
     if (claim === undefined) return 0;
     const left = claim.pages - this.claimDone;
-    if (left > 0) this.placement.release(claim, claim.first + this.claimDone, left);
+    if (left > 0) this.active.release(claim, claim.first + this.claimDone, left);
     return left;
   }
 
   private take(first: number): void {
-    this.claim = this.placement.claim(first, this.recordEnd - first);
+    this.claim = this.active.claim(first, this.recordEnd - first);
     this.claimBytes = 0;
     this.claimDone = 0;
   }

@@ -19,8 +19,9 @@ import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { GuestPages } from '../memory/pages.js';
 import { PageClient } from '../net/page-client.js';
 import { PushClient } from '../net/push-client.js';
-import type { PushPlacement } from '../net/push-reader.js';
+import type { PrecopyPushPlacement, PushPlacement } from '../net/push-reader.js';
 import { pushPlacement } from '../vmm/push-placement.js';
+import { precopyPushPlacement } from '../vmm/precopy-push-placement.js';
 import { Session } from '../net/session.js';
 import { Recovery } from '../recovery.js';
 import { buildReportWithHistogram } from '../report-builder.js';
@@ -115,9 +116,11 @@ export class DestinationRun {
       this.createGuest();
       await this.serveStatus();
       this.openMainChannel();
-      // Precopy modes open it at the switchover (below): records on another
-      // socket could otherwise overtake the main channel's switchover.
-      if (!this.precopyMode) await this.openPush();
+      // Before start: precopy's rounds go on it too. The source's SYNC
+      // barrier keeps precopy's records from being overtaken by the main
+      // channel's discard and switchover, and it pushes postcopy's pages
+      // there only once we said `running` (after our switchover).
+      await this.openPush();
       await this.startThreads();
       this.lowerPushPriority();
       await this.start();
@@ -232,8 +235,8 @@ export class DestinationRun {
       fail: (err) => this.abort.fail(err),
       onSwitchover: (postcopy) => {
         options.onEvent?.(`switchover: the guest stopped on the source; ${postcopy ? `postcopy begins (${vmm.counter(COUNTER.DISCARDED)} pages discarded)` : 'every page is here'}`);
-        // The source pushes on the main channel until the push channel is there.
-        if (postcopy) void this.openPush();
+        // A push channel that could not be opened before start: another try (the source pushes on the main channel until it is there).
+        if (postcopy && this.push === undefined) void this.openPush();
       },
       afterPush: () => this.maybeInjectDrop(),
       ...(this.devices ? { devices: this.devices } : {}),
@@ -278,14 +281,14 @@ export class DestinationRun {
   }
 
   /**
-   * Whether pushed pages come on a push channel: push on, and no emulated
-   * link (the source applies it to WebSockets only), unless
-   * --no-push-channel. Over TLS too: the channel then runs over TLS with the
-   * other channels' options.
+   * Whether pushed pages, and precopy's pages, come on a push channel: push
+   * on or a precopy mode, and no emulated link (the source applies it to
+   * WebSockets only), unless --no-push-channel. Over TLS too: the channel
+   * then runs over TLS with the other channels' options.
    */
   private get wantsPushChannel(): boolean {
     const { options, welcome } = this;
-    return options.push && options.pushChannel !== false && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
+    return (options.push || this.precopyMode) && options.pushChannel !== false && welcome.linkDelayUs === 0 && welcome.linkBandwidthBps === 0;
   }
 
   /**
@@ -308,6 +311,7 @@ export class DestinationRun {
         channel: 'push0',
         connectTimeoutMs: options.connectTimeoutMs,
         placement,
+        ...(this.precopyMode ? { precopy: this.precopyPlacement() } : {}),
         onClose: (err) => {
           if (this.push !== client) return;
           this.push = undefined;
@@ -347,6 +351,26 @@ export class DestinationRun {
     } catch (err) {
       this.options.onEvent?.(`--push-nice ${nice}: could not lower the main thread's priority (${(err as Error).message}); going on without`);
     }
+  }
+
+  /**
+   * Where precopy's records on the push channel go: only before the
+   * switchover (the run fails otherwise), each SYNC acknowledged on the main
+   * channel once everything before it is placed (the source's barrier).
+   */
+  private precopyPlacement(): PrecopyPushPlacement {
+    const channel = this.channel;
+    return precopyPushPlacement(this.guest.installer, this.guest.receiver, {
+      round: (round) => {
+        if (!channel.expectPrecopyRecords()) throw new Error(`precopy pages of round ${round} on the push channel after the switchover`);
+      },
+      synced: (seq) => {
+        if (!channel.expectPrecopyRecords()) throw new Error(`a precopy SYNC on the push channel after the switchover`);
+        this.main?.send({ type: 'precopy-synced', seq });
+      },
+      placed: () => this.maybeInjectDrop(),
+      fail: (err) => this.abort.fail(err),
+    });
   }
 
   /** The placement for the installer's backend, refusing pushed pages before the switchover. */

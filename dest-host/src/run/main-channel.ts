@@ -1,6 +1,7 @@
 /**
  * What the source sends on the destination's main channel, by state:
- * - during precopy (active): pages in rounds, then the discard set and
+ * - during precopy (active): pages in rounds (unless they come on the push
+ *   channel: vmm/precopy-push-placement.ts), then the discard set and
  *   `switchover` (see vmm/precopy-receiver.ts);
  * - after it (postcopy-active): pushed pages, requested pages sent on the
  *   main channel (no preempt), `complete`;
@@ -108,6 +109,11 @@ export class MainChannel {
     this.d.vmm.count(COUNTER.PUSH_CHANNEL_PAGES, pages);
     if (this.complete) this.checkInstalled();
     this.d.afterPush?.();
+  }
+
+  /** Whether precopy pages may come now (before the switchover); if not, the run fails. */
+  expectPrecopyRecords(): boolean {
+    return this.expectPrecopy('precopy pages on the push channel');
   }
 
   /** Whether pushed pages may come now (after the switchover); if not, the run fails. */

@@ -64,7 +64,9 @@ export const COUNTER = {
   PAGE_WAITERS: 26,
   /** Of PAGES_PUSHED, pages that came on a push channel (net/push-client.ts), not in the main channel's messages. */
   PUSH_CHANNEL_PAGES: 27,
-  LENGTH: 28,
+  /** Precopy pages (first arrivals and rewrites, zero pages too) that came on a push channel, not in the main channel's messages. */
+  PRECOPY_PUSH_CHANNEL_PAGES: 28,
+  LENGTH: 29,
 } as const;
 
 /**
