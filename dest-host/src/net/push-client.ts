@@ -4,18 +4,20 @@
  * with a buffer chosen per read), so a pushed run's bytes land in guest
  * memory, or the staging buffer they are COPYed from, with no copy of ours.
  *
- * Over TLS (a `wss://` source) the socket is a TLSSocket, which decrypts
- * into buffers of its own (`onread` does not apply to it): each `'data'`
- * chunk is copied, piece by piece, into the buffers {@link PushClient.buffer}
- * chooses, so each byte is still copied once, into where it belongs. The
- * TLS options are those of every other channel (CA, server name, client
- * certificate).
+ * Over TLS (a `wss://` source) the socket is a TLSSocket made by
+ * `tls.connect`, which takes `onread` too ("If the socket option is
+ * missing, incoming data is stored in a single buffer and passed to the
+ * supplied callback", Node's tls.connect): its TLSWrap asks for a buffer
+ * before each SSL_read and decrypts into it, no larger than asked, so the
+ * decrypted bytes land where {@link PushClient.buffer} says, as on TCP,
+ * with no `'data'` chunk allocated and copied. The TLS options are those of
+ * every other channel (CA, server name, client certificate).
  *
  * The handshake is read exactly (the `101`, then the welcome's length, then
  * its bytes), so no read takes a byte of the first record.
  */
-import { connect, isIP, type Socket } from 'node:net';
-import { connect as connectTls } from 'node:tls';
+import { connect, isIP, type OnReadOpts, type Socket } from 'node:net';
+import { connect as connectTls, type ConnectionOptions } from 'node:tls';
 import {
   ChannelRole,
   ConnectionError,
@@ -110,30 +112,26 @@ export class PushClient {
       const upgrade = (): void => {
         socket.write(`GET /push HTTP/1.1\r\nHost: ${url.host}\r\nConnection: Upgrade\r\nUpgrade: ${PUSH_UPGRADE}\r\n\r\n`);
       };
+      // Each read goes where the handshake or the record reader says (see buffer()).
+      const onread = { buffer: () => this.buffer(), callback: (n: number) => this.read(n) };
       let socket: Socket;
       if (secure) {
         // As ws does for the other channels: SNI with the name expected (never an IP address).
         const servername = tls?.serverName ?? (isIP(host) === 0 ? host : undefined);
-        socket = connectTls({
+        // Node's types leave `onread` out of tls.connect's options; tls.connect documents and honours it.
+        const options: ConnectionOptions & { onread: OnReadOpts } = {
           host,
           port,
           ...(servername !== undefined ? { servername } : {}),
           ...(tls?.ca !== undefined ? { ca: tls.ca } : {}),
           ...(tls?.cert !== undefined && tls.key !== undefined ? { cert: tls.cert, key: tls.key } : {}),
-        });
+          onread,
+        };
+        socket = connectTls(options);
         socket.setNoDelay(true);
         socket.once('secureConnect', upgrade);
-        socket.on('data', (chunk: Buffer) => this.feed(chunk));
       } else {
-        socket = connect({
-          host,
-          port,
-          noDelay: true,
-          onread: {
-            buffer: () => this.buffer(),
-            callback: (n: number) => this.read(n),
-          },
-        });
+        socket = connect({ host, port, noDelay: true, onread });
         socket.once('connect', upgrade);
       }
       this.socket = socket;
@@ -145,27 +143,6 @@ export class PushClient {
       });
       socket.once('close', () => this.closed());
     });
-  }
-
-  /**
-   * A TLS socket's decrypted bytes: copied into the buffers {@link buffer}
-   * chooses (a header's 12 bytes, guest memory, the staging buffer), each
-   * piece no larger than what the reader expects next, and handed to
-   * {@link read} as an `onread` read would be.
-   */
-  private feed(chunk: Buffer): void {
-    let offset = 0;
-    while (offset < chunk.length && !this.cutDone) {
-      const into = this.buffer();
-      const n = Math.min(into.length, chunk.length - offset);
-      if (n === 0) {
-        this.fail(new HandshakeError(`expected the source's answer to a push channel's upgrade within ${HTTP_RESPONSE_BYTES} bytes, got more`));
-        return;
-      }
-      into.set(chunk.subarray(offset, offset + n));
-      offset += n;
-      if (!this.read(n)) return;
-    }
   }
 
   private buffer(): Uint8Array {
