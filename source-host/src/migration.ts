@@ -354,7 +354,8 @@ export class SourceMigration {
 
   /**
    * pushBatch on a push channel: up to `budget` pages not yet sent, as
-   * records of consecutive pages (contents, or zero pages) in one writev.
+   * records of consecutive pages (contents, or zero pages) in one writev
+   * (on TCP; a TLS channel takes them uncorked: push-channel.ts).
    */
   private pushRecords(stream: PushStream, session: number, budget: number, rate: number): void {
     const { totalPages } = this.image.layout;

@@ -26,6 +26,18 @@ export class SourcePushChannel implements PushStream {
   rejected = false;
   private readonly frame = new LengthPrefixedFrame();
   private readonly closedPromise: Promise<void>;
+  /**
+   * Whether a batch's writes are corked into one writev: on a TCP socket
+   * only. A TLS socket takes a writev of several buffers by first copying
+   * them into one (Node's TLSWrap::DoWrite), and corking made every batch
+   * one such writev; uncorked, a write the socket takes at once is
+   * encrypted from where it lies (writes queued behind a busy socket are
+   * still joined). Measured on the two-core machine (1 GiB, TLS, runs
+   * interleaved in pairs): 433 against 389 MiB/s corked (medians of 4), 517
+   * against 483 (of 8), faster in 10 of the 12 pairs, the destination's main
+   * thread 0.1-0.25 s less busy.
+   */
+  private readonly corks: boolean;
 
   constructor(
     readonly socket: Duplex,
@@ -33,6 +45,7 @@ export class SourcePushChannel implements PushStream {
     private readonly onHello: (channel: SourcePushChannel, hello: Hello) => void,
     private readonly onReject: (channel: SourcePushChannel, err: Error) => void,
   ) {
+    this.corks = (socket as { encrypted?: boolean }).encrypted !== true;
     this.closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.on('error', () => socket.destroy());
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${PUSH_UPGRADE}\r\nConnection: Upgrade\r\n\r\n`);
@@ -49,11 +62,11 @@ export class SourcePushChannel implements PushStream {
   }
 
   cork(): void {
-    this.socket.cork();
+    if (this.corks) this.socket.cork();
   }
 
   uncork(): void {
-    this.socket.uncork();
+    if (this.corks) this.socket.uncork();
   }
 
   write(bytes: Uint8Array, sent?: () => void): void {
