@@ -435,16 +435,9 @@ export class Precopy {
       if (stop()) return sent;
       let inBatch = 0;
       let last: Promise<void> | undefined;
-      while (inBatch < batchPages && page < totalPages) {
-        // Skip clear words at once.
-        if ((page & 31) === 0 && set[page >>> 5] === 0) {
-          page += 32;
-          continue;
-        }
-        if (!bitSet(set, page)) {
-          page++;
-          continue;
-        }
+      while (inBatch < batchPages) {
+        page = nextSetPage(set, page, totalPages);
+        if (page >= totalPages) break;
         if (this.image.isZero(page)) {
           last = this.sendFrame(channel, encode({ type: 'precopy-zero', round, page }));
           this.took(set, page, phase, 0);
@@ -498,15 +491,9 @@ export class Precopy {
       let inBatch = 0;
       let lastData: Uint8Array | undefined;
       stream.cork();
-      while (inBatch < batchPages && page < totalPages) {
-        if ((page & 31) === 0 && set[page >>> 5] === 0) {
-          page += 32;
-          continue;
-        }
-        if (!bitSet(set, page)) {
-          page++;
-          continue;
-        }
+      while (inBatch < batchPages) {
+        page = nextSetPage(set, page, totalPages);
+        if (page >= totalPages) break;
         const zero = this.image.isZero(page);
         let end = page + 1;
         while (end < totalPages && end - page < perRecord && inBatch + (end - page) < batchPages && bitSet(set, end) && this.image.isZero(end) === zero && (zero || this.image.sameChunk(page, end))) end++;
@@ -606,6 +593,16 @@ export class Precopy {
 /** Bytes per second as MiB/s, two decimals. */
 function mibs(bytesPerSec: number): string {
   return `${(bytesPerSec / 1048576).toFixed(2)} MiB/s`;
+}
+
+/** The first page from `page` on whose bit is set in `set`, or `totalPages` if none: clear words skipped at once. */
+function nextSetPage(set: Int32Array, page: number, totalPages: number): number {
+  while (page < totalPages) {
+    if ((page & 31) === 0 && set[page >>> 5] === 0) page += 32;
+    else if (!bitSet(set, page)) page++;
+    else return page;
+  }
+  return totalPages;
 }
 
 function countBits(bits: Int32Array): number {

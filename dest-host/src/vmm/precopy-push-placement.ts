@@ -20,8 +20,8 @@
 import { ProtocolError } from '@postcopy/shared';
 import type { DirectCopy } from '../memory/backend.js';
 import type { PrecopyPushPlacement, PushClaim } from '../net/push-reader.js';
-import { rangeOf } from '../strategies/strategy.js';
 import type { PageInstaller } from './page-installer.js';
+import { installSpan } from './push-placement.js';
 import type { PrecopyReceiver } from './precopy-receiver.js';
 import { COUNTER, ORIGIN } from './state.js';
 
@@ -82,12 +82,8 @@ abstract class PrecopyPlacement implements PrecopyPushPlacement {
     this.sink.placed(pages);
   }
 
-  /** How many pages from `first` (at most `count`) lie in one context's range and one memslot. */
   protected span(first: number, count: number): number {
-    const memslots = this.installer.memory.memslots;
-    const slotEnd = (Math.floor(first / memslots.pagesPerMemslot) + 1) * memslots.pagesPerMemslot;
-    const ranged = this.installer.ranges.length === 0 ? count : Math.min(count, rangeOf(this.installer.ranges, first).endPage - first);
-    return Math.max(1, Math.min(ranged, slotEnd - first));
+    return installSpan(this.installer, first, count);
   }
 }
 

@@ -59,13 +59,21 @@ abstract class Placement implements PushPlacement {
     vmm.count(COUNTER.DUPLICATE_DATA);
   }
 
-  /** How many pages from `first` (at most `count`) lie in one context's range and one memslot. */
   protected span(first: number, count: number): number {
-    const memslots = this.installer.memory.memslots;
-    const slotEnd = (Math.floor(first / memslots.pagesPerMemslot) + 1) * memslots.pagesPerMemslot;
-    const ranged = this.installer.ranges.length === 0 ? count : Math.min(count, rangeOf(this.installer.ranges, first).endPage - first);
-    return Math.max(1, Math.min(ranged, slotEnd - first));
+    return installSpan(this.installer, first, count);
   }
+}
+
+/**
+ * How many pages from `first` (at most `count`, at least one) one install
+ * may take: they must lie in one context's range (one COPY is on one
+ * context) and in one memslot (one buffer). Pushed and precopy records alike.
+ */
+export function installSpan(installer: PageInstaller, first: number, count: number): number {
+  const memslots = installer.memory.memslots;
+  const slotEnd = (Math.floor(first / memslots.pagesPerMemslot) + 1) * memslots.pagesPerMemslot;
+  const ranged = installer.ranges.length === 0 ? count : Math.min(count, rangeOf(installer.ranges, first).endPage - first);
+  return Math.max(1, Math.min(ranged, slotEnd - first));
 }
 
 export class DirectPlacement extends Placement {
