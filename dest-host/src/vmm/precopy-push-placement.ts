@@ -21,7 +21,7 @@ import { ProtocolError } from '@postcopy/shared';
 import type { DirectCopy } from '../memory/backend.js';
 import type { PrecopyPushPlacement, PushClaim } from '../net/push-reader.js';
 import type { PageInstaller } from './page-installer.js';
-import { installSpan } from './push-placement.js';
+import { StagingBuffer, installSpan } from './push-placement.js';
 import type { PrecopyReceiver } from './precopy-receiver.js';
 import { COUNTER, ORIGIN } from './state.js';
 
@@ -36,8 +36,6 @@ export interface PrecopyPushSink {
   fail(err: Error): void;
 }
 
-/** Bytes a staged read takes at most (one run of the largest record). */
-const STAGING_BYTES = 1024 * 1024;
 
 abstract class PrecopyPlacement implements PrecopyPushPlacement {
   protected readonly pageSize: number;
@@ -131,16 +129,15 @@ export class DirectPrecopyPlacement extends PrecopyPlacement {
 }
 
 export class StagedPrecopyPlacement extends PrecopyPlacement {
-  private readonly staging: Uint8Array;
+  private readonly staging: StagingBuffer;
 
   constructor(installer: PageInstaller, receiver: PrecopyReceiver, sink: PrecopyPushSink) {
     super(installer, receiver, sink);
-    this.staging = new Uint8Array(Math.max(this.pageSize, STAGING_BYTES - (STAGING_BYTES % this.pageSize)));
+    this.staging = new StagingBuffer(this.pageSize);
   }
 
   claim(first: number, count: number): PushClaim {
-    const pages = Math.min(this.span(first, count), this.staging.length / this.pageSize);
-    return { first, pages, view: this.staging.subarray(0, pages * this.pageSize), present: false };
+    return this.staging.claim(first, this.span(first, count));
   }
 
   commit(claim: PushClaim, first: number, pages: number): void {

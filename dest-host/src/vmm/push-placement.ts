@@ -28,6 +28,25 @@ export interface PushSink {
 /** Bytes a staged read takes at most (one run of the largest record). */
 const STAGING_BYTES = 1024 * 1024;
 
+/**
+ * The one reused buffer a staged placement reads runs into (as many whole
+ * pages as fit in STAGING_BYTES, at least one), COPYed from once complete.
+ * Pushed and precopy records alike.
+ */
+export class StagingBuffer {
+  private readonly bytes: Uint8Array;
+
+  constructor(private readonly pageSize: number) {
+    this.bytes = new Uint8Array(Math.max(pageSize, STAGING_BYTES - (STAGING_BYTES % pageSize)));
+  }
+
+  /** A claim of up to `span` pages from `first`, as many as the buffer holds. */
+  claim(first: number, span: number): PushClaim {
+    const pages = Math.min(span, this.bytes.length / this.pageSize);
+    return { first, pages, view: this.bytes.subarray(0, pages * this.pageSize), present: false };
+  }
+}
+
 abstract class Placement implements PushPlacement {
   protected readonly pageSize: number;
   protected readonly scratch: Uint8Array;
@@ -109,16 +128,15 @@ export class DirectPlacement extends Placement {
 }
 
 export class StagedPlacement extends Placement {
-  private readonly staging: Uint8Array;
+  private readonly staging: StagingBuffer;
 
   constructor(installer: PageInstaller, sink: PushSink) {
     super(installer, sink);
-    this.staging = new Uint8Array(Math.max(this.pageSize, STAGING_BYTES - (STAGING_BYTES % this.pageSize)));
+    this.staging = new StagingBuffer(this.pageSize);
   }
 
   claim(first: number, count: number): PushClaim {
-    const pages = Math.min(this.span(first, count), this.staging.length / this.pageSize);
-    return { first, pages, view: this.staging.subarray(0, pages * this.pageSize), present: false };
+    return this.staging.claim(first, this.span(first, count));
   }
 
   commit(claim: PushClaim, first: number, pages: number): void {
