@@ -1,5 +1,6 @@
 import { CheckError, type GuestLayout, type MdevCatalog, type MemoryBackendName, type Report, type StrategyName, type WorkloadName } from '@postcopy/shared';
 import type { ClientTls } from './net/page-client.js';
+import type { FaultChannelChoice } from './workers/protocol.js';
 import type { Timeline } from './trace/timeline.js';
 import { DestinationRun } from './run/destination-run.js';
 
@@ -27,6 +28,12 @@ export interface DestinationOptions {
   push: boolean;
   /** Pushed pages come on a push channel of their own (net/push-client.ts) where one can be opened. */
   pushChannel?: boolean;
+  /**
+   * How a thread that blocks on its fault (a kvm-exit vCPU) fetches the page:
+   * `auto` (absent) is `blocking` where it can be (a ws:// source, the uffd
+   * addon built), else `event-loop` (see FaultChannelKind).
+   */
+  faultChannel?: FaultChannelChoice;
   /**
    * With preempt and push, the main thread's nice value once the guest
    * threads are started (0 or absent: unchanged); see DestinationRun.lowerPushPriority.

@@ -18,6 +18,7 @@ import {
 } from '@postcopy/shared';
 import type { DestinationOptions } from './destination.js';
 import type { ClientTls } from './net/page-client.js';
+import { FAULT_CHANNEL_CHOICES } from './workers/protocol.js';
 import { checkTracePath } from './trace/trace-path.js';
 
 /** Option defaults in one literal. */
@@ -65,6 +66,14 @@ export function addRunOptions(cmd: Command): Command {
     .option('--memslot-size <size>', 'size of one memslot (a SharedArrayBuffer of at most 1GiB)', DEST_DEFAULTS.memslotSize)
     .option('--no-push', 'do not push pages in the background (the run ends when the workload ends)')
     .option('--no-push-channel', 'push on the main channel instead of a push channel of its own (a raw stream beside the WebSockets, over TLS for a wss:// source; never with an emulated link)')
+    .addOption(
+      new Option(
+        '--fault-channel <kind>',
+        "how a kvm-exit vCPU fetches its page: blocking (its own socket read with blocking system calls, no event loop: ws:// sources with the uffd addon built), event-loop (a WebSocket client on the thread's event loop: any source, TLS too), or auto (blocking where it can be)",
+      )
+        .choices(FAULT_CHANNEL_CHOICES)
+        .default('auto'),
+    )
     .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
     .option('--push-nice <n>', 'with --preempt, the nice value the main thread (then only pushed pages and control) runs at, above the guest threads, so that faults get the CPU first (0 = as the guest threads)', DEST_DEFAULTS.pushNice)
     .option('--watchdog-ms <ms>', 'stop the run when nothing progresses for this long while vCPUs are blocked', DEST_DEFAULTS.watchdogMs)
@@ -168,6 +177,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     seed: parseIntOption('--seed', str('seed'), 0, 0xffffffff),
     push: raw.push !== false,
     pushChannel: raw.pushChannel !== false,
+    faultChannel: parseChoice('--fault-channel', String(raw.faultChannel ?? 'auto'), FAULT_CHANNEL_CHOICES),
     preempt: raw.preempt === true,
     pushNice: parseIntOption('--push-nice', String(raw.pushNice ?? DEST_DEFAULTS.pushNice), 0, 19),
     statusPort: raw.statusPort === undefined ? undefined : parseIntOption('--status-port', str('statusPort'), 0, 65535),

@@ -34,8 +34,13 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
@@ -595,6 +600,163 @@ static napi_value js_poller_stop(napi_env env, napi_callback_info info) {
   return make_i64(env, 0);
 }
 
+/* ------------------------------------------------------------ blocking TCP */
+
+/*
+ * A blocking TCP socket for a thread that has nothing to do but wait for its
+ * answer (a kvm-exit vCPU whose run loop exited, a per-thread resolver):
+ * dest-host/src/net/blocking-socket.ts. Like the rest of this file, each
+ * function is one system call (or the loop the call needs) returning a
+ * result or -errno; the WebSocket framing and the protocol live above it.
+ */
+
+/*
+ * tcpConnect(address, port, family, timeoutMs) -> fd | -errno.
+ * `address` is a numeric IPv4 or IPv6 address (resolved above); `family` 4
+ * or 6. Non-blocking connect(2) bounded by poll(2), then the fd is made
+ * blocking again and TCP_NODELAY set (a request is one small segment; Nagle
+ * would hold it behind the previous reply's ACK, as ws sets noDelay too).
+ */
+static napi_value js_tcp_connect(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int64_t port, family, timeout;
+  if (!get_args(env, info, 4, argv) || !get_i64(env, argv[1], &port) || !get_i64(env, argv[2], &family) ||
+      !get_i64(env, argv[3], &timeout))
+    return NULL;
+  char address[INET6_ADDRSTRLEN + 1];
+  size_t address_len = 0;
+  if (napi_get_value_string_utf8(env, argv[0], address, sizeof address, &address_len) != napi_ok)
+    return throw_type(env, "uffd.node: expected an address string");
+  struct sockaddr_storage sa;
+  socklen_t sa_len;
+  memset(&sa, 0, sizeof sa);
+  if (family == 6) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&sa;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET6, address, &in6->sin6_addr) != 1) return make_i64(env, -EINVAL);
+    sa_len = sizeof *in6;
+  } else {
+    struct sockaddr_in *in4 = (struct sockaddr_in *)&sa;
+    in4->sin_family = AF_INET;
+    in4->sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, address, &in4->sin_addr) != 1) return make_i64(env, -EINVAL);
+    sa_len = sizeof *in4;
+  }
+  int fd = socket(family == 6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return make_i64(env, -(int64_t)errno);
+  int err = 0;
+  if (connect(fd, (struct sockaddr *)&sa, sa_len) < 0) {
+    if (errno != EINPROGRESS) {
+      err = errno;
+    } else {
+      struct pollfd p = {.fd = fd, .events = POLLOUT, .revents = 0};
+      int r = poll(&p, 1, timeout > INT32_MAX ? INT32_MAX : (int)timeout);
+      if (r < 0) err = errno;
+      else if (r == 0) err = ETIMEDOUT;
+      else {
+        socklen_t len = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+      }
+    }
+  }
+  if (err == 0) {
+    int flags = fcntl(fd, F_GETFL);
+    int one = 1;
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+      err = errno;
+  }
+  if (err != 0) {
+    close(fd);
+    return make_i64(env, -(int64_t)err);
+  }
+  return make_i64(env, fd);
+}
+
+/* sockSetTimeouts(fd, recvMs, sendMs) -> 0 | -errno: SO_RCVTIMEO and SO_SNDTIMEO (a blocked recv or send gives EAGAIN after that long; 0 = never). */
+static napi_value js_sock_set_timeouts(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, recv_ms, send_ms;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &recv_ms) ||
+      !get_i64(env, argv[2], &send_ms))
+    return NULL;
+  struct timeval rtv = {.tv_sec = recv_ms / 1000, .tv_usec = (recv_ms % 1000) * 1000};
+  struct timeval stv = {.tv_sec = send_ms / 1000, .tv_usec = (send_ms % 1000) * 1000};
+  if (setsockopt((int)fd, SOL_SOCKET, SO_RCVTIMEO, &rtv, sizeof rtv) < 0 ||
+      setsockopt((int)fd, SOL_SOCKET, SO_SNDTIMEO, &stv, sizeof stv) < 0)
+    return make_i64(env, -(int64_t)errno);
+  return make_i64(env, 0);
+}
+
+/* The bytes [offset, offset + length) of a view argument; *ok = 0 when they lie outside it (the caller gives -EFAULT). */
+static int get_range(napi_env env, napi_value view, napi_value off, napi_value len, char **at, size_t *n, int *ok) {
+  void *data;
+  size_t size;
+  int64_t offset, length;
+  if (!get_bytes(env, view, &data, &size) || !get_i64(env, off, &offset) || !get_i64(env, len, &length)) return 0;
+  *ok = offset >= 0 && length >= 0 && (uint64_t)offset + (uint64_t)length <= size;
+  *at = (char *)data + (*ok ? offset : 0);
+  *n = *ok ? (size_t)length : 0;
+  return 1;
+}
+
+/*
+ * sockSend(fd, view, offset, length) -> bytes sent (all of them) | -errno.
+ * A blocking send(2) may send part of a buffer (a signal, SO_SNDTIMEO): it
+ * goes on until all is sent or an error. MSG_NOSIGNAL: a peer gone is EPIPE,
+ * not a SIGPIPE that kills the process.
+ */
+static napi_value js_sock_send(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  char *at;
+  size_t n;
+  int ok;
+  if (!get_args(env, info, 4, argv) || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  int64_t fd;
+  if (!get_i64(env, argv[0], &fd)) return NULL;
+  if (!ok) return make_i64(env, -EFAULT);
+  size_t sent = 0;
+  while (sent < n) {
+    ssize_t r = send((int)fd, at + sent, n - sent, MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return make_i64(env, -(int64_t)errno);
+    }
+    sent += (size_t)r;
+  }
+  return make_i64(env, (int64_t)sent);
+}
+
+/*
+ * sockRecv(fd, view, offset, length) -> bytes read | 0 at end of stream |
+ * -EAGAIN when SO_RCVTIMEO passed with nothing read | -errno. One recv(2):
+ * whatever has arrived, up to length.
+ */
+static napi_value js_sock_recv(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  char *at;
+  size_t n;
+  int ok;
+  if (!get_args(env, info, 4, argv) || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  int64_t fd;
+  if (!get_i64(env, argv[0], &fd)) return NULL;
+  if (!ok) return make_i64(env, -EFAULT);
+  for (;;) {
+    ssize_t r = recv((int)fd, at, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    return make_i64(env, r < 0 ? -(int64_t)errno : r);
+  }
+}
+
+/* sockShutdown(fd) -> 0 | -errno: shutdown(2) both ways (a cut; close(2) follows). */
+static napi_value js_sock_shutdown(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t fd;
+  if (!get_args(env, info, 1, argv) || !get_i64(env, argv[0], &fd)) return NULL;
+  return result_or_errno(env, shutdown((int)fd, SHUT_RDWR));
+}
+
 /* ------------------------------------------------------------------ module */
 
 static int set_i64(napi_env env, napi_value obj, const char *name, int64_t value) {
@@ -628,6 +790,11 @@ NAPI_MODULE_INIT() {
       {"pollerArm", js_poller_arm},
       {"pollerIdle", js_poller_idle},
       {"pollerStop", js_poller_stop},
+      {"tcpConnect", js_tcp_connect},
+      {"sockSetTimeouts", js_sock_set_timeouts},
+      {"sockSend", js_sock_send},
+      {"sockRecv", js_sock_recv},
+      {"sockShutdown", js_sock_shutdown},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

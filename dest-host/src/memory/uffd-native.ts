@@ -93,6 +93,16 @@ export interface UffdNative {
   pollerIdle(poller: UffdPoller): number;
   /** Ends the poller's thread. Idempotent. */
   pollerStop(poller: UffdPoller): number;
+  /** A blocking TCP connection to a numeric address (family 4 or 6), TCP_NODELAY: its fd, or -errno. */
+  tcpConnect(address: string, port: number, family: number, timeoutMs: number): number;
+  /** SO_RCVTIMEO and SO_SNDTIMEO: a blocked recv or send gives -EAGAIN after that long (0 = never). */
+  sockSetTimeouts(fd: number, recvMs: number, sendMs: number): number;
+  /** send(2) of view[offset, offset + length) until all is sent: the length, or -errno. */
+  sockSend(fd: number, view: ArrayBufferView, offset: number, length: number): number;
+  /** One recv(2) into view[offset, offset + length): bytes read, 0 at end of stream, -EAGAIN on timeout, or -errno. */
+  sockRecv(fd: number, view: ArrayBufferView, offset: number, length: number): number;
+  /** shutdown(2) both ways. */
+  sockShutdown(fd: number): number;
   constants: UffdNativeConstants;
 }
 

@@ -6,85 +6,11 @@
  * lost while the session is current is reported.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { WebSocketServer, type WebSocket } from 'ws';
-import { ChannelRole, PROTOCOL_VERSION, decode, encode, makeLayout, type Message, type Reply } from '@postcopy/shared';
+import { ChannelRole, type Reply } from '@postcopy/shared';
 import { COUNTER, VmmState } from '../vmm/state.js';
 import { PageClient, type SessionFollowing } from './page-client.js';
+import { FakeSource, SECRET, layout } from './fixtures/fake-source.js';
 import { Session } from './session.js';
-
-const layout = makeLayout(64 * 4096, 4096);
-const DIGEST = 'ab'.repeat(32);
-const SECRET = 'cd'.repeat(32);
-
-/** An in-test source: answers hellos, records every connection and request; replies only when told. */
-class FakeSource {
-  readonly connections: WebSocket[] = [];
-  readonly requests: { conn: number; id: number; page: number }[] = [];
-  /** Reads of each connection's socket (how the client's writes arrived). */
-  readonly reads: number[] = [];
-  private constructor(readonly wss: WebSocketServer) {
-    wss.on('connection', (ws, req) => {
-      const conn = this.connections.push(ws) - 1;
-      this.reads[conn] = 0;
-      req.socket.on('data', () => this.reads[conn]!++);
-      ws.on('message', (data: Buffer) => {
-        const m = decode(data, { layout });
-        if (m.type === 'hello') {
-          ws.send(
-            encode({
-              type: 'welcome',
-              protocolVersion: PROTOCOL_VERSION,
-              guestBytes: layout.guestBytes,
-              pageSize: layout.pageSize,
-              totalPages: layout.totalPages,
-              imageDigest: DIGEST,
-              imageSeed: 1,
-              zeroFraction: 0,
-              linkDelayUs: 0,
-              linkBandwidthBps: 0,
-              // A fault channel presents the secret and is given none back.
-              secret: m.secret === '' ? SECRET : '',
-              mode: 'postcopy',
-            }),
-          );
-        } else if (m.type === 'request') {
-          this.requests.push({ conn, id: m.id, page: m.page });
-          this.onRequest?.();
-        }
-      });
-    });
-  }
-  onRequest: (() => void) | undefined;
-
-  static async start(): Promise<FakeSource> {
-    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-    await new Promise<void>((resolve) => wss.once('listening', resolve));
-    return new FakeSource(wss);
-  }
-
-  get url(): string {
-    const a = this.wss.address() as { port: number };
-    return `ws://127.0.0.1:${a.port}`;
-  }
-
-  open(conn: number): boolean {
-    return this.connections[conn]!.readyState === this.connections[conn]!.OPEN;
-  }
-
-  reply(conn: number, message: Message): void {
-    this.connections[conn]!.send(encode(message));
-  }
-
-  /** Waits until `predicate` holds (polling; the test's own timeout bounds it). */
-  static async until(predicate: () => boolean): Promise<void> {
-    while (!predicate()) await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-
-  close(): Promise<void> {
-    for (const ws of this.wss.clients) ws.terminate();
-    return new Promise((resolve) => this.wss.close(() => resolve()));
-  }
-}
 
 let source: FakeSource | undefined;
 const clients: PageClient[] = [];

@@ -22,6 +22,7 @@ import {
   type TlsMaterial,
   type Welcome,
 } from '@postcopy/shared/net';
+import { MAX_REFUSAL_CHARS, printableRefusal } from './refusal.js';
 import { Session } from './session.js';
 
 export interface PageClientOptions {
@@ -85,15 +86,6 @@ interface Opened {
   welcome: Welcome;
   /** The connection's socket (from the upgrade), for {@link TurnCork}. */
   socket: Duplex;
-}
-
-/** At most this much of a source's HTTP refusal is read and shown. */
-const MAX_REFUSAL_CHARS = 600;
-
-/** A source's refusal text made safe to print: printable ASCII on one line (no terminal escapes), bounded. */
-function printableRefusal(text: string): string {
-  const line = text.replace(/\s+/g, ' ').replace(/[^\x20-\x7e]/g, '?').trim();
-  return line.length > MAX_REFUSAL_CHARS ? `${line.slice(0, MAX_REFUSAL_CHARS - 1)}…` : line;
 }
 
 /** How often a paused fault channel re-checks whether it was closed meanwhile (ms). */
@@ -339,59 +331,13 @@ export class PageClient {
       ws.once('close', (code, reason) =>
         fail(new ConnectionError(`the source at ${options.url} closed the connection during the handshake (code ${code}${reason.length ? `: ${reason.toString()}` : ''})`)),
       );
-      ws.once('open', () => {
-        ws.send(
-          encode({
-            type: 'hello',
-            protocolVersion: PROTOCOL_VERSION,
-            token: options.token,
-            role: options.role,
-            guestBytes: options.guestBytes,
-            pageSize: options.pageSize,
-            channel: options.channel,
-            secret: options.secret,
-          }),
-        );
-      });
+      ws.once('open', () => ws.send(encode(helloFor(options))));
       ws.once('message', (data: Buffer) => {
-        let message: Message;
+        let welcome: Welcome;
         try {
-          message = decode(data);
+          welcome = expectWelcome(data, options);
         } catch (err) {
-          fail(new HandshakeError(`the source's first message is not a valid welcome: ${(err as Error).message}`));
-          return;
-        }
-        if (message.type === 'error') {
-          fail(new HandshakeError(`the source refused the handshake: ${message.message}`));
-          return;
-        }
-        if (message.type !== 'welcome') {
-          fail(new HandshakeError(`expected welcome from the source, got ${message.type}`));
-          return;
-        }
-        if (message.protocolVersion !== PROTOCOL_VERSION) {
-          fail(new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, the source speaks ${message.protocolVersion}`));
-          return;
-        }
-        if (
-          message.guestBytes !== options.guestBytes ||
-          message.pageSize !== options.pageSize ||
-          message.totalPages !== message.guestBytes / message.pageSize
-        ) {
-          fail(
-            new HandshakeError(
-              `expected guest layout ${formatBytes(options.guestBytes)} in ${formatBytes(options.pageSize)} pages, the source has ${formatBytes(message.guestBytes)} in ${formatBytes(message.pageSize)} pages (${message.totalPages} pages)`,
-            ),
-          );
-          return;
-        }
-        // The main channel that starts a migration asks with no secret and must be given one; every other channel must not.
-        if (options.secret === '' && message.secret === '') {
-          fail(new HandshakeError(`expected the source to give this migration a secret in its welcome, got none`));
-          return;
-        }
-        if (options.secret !== '' && message.secret !== '') {
-          fail(new HandshakeError(`expected no secret in the welcome of a channel that presented one, got a new one`));
+          fail(err as Error);
           return;
         }
         if (!socket) {
@@ -401,7 +347,7 @@ export class PageClient {
         settled = true;
         clearTimeout(timer);
         ws.removeAllListeners();
-        resolve({ ws, welcome: message, socket });
+        resolve({ ws, welcome, socket });
       });
     });
   }
@@ -489,6 +435,48 @@ export class PageClient {
     this.pending.clear();
     this.ws?.terminate();
   }
+}
+
+/** The hello a channel opens with (the same on every transport). */
+export function helloFor(options: PageClientOptions): Message {
+  return {
+    type: 'hello',
+    protocolVersion: PROTOCOL_VERSION,
+    token: options.token,
+    role: options.role,
+    guestBytes: options.guestBytes,
+    pageSize: options.pageSize,
+    channel: options.channel,
+    secret: options.secret,
+  };
+}
+
+/**
+ * The source's answer to a hello: its welcome, checked against what this
+ * channel expects (protocol version, guest layout, the migration's secret);
+ * throws a HandshakeError saying what is wrong otherwise.
+ */
+export function expectWelcome(data: Uint8Array, options: PageClientOptions): Welcome {
+  let message: Message;
+  try {
+    message = decode(data);
+  } catch (err) {
+    throw new HandshakeError(`the source's first message is not a valid welcome: ${(err as Error).message}`);
+  }
+  if (message.type === 'error') throw new HandshakeError(`the source refused the handshake: ${message.message}`);
+  if (message.type !== 'welcome') throw new HandshakeError(`expected welcome from the source, got ${message.type}`);
+  if (message.protocolVersion !== PROTOCOL_VERSION) {
+    throw new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, the source speaks ${message.protocolVersion}`);
+  }
+  if (message.guestBytes !== options.guestBytes || message.pageSize !== options.pageSize || message.totalPages !== message.guestBytes / message.pageSize) {
+    throw new HandshakeError(
+      `expected guest layout ${formatBytes(options.guestBytes)} in ${formatBytes(options.pageSize)} pages, the source has ${formatBytes(message.guestBytes)} in ${formatBytes(message.pageSize)} pages (${message.totalPages} pages)`,
+    );
+  }
+  // The main channel that starts a migration asks with no secret and must be given one; every other channel must not.
+  if (options.secret === '' && message.secret === '') throw new HandshakeError(`expected the source to give this migration a secret in its welcome, got none`);
+  if (options.secret !== '' && message.secret !== '') throw new HandshakeError(`expected no secret in the welcome of a channel that presented one, got a new one`);
+  return message;
 }
 
 export { ChannelRole };

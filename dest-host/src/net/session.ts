@@ -64,6 +64,12 @@ export class Session {
     return this.epoch;
   }
 
+  /** The same, blocking this thread (a worker with nothing else to do: see BlockingPageChannel). */
+  changedSync(epoch: number, timeoutMs: number): number {
+    Atomics.wait(this.words, COUNTER.SESSION, epoch, timeoutMs);
+    return this.epoch;
+  }
+
   /**
    * An installer is about to install a reply that came on a connection of
    * session `epoch`: true if that session is still current (then call

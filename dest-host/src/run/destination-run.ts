@@ -10,13 +10,14 @@
  */
 import type { Server } from 'node:http';
 import { setPriority } from 'node:os';
-import { ChannelRole, ConnectionError, CpuMeter, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
+import { ChannelRole, ConnectionError, CpuMeter, UsageError, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
 import { DeviceReceiver } from '../devices/receiver.js';
 import { DestLifecycle } from '../lifecycle.js';
 import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 import { GuestPages } from '../memory/pages.js';
+import { BlockingPageChannel } from '../net/blocking-page-channel.js';
 import { PageClient } from '../net/page-client.js';
 import { PushClient } from '../net/push-client.js';
 import type { PrecopyPushPlacement, PushPlacement } from '../net/push-reader.js';
@@ -33,7 +34,7 @@ import { PageInstaller } from '../vmm/page-installer.js';
 import { PrecopyReceiver } from '../vmm/precopy-receiver.js';
 import { COUNTER, PAGE, VmmState } from '../vmm/state.js';
 import { Watchdog } from '../watchdog.js';
-import type { GuestThreadResult, SharedState, SourceEndpoint } from '../workers/protocol.js';
+import type { FaultChannelKind, GuestThreadResult, SharedState, SourceEndpoint } from '../workers/protocol.js';
 import { Abort } from './abort.js';
 import { DropInjector } from './drops.js';
 import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './finish.js';
@@ -103,6 +104,7 @@ export class DestinationRun {
       pageSize: options.layout.pageSize,
       connectTimeoutMs: options.connectTimeoutMs,
       reconnectTimeoutMs: options.reconnectTimeoutMs,
+      faultChannel: faultChannelOf(options),
       // None yet: the main channel asks for a new migration and gets its secret in the welcome.
       secret: '',
       ...(options.tls ? { tls: options.tls } : {}),
@@ -719,4 +721,18 @@ export class DestinationRun {
     // that did not exit keeps it mapped until the process ends.
     if (exited) this.memory?.dispose();
   }
+}
+
+/**
+ * The fault channel threads that block on their fault use: `auto` is
+ * blocking where a BlockingPageChannel can serve the source (ws://, the uffd
+ * addon built); asking for `blocking` where it cannot is an error.
+ */
+export function faultChannelOf(options: Pick<DestinationOptions, 'faultChannel' | 'source'>): FaultChannelKind {
+  const choice = options.faultChannel ?? 'auto';
+  if (choice === 'event-loop') return choice;
+  const why = BlockingPageChannel.unavailable({ url: options.source });
+  if (why === undefined) return 'blocking';
+  if (choice === 'blocking') throw new UsageError(`--fault-channel blocking: ${why}; use --fault-channel event-loop or auto`);
+  return 'event-loop';
 }

@@ -1,6 +1,8 @@
-import type { PageReply, ZeroPageReply } from '@postcopy/shared';
+import type { PageReply, Reply, ZeroPageReply } from '@postcopy/shared';
 import { ERRNO, MODE_DONTWAKE, type BackendMemory } from '../memory/backend.js';
+import type { BlockingPageChannel } from '../net/blocking-page-channel.js';
 import type { PageClient } from '../net/page-client.js';
+import type { Session } from '../net/session.js';
 import { rangeOf, type ContextRange } from '../strategies/strategy.js';
 import { COUNTER, ORIGIN, type VmmState } from './state.js';
 
@@ -106,30 +108,77 @@ export class PageInstaller {
     const session = client.session;
     for (;;) {
       const reply = await client.request(page);
-      if (reply.type === 'already-sent' || reply.type === 'sent-on-main') {
-        // The content travels on another channel: a push in flight, or (without
-        // preempt) this very request answered on the main channel. Whoever
-        // receives it there installs it; this resolver waits for that. (If
-        // that channel is lost first, the page is in the requestedmap of the
-        // resume, and the source sends it again.)
-        vmm.count(COUNTER.REPLIES);
-        vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
+      const other = this.onOtherChannel(reply);
+      if (other >= 0) {
         await this.untilReceived(page, options.pageWait);
         this.elsewhere(page, options);
-        return reply.type === 'already-sent' ? Resolution.ALREADY_SENT : Resolution.ON_MAIN;
+        return other;
       }
-      // Recovery: a reply whose session ended after it was read must not be
-      // installed once the pause has taken its receivedmap (see Session).
-      if (session && !session.enterInstall(client.connectionEpoch)) {
-        session.countDropped();
-        continue; // asked again: the request goes out as a replay after the resume
+      const installed = this.installIfCurrent(reply as PageReply | ZeroPageReply, options, session, client.connectionEpoch);
+      if (installed >= 0) return installed;
+    }
+  }
+
+  /**
+   * {@link resolve} for a thread that blocks until its page is in (a kvm-exit
+   * vCPU on a {@link BlockingPageChannel}): the same steps, each synchronous.
+   */
+  resolveNow(channel: BlockingPageChannel, page: number, options: ResolveOptions): number {
+    const vmm = this.vmm;
+    if (options.pageWait !== 'block') throw new RangeError(`expected a blocking resolver to wait with pageWait block, got ${options.pageWait}`);
+    if (vmm.isReceived(page)) return this.elsewhere(page, options);
+    if (!vmm.claim(page)) {
+      vmm.count(COUNTER.SUPPRESSED);
+      vmm.waitReceived(page);
+      this.elsewhere(page, options);
+      return Resolution.SUPPRESSED;
+    }
+    vmm.count(COUNTER.REQUESTS);
+    const session = channel.session;
+    for (;;) {
+      const reply = channel.request(page);
+      const other = this.onOtherChannel(reply);
+      if (other >= 0) {
+        vmm.waitReceived(page);
+        this.elsewhere(page, options);
+        return other;
       }
-      vmm.count(COUNTER.REPLIES);
-      try {
-        return this.installReply(reply, options);
-      } finally {
-        session?.leaveInstall();
-      }
+      const installed = this.installIfCurrent(reply as PageReply | ZeroPageReply, options, session, channel.connectionEpoch);
+      if (installed >= 0) return installed;
+    }
+  }
+
+  /**
+   * A reply saying the content travels on another channel: a push in flight,
+   * or (without preempt) this very request answered on the main channel.
+   * Whoever receives it there installs it; the resolver waits for that (if
+   * that channel is lost first, the page is in the requestedmap of the
+   * resume, and the source sends it again). Counts it and returns its
+   * Resolution; -1 for a reply that carries the page.
+   */
+  private onOtherChannel(reply: Reply): number {
+    if (reply.type !== 'already-sent' && reply.type !== 'sent-on-main') return -1;
+    this.vmm.count(COUNTER.REPLIES);
+    this.vmm.count(reply.type === 'already-sent' ? COUNTER.ALREADY_SENT : COUNTER.ON_MAIN);
+    return reply.type === 'already-sent' ? Resolution.ALREADY_SENT : Resolution.ON_MAIN;
+  }
+
+  /**
+   * Installs a reply read on a connection of session `epoch`, unless that
+   * session has ended since (recovery: it must not be installed once the
+   * pause has taken its receivedmap, see Session): then -1, and the caller
+   * asks again (the request goes out as a replay after the resume).
+   */
+  private installIfCurrent(reply: PageReply | ZeroPageReply, options: ResolveOptions, session: Session | undefined, epoch: number): number {
+    if (session && !session.enterInstall(epoch)) {
+      session.countDropped();
+      return -1;
+    }
+    this.vmm.count(COUNTER.REPLIES);
+    try {
+      return this.installReply(reply, options);
+    } finally {
+      session?.leaveInstall();
     }
   }
 

@@ -24,11 +24,12 @@ export interface GuestLoop {
   /** ms to add to performance.now() to get ms since the run's epoch. */
   clockOffset: number;
   /**
-   * kvm-exit: called on a page missing from the userfault bitmap; resolves
-   * with its Resolution once the page is installed. Absent: the thread
+   * kvm-exit: called on a page missing from the userfault bitmap; returns
+   * its Resolution once the page is installed (or a promise of it, on the
+   * event-loop fault channel). Absent: the thread
    * faults through the userfaultfd and blocks in it.
    */
-  exitOnMissing?: (page: number) => Promise<number>;
+  exitOnMissing?: (page: number) => number | Promise<number>;
   /** --trace: also log each fault's page, access and (kvm-exit) resolution. */
   trace?: boolean;
 }
@@ -66,7 +67,11 @@ export async function runGuestLoop(loop: GuestLoop): Promise<Omit<GuestThreadRes
       const t0 = performance.now() + clockOffset;
       vmm.pushFault(slot, page, t0);
       let own = -1;
-      if (exit) own = await exit(page);
+      if (exit) {
+        const resolved = exit(page);
+        // A blocking fault channel resolves before it returns: no await, no turn of the event loop.
+        own = typeof resolved === 'number' ? resolved : await resolved;
+      }
       // The fault itself (on kvm-exit the page is in by now, so no fault).
       value = thread.load(page, word);
       const t1 = performance.now() + clockOffset;

@@ -24,24 +24,28 @@ runWorker(async () => {
   const thread = memory.bindThread(data.slot);
   // Before 'ready': resolvers map the ids in fault messages to fault queues with it.
   vmm.setTid(data.slot, thread.tid);
-  let client: PageClient | undefined;
-  let exitOnMissing: ((page: number) => Promise<number>) | undefined;
+  let client: { close(): void } | undefined;
+  let exitOnMissing: ((page: number) => number | Promise<number>) | undefined;
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
-    // Only kvm-exit's vCPUs connect: the others never load ws and the codec (see shared's core.ts).
-    const { PageClient: Client } = await import('../net/page-client.js');
-    const vcpuClient: PageClient = await Client.connect({
-      ...source,
-      role: ChannelRole.Fault,
-      channel: `vcpu${data.index}`,
-      following: followSession(vmm, source),
-    });
-    client = vcpuClient;
+    const options = { ...source, role: ChannelRole.Fault, channel: `vcpu${data.index}`, following: followSession(vmm, source) };
     const installer = new PageInstaller(memory, vmm);
     // Its run loop exited on this page: a page coming another way is waited for blocked, as the vCPU would be.
-    const options = { ctx: data.copyCtx, dontWake: true, owesWake: false, pageWait: 'block' as const };
-    exitOnMissing = (page) => installer.resolve(vcpuClient, page, options);
+    const resolve = { ctx: data.copyCtx, dontWake: true, owesWake: false, pageWait: 'block' as const };
+    if (source.faultChannel === 'blocking') {
+      // As KVM's vCPU thread after KVM_EXIT_MEMORY_FAULT: the fetch blocks this thread, no event loop in between.
+      const { BlockingPageChannel } = await import('../net/blocking-page-channel.js');
+      const channel = await BlockingPageChannel.connect(options);
+      client = channel;
+      exitOnMissing = (page) => installer.resolveNow(channel, page, resolve);
+    } else {
+      // Only kvm-exit's vCPUs connect: the others never load ws and the codec (see shared's core.ts).
+      const { PageClient: Client } = await import('../net/page-client.js');
+      const vcpuClient: PageClient = await Client.connect(options);
+      client = vcpuClient;
+      exitOnMissing = (page) => installer.resolve(vcpuClient, page, resolve);
+    }
   }
   report({ type: 'ready' });
   await nextCommand();

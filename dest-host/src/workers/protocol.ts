@@ -18,9 +18,23 @@ export interface SourceEndpoint {
   secret: string;
   /** wss:// sources: how to verify them and the client certificate to show. */
   tls?: ClientTls;
+  /** How threads that block on their fault fetch their pages. */
+  faultChannel: FaultChannelKind;
 }
 
 /** Everything a worker needs to attach to the destination's shared state. */
+/**
+ * How a thread that blocks on its fault fetches the page: `blocking`, a
+ * socket of its own read with blocking system calls (BlockingPageChannel;
+ * plain ws:// with the uffd addon built), or `event-loop`, PageClient on the
+ * worker's event loop (any source, TLS included).
+ */
+export type FaultChannelKind = 'blocking' | 'event-loop';
+
+/** `--fault-channel`: a kind, or `auto` (blocking where it can be). */
+export type FaultChannelChoice = FaultChannelKind | 'auto';
+export const FAULT_CHANNEL_CHOICES = ['auto', 'blocking', 'event-loop'] as const satisfies readonly FaultChannelChoice[];
+
 export interface SharedState {
   /** Guest memory and its contexts, whichever backend: the worker attaches with BACKEND_BY_NAME[memory.backend]. */
   memory: BackendHandle;
