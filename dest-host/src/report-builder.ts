@@ -32,6 +32,7 @@ type RunSettings = Pick<
   | 'memslots'
   | 'push'
   | 'preempt'
+  | 'faultChannel'
   | 'tls'
   | 'linkDelayUs'
   | 'linkBandwidthBps'
@@ -152,6 +153,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     memslots: inp.memslots,
     push: inp.push,
     preempt: inp.preempt,
+    faultChannel: inp.faultChannel,
     tls: inp.tls,
     linkDelayUs: inp.linkDelayUs,
     linkBandwidthBps: inp.linkBandwidthBps,

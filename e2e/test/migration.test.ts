@@ -60,6 +60,25 @@ describe('two-process migration: every strategy with every workload', () => {
   }
 });
 
+describe('--fault-channel: the threads that block on their fault fetch on either channel', () => {
+  for (const strategy of ['kvm-exit', 'per-thread-uffd'] as const) {
+    for (const channel of ['blocking', 'event-loop'] as const) {
+      it(`${strategy} on the ${channel} fault channel: colliding vCPUs, push and preempt, verified`, async () => {
+        const report = expectVerified(
+          await migrate(['--strategy', strategy, '--fault-channel', channel, '--workload', 'shared-hot', '--vcpus', '3', '--memory', '8MiB', '--preempt']),
+        );
+        expect(report.faultChannel).toBe(channel);
+        expect(report.counters.faults).toBeGreaterThan(0);
+      });
+    }
+  }
+
+  it('auto is blocking for a ws:// source', async () => {
+    const report = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '4MiB', '--no-push']));
+    expect(report.faultChannel).toBe('blocking');
+  });
+});
+
 describe('concurrent faults on one page (shared-hot)', () => {
   for (const strategy of STRATEGIES) {
     it(`${strategy}: faults collide and every vCPU finishes`, async () => {

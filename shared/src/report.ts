@@ -79,6 +79,13 @@ export interface Report {
   memslots: number;
   push: boolean;
   preempt: boolean;
+  /**
+   * How threads that block on their fault (kvm-exit vCPUs, per-thread-uffd
+   * resolvers) fetched their pages: `blocking` (a socket of their own read
+   * with blocking system calls) or `event-loop` (a WebSocket client on the
+   * thread's event loop). See --fault-channel.
+   */
+  faultChannel: 'blocking' | 'event-loop';
   /** The link ran over TLS (wss://). */
   tls: boolean;
   /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */

@@ -621,6 +621,7 @@ export class DestinationRun {
       blocked,
       cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolvers.map((r) => r.cpuUs) },
       preempt: options.preempt,
+      faultChannel: this.endpoint.faultChannel,
       mode: welcome.mode,
       tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,

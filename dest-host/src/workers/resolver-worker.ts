@@ -20,6 +20,9 @@ import { PageInstaller } from '../vmm/page-installer.js';
 import { attach, followSession, report, runWorker } from './attach.js';
 import type { ResolverData, WorkerCommand } from './protocol.js';
 
+/** How long a blocking resolver waits for a fault message before it lets its event loop run (ms). */
+const IDLE_SLICE_MS = 20;
+
 runWorker(async () => {
   const data = workerData as ResolverData;
   const { memory, vmm, clockOffset } = attach(data.state);
@@ -27,15 +30,46 @@ runWorker(async () => {
   parentPort!.on('message', (c: WorkerCommand) => {
     if (c.type === 'stop') stop.abort();
   });
-  const client = await PageClient.connect({
-    ...data.source,
-    role: ChannelRole.Fault,
-    channel: data.label,
-    following: followSession(vmm, data.source),
-  });
+  const channelOptions = { ...data.source, role: ChannelRole.Fault, channel: data.label, following: followSession(vmm, data.source) };
   const installer = new PageInstaller(memory, vmm);
   const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake, pageWait: data.pageWait };
   const pageSize = memory.layout.pageSize;
+  // --trace: each message, from its read to the end of its resolution. Without it, one branch a message.
+  const log = data.trace ? new ResolverLog() : undefined;
+  if (data.pageWait === 'block' && data.source.faultChannel === 'blocking') {
+    // One vCPU's resolver (per-thread-uffd): that vCPU is blocked on the one
+    // fault in hand, so the resolver blocks too, reading and fetching with
+    // blocking system calls (as its native floor's handler thread does).
+    const { BlockingPageChannel } = await import('../net/blocking-page-channel.js');
+    const channel = await BlockingPageChannel.connect(channelOptions);
+    report({ type: 'ready' });
+    const cpu = new CpuMeter();
+    const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
+    let messages = 0;
+    for (;;) {
+      if (stop.signal.aborted) break;
+      const r = memory.read(data.ctx, msg, IDLE_SLICE_MS);
+      if (r === -ERRNO.EAGAIN) {
+        // Idle for a slice: let the event loop run (the main thread's stop arrives there).
+        await new Promise((resolve) => setImmediate(resolve));
+        continue;
+      }
+      if (r === -ERRNO.EINTR || r === -ERRNO.EBADF) break; // stopped, or the context closed
+      if (r !== 0) throw new Error(`expected a fault message from userfaultfd context ${data.ctx}, got errno ${-r}`);
+      const slot = vmm.slotOfTid(msg.tid);
+      if (slot < 0) throw new Error(`expected a fault message from a guest thread, got one from thread id ${msg.tid} (page ${Math.floor(msg.address / pageSize)})`);
+      vmm.noteMessage(slot);
+      const page = Math.floor(msg.address / pageSize);
+      messages++;
+      const t0 = log === undefined ? 0 : performance.now() + clockOffset;
+      const resolution = installer.resolveNow(channel, page, options);
+      log?.add(t0, performance.now() + clockOffset, page, slot, resolution);
+    }
+    channel.close();
+    finish(messages, cpu);
+    return;
+  }
+  const client = await PageClient.connect(channelOptions);
   report({ type: 'ready' });
   // This thread's CPU from here on: reading faults, fetching, installing, waking.
   const cpu = new CpuMeter();
@@ -57,8 +91,6 @@ runWorker(async () => {
     settle();
   };
   let messages = 0;
-  // --trace: each message, from its read to the end of its resolution. Without it, one branch a message.
-  const log = data.trace ? new ResolverLog() : undefined;
   for (;;) {
     const r = await memory.readAsync(data.ctx, msg, stop.signal);
     if (r === -ERRNO.EINTR || r === -ERRNO.EBADF || failure !== undefined) break; // stopped, or the context closed
@@ -81,10 +113,19 @@ runWorker(async () => {
   }
   if (inFlight > 0) await new Promise<void>((resolve) => (drained = resolve));
   client.close();
-  memory.dispose();
-  parentPort!.removeAllListeners('message');
-  if (failure) throw failure;
-  const cpuUs = cpu.spent().threadUs;
-  const trace = log?.take();
-  report({ type: 'resolver-done', messages, cpuUs, ...(trace ? { trace } : {}) }, trace ? [trace.times.buffer as ArrayBuffer, trace.info.buffer as ArrayBuffer] : []);
+  if (failure) {
+    memory.dispose();
+    parentPort!.removeAllListeners('message');
+    throw failure;
+  }
+  finish(messages, cpu);
+
+  /** The end both loops share: release guest memory, stop listening, report what was resolved. */
+  function finish(messages: number, cpu: CpuMeter): void {
+    memory.dispose();
+    parentPort!.removeAllListeners('message');
+    const cpuUs = cpu.spent().threadUs;
+    const trace = log?.take();
+    report({ type: 'resolver-done', messages, cpuUs, ...(trace ? { trace } : {}) }, trace ? [trace.times.buffer as ArrayBuffer, trace.info.buffer as ArrayBuffer] : []);
+  }
 });
