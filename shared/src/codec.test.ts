@@ -6,7 +6,7 @@
  */
 import { pack } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
-import { decode, encode, type DecodeLimits } from './codec.js';
+import { REQUEST_BYTES, decode, decodeReplyFast, encode, encodeRequestInto, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout } from './layout.js';
 import { rng } from './random.js';
@@ -629,5 +629,51 @@ describe('discard ranges', () => {
     // What coalesce makes, the decoder takes back unchanged.
     const ranges = coalesce([0, 1, 7, 8, 9, 63]);
     expect(decodeRanges(encodeRanges(ranges), 64, 'discard.ranges')).toEqual(ranges);
+  });
+});
+
+describe('the blocking fault channel fast paths', () => {
+  const layout = makeLayout(1 << 20, 4096);
+
+  it('encodeRequestInto writes a request that decode() reads back, for ids and pages of every width', () => {
+    const out = new Uint8Array(REQUEST_BYTES);
+    for (const [id, page] of [[1, 0], [127, 128], [255, 254], [65535, 255], [65536, 200], [0xffffffff, 255]] as const) {
+      const n = encodeRequestInto(out, id, page);
+      expect(n).toBe(REQUEST_BYTES);
+      expect(decode(out.subarray(0, n), { layout })).toEqual({ type: 'request', id, page });
+    }
+  });
+
+  it('decodeReplyFast gives what decode() gives for every reply the source sends', () => {
+    const random = rng(7);
+    for (let i = 0; i < 500; i++) {
+      const id = Math.floor(random() * 0xffffffff) >>> (Math.floor(random() * 4) * 8);
+      const page = Math.floor(random() * layout.totalPages) >>> Math.floor(random() * 8);
+      const kind = Math.floor(random() * 4);
+      const data = new Uint8Array(layout.pageSize).map((_, j) => (j * 31 + i) & 0xff);
+      const message: Message =
+        kind === 0 ? { type: 'page', id, page, data } : { type: (['zero-page', 'already-sent', 'sent-on-main'] as const)[kind - 1]!, id, page };
+      const frame = encode(message);
+      const fast = decodeReplyFast(frame, layout);
+      expect(fast).toEqual(decode(frame, { layout }));
+      if (fast?.type === 'page') expect(fast.data.buffer).toBe(frame.buffer); // a view, not a copy
+    }
+  });
+
+  it('decodeReplyFast leaves everything else to decode(), which says what is wrong', () => {
+    const bad: Uint8Array[] = [
+      encode({ type: 'zero-page', id: 1, page: layout.totalPages }), // a page past the guest
+      pack([MessageType.Page, 1, 2, new Uint8Array(100)]), // data not one page
+      pack([MessageType.Page, 1, 2, new Uint8Array(4096), 5]), // a field too many
+      pack([MessageType.ZeroPage, -1, 2]), // a negative id
+      pack([MessageType.ZeroPage, 1, 2.5]), // not an integer
+      new Uint8Array([...encode({ type: 'zero-page', id: 1, page: 2 }), 0]), // a byte after the message
+      encode({ type: 'request', id: 1, page: 2 }), // not a reply
+    ];
+    for (const frame of bad) {
+      expect(decodeReplyFast(frame, layout)).toBeUndefined();
+    }
+    expect(() => decode(bad[0]!, { layout })).toThrow(ProtocolError);
+    expect(() => decode(bad[1]!, { layout })).toThrow(/expected 4096 bytes/);
   });
 });

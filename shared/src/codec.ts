@@ -12,6 +12,7 @@ import {
   type Message,
   type MigrationSummary,
   type PrecopyRound,
+  type Reply,
   type SourceSummary,
 } from './protocol.js';
 
@@ -501,4 +502,97 @@ function decodeMigration(value: unknown): MigrationSummary {
     );
   });
   return out as unknown as MigrationSummary;
+}
+
+/**
+ * Writes the request `{ type: 'request', id, page }` into `out` (at least
+ * {@link REQUEST_BYTES}) without allocating: the msgpack array
+ * [Request, id, page], both integers as uint32 (a decoder takes any width
+ * alike). Returns the length. For the blocking fault channel's hot path;
+ * encode() gives the same message.
+ */
+export function encodeRequestInto(out: Uint8Array, id: number, page: number): number {
+  out[0] = 0x93;
+  out[1] = MessageType.Request;
+  out[2] = 0xce;
+  out[3] = id >>> 24;
+  out[4] = (id >>> 16) & 0xff;
+  out[5] = (id >>> 8) & 0xff;
+  out[6] = id & 0xff;
+  out[7] = 0xce;
+  out[8] = page >>> 24;
+  out[9] = (page >>> 16) & 0xff;
+  out[10] = (page >>> 8) & 0xff;
+  out[11] = page & 0xff;
+  return REQUEST_BYTES;
+}
+
+/** The length {@link encodeRequestInto} writes. */
+export const REQUEST_BYTES = 12;
+
+/** A msgpack unsigned integer at frame[at], up to uint32: its value (fastAt set past it), or -1 for any other encoding. */
+function readUint(frame: Uint8Array, at: number): number {
+  const b = frame[at];
+  if (b === undefined) return -1;
+  if (b < 0x80) {
+    fastAt = at + 1;
+    return b;
+  }
+  if (b === 0xcc && at + 1 < frame.length) {
+    fastAt = at + 2;
+    return frame[at + 1]!;
+  }
+  if (b === 0xcd && at + 2 < frame.length) {
+    fastAt = at + 3;
+    return (frame[at + 1]! << 8) | frame[at + 2]!;
+  }
+  if (b === 0xce && at + 4 < frame.length) {
+    fastAt = at + 5;
+    return ((frame[at + 1]! << 24) >>> 0) + ((frame[at + 2]! << 16) | (frame[at + 3]! << 8) | frame[at + 4]!);
+  }
+  return -1;
+}
+/** Where the last {@link readUint} ended (a module variable: no tuple allocated per field). */
+let fastAt = 0;
+
+/**
+ * decode() of a reply to a request, for the shapes the source sends
+ * ([Page, id, page, bin] and [ZeroPage | AlreadySent | SentOnMain, id, page])
+ * without msgpackr, with the same checks (id a uint32, page inside the
+ * guest, data exactly one page). Anything else, valid or not, gives
+ * undefined: the caller then calls decode(), which gives the message or
+ * says what is wrong with it. A page's data is a view into `frame`.
+ */
+export function decodeReplyFast(frame: Uint8Array, layout: GuestLayout): Reply | undefined {
+  const head = frame[0];
+  const type = frame[1];
+  if (head === 0x94 && type === MessageType.Page) {
+    const id = readUint(frame, 2);
+    if (id < 0) return undefined;
+    const page = readUint(frame, fastAt);
+    if (page < 0 || page >= layout.totalPages) return undefined;
+    let at = fastAt;
+    const bin = frame[at];
+    let length: number;
+    if (bin === 0xc5 && at + 2 < frame.length) {
+      length = (frame[at + 1]! << 8) | frame[at + 2]!;
+      at += 3;
+    } else if (bin === 0xc6 && at + 4 < frame.length) {
+      length = ((frame[at + 1]! << 24) >>> 0) + ((frame[at + 2]! << 16) | (frame[at + 3]! << 8) | frame[at + 4]!);
+      at += 5;
+    } else if (bin === 0xc4 && at + 1 < frame.length) {
+      length = frame[at + 1]!;
+      at += 2;
+    } else return undefined;
+    if (length !== layout.pageSize || at + length !== frame.length) return undefined;
+    return { type: 'page', id, page, data: frame.subarray(at, at + length) };
+  }
+  if (head === 0x93 && (type === MessageType.ZeroPage || type === MessageType.AlreadySent || type === MessageType.SentOnMain)) {
+    const id = readUint(frame, 2);
+    if (id < 0) return undefined;
+    const page = readUint(frame, fastAt);
+    if (page < 0 || page >= layout.totalPages || fastAt !== frame.length) return undefined;
+    return { type: type === MessageType.ZeroPage ? 'zero-page' : type === MessageType.AlreadySent ? 'already-sent' : 'sent-on-main', id, page };
+  }
+  return undefined;
 }

@@ -1,5 +1,5 @@
 import { lookup } from 'node:dns/promises';
-import { ConnectionError, ProtocolError, decode, encode, makeLayout, maxDestFrameBytes, type GuestLayout, type Message, type Reply, type Welcome } from '@postcopy/shared/net';
+import { ConnectionError, ProtocolError, REQUEST_BYTES, decode, decodeReplyFast, encode, encodeRequestInto, makeLayout, maxDestFrameBytes, type GuestLayout, type Message, type Reply, type Welcome } from '@postcopy/shared/net';
 import { loadUffdNative, type UffdNative } from '../memory/uffd-native.js';
 import { BlockingWebSocket } from './blocking-ws.js';
 import { expectWelcome, helloFor, type PageClientOptions, type SessionFollowing } from './page-client.js';
@@ -35,6 +35,8 @@ export class BlockingPageChannel {
   private closing = false;
   private readonly following: SessionFollowing | undefined;
   private readonly maxPayload: number;
+  /** The request in hand, encoded (one buffer for the channel's life). */
+  private readonly frame = new Uint8Array(REQUEST_BYTES);
   /** Messages that are not replies (an error the source says before it closes). */
   onMessage: (message: Message) => void = () => {};
 
@@ -115,7 +117,7 @@ export class BlockingPageChannel {
   request(page: number): Reply {
     const id = this.nextId;
     this.nextId = id === 0xffffffff ? 1 : id + 1;
-    const frame = encode({ type: 'request', id, page });
+    const frame = this.frame.subarray(0, encodeRequestInto(this.frame, id, page));
     let sent = false;
     for (;;) {
       const ws = this.connected();
@@ -147,9 +149,9 @@ export class BlockingPageChannel {
         return undefined;
       }
       if (data === undefined) continue;
-      let message: Message;
+      let message: Message | undefined = decodeReplyFast(data, this.layout);
       try {
-        message = decode(data, { layout: this.layout });
+        message ??= decode(data, { layout: this.layout });
       } catch (err) {
         throw new ProtocolError((err as Error).message);
       }
