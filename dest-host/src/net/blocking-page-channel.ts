@@ -2,7 +2,8 @@ import { lookup } from 'node:dns/promises';
 import { ConnectionError, ProtocolError, REQUEST_BYTES, decode, decodeReplyFast, encode, encodeRequestInto, makeLayout, maxDestFrameBytes, type GuestLayout, type Message, type Reply, type Welcome } from '@postcopy/shared/net';
 import { loadUffdNative, type UffdNative } from '../memory/uffd-native.js';
 import { BlockingWebSocket } from './blocking-ws.js';
-import { expectWelcome, helloFor, type PageClientOptions, type SessionFollowing } from './page-client.js';
+import { expectWelcome, helloFor } from './hello.js';
+import type { PageClientOptions, SessionFollowing } from './page-client.js';
 import { Session } from './session.js';
 
 /** How long one blocked read lasts before the channel looks at the session again (a pause elsewhere cuts it within this). */
@@ -117,7 +118,8 @@ export class BlockingPageChannel {
   request(page: number): Reply {
     const id = this.nextId;
     this.nextId = id === 0xffffffff ? 1 : id + 1;
-    const frame = this.frame.subarray(0, encodeRequestInto(this.frame, id, page));
+    encodeRequestInto(this.frame, id, page);
+    const frame = this.frame;
     let sent = false;
     for (;;) {
       const ws = this.connected();
@@ -141,7 +143,8 @@ export class BlockingPageChannel {
   private replyTo(ws: BlockingWebSocket, id: number, page: number): Reply | undefined {
     const following = this.following;
     for (;;) {
-      const data = ws.receive(performance.now() + SLICE_MS);
+      // One slice (SO_RCVTIMEO) at most: then the session is looked at again.
+      const data = ws.receive();
       if (following !== undefined && following.session.epoch !== this.epoch) {
         // A pause from elsewhere: a reply of the ended session is not installed; the request is replayed.
         if (data !== undefined) following.session.countDropped();

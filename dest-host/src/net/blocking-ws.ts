@@ -145,12 +145,13 @@ export class BlockingWebSocket {
 
   /**
    * The next binary message, waiting at most until `deadline`
-   * (performance.now() ms); undefined when none came by then. The view is
+   * (performance.now() ms), or without one for one receive slice (see
+   * {@link setTimeouts}); undefined when none came by then. The view is
    * valid until the next call. Answers pings on the way. Throws a
    * ConnectionError when the connection ends, a ProtocolError on a frame
    * this client does not accept.
    */
-  receive(deadline: number): Uint8Array | undefined {
+  receive(deadline = -1): Uint8Array | undefined {
     for (;;) {
       const message = this.parse();
       if (message !== undefined) return message;
@@ -241,7 +242,7 @@ export class BlockingWebSocket {
         throw new ConnectionError(`connection to the source closed (end of stream ${doing})`);
       }
       if (n === -11 /* EAGAIN: SO_RCVTIMEO passed */) {
-        if (performance.now() >= deadline) return false;
+        if (deadline < 0 || performance.now() >= deadline) return false;
         continue;
       }
       this.terminate();
@@ -286,16 +287,17 @@ export class BlockingWebSocket {
     at += 4;
     // Header and masked payload in one send (one segment on the wire).
     const frame = length <= 256 ? this.small : new Uint8Array(at + length);
-    frame.set(h.subarray(0, at));
+    for (let i = 0; i < at; i++) frame[i] = h[i]!;
     for (let i = 0; i < length; i++) frame[at + i] = payload[i]! ^ m[k + (i & 3)]!;
-    this.write(frame.subarray(0, at + length));
+    this.write(frame, at + length);
   }
 
+  /** Where a small frame (a request, a pong) is assembled: no allocation per frame. */
   private readonly small = new Uint8Array(14 + 256);
 
-  private write(bytes: Uint8Array): void {
-    const n = this.native.sockSend(this.fd, bytes, 0, bytes.length);
-    if (n !== bytes.length) {
+  private write(bytes: Uint8Array, length = bytes.length): void {
+    const n = this.native.sockSend(this.fd, bytes, 0, length);
+    if (n !== length) {
       this.terminate();
       throw new ConnectionError(`connection to the source failed while sending: ${errnoName(n)}`);
     }

@@ -4,15 +4,12 @@ import WebSocket from 'ws';
 import {
   ChannelRole,
   ConnectionError,
-  HandshakeError,
-  PROTOCOL_VERSION,
   Keepalive,
   ProtocolError,
   TurnCork,
   decode,
   encode,
   explainTlsError,
-  formatBytes,
   makeLayout,
   maxDestFrameBytes,
   type ChannelRoleCode,
@@ -22,6 +19,7 @@ import {
   type TlsMaterial,
   type Welcome,
 } from '@postcopy/shared/net';
+import { expectWelcome, helloFor } from './hello.js';
 import { MAX_REFUSAL_CHARS, printableRefusal } from './refusal.js';
 import { Session } from './session.js';
 
@@ -435,48 +433,6 @@ export class PageClient {
     this.pending.clear();
     this.ws?.terminate();
   }
-}
-
-/** The hello a channel opens with (the same on every transport). */
-export function helloFor(options: PageClientOptions): Message {
-  return {
-    type: 'hello',
-    protocolVersion: PROTOCOL_VERSION,
-    token: options.token,
-    role: options.role,
-    guestBytes: options.guestBytes,
-    pageSize: options.pageSize,
-    channel: options.channel,
-    secret: options.secret,
-  };
-}
-
-/**
- * The source's answer to a hello: its welcome, checked against what this
- * channel expects (protocol version, guest layout, the migration's secret);
- * throws a HandshakeError saying what is wrong otherwise.
- */
-export function expectWelcome(data: Uint8Array, options: PageClientOptions): Welcome {
-  let message: Message;
-  try {
-    message = decode(data);
-  } catch (err) {
-    throw new HandshakeError(`the source's first message is not a valid welcome: ${(err as Error).message}`);
-  }
-  if (message.type === 'error') throw new HandshakeError(`the source refused the handshake: ${message.message}`);
-  if (message.type !== 'welcome') throw new HandshakeError(`expected welcome from the source, got ${message.type}`);
-  if (message.protocolVersion !== PROTOCOL_VERSION) {
-    throw new HandshakeError(`expected protocol version ${PROTOCOL_VERSION}, the source speaks ${message.protocolVersion}`);
-  }
-  if (message.guestBytes !== options.guestBytes || message.pageSize !== options.pageSize || message.totalPages !== message.guestBytes / message.pageSize) {
-    throw new HandshakeError(
-      `expected guest layout ${formatBytes(options.guestBytes)} in ${formatBytes(options.pageSize)} pages, the source has ${formatBytes(message.guestBytes)} in ${formatBytes(message.pageSize)} pages (${message.totalPages} pages)`,
-    );
-  }
-  // The main channel that starts a migration asks with no secret and must be given one; every other channel must not.
-  if (options.secret === '' && message.secret === '') throw new HandshakeError(`expected the source to give this migration a secret in its welcome, got none`);
-  if (options.secret !== '' && message.secret !== '') throw new HandshakeError(`expected no secret in the welcome of a channel that presented one, got a new one`);
-  return message;
 }
 
 export { ChannelRole };

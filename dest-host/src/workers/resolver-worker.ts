@@ -14,7 +14,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { ERRNO, type FaultMessage } from '../memory/backend.js';
-import { PageClient } from '../net/page-client.js';
 import { ResolverLog } from '../trace/thread-logs.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { attach, followSession, report, runWorker } from './attach.js';
@@ -69,6 +68,8 @@ runWorker(async () => {
     finish(messages, cpu);
     return;
   }
+  // Only resolvers on the event loop load ws (see the blocking branch above).
+  const { PageClient } = await import('../net/page-client.js');
   const client = await PageClient.connect(channelOptions);
   report({ type: 'ready' });
   // This thread's CPU from here on: reading faults, fetching, installing, waking.
