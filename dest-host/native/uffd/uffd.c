@@ -41,6 +41,10 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
@@ -757,6 +761,297 @@ static napi_value js_sock_shutdown(napi_env env, napi_callback_info info) {
   return result_or_errno(env, shutdown((int)fd, SHUT_RDWR));
 }
 
+/* ------------------------------------------------------------ blocking TLS */
+
+/*
+ * TLS on a blocking socket of tcpConnect's, for the blocking fault channel
+ * over wss://: OpenSSL as linked into node itself (node exports its
+ * OpenSSL's symbols for addons, and its headers ship beside node_api.h), so
+ * the same library, version and defaults as Node's tls module. A client
+ * only: TLS 1.2 or later, the peer verified against the given CA
+ * certificates (SSL_VERIFY_PEER) and the expected name or IP address
+ * (X509_VERIFY_PARAM host/IP check, as tls.checkServerIdentity), SNI sent
+ * for names, an optional client certificate and key. Errors come back as
+ * -errno with a text from tlsError (OpenSSL's error queue or the verify
+ * result), which the TypeScript layer puts in its message.
+ */
+typedef struct {
+  SSL_CTX *ctx;
+  SSL *ssl;
+  char error[256];
+} tls_conn;
+
+static void tls_conn_free(tls_conn *t) {
+  if (t->ssl != NULL) SSL_free(t->ssl);
+  if (t->ctx != NULL) SSL_CTX_free(t->ctx);
+  t->ssl = NULL;
+  t->ctx = NULL;
+}
+
+static void tls_finalize(napi_env env, void *data, void *hint) {
+  tls_conn *t = data;
+  tls_conn_free(t);
+  free(t);
+}
+
+/* The first error on OpenSSL's queue (or `fallback`), into t->error; the queue is cleared. */
+static void tls_note_error(tls_conn *t, const char *fallback) {
+  unsigned long e = ERR_get_error();
+  if (e != 0) ERR_error_string_n(e, t->error, sizeof t->error);
+  else snprintf(t->error, sizeof t->error, "%s", fallback);
+  ERR_clear_error();
+}
+
+static int get_string(napi_env env, napi_value value, char **out) {
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok) return 0;
+  if (type == napi_undefined || type == napi_null) {
+    *out = NULL;
+    return 1;
+  }
+  size_t len;
+  if (type != napi_string || napi_get_value_string_utf8(env, value, NULL, 0, &len) != napi_ok) {
+    throw_type(env, "uffd.node: expected a string");
+    return 0;
+  }
+  *out = malloc(len + 1);
+  if (*out == NULL) return 0;
+  return napi_get_value_string_utf8(env, value, *out, len + 1, &len) == napi_ok;
+}
+
+/* Adds every certificate of a PEM text to the context's trust store: how many, or -1. */
+static int tls_add_ca(SSL_CTX *ctx, const char *pem) {
+  BIO *bio = BIO_new_mem_buf(pem, -1);
+  if (bio == NULL) return -1;
+  X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+  int n = 0;
+  X509 *cert;
+  while ((cert = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+    if (X509_STORE_add_cert(store, cert) != 1) n = -1;
+    X509_free(cert);
+    if (n < 0) break;
+    n++;
+  }
+  ERR_clear_error(); /* the end of the text is a "no start line" error */
+  BIO_free(bio);
+  return n;
+}
+
+/* The client certificate (the first of the PEM text; the rest as its chain) and its key. */
+static int tls_use_cert(SSL_CTX *ctx, const char *cert_pem, const char *key_pem) {
+  BIO *bio = BIO_new_mem_buf(cert_pem, -1);
+  if (bio == NULL) return 0;
+  X509 *cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+  int ok = cert != NULL && SSL_CTX_use_certificate(ctx, cert) == 1;
+  if (cert != NULL) X509_free(cert);
+  X509 *extra;
+  while (ok && (extra = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+    if (SSL_CTX_add0_chain_cert(ctx, extra) != 1) {
+      X509_free(extra);
+      ok = 0;
+    }
+  }
+  if (ok) ERR_clear_error();
+  BIO_free(bio);
+  if (!ok) return 0;
+  bio = BIO_new_mem_buf(key_pem, -1);
+  if (bio == NULL) return 0;
+  EVP_PKEY *key = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL);
+  BIO_free(bio);
+  ok = key != NULL && SSL_CTX_use_PrivateKey(ctx, key) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+  if (key != NULL) EVP_PKEY_free(key);
+  return ok;
+}
+
+/*
+ * tlsConnect(fd, caPem, certPem, keyPem, name, isIp) -> a TLS connection (an
+ * external) after a complete handshake, or -errno (tlsError(null) says why:
+ * the last failure of this thread). caPem is required: this client trusts
+ * exactly the CA it is given. certPem and keyPem may be null. `name` is
+ * checked against the peer's certificate (an IP address when isIp) and sent
+ * as SNI when it is a name. The fd stays the caller's to close.
+ */
+static __thread char tls_last_error[256];
+
+static napi_value js_tls_connect(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  int64_t fd;
+  bool is_ip = false;
+  char *ca = NULL, *cert = NULL, *key = NULL, *name = NULL;
+  napi_value result = NULL;
+  if (!get_args(env, info, 6, argv) || !get_i64(env, argv[0], &fd) || !get_string(env, argv[1], &ca) ||
+      !get_string(env, argv[2], &cert) || !get_string(env, argv[3], &key) || !get_string(env, argv[4], &name) ||
+      napi_get_value_bool(env, argv[5], &is_ip) != napi_ok)
+    goto out;
+  tls_conn *t = calloc(1, sizeof *t);
+  if (t == NULL) goto out;
+  int err = -EPROTO;
+  if (ca == NULL || name == NULL) {
+    snprintf(t->error, sizeof t->error, "expected CA certificates and a name to verify the peer against");
+    err = -EINVAL;
+    goto fail;
+  }
+  t->ctx = SSL_CTX_new(TLS_client_method());
+  if (t->ctx == NULL || SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION) != 1) {
+    tls_note_error(t, "SSL_CTX_new failed");
+    goto fail;
+  }
+  if (tls_add_ca(t->ctx, ca) <= 0) {
+    tls_note_error(t, "no CA certificate in the CA text");
+    goto fail;
+  }
+  if (cert != NULL && key != NULL && !tls_use_cert(t->ctx, cert, key)) {
+    tls_note_error(t, "the client certificate or its key was not accepted");
+    goto fail;
+  }
+  SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+  t->ssl = SSL_new(t->ctx);
+  if (t->ssl == NULL || SSL_set_fd(t->ssl, (int)fd) != 1) {
+    tls_note_error(t, "SSL_new failed");
+    goto fail;
+  }
+  X509_VERIFY_PARAM *param = SSL_get0_param(t->ssl);
+  X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+  if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, name) : X509_VERIFY_PARAM_set1_host(param, name, 0)) != 1 ||
+      (!is_ip && SSL_set_tlsext_host_name(t->ssl, name) != 1)) {
+    tls_note_error(t, "the name to verify was not accepted");
+    goto fail;
+  }
+  int r = SSL_connect(t->ssl);
+  if (r != 1) {
+    int code = SSL_get_error(t->ssl, r);
+    long verify = SSL_get_verify_result(t->ssl);
+    if (verify != X509_V_OK) {
+      snprintf(t->error, sizeof t->error, "certificate verify failed: %s", X509_verify_cert_error_string(verify));
+      ERR_clear_error();
+    } else if (code == SSL_ERROR_SYSCALL && errno != 0) {
+      err = -errno;
+      snprintf(t->error, sizeof t->error, "%s during the TLS handshake", errno == EAGAIN ? "timed out" : strerror(errno));
+      ERR_clear_error();
+    } else {
+      tls_note_error(t, "the TLS handshake failed (the peer closed the connection)");
+    }
+    goto fail;
+  }
+  if (napi_create_external(env, t, tls_finalize, NULL, &result) != napi_ok) {
+    tls_conn_free(t);
+    free(t);
+    result = NULL;
+  }
+  goto out;
+fail:
+  snprintf(tls_last_error, sizeof tls_last_error, "%s", t->error);
+  tls_conn_free(t);
+  free(t);
+  result = make_i64(env, err);
+out:
+  free(ca);
+  free(cert);
+  free(key);
+  free(name);
+  return result;
+}
+
+static tls_conn *get_tls(napi_env env, napi_value value) {
+  void *data = NULL;
+  napi_valuetype type;
+  if (napi_typeof(env, value, &type) != napi_ok || type != napi_external ||
+      napi_get_value_external(env, value, &data) != napi_ok || data == NULL) {
+    throw_type(env, "uffd.node: expected a TLS connection");
+    return NULL;
+  }
+  return data;
+}
+
+/* The result of a failed SSL_read/SSL_write as -errno (-EAGAIN: SO_RCVTIMEO/SO_SNDTIMEO passed), the text noted. */
+static int64_t tls_io_error(tls_conn *t, int r) {
+  int code = SSL_get_error(t->ssl, r);
+  if (code == SSL_ERROR_ZERO_RETURN) return 0; /* close_notify: the end of the stream */
+  if ((code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE || code == SSL_ERROR_SYSCALL) &&
+      (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    ERR_clear_error();
+    return -EAGAIN;
+  }
+  if (code == SSL_ERROR_SYSCALL) {
+    int e = errno;
+    ERR_clear_error();
+    if (e == 0) return 0; /* the peer closed without close_notify: an end of stream all the same */
+    snprintf(t->error, sizeof t->error, "%s", strerror(e));
+    return -(int64_t)e;
+  }
+  tls_note_error(t, "TLS error");
+  return -EPROTO;
+}
+
+/* tlsSend(tls, view, offset, length) -> length | -errno (every byte sent, as sockSend). */
+static napi_value js_tls_send(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  char *at;
+  size_t n;
+  int ok;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  tls_conn *t = get_tls(env, argv[0]);
+  if (t == NULL || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  if (!ok) return make_i64(env, -EFAULT);
+  if (t->ssl == NULL) return make_i64(env, -EBADF);
+  size_t sent = 0;
+  while (sent < n) {
+    size_t written = 0;
+    int r = SSL_write_ex(t->ssl, at + sent, n - sent, &written);
+    if (r != 1) {
+      int64_t e = tls_io_error(t, r);
+      return make_i64(env, e == 0 ? -EPIPE : e);
+    }
+    sent += written;
+  }
+  return make_i64(env, (int64_t)sent);
+}
+
+/* tlsRecv(tls, view, offset, length) -> bytes | 0 at the end | -EAGAIN on timeout | -errno (as sockRecv). */
+static napi_value js_tls_recv(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  char *at;
+  size_t n;
+  int ok;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  tls_conn *t = get_tls(env, argv[0]);
+  if (t == NULL || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  if (!ok) return make_i64(env, -EFAULT);
+  if (t->ssl == NULL) return make_i64(env, -EBADF);
+  size_t got = 0;
+  errno = 0;
+  int r = SSL_read_ex(t->ssl, at, n, &got);
+  if (r == 1) return make_i64(env, (int64_t)got);
+  return make_i64(env, tls_io_error(t, r));
+}
+
+/* tlsError(tls | null) -> the text of the connection's last failure (or this thread's last failed tlsConnect). */
+static napi_value js_tls_error(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  napi_valuetype type;
+  if (napi_typeof(env, argv[0], &type) != napi_ok) return NULL;
+  const char *text = tls_last_error;
+  if (type == napi_external) {
+    tls_conn *t = get_tls(env, argv[0]);
+    if (t == NULL) return NULL;
+    text = t->error;
+  }
+  napi_value result;
+  CHECK(napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &result));
+  return result;
+}
+
+/* tlsClose(tls): frees the connection (no close_notify: the socket is cut next). Idempotent. */
+static napi_value js_tls_close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  tls_conn *t = get_tls(env, argv[0]);
+  if (t == NULL) return NULL;
+  tls_conn_free(t);
+  return make_i64(env, 0);
+}
+
 /* ------------------------------------------------------------------ module */
 
 static int set_i64(napi_env env, napi_value obj, const char *name, int64_t value) {
@@ -795,6 +1090,11 @@ NAPI_MODULE_INIT() {
       {"sockSend", js_sock_send},
       {"sockRecv", js_sock_recv},
       {"sockShutdown", js_sock_shutdown},
+      {"tlsConnect", js_tls_connect},
+      {"tlsSend", js_tls_send},
+      {"tlsRecv", js_tls_recv},
+      {"tlsError", js_tls_error},
+      {"tlsClose", js_tls_close},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

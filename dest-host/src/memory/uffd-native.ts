@@ -103,7 +103,27 @@ export interface UffdNative {
   sockRecv(fd: number, view: ArrayBufferView, offset: number, length: number): number;
   /** shutdown(2) both ways. */
   sockShutdown(fd: number): number;
+  /**
+   * A TLS client handshake on a connected blocking socket (node's own
+   * OpenSSL): the peer verified against `caPem` and `name` (an IP address
+   * when isIp; else also sent as SNI), with an optional client certificate.
+   * The connection, or -errno (then tlsError(null) says why).
+   */
+  tlsConnect(fd: number, caPem: string, certPem: string | null, keyPem: string | null, name: string, isIp: boolean): TlsConnection | number;
+  /** SSL_write of view[offset, offset + length) until all is written: the length, or -errno. */
+  tlsSend(tls: TlsConnection, view: ArrayBufferView, offset: number, length: number): number;
+  /** One SSL_read: bytes read, 0 at the end of the stream, -EAGAIN on timeout, or -errno. */
+  tlsRecv(tls: TlsConnection, view: ArrayBufferView, offset: number, length: number): number;
+  /** What the connection's last failure was (null: this thread's last failed tlsConnect). */
+  tlsError(tls: TlsConnection | null): string;
+  /** Frees the connection (its socket is the caller's). */
+  tlsClose(tls: TlsConnection): number;
   constants: UffdNativeConstants;
+}
+
+/** An opaque TLS connection (a Node-API external). */
+export interface TlsConnection {
+  readonly __tlsConnection: never;
 }
 
 /** An opaque native poller (a Node-API external). */

@@ -205,11 +205,13 @@ describe.runIf(native.ok)('BlockingPageChannel', () => {
 });
 
 describe('--fault-channel', () => {
-  it('auto is blocking for a ws:// source where the addon is built, event-loop for wss://; blocking where it cannot be is an error', () => {
+  it('auto is blocking where the addon is built (over wss:// given a CA), event-loop otherwise; blocking where it cannot be is an error', () => {
+    const blocking = native.ok ? 'blocking' : 'event-loop';
     expect(faultChannelOf({ source: 'wss://127.0.0.1:1', faultChannel: 'auto' })).toBe('event-loop');
+    expect(faultChannelOf({ source: 'wss://127.0.0.1:1', faultChannel: 'auto', tls: { ca: 'PEM' } })).toBe(blocking);
     expect(faultChannelOf({ source: 'ws://127.0.0.1:1', faultChannel: 'event-loop' })).toBe('event-loop');
-    expect(faultChannelOf({ source: 'ws://127.0.0.1:1', faultChannel: 'auto' })).toBe(native.ok ? 'blocking' : 'event-loop');
-    expect(BlockingPageChannel.unavailable({ url: 'wss://127.0.0.1:1' })).toMatch(/TLS/);
-    expect(() => faultChannelOf({ source: 'wss://127.0.0.1:1', faultChannel: 'blocking' })).toThrow(/--fault-channel blocking: TLS \(wss:\/\/\) is spoken by the event-loop client only/);
+    expect(faultChannelOf({ source: 'ws://127.0.0.1:1', faultChannel: 'auto' })).toBe(blocking);
+    expect(BlockingPageChannel.unavailable({ url: 'wss://127.0.0.1:1' })).toMatch(/system's CAs/);
+    expect(() => faultChannelOf({ source: 'wss://127.0.0.1:1', faultChannel: 'blocking' })).toThrow(/--fault-channel blocking: a wss:\/\/ source verified against the system's CAs \(no --tls-ca\) is spoken by the event-loop client only/);
   });
 });

@@ -24,7 +24,8 @@ const SESSION_POLL_MS = 250;
  * the resume it reconnects (with backoff, within reconnectTimeoutMs) and
  * sends the request again with its id (counted as replayed). A reply read on
  * a connection whose session has ended is dropped (counted), so each request
- * is still answered exactly once. Plain ws:// only: TLS stays with PageClient.
+ * is still answered exactly once. Over wss:// it speaks TLS with node's own
+ * OpenSSL on the same socket (see BlockingWebSocket), given --tls-ca.
  */
 export class BlockingPageChannel {
   readonly welcome: Welcome;
@@ -61,7 +62,7 @@ export class BlockingPageChannel {
    * it can: the caller then uses PageClient.
    */
   static unavailable(options: Pick<PageClientOptions, 'url' | 'tls'>): string | undefined {
-    if (!options.url.startsWith('ws:')) return 'TLS (wss://) is spoken by the event-loop client only';
+    if (options.url.startsWith('wss:') && options.tls?.ca === undefined) return "a wss:// source verified against the system's CAs (no --tls-ca) is spoken by the event-loop client only";
     const load = loadUffdNative();
     return load.ok ? undefined : load.reason;
   }
@@ -91,7 +92,8 @@ export class BlockingPageChannel {
   /** Connects and completes the handshake (hello, welcome), blocking. */
   private static open(native: UffdNative, options: PageClientOptions, url: URL, address: { address: string; family: number }, maxPayload: number): { ws: BlockingWebSocket; welcome: Welcome } {
     const timeoutMs = options.connectTimeoutMs ?? 10_000;
-    const ws = BlockingWebSocket.connect(native, url, address, timeoutMs, maxPayload);
+    const tls = options.tls;
+    const ws = BlockingWebSocket.connect(native, url, address, timeoutMs, maxPayload, tls?.ca !== undefined ? { ...tls, ca: tls.ca } : undefined);
     try {
       ws.send(encode(helloFor(options)));
       const data = ws.receive(performance.now() + timeoutMs);

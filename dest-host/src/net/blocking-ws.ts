@@ -1,6 +1,7 @@
 import { createHash, randomFillSync } from 'node:crypto';
 import { ConnectionError, ProtocolError } from '@postcopy/shared/net';
-import { errnoName, type UffdNative } from '../memory/uffd-native.js';
+import { isIP } from 'node:net';
+import { errnoName, type TlsConnection, type UffdNative } from '../memory/uffd-native.js';
 import { MAX_REFUSAL_CHARS, printableRefusal } from './refusal.js';
 
 /**
@@ -29,6 +30,8 @@ export class BlockingWebSocket {
   private readonly masks = new Uint8Array(4096);
   private maskAt = 4096;
   private closed = false;
+  /** wss://: the TLS connection over the socket (node's OpenSSL, see tlsConnect in uffd.c). */
+  private tls: TlsConnection | undefined;
 
   private constructor(
     private readonly native: UffdNative,
@@ -45,13 +48,23 @@ export class BlockingWebSocket {
    * opening handshake for `url` within `timeoutMs`; throws a ConnectionError
    * saying what failed (an HTTP refusal with its status and body).
    */
-  static connect(native: UffdNative, url: URL, address: { address: string; family: number }, timeoutMs: number, maxPayload: number): BlockingWebSocket {
+  static connect(native: UffdNative, url: URL, address: { address: string; family: number }, timeoutMs: number, maxPayload: number, tls?: BlockingTls): BlockingWebSocket {
     const port = Number(url.port || (url.protocol === 'wss:' ? 443 : 80));
     const fd = native.tcpConnect(address.address, port, address.family, timeoutMs);
     if (fd < 0) throw new ConnectionError(`cannot reach the source at ${url.href}: ${errnoName(fd)}`);
     const ws = new BlockingWebSocket(native, fd, maxPayload, url.href);
     try {
       native.sockSetTimeouts(fd, Math.max(1, Math.min(timeoutMs, 50)), timeoutMs);
+      if (url.protocol === 'wss:') {
+        // The handshake runs under the send timeout for every blocked read (SO_RCVTIMEO is one slice).
+        native.sockSetTimeouts(fd, timeoutMs, timeoutMs);
+        if (tls === undefined) throw new Error(`expected TLS material for ${url.href}`);
+        const name = tls.serverName ?? (url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname);
+        const conn = native.tlsConnect(fd, tls.ca, tls.cert ?? null, tls.key ?? null, name, isIP(name) !== 0);
+        if (typeof conn === 'number') throw new ConnectionError(`TLS with the source at ${url.href} failed: ${native.tlsError(null)} (${errnoName(conn)})`);
+        ws.tls = conn;
+        native.sockSetTimeouts(fd, Math.max(1, Math.min(timeoutMs, 50)), timeoutMs);
+      }
       ws.handshake(url, timeoutMs);
       return ws;
     } catch (err) {
@@ -125,6 +138,8 @@ export class BlockingWebSocket {
   terminate(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.tls !== undefined) this.native.tlsClose(this.tls);
+    this.tls = undefined;
     this.native.sockShutdown(this.fd);
     this.native.close(this.fd);
     this.fd = -1;
@@ -232,7 +247,7 @@ export class BlockingWebSocket {
     if (this.closed) throw new ConnectionError(`connection to the source closed`);
     if (this.end === this.buffer.length) this.makeRoom(this.buffer.length + 1);
     for (;;) {
-      const n = this.native.sockRecv(this.fd, this.buffer, this.end, this.buffer.length - this.end);
+      const n = this.tls === undefined ? this.native.sockRecv(this.fd, this.buffer, this.end, this.buffer.length - this.end) : this.native.tlsRecv(this.tls, this.buffer, this.end, this.buffer.length - this.end);
       if (n > 0) {
         this.end += n;
         return true;
@@ -245,8 +260,9 @@ export class BlockingWebSocket {
         if (deadline < 0 || performance.now() >= deadline) return false;
         continue;
       }
+      const why = this.tls !== undefined ? `${this.native.tlsError(this.tls)} (${errnoName(n)})` : errnoName(n);
       this.terminate();
-      throw new ConnectionError(`connection to the source failed ${doing}: ${errnoName(n)}`);
+      throw new ConnectionError(`connection to the source failed ${doing}: ${why}`);
     }
   }
 
@@ -296,10 +312,21 @@ export class BlockingWebSocket {
   private readonly small = new Uint8Array(14 + 256);
 
   private write(bytes: Uint8Array, length = bytes.length): void {
-    const n = this.native.sockSend(this.fd, bytes, 0, length);
+    const n = this.tls === undefined ? this.native.sockSend(this.fd, bytes, 0, length) : this.native.tlsSend(this.tls, bytes, 0, length);
     if (n !== length) {
+      const why = this.tls !== undefined ? `${this.native.tlsError(this.tls)} (${errnoName(n)})` : errnoName(n);
       this.terminate();
-      throw new ConnectionError(`connection to the source failed while sending: ${errnoName(n)}`);
+      throw new ConnectionError(`connection to the source failed while sending: ${why}`);
     }
   }
+}
+
+/** What a wss:// connection verifies the source with (PEM texts), and the client certificate it shows. */
+export interface BlockingTls {
+  /** Required: the blocking client trusts exactly these CA certificates. */
+  ca: string;
+  cert?: string;
+  key?: string;
+  /** The name the source's certificate must hold, when it is not the URL's host. */
+  serverName?: string;
 }

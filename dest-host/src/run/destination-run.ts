@@ -726,13 +726,13 @@ export class DestinationRun {
 
 /**
  * The fault channel threads that block on their fault use: `auto` is
- * blocking where a BlockingPageChannel can serve the source (ws://, the uffd
- * addon built); asking for `blocking` where it cannot is an error.
+ * blocking where a BlockingPageChannel can serve the source (the uffd addon
+ * built; over wss:// given --tls-ca); asking for `blocking` where it cannot is an error.
  */
-export function faultChannelOf(options: Pick<DestinationOptions, 'faultChannel' | 'source'>): FaultChannelKind {
+export function faultChannelOf(options: Pick<DestinationOptions, 'faultChannel' | 'source' | 'tls'>): FaultChannelKind {
   const choice = options.faultChannel ?? 'auto';
   if (choice === 'event-loop') return choice;
-  const why = BlockingPageChannel.unavailable({ url: options.source });
+  const why = BlockingPageChannel.unavailable({ url: options.source, ...(options.tls ? { tls: options.tls } : {}) });
   if (why === undefined) return 'blocking';
   if (choice === 'blocking') throw new UsageError(`--fault-channel blocking: ${why}; use --fault-channel event-loop or auto`);
   return 'event-loop';
