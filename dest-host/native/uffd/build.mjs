@@ -62,6 +62,11 @@ const cc = process.env.CC || 'cc';
 const probe = spawnSync(cc, ['--version'], { encoding: 'utf8' });
 if (probe.error || probe.status !== 0) skip(`no C compiler: \`${cc} --version\` failed (${probe.error?.message ?? `exit ${probe.status}`}); set CC or install one`);
 
+// The blocking fault channel's TLS uses the OpenSSL linked into node, through
+// the headers node ships beside node_api.h; without them the addon is built
+// without it (HAVE_TLS 0) and TLS fault channels use Node's tls.
+const tls = existsSync(join(include, 'openssl', 'ssl.h'));
+if (!tls) process.stderr.write(`uffd addon: no OpenSSL headers in ${include}: building without TLS on the blocking fault channel\n`);
 const tmp = `${target}.tmp`;
 const args = [
   '-std=gnu11', '-O2', '-g', '-Wall', '-Wextra', '-Werror', '-Wno-unused-parameter',
@@ -69,6 +74,7 @@ const args = [
   // Node-API 8 is what Node 20 guarantees (node_api.h defaults to it too).
   '-DNAPI_VERSION=8',
   `-I${include}`,
+  ...(tls ? [] : ['-DPOSTCOPY_NO_TLS']),
   source, '-o', tmp, '-pthread',
 ];
 const run = spawnSync(cc, args, { stdio: ['ignore', 'inherit', 'inherit'] });

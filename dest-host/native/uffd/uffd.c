@@ -41,10 +41,12 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#ifndef POSTCOPY_NO_TLS
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#endif
 
 #ifndef MAP_HUGE_SHIFT
 #define MAP_HUGE_SHIFT 26
@@ -761,6 +763,7 @@ static napi_value js_sock_shutdown(napi_env env, napi_callback_info info) {
   return result_or_errno(env, shutdown((int)fd, SHUT_RDWR));
 }
 
+#ifndef POSTCOPY_NO_TLS
 /* ------------------------------------------------------------ blocking TLS */
 
 /*
@@ -1052,6 +1055,8 @@ static napi_value js_tls_close(napi_env env, napi_callback_info info) {
   return make_i64(env, 0);
 }
 
+#endif /* POSTCOPY_NO_TLS */
+
 /* ------------------------------------------------------------------ module */
 
 static int set_i64(napi_env env, napi_value obj, const char *name, int64_t value) {
@@ -1090,11 +1095,13 @@ NAPI_MODULE_INIT() {
       {"sockSend", js_sock_send},
       {"sockRecv", js_sock_recv},
       {"sockShutdown", js_sock_shutdown},
+#ifndef POSTCOPY_NO_TLS
       {"tlsConnect", js_tls_connect},
       {"tlsSend", js_tls_send},
       {"tlsRecv", js_tls_recv},
       {"tlsError", js_tls_error},
       {"tlsClose", js_tls_close},
+#endif
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;
@@ -1133,6 +1140,11 @@ NAPI_MODULE_INIT() {
       {"POLLHUP", POLLHUP},
       {"POLLNVAL", POLLNVAL},
       {"UFFD_MSG_SIZE", (int64_t)sizeof(struct uffd_msg)},
+#ifndef POSTCOPY_NO_TLS
+      {"HAVE_TLS", 1},
+#else
+      {"HAVE_TLS", 0},
+#endif
   };
   for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++) {
     if (!set_i64(env, c, constants[i].name, constants[i].value)) return NULL;

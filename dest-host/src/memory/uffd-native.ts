@@ -54,6 +54,8 @@ export interface UffdNativeConstants {
   POLLHUP: number;
   POLLNVAL: number;
   UFFD_MSG_SIZE: number;
+  /** 1 when the addon was built with the TLS client (node's OpenSSL headers found), else 0. */
+  HAVE_TLS: number;
 }
 
 /** Every function returns what the kernel returned: a result >= 0, or -errno. */
@@ -107,7 +109,8 @@ export interface UffdNative {
    * A TLS client handshake on a connected blocking socket (node's own
    * OpenSSL): the peer verified against `caPem` and `name` (an IP address
    * when isIp; else also sent as SNI), with an optional client certificate.
-   * The connection, or -errno (then tlsError(null) says why).
+   * The connection, or -errno (then tlsError(null) says why). Absent (with
+   * the other tls functions) where constants.HAVE_TLS is 0.
    */
   tlsConnect(fd: number, caPem: string, certPem: string | null, keyPem: string | null, name: string, isIp: boolean): TlsConnection | number;
   /** SSL_write of view[offset, offset + length) until all is written: the length, or -errno. */

@@ -64,7 +64,9 @@ export class BlockingPageChannel {
   static unavailable(options: Pick<PageClientOptions, 'url' | 'tls'>): string | undefined {
     if (options.url.startsWith('wss:') && options.tls?.ca === undefined) return "a wss:// source verified against the system's CAs (no --tls-ca) is spoken by the event-loop client only";
     const load = loadUffdNative();
-    return load.ok ? undefined : load.reason;
+    if (!load.ok) return load.reason;
+    if (options.url.startsWith('wss:') && load.native.constants.HAVE_TLS !== 1) return "the uffd addon was built without node's OpenSSL headers, so TLS is spoken by the event-loop client only";
+    return undefined;
   }
 
   static async connect(options: PageClientOptions): Promise<BlockingPageChannel> {
