@@ -707,6 +707,11 @@ static int get_range(napi_env env, napi_value view, napi_value off, napi_value l
   return 1;
 }
 
+/* The arguments of an I/O call (handle, view, offset, length): the handle argument, and the bytes of the view. */
+static int io_args(napi_env env, napi_callback_info info, napi_value *argv, char **at, size_t *n, int *ok) {
+  return get_args(env, info, 4, argv) && get_range(env, argv[1], argv[2], argv[3], at, n, ok);
+}
+
 /*
  * sockSend(fd, view, offset, length) -> bytes sent (all of them) | -errno.
  * A blocking send(2) may send part of a buffer (a signal, SO_SNDTIMEO): it
@@ -718,9 +723,8 @@ static napi_value js_sock_send(napi_env env, napi_callback_info info) {
   char *at;
   size_t n;
   int ok;
-  if (!get_args(env, info, 4, argv) || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
   int64_t fd;
-  if (!get_i64(env, argv[0], &fd)) return NULL;
+  if (!io_args(env, info, argv, &at, &n, &ok) || !get_i64(env, argv[0], &fd)) return NULL;
   if (!ok) return make_i64(env, -EFAULT);
   size_t sent = 0;
   while (sent < n) {
@@ -744,9 +748,8 @@ static napi_value js_sock_recv(napi_env env, napi_callback_info info) {
   char *at;
   size_t n;
   int ok;
-  if (!get_args(env, info, 4, argv) || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
   int64_t fd;
-  if (!get_i64(env, argv[0], &fd)) return NULL;
+  if (!io_args(env, info, argv, &at, &n, &ok) || !get_i64(env, argv[0], &fd)) return NULL;
   if (!ok) return make_i64(env, -EFAULT);
   for (;;) {
     ssize_t r = recv((int)fd, at, n, 0);
@@ -992,9 +995,8 @@ static napi_value js_tls_send(napi_env env, napi_callback_info info) {
   char *at;
   size_t n;
   int ok;
-  if (!get_args(env, info, 4, argv)) return NULL;
-  tls_conn *t = get_tls(env, argv[0]);
-  if (t == NULL || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  tls_conn *t;
+  if (!io_args(env, info, argv, &at, &n, &ok) || (t = get_tls(env, argv[0])) == NULL) return NULL;
   if (!ok) return make_i64(env, -EFAULT);
   if (t->ssl == NULL) return make_i64(env, -EBADF);
   size_t sent = 0;
@@ -1016,9 +1018,8 @@ static napi_value js_tls_recv(napi_env env, napi_callback_info info) {
   char *at;
   size_t n;
   int ok;
-  if (!get_args(env, info, 4, argv)) return NULL;
-  tls_conn *t = get_tls(env, argv[0]);
-  if (t == NULL || !get_range(env, argv[1], argv[2], argv[3], &at, &n, &ok)) return NULL;
+  tls_conn *t;
+  if (!io_args(env, info, argv, &at, &n, &ok) || (t = get_tls(env, argv[0])) == NULL) return NULL;
   if (!ok) return make_i64(env, -EFAULT);
   if (t->ssl == NULL) return make_i64(env, -EBADF);
   size_t got = 0;

@@ -35,6 +35,14 @@ runWorker(async () => {
   const pageSize = memory.layout.pageSize;
   // --trace: each message, from its read to the end of its resolution. Without it, one branch a message.
   const log = data.trace ? new ResolverLog() : undefined;
+  const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
+  /** A message just read: its thread's fault queue (noted as read); throws for a thread that is no guest thread. */
+  const accept = (): number => {
+    const slot = vmm.slotOfTid(msg.tid);
+    if (slot < 0) throw new Error(`expected a fault message from a guest thread, got one from thread id ${msg.tid} (page ${Math.floor(msg.address / pageSize)})`);
+    vmm.noteMessage(slot);
+    return slot;
+  };
   if (data.pageWait === 'block' && data.source.faultChannel === 'blocking') {
     // One vCPU's resolver (per-thread-uffd): that vCPU is blocked on the one
     // fault in hand, so the resolver blocks too, reading and fetching with
@@ -43,7 +51,6 @@ runWorker(async () => {
     const channel = await BlockingPageChannel.connect(channelOptions);
     report({ type: 'ready' });
     const cpu = new CpuMeter();
-    const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
     let messages = 0;
     for (;;) {
       if (stop.signal.aborted) break;
@@ -55,9 +62,7 @@ runWorker(async () => {
       }
       if (r === -ERRNO.EINTR || r === -ERRNO.EBADF) break; // stopped, or the context closed
       if (r !== 0) throw new Error(`expected a fault message from userfaultfd context ${data.ctx}, got errno ${-r}`);
-      const slot = vmm.slotOfTid(msg.tid);
-      if (slot < 0) throw new Error(`expected a fault message from a guest thread, got one from thread id ${msg.tid} (page ${Math.floor(msg.address / pageSize)})`);
-      vmm.noteMessage(slot);
+      const slot = accept();
       const page = Math.floor(msg.address / pageSize);
       messages++;
       const t0 = log === undefined ? 0 : performance.now() + clockOffset;
@@ -75,7 +80,6 @@ runWorker(async () => {
   // This thread's CPU from here on: reading faults, fetching, installing, waking.
   const cpu = new CpuMeter();
 
-  const msg: FaultMessage = { address: 0, flags: 0, tid: 0 };
   let inFlight = 0;
   let failure: Error | undefined;
   let drained: (() => void) | undefined;
@@ -96,9 +100,7 @@ runWorker(async () => {
     const r = await memory.readAsync(data.ctx, msg, stop.signal);
     if (r === -ERRNO.EINTR || r === -ERRNO.EBADF || failure !== undefined) break; // stopped, or the context closed
     if (r !== 0) throw new Error(`expected a fault message from userfaultfd context ${data.ctx}, got errno ${-r}`);
-    const slot = vmm.slotOfTid(msg.tid);
-    if (slot < 0) throw new Error(`expected a fault message from a guest thread, got one from thread id ${msg.tid} (page ${Math.floor(msg.address / pageSize)})`);
-    vmm.noteMessage(slot);
+    const slot = accept();
     const page = Math.floor(msg.address / pageSize);
     inFlight++;
     messages++;
