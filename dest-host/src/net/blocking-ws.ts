@@ -84,7 +84,19 @@ export class BlockingWebSocket {
     const deadline = performance.now() + timeoutMs;
     let headEnd = -1;
     while (headEnd < 0) {
-      if (!this.fill(deadline, 'during the WebSocket handshake')) throw new ConnectionError(`no answer from the source at ${this.url} within ${timeoutMs} ms`);
+      let filled: boolean;
+      try {
+        filled = this.fill(deadline, 'during the WebSocket handshake');
+      } catch (err) {
+        // TLS 1.3: the client's handshake ends before the source has checked
+        // its certificate, so a refusal arrives as an alert or, when the
+        // request crossed the close, as a reset.
+        if (this.url.startsWith('wss:') && err instanceof ConnectionError) {
+          throw new ConnectionError(`${err.message}: after the TLS handshake, the source closed the connection (does it require a client certificate, --tls-verify-peer, that this destination does not have or it does not trust?)`);
+        }
+        throw err;
+      }
+      if (!filled) throw new ConnectionError(`no answer from the source at ${this.url} within ${timeoutMs} ms`);
       headEnd = Buffer.from(this.buffer.buffer, this.buffer.byteOffset + this.start, this.end - this.start).indexOf('\r\n\r\n');
       if (headEnd < 0 && this.end - this.start > 16 * 1024) throw new ProtocolError(`the source's HTTP answer to the WebSocket upgrade has no end of headers within 16 KiB`);
     }
