@@ -328,11 +328,13 @@ export class MigrationController extends EventEmitter {
     // The migration's CPU ends here: what follows (the digest of the received pages) is the check's.
     const cpu = (this.cpu ?? new CpuMeter()).spent();
     this.migration.stopPush();
-    void this.migration.onIdle().then(() => {
+    void this.migration.onIdle().then(async () => {
       // The connection was lost meanwhile: the destination resumes and finishes again.
       if (main !== this.main || !main.isOpen) return;
+      const digestOfReceived = await this.migration.digestOfReceived(receivedmap);
+      if (main !== this.main || !main.isOpen) return;
       const summary: SourceSummary = {
-        ...this.migration.summarize(receivedmap),
+        ...this.migration.summarize(receivedmap, digestOfReceived),
         keepaliveTimeouts: keepaliveTimeouts(),
         migration: this.figures(),
         cpuUs: cpu.processUs,
