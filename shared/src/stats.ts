@@ -1,4 +1,17 @@
-import hdr from 'hdr-histogram-js';
+import { createRequire } from 'node:module';
+import type * as HdrHistogram from 'hdr-histogram-js';
+
+/**
+ * hdr-histogram-js, loaded on first use: it (and pako under it) costs a
+ * process about 40 ms of CPU to load, and the launcher and the source import
+ * this index without ever making a histogram (their start-up is on the path
+ * of every run; issue: `largeWallOverElapsed`). It is CommonJS, so a
+ * synchronous require loads it where it is first needed.
+ */
+let hdrLibrary: typeof HdrHistogram | undefined;
+function hdr(): typeof HdrHistogram {
+  return (hdrLibrary ??= createRequire(import.meta.url)('hdr-histogram-js') as typeof HdrHistogram);
+}
 
 /** Latency percentiles in microseconds, as the report prints them. */
 export interface LatencySummary {
@@ -11,11 +24,11 @@ export interface LatencySummary {
   mean: number;
 }
 
-export type Histogram = ReturnType<typeof hdr.build>;
+export type Histogram = ReturnType<typeof HdrHistogram.build>;
 
 /** A histogram of fault latencies recorded in nanoseconds (1 ns to 1 hour, 3 significant digits). */
 export function createLatencyHistogram(): Histogram {
-  return hdr.build({
+  return hdr().build({
     bitBucketSize: 64,
     lowestDiscernibleValue: 1,
     highestTrackableValue: 3_600_000_000_000,
