@@ -32,7 +32,8 @@ import { SourceGuest, type SourceGuestOptions } from './guest/source-guest.js';
 import type { GuestImage } from './image.js';
 import { SourceLifecycle, type SourceState } from './lifecycle.js';
 import { SourceMigration, type Channel, type MigrationOptions, type PushStream } from './migration.js';
-import { NotConvergedError, PRECOPY_DEFAULTS, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
+import { SOURCE_GUEST_DEFAULTS, PRECOPY_DEFAULTS } from './defaults.js';
+import { NotConvergedError, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
 
 export interface ControllerOptions {
   mode: MigrationMode;
@@ -50,8 +51,7 @@ export interface ControllerOptions {
   resumeTimeoutMs: number;
 }
 
-/** The guest's defaults on the source: one vCPU, 1000 pages/s, over all of memory. */
-export const SOURCE_GUEST_DEFAULTS = { vcpus: 1, dirtyRate: 1000 } as const;
+export { SOURCE_GUEST_DEFAULTS } from './defaults.js';
 
 /**
  * Events:
