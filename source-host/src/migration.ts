@@ -420,7 +420,6 @@ export class SourceMigration {
     channel.send(encode({ type: 'complete', pagesSent: this.sentmap.sent }));
   }
 
-  /** The destination is done: compare its receivedmap with the sentmap and digest what it received. */
   /**
    * The digest of the pages the destination received, over the image as it
    * is now (the guest stopped changing it): every page of an image the guest
@@ -436,7 +435,11 @@ export class SourceMigration {
     return this.image.digestOf(receivedmap);
   }
 
-  /** The summary for `finish`; `digestOfReceived` from {@link digestOfReceived} (hashed here on one thread without it). */
+  /**
+   * The destination is done: compare its receivedmap with the sentmap and
+   * digest what it received (`digestOfReceived` from {@link digestOfReceived};
+   * hashed here on one thread without it).
+   */
   summarize(receivedmap: Uint8Array, digestOfReceived?: string): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
     const total = this.image.layout.totalPages;
     let sentNotReceived = 0;
