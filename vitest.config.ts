@@ -9,6 +9,9 @@ export default defineConfig({
     alias: [
       { find: '@postcopy/shared/core', replacement: fileURLToPath(new URL('./shared/src/core.ts', import.meta.url)) },
       { find: '@postcopy/shared/net', replacement: fileURLToPath(new URL('./shared/src/net.ts', import.meta.url)) },
+      { find: '@postcopy/shared/digest', replacement: fileURLToPath(new URL('./shared/src/digest-entry.ts', import.meta.url)) },
+      { find: '@postcopy/source-host/options', replacement: fileURLToPath(new URL('./source-host/src/cli-options.ts', import.meta.url)) },
+      { find: '@postcopy/dest-host/options', replacement: fileURLToPath(new URL('./dest-host/src/cli-options.ts', import.meta.url)) },
       { find: '@postcopy/shared', replacement: src('shared') },
       { find: '@postcopy/source-host', replacement: src('source-host') },
       { find: '@postcopy/dest-host', replacement: src('dest-host') },

@@ -69,7 +69,7 @@ export function addRunOptions(cmd: Command): Command {
     .addOption(
       new Option(
         '--fault-channel <kind>',
-        "how a kvm-exit vCPU fetches its page: blocking (its own socket read with blocking system calls, no event loop; the uffd addon built, and over wss:// a --tls-ca), event-loop (a WebSocket client on the thread's event loop: any source), or auto (blocking where it can be)",
+        "how kvm-exit vCPUs and per-thread-uffd resolvers fetch their page: blocking (its own socket read with blocking system calls, no event loop; the uffd addon built, and over wss:// a --tls-ca), event-loop (a WebSocket client on the thread's event loop: any source), or auto (blocking where it can be)",
       )
         .choices(FAULT_CHANNEL_CHOICES)
         .default('auto'),

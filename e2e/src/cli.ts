@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { preflightMemoryBackend } from '@postcopy/dest-host';
+import { preflightMemoryBackend } from '@postcopy/dest-host/options';
 import { exitOnUsageError, runCli } from '@postcopy/shared';
 import { launch } from './launcher.js';
 import { launcherCommand, splitArgs } from './options.js';

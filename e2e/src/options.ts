@@ -13,8 +13,8 @@ import {
   parseLinkOptions,
   parseMaxPushBps,
   parsePrecopyOptions,
-} from '@postcopy/source-host';
-import { addRunOptions, checkInjections, parseInjections, parseRunOptions, type PreflightSpec } from '@postcopy/dest-host';
+} from '@postcopy/source-host/options';
+import { addRunOptions, checkInjections, parseInjections, parseRunOptions, type PreflightSpec } from '@postcopy/dest-host/options';
 
 /** `npm start`'s options: the image's (source) and the run's (destination). */
 export function launcherCommand(): Command {

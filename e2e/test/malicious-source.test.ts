@@ -178,7 +178,7 @@ class FakeSource {
       pagesPushed: this.pagesPushed,
       pagesZero: 0,
       pagesSentTwice: this.behaviour.hideDuplicates ? 0 : twice,
-      digestOfReceived: digestPages(image, layout.totalPages, (p) => bitmapHas(receivedmap, p)),
+      digestOfReceived: digestPages(image, layout, (p) => bitmapHas(receivedmap, p)),
       sentNotReceived,
       receivedNotSent,
       peakRssBytes: 0,

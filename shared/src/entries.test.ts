@@ -11,6 +11,8 @@ import { describe, expect, it } from 'vitest';
 const DIST = fileURLToPath(new URL('../dist/', import.meta.url));
 /** The destination's thread entries (built by the same `npm run build`). */
 const DEST_WORKERS = fileURLToPath(new URL('../../dest-host/dist/workers/', import.meta.url));
+/** The source's image threads. */
+const SOURCE_DIST = fileURLToPath(new URL('../../source-host/dist/', import.meta.url));
 
 /** Every module a built file imports statically, transitively: relative files by path, packages by name. */
 function graph(entry: string): Set<string> {
@@ -47,6 +49,19 @@ describe.runIf(existsSync(join(DIST, 'core.js')))('light entries for workers (bu
     for (const worker of ['guest-thread-worker.js', 'resolver-worker.js']) {
       const packages = [...graph(join(DEST_WORKERS, worker))].filter((s) => !s.startsWith('/') && !s.startsWith('node:'));
       expect(packages.filter((p) => !['@postcopy/shared/core', '@postcopy/shared/net', 'ws'].includes(p)), worker).toEqual([]);
+    }
+  });
+
+  it('digest reaches no package but node built-ins; core does not reach node:crypto (no vCPU thread hashes)', () => {
+    const packages = [...graph(join(DIST, 'digest-entry.js'))].filter((s) => !s.startsWith('/') && !s.startsWith('node:'));
+    expect(packages).toEqual([]);
+    expect([...graph(join(DIST, 'core.js'))]).not.toContain('node:crypto');
+  });
+
+  it.runIf(existsSync(DEST_WORKERS) && existsSync(SOURCE_DIST))('the digest helpers of both hosts load the core and digest entries only', () => {
+    for (const worker of [join(DEST_WORKERS, 'digest-worker.js'), join(SOURCE_DIST, 'image-worker.js')]) {
+      const packages = [...graph(worker)].filter((s) => !s.startsWith('/') && !s.startsWith('node:'));
+      expect(packages.filter((p) => !['@postcopy/shared/core', '@postcopy/shared/digest'].includes(p)), worker).toEqual([]);
     }
   });
 });

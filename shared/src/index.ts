@@ -3,6 +3,7 @@ export * from './sizes.js';
 export * from './layout.js';
 export * from './content.js';
 export * from './digest.js';
+export * from './parallel-digest.js';
 export * from './protocol.js';
 export * from './precopy.js';
 export * from './codec.js';

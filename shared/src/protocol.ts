@@ -41,8 +41,12 @@ import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
  * Version 7: precopy's pages on the push channel (records PRECOPY_PAGES,
  * PRECOPY_ZERO and SYNC, see push-stream.ts) and `precopy-synced` (36), the
  * destination's acknowledgement of a SYNC on the main channel.
+ * Version 8: the memory digest (the welcome's image digest, the summary's
+ * digest of the received pages) is two-level, SHA-256 over the SHA-256 of
+ * each 64 MiB segment (digest.ts), so that both hosts hash on every core; a
+ * version-7 peer's digest would never match.
  */
-export const PROTOCOL_VERSION = 7;
+export const PROTOCOL_VERSION = 8;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's

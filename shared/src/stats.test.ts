@@ -1,9 +1,11 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
   LATENCY_DIST_BUCKETS,
   allBlockedMs,
   blockedMs,
   createLatencyHistogram,
+  histogramMean,
   latencyBucket,
   recordNs,
   summarize,
@@ -148,5 +150,18 @@ describe('summarize', () => {
     const s = summarize(histogram);
     expect(s.count).toBe(3);
     expect(s.max).toBe(0.003);
+  });
+});
+
+describe('histogramMean', () => {
+  it("equals hdr-histogram-js's own mean, to the last bit", () => {
+    fc.assert(
+      fc.property(fc.array(fc.oneof(fc.integer({ min: 0, max: 5000 }), fc.double({ min: 0, max: 3.6e12, noNaN: true })), { maxLength: 400 }), (values) => {
+        const histogram = createLatencyHistogram();
+        for (const ns of values) recordNs(histogram, ns);
+        expect(histogramMean(histogram)).toBe(histogram.mean);
+      }),
+      { numRuns: 200 },
+    );
   });
 });

@@ -32,7 +32,8 @@ import { SourceGuest, type SourceGuestOptions } from './guest/source-guest.js';
 import type { GuestImage } from './image.js';
 import { SourceLifecycle, type SourceState } from './lifecycle.js';
 import { SourceMigration, type Channel, type MigrationOptions, type PushStream } from './migration.js';
-import { NotConvergedError, PRECOPY_DEFAULTS, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
+import { SOURCE_GUEST_DEFAULTS, PRECOPY_DEFAULTS } from './defaults.js';
+import { NotConvergedError, Precopy, PrecopyCancelledError, postcopyOnlySummary, type PrecopyOptions, type PrecopyProgress } from './precopy.js';
 
 export interface ControllerOptions {
   mode: MigrationMode;
@@ -50,8 +51,7 @@ export interface ControllerOptions {
   resumeTimeoutMs: number;
 }
 
-/** The guest's defaults on the source: one vCPU, 1000 pages/s, over all of memory. */
-export const SOURCE_GUEST_DEFAULTS = { vcpus: 1, dirtyRate: 1000 } as const;
+export { SOURCE_GUEST_DEFAULTS } from './defaults.js';
 
 /**
  * Events:
@@ -328,11 +328,13 @@ export class MigrationController extends EventEmitter {
     // The migration's CPU ends here: what follows (the digest of the received pages) is the check's.
     const cpu = (this.cpu ?? new CpuMeter()).spent();
     this.migration.stopPush();
-    void this.migration.onIdle().then(() => {
+    void this.migration.onIdle().then(async () => {
       // The connection was lost meanwhile: the destination resumes and finishes again.
       if (main !== this.main || !main.isOpen) return;
+      const digestOfReceived = await this.migration.digestOfReceived(receivedmap);
+      if (main !== this.main || !main.isOpen) return;
       const summary: SourceSummary = {
-        ...this.migration.summarize(receivedmap),
+        ...this.migration.summarize(receivedmap, digestOfReceived),
         keepaliveTimeouts: keepaliveTimeouts(),
         migration: this.figures(),
         cpuUs: cpu.processUs,

@@ -1,34 +1,37 @@
 /**
- * One thread of GuestImage.build: fills every `stride`-th segment of the
- * image, from `firstSegment` on, with the generator's content (in the shared
- * chunks), marks its zero pages, and posts each segment as it is done so the
- * main thread can hash it; then 'done'.
+ * A helper thread of the image's digest (shared/parallel-digest.ts): takes
+ * segments from the shared counter until none is left and hashes each, over
+ * the image's shared chunks. When the image is being built (`fill`), it first
+ * fills the segment with the generator's content and marks its zero pages;
+ * otherwise it hashes the pages `include` selects (the summary's digest of
+ * the received pages). Exits when there is nothing left to take.
  */
-import { parentPort, workerData } from 'node:worker_threads';
-import type { GuestLayout, ImageSpec } from '@postcopy/shared';
-import { fillImagePages } from './image.js';
+import { workerData } from 'node:worker_threads';
+import type { GuestLayout, ImageSpec } from '@postcopy/shared/core';
+import { bitmapHas, digestSegmentPages, hashSegmentsFrom, type DigestWork } from '@postcopy/shared/digest';
+import { ChunkPages, fillImagePages } from './image-fill.js';
 
 export interface ImageWorkerData {
+  work: DigestWork;
   layout: GuestLayout;
-  spec: ImageSpec;
   chunks: SharedArrayBuffer[];
-  zero: SharedArrayBuffer;
   pagesPerChunk: number;
-  pagesPerSegment: number;
-  firstSegment: number;
-  stride: number;
+  /** Building the image: fill each segment before hashing it. */
+  fill?: { spec: ImageSpec; zero: SharedArrayBuffer };
+  /** The pages to hash, one bit a page (none: all). */
+  include?: Uint8Array;
 }
-
-export type ImageWorkerMessage = { type: 'segment'; segment: number; zeroPages: number } | { type: 'done' };
 
 const data = workerData as ImageWorkerData;
 const chunks = data.chunks.map((sab) => new Uint8Array(sab));
-const zero = new Uint8Array(data.zero);
-const segments = Math.ceil(data.layout.totalPages / data.pagesPerSegment);
-for (let segment = data.firstSegment; segment < segments; segment += data.stride) {
-  const first = segment * data.pagesPerSegment;
-  const end = Math.min(data.layout.totalPages, first + data.pagesPerSegment);
-  const zeroPages = fillImagePages(data.layout, data.spec, chunks, zero, data.pagesPerChunk, first, end);
-  parentPort!.postMessage({ type: 'segment', segment, zeroPages } satisfies ImageWorkerMessage);
-}
-parentPort!.postMessage({ type: 'done' } satisfies ImageWorkerMessage);
+const pages = new ChunkPages(data.layout.pageSize, chunks, data.pagesPerChunk);
+const include = data.include;
+const fill = data.fill;
+const zero = fill ? new Uint8Array(fill.zero) : undefined;
+const per = digestSegmentPages(data.layout.pageSize, data.work.segmentBytes);
+hashSegmentsFrom(
+  data.work,
+  pages,
+  include ? (page) => bitmapHas(include, page) : undefined,
+  fill ? (segment) => void fillImagePages(data.layout, fill.spec, chunks, zero!, data.pagesPerChunk, segment * per, Math.min(data.layout.totalPages, (segment + 1) * per)) : undefined,
+);

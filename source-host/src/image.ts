@@ -1,27 +1,25 @@
-import { createHash } from 'node:crypto';
-import { availableParallelism } from 'node:os';
-import { fillPage, startWorker, type GuestLayout, type ImageSpec, type PageSource } from '@postcopy/shared';
-import type { ImageWorkerData, ImageWorkerMessage } from './image-worker.js';
+import { DIGEST_SEGMENT_BYTES, PARALLEL_DIGEST_MIN_BYTES, bitmapHas, digestPages, digestSegmentPages, digestThreads, digestWork, runDigestWork, startWorker, type GuestLayout, type ImageSpec, type PageSource } from '@postcopy/shared';
+import { ChunkPages, fillImagePages } from './image-fill.js';
+import type { ImageWorkerData } from './image-worker.js';
+
+export { fillImagePages } from './image-fill.js';
 
 /** Largest single buffer the image uses; bigger guests are several chunks. */
 const CHUNK_BYTES = 1024 ** 3;
 
-/**
- * What the image's threads fill and hash in turn: a segment of pages. The
- * digest hashes segments in page order, so any segment size gives the same
- * digest; this one keeps every worker busy and the hashing right behind.
- */
-export const IMAGE_SEGMENT_BYTES = 64 * 1024 ** 2;
-
 /** Below this, building in worker threads costs more (their start-up) than it saves. */
-export const PARALLEL_IMAGE_MIN_BYTES = 256 * 1024 ** 2;
+export const PARALLEL_IMAGE_MIN_BYTES = PARALLEL_DIGEST_MIN_BYTES;
 
-/** How GuestImage.build spreads the work (defaults: a thread a core, at most 8; 64 MiB segments; threads from 256 MiB on). */
+/**
+ * How GuestImage.build spreads the work (defaults: a thread a core, this one
+ * included, at most 8; threads from 256 MiB on).
+ */
 export interface BuildOptions {
   threads?: number;
-  segmentBytes?: number;
   /** Smaller guests are built on the calling thread. */
   minBytes?: number;
+  /** Testing only: the digest's segment size (the protocol's is DIGEST_SEGMENT_BYTES; both hosts must use the same). */
+  segmentBytes?: number;
 }
 
 /** What a source vCPU thread needs to map the guest's memory (structured-cloned into it). */
@@ -56,26 +54,6 @@ function allocate(layout: GuestLayout): ImageMemory {
 }
 
 /**
- * Fills pages [first, end) of the image with the generator's content and marks
- * the zero ones (by their content, as QEMU's buffer_is_zero). Returns how many
- * were zero.
- */
-export function fillImagePages(layout: GuestLayout, spec: ImageSpec, chunks: readonly Uint8Array[], zero: Uint8Array, pagesPerChunk: number, first: number, end: number): number {
-  const words = layout.pageSize >>> 2;
-  let zeroPages = 0;
-  for (let page = first; page < end; page++) {
-    const chunk = chunks[Math.floor(page / pagesPerChunk)]!;
-    const view = new Uint32Array(chunk.buffer, chunk.byteOffset + (page % pagesPerChunk) * layout.pageSize, words);
-    fillPage(spec, page, view);
-    if (isAllZero(view)) {
-      zero[page] = 1;
-      zeroPages++;
-    }
-  }
-  return zeroPages;
-}
-
-/**
  * The guest's memory on the source, built from the seeded generator. In
  * postcopy mode it is the memory as it was when the destination took over and
  * never changes; in the precopy modes the source's vCPUs run and change it
@@ -88,14 +66,15 @@ export function fillImagePages(layout: GuestLayout, spec: ImageSpec, chunks: rea
  * write (and the dirty bit makes it send again) or sees it cleared.
  *
  * `new GuestImage` builds it on this thread; {@link GuestImage.build} builds a
- * large one in worker threads, the filling spread over the cores and the
- * digest hashed here right behind it (issue 9: the source needed 6 s for a
- * 4 GiB guest before it listened). Both give the same bytes and digest.
+ * large one on every core, each thread filling and hashing whole digest
+ * segments (issue 9: the source needed 6 s for a 4 GiB guest before it
+ * listened; with one thread hashing behind the fillers, still 5-6 s). Both
+ * give the same bytes and digest.
  */
 export class GuestImage implements PageSource {
   readonly layout: GuestLayout;
   readonly spec: ImageSpec;
-  /** SHA-256 of the image as built (the generator's image; a restarted source rebuilds the same). */
+  /** The digest (shared/digest.ts) of the image as built (the generator's image; a restarted source rebuilds the same). */
   readonly digest: string;
   private readonly chunks: Buffer[];
   private changedSinceBuilt = false;
@@ -114,83 +93,70 @@ export class GuestImage implements PageSource {
     }
     const memory = allocate(layout);
     ({ chunks: this.chunks, zero: this.zero, pagesPerChunk: this.pagesPerChunk } = memory);
-    const hash = createHash('sha256');
     let zeroPages = 0;
     for (const [i, chunk] of this.chunks.entries()) {
       const first = i * this.pagesPerChunk;
       zeroPages += fillImagePages(layout, spec, this.chunks, this.zero, this.pagesPerChunk, first, first + chunk.length / layout.pageSize);
-      hash.update(chunk);
     }
     this.zeroPages = zeroPages;
-    this.digest = hash.digest('hex');
+    this.digest = digestPages(this, layout);
   }
 
   /**
-   * Builds the image in worker threads (see {@link BuildOptions}), each
-   * filling every n-th segment, while this thread hashes the segments in page
-   * order as they are done. A small guest is built here instead.
+   * Builds the image on this thread and helper threads at once: each takes
+   * the next digest segment, fills it with the generator's content, marks its
+   * zero pages and hashes it (shared/parallel-digest.ts), so the filling and
+   * the hashing are spread over the cores together. A small guest is built
+   * here alone. The same bytes and digest as `new GuestImage`.
    */
   static async build(layout: GuestLayout, spec: ImageSpec, options: BuildOptions = {}): Promise<GuestImage> {
-    const threads = options.threads ?? Math.min(8, availableParallelism());
-    if (layout.guestBytes < (options.minBytes ?? PARALLEL_IMAGE_MIN_BYTES) || threads < 1) return new GuestImage(layout, spec);
-    const memory = allocate(layout);
-    const segmentBytes = options.segmentBytes ?? IMAGE_SEGMENT_BYTES;
-    if (CHUNK_BYTES % segmentBytes !== 0) throw new RangeError(`expected a segment size that divides 1 GiB, got ${segmentBytes} bytes`);
-    const pagesPerSegment = Math.max(1, Math.floor(segmentBytes / layout.pageSize));
-    const segments = Math.ceil(layout.totalPages / pagesPerSegment);
-    const workerCount = Math.min(threads, segments);
-    const done = new Array<boolean>(segments).fill(false);
-    let zeroPages = 0;
-    let hashed = 0;
-    const hash = createHash('sha256');
-    // Hashes every segment that is done and next in page order.
-    const hashReady = (): void => {
-      while (hashed < segments && done[hashed]) {
-        const first = hashed * pagesPerSegment;
-        const end = Math.min(layout.totalPages, first + pagesPerSegment);
-        // A segment never straddles chunks: chunks are whole numbers of segments (1 GiB / 64 MiB).
-        const chunk = memory.chunks[Math.floor(first / memory.pagesPerChunk)]!;
-        const from = (first % memory.pagesPerChunk) * layout.pageSize;
-        hash.update(chunk.subarray(from, from + (end - first) * layout.pageSize));
-        hashed++;
-      }
-    };
-    const workers = Array.from({ length: workerCount }, (_, index) => {
-      const data: ImageWorkerData = {
-        layout,
-        spec,
-        chunks: memory.chunks.map((c) => c.buffer as SharedArrayBuffer),
-        zero: memory.zero.buffer as SharedArrayBuffer,
-        pagesPerChunk: memory.pagesPerChunk,
-        pagesPerSegment,
-        firstSegment: index,
-        stride: workerCount,
-      };
-      return startWorker(import.meta.url, 'image-worker', { workerData: data });
-    });
-    try {
-      await Promise.all(
-        workers.map(
-          (worker) =>
-            new Promise<void>((resolve, reject) => {
-              worker.on('message', (m: ImageWorkerMessage) => {
-                if (m.type === 'segment') {
-                  done[m.segment] = true;
-                  zeroPages += m.zeroPages;
-                  hashReady();
-                } else resolve();
-              });
-              worker.once('error', reject);
-              worker.once('exit', (code) => reject(new Error(`an image worker exited (code ${code}) before it was done`)));
-            }),
-        ),
-      );
-    } finally {
-      await Promise.all(workers.map((w) => w.terminate()));
+    const threads = options.threads ?? digestThreads();
+    const segmentBytes = options.segmentBytes ?? DIGEST_SEGMENT_BYTES;
+    if (layout.guestBytes < (options.minBytes ?? PARALLEL_IMAGE_MIN_BYTES) || threads <= 1) {
+      if (segmentBytes !== DIGEST_SEGMENT_BYTES) throw new RangeError(`expected the protocol's digest segment (${DIGEST_SEGMENT_BYTES} bytes) on one thread, got ${segmentBytes}`);
+      return new GuestImage(layout, spec);
     }
-    hashReady();
-    if (hashed !== segments) throw new Error(`expected all ${segments} image segments built, got ${hashed}`);
-    return new GuestImage(layout, spec, { memory, digest: hash.digest('hex'), zeroPages });
+    const memory = allocate(layout);
+    const per = digestSegmentPages(layout.pageSize, segmentBytes);
+    const work = digestWork(layout, segmentBytes);
+    const data: ImageWorkerData = {
+      work,
+      layout,
+      chunks: memory.chunks.map((c) => c.buffer as SharedArrayBuffer),
+      pagesPerChunk: memory.pagesPerChunk,
+      fill: { spec, zero: memory.zero.buffer as SharedArrayBuffer },
+    };
+    const digest = await runDigestWork(
+      work,
+      new ChunkPages(layout.pageSize, memory.chunks, memory.pagesPerChunk),
+      () => startWorker(import.meta.url, 'image-worker', { workerData: data }),
+      threads,
+      undefined,
+      (segment) => void fillImagePages(layout, spec, memory.chunks, memory.zero, memory.pagesPerChunk, segment * per, Math.min(layout.totalPages, (segment + 1) * per)),
+    );
+    let zeroPages = 0;
+    for (let page = 0; page < layout.totalPages; page++) zeroPages += memory.zero[page]!;
+    return new GuestImage(layout, spec, { memory, digest, zeroPages });
+  }
+
+  /**
+   * The digest of the pages `receivedmap` selects (all without it), on this
+   * thread and helpers (a large guest) or here alone: the summary's, once the
+   * guest stopped changing the image.
+   */
+  async digestOf(receivedmap?: Uint8Array, options: { threads?: number; minBytes?: number } = {}): Promise<string> {
+    const include = receivedmap ? (page: number) => bitmapHas(receivedmap, page) : undefined;
+    const threads = options.threads ?? digestThreads();
+    if (threads <= 1 || this.layout.guestBytes < (options.minBytes ?? PARALLEL_DIGEST_MIN_BYTES)) return digestPages(this, this.layout, include);
+    const work = digestWork(this.layout);
+    const data: ImageWorkerData = {
+      work,
+      layout: this.layout,
+      chunks: this.chunks.map((c) => c.buffer as SharedArrayBuffer),
+      pagesPerChunk: this.pagesPerChunk,
+      ...(receivedmap ? { include: receivedmap } : {}),
+    };
+    return runDigestWork(work, this, () => startWorker(import.meta.url, 'image-worker', { workerData: data }), threads, include);
   }
 
   /** For the source's vCPU threads. */
@@ -228,9 +194,4 @@ export class GuestImage implements PageSource {
   isZero(page: number): boolean {
     return Atomics.load(this.zero, page) === 1;
   }
-}
-
-function isAllZero(words: Uint32Array): boolean {
-  for (let i = 0; i < words.length; i++) if (words[i] !== 0) return false;
-  return true;
 }

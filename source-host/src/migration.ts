@@ -420,8 +420,27 @@ export class SourceMigration {
     channel.send(encode({ type: 'complete', pagesSent: this.sentmap.sent }));
   }
 
-  /** The destination is done: compare its receivedmap with the sentmap and digest what it received. */
-  summarize(receivedmap: Uint8Array): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
+  /**
+   * The digest of the pages the destination received, over the image as it
+   * is now (the guest stopped changing it): every page of an image the guest
+   * never changed here is the digest computed at start-up, the same bytes in
+   * the same order, so it is not hashed a second time; otherwise hashed on
+   * every core (GuestImage.digestOf).
+   */
+  digestOfReceived(receivedmap: Uint8Array): Promise<string> {
+    const total = this.image.layout.totalPages;
+    let received = 0;
+    for (let page = 0; page < total; page++) if (bitmapHas(receivedmap, page)) received++;
+    if (!this.image.changed && received === total) return Promise.resolve(this.image.digest);
+    return this.image.digestOf(receivedmap);
+  }
+
+  /**
+   * The destination is done: compare its receivedmap with the sentmap and
+   * digest what it received (`digestOfReceived` from {@link digestOfReceived};
+   * hashed here on one thread without it).
+   */
+  summarize(receivedmap: Uint8Array, digestOfReceived?: string): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
     const total = this.image.layout.totalPages;
     let sentNotReceived = 0;
     let receivedNotSent = 0;
@@ -443,11 +462,9 @@ export class SourceMigration {
       pagesPushed: this.stats.pagesPushed,
       pagesZero: this.stats.pagesZero,
       pagesSentTwice: this.sentmap.pagesSentTwice,
-      // Every page received, of an image the guest never changed here: the
-      // same bytes in the same order as the digest computed at start-up, so
-      // it is not hashed a second time.
       digestOfReceived:
-        received === total && !this.image.changed ? this.image.digest : digestPages(this.image, total, (page) => bitmapHas(receivedmap, page)),
+        digestOfReceived ??
+        (received === total && !this.image.changed ? this.image.digest : digestPages(this.image, this.image.layout, (page) => bitmapHas(receivedmap, page))),
       sentNotReceived,
       receivedNotSent,
       peakRssBytes: process.resourceUsage().maxRSS * 1024,

@@ -15,7 +15,7 @@ import type { ListenerTls } from './listener.js';
 import { addPrecopyOptions, parsePrecopyOptions, type PrecopyCliOptions } from './precopy-options.js';
 import { addDeviceOptions, parseDeviceOptions, type DeviceCliOptions } from './devices/options.js';
 import { parseBandwidth, type LinkSpec } from './link.js';
-import { SERVER_DEFAULTS } from './server.js';
+import { SERVER_DEFAULTS } from './defaults.js';
 
 /** Option defaults in one literal (the `ws` convention). */
 export const SOURCE_DEFAULTS = {

@@ -5,9 +5,9 @@
  */
 import { Command, Option } from 'commander';
 import { MIGRATION_MODES, UsageError, formatBytes, parseChoice, parseIntOption, parseSize, type GuestLayout, type MigrationMode } from '@postcopy/shared';
-import { SOURCE_GUEST_DEFAULTS, type ControllerOptions } from './controller.js';
+import type { ControllerOptions } from './controller.js';
+import { PRECOPY_DEFAULTS, SOURCE_GUEST_DEFAULTS } from './defaults.js';
 import { parseBandwidth } from './link.js';
-import { PRECOPY_DEFAULTS } from './precopy.js';
 
 export const PRECOPY_OPTION_DEFAULTS = {
   mode: 'postcopy' as MigrationMode,

@@ -38,6 +38,7 @@ import { AutoConverge, bandwidthBytesPerMs, convergence } from './convergence.js
 import { DirtyLog, bitSet, clearBit, popcount, setBit } from './dirty-log.js';
 import type { GuestImage } from './image.js';
 import type { Channel, PushStream } from './migration.js';
+import { PRECOPY_DEFAULTS } from './defaults.js';
 
 export type SwitchoverReason = 'converged' | 'rounds' | 'migrate-start-postcopy' | 'auto-converge' | 'skip-precopy';
 
@@ -109,19 +110,7 @@ export interface PrecopyOptions {
   unsafeSkipSync: boolean;
 }
 
-export const PRECOPY_DEFAULTS: PrecopyOptions = {
-  mode: 'hybrid',
-  downtimeLimitMs: 300,
-  availSwitchoverBytesPerSec: 0,
-  maxRounds: 30,
-  autoConverge: false,
-  postcopyAfterRounds: 1,
-  batchBytes: 64 * 1024,
-  highWaterBytes: 512 * 1024,
-  streamBatchBytes: 1024 * 1024,
-  streamHighWaterBytes: 2 * 1024 * 1024,
-  unsafeSkipSync: false,
-};
+export { PRECOPY_DEFAULTS };
 
 /** How often a switchover waiting for the SYNC's acknowledgement looks whether a channel closed meanwhile. */
 const SYNC_POLL_MS = 50;

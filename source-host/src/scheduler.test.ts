@@ -275,13 +275,16 @@ describe('SourceMigration', () => {
     });
     expect(summary.repliesPage + summary.repliesZero).toBe(1);
     // The summary reuses the image digest when every page was received: it
-    // must be the digest of all pages, hashed page by page in order.
-    expect(digestPages(img, PAGES)).toBe(img.digest);
+    // must be the digest of all pages, as the destination hashes them.
+    expect(digestPages(img, img.layout)).toBe(img.digest);
     // With a page missing, the digest covers only the pages received.
     const partial = allReceived(PAGES);
     partial[0] = partial[0]! & ~1;
-    expect(migration.summarize(partial).digestOfReceived).toBe(digestPages(img, PAGES, (p) => p !== 0));
+    expect(migration.summarize(partial).digestOfReceived).toBe(digestPages(img, img.layout, (p) => p !== 0));
     expect(migration.summarize(partial).digestOfReceived).not.toBe(img.digest);
+    // The controller's path (digestOfReceived, then summarize with it) gives the same.
+    await expect(migration.digestOfReceived(partial)).resolves.toBe(digestPages(img, img.layout, (p) => p !== 0));
+    await expect(migration.digestOfReceived(allReceived(PAGES))).resolves.toBe(img.digest);
   });
 
   it('answers two requests for the same page on two channels once with the page, once with already-sent', async () => {

@@ -29,6 +29,7 @@ import { listen, type Listener, type ListenerTls } from './listener.js';
 import type { Channel, MigrationOptions, SourceMigration } from './migration.js';
 import { SourcePushChannel, isPushUpgrade } from './push-channel.js';
 import type { Admission } from './access.js';
+import { SERVER_DEFAULTS } from './defaults.js';
 
 export { generateToken, tokensEqual } from './access.js';
 
@@ -72,13 +73,7 @@ export interface SourceServerOptions {
   unsafeUnboundChannels?: boolean;
 }
 
-/** Server option defaults in one literal. */
-export const SERVER_DEFAULTS = {
-  handshakeTimeoutMs: 10_000,
-  resumeTimeoutMs: 10_000,
-  maxConnections: 1024,
-  keepaliveMs: 10_000,
-} as const;
+export { SERVER_DEFAULTS };
 
 /** Where the migration stands: QEMU's MigrationStatus names (see lifecycle.ts). */
 export type MigrationState = SourceState;

@@ -10,7 +10,7 @@
  */
 import type { Server } from 'node:http';
 import { setPriority } from 'node:os';
-import { ChannelRole, ConnectionError, CpuMeter, UsageError, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, digestPages, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
+import { ChannelRole, ConnectionError, CpuMeter, UsageError, DEFAULT_MDEV_CATALOG, MAX_DEVICES, counterWord, stateName, type CpuSpent, type Report, type Welcome } from '@postcopy/shared';
 import type { DestinationOptions, DestinationResult } from '../destination.js';
 import { DeviceReceiver } from '../devices/receiver.js';
 import { DestLifecycle } from '../lifecycle.js';
@@ -38,6 +38,7 @@ import type { FaultChannelKind, GuestThreadResult, SharedState, SourceEndpoint }
 import { Abort } from './abort.js';
 import { DropInjector } from './drops.js';
 import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './finish.js';
+import { digestReceived } from './digest.js';
 import { GuestThreads, type ResolverEnd } from './guest-threads.js';
 import { MainChannel } from './main-channel.js';
 
@@ -583,7 +584,9 @@ export class DestinationRun {
     const { summary, received } = await exchangeSummary({ main: () => this.main!, channel: this.channel, vmm, totalPages: layout.totalPages, recovery: this.recovery, abort: this.abort });
     // Received pages only: on uffd a missing page would block this thread in the kernel.
     const pages = new GuestPages(guest.memory);
-    const destDigest = digestPages(pages, layout.totalPages, (page) => Atomics.load(vmm.pageStatus, page) === PAGE.RECEIVED);
+    // On every core (run/digest.ts); not raced with the abort: it ends by
+    // itself, and no helper may still read guest memory when close() unmaps it.
+    const destDigest = await digestReceived(guest.memory, vmm, layout);
     // The digests differ: which pages, and who sent them last?
     const digestMismatch =
       destDigest !== summary.digestOfReceived ? await namePagesThatDiffer({ main: this.main!, channel: this.channel, pages, vmm, totalPages: layout.totalPages, abort: this.abort }) : undefined;

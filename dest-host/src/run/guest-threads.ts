@@ -55,7 +55,7 @@ interface ResolverThread extends Thread {
  * ../workers/, so the "caller" is a file there (.ts under the test runner,
  * .js when built, as this file is).
  */
-const WORKERS_CALLER = new URL(`../workers/threads.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url).href;
+export const WORKERS_CALLER = new URL(`../workers/threads.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url).href;
 
 export class GuestThreads {
   readonly workers: Worker[] = [];
