@@ -167,9 +167,12 @@ export class SourceMigration {
       // Without preempt the page shares the main channel with pushed pages
       // (ahead of pushes not yet sent, behind those already in the socket);
       // the request's one reply says where its content went. The main
-      // channel carries pages for every fault channel: batched by poll.
+      // channel carries pages for every fault channel: batched by poll. The
+      // reply leaves with that batch, after it (setImmediate runs in order):
+      // by the time the faulting thread reads it, its page is usually in,
+      // and it need not sleep a second time waiting for it.
       this.sendContent(main, 0, page, 'poll');
-      channel.send(encode({ type: 'sent-on-main', id, page }));
+      channel.send(encode({ type: 'sent-on-main', id, page }), undefined, 'poll');
       this.stats.repliesOnMain++;
     } else {
       this.sendContent(channel, id, page);
