@@ -95,14 +95,12 @@ export class BlockingPageChannel {
   private static open(native: UffdNative, options: PageClientOptions, url: URL, address: { address: string; family: number }, maxPayload: number): { ws: BlockingWebSocket; welcome: Welcome } {
     const timeoutMs = options.connectTimeoutMs ?? 10_000;
     const tls = options.tls;
-    const ws = BlockingWebSocket.connect(native, url, address, timeoutMs, maxPayload, tls?.ca !== undefined ? { ...tls, ca: tls.ca } : undefined);
+    const ws = BlockingWebSocket.connect(native, url, address, timeoutMs, SLICE_MS, maxPayload, tls?.ca !== undefined ? { ...tls, ca: tls.ca } : undefined);
     try {
       ws.send(encode(helloFor(options)));
       const data = ws.receive(performance.now() + timeoutMs);
       if (data === undefined) throw new ConnectionError(`no answer from the source at ${options.url} within ${timeoutMs} ms`);
-      const welcome = expectWelcome(data, options);
-      ws.setTimeouts(SLICE_MS, timeoutMs);
-      return { ws, welcome };
+      return { ws, welcome: expectWelcome(data, options) };
     } catch (err) {
       ws.terminate();
       throw err;

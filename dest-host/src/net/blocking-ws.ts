@@ -46,25 +46,28 @@ export class BlockingWebSocket {
   /**
    * Connects to `address` (numeric, resolved by the caller) and performs the
    * opening handshake for `url` within `timeoutMs`; throws a ConnectionError
-   * saying what failed (an HTTP refusal with its status and body).
+   * saying what failed (an HTTP refusal with its status and body). From the
+   * WebSocket handshake on, one blocked recv lasts `sliceMs` (SO_RCVTIMEO)
+   * before {@link receive} looks at its deadline again and its caller at the
+   * session; a blocked send may take `timeoutMs` before the connection
+   * counts as failed.
    */
-  static connect(native: UffdNative, url: URL, address: { address: string; family: number }, timeoutMs: number, maxPayload: number, tls?: BlockingTls): BlockingWebSocket {
+  static connect(native: UffdNative, url: URL, address: { address: string; family: number }, timeoutMs: number, sliceMs: number, maxPayload: number, tls?: BlockingTls): BlockingWebSocket {
     const port = Number(url.port || (url.protocol === 'wss:' ? 443 : 80));
     const fd = native.tcpConnect(address.address, port, address.family, timeoutMs);
     if (fd < 0) throw new ConnectionError(`cannot reach the source at ${url.href}: ${errnoName(fd)}`);
     const ws = new BlockingWebSocket(native, fd, maxPayload, url.href);
     try {
-      native.sockSetTimeouts(fd, Math.max(1, Math.min(timeoutMs, 50)), timeoutMs);
       if (url.protocol === 'wss:') {
-        // The handshake runs under the send timeout for every blocked read (SO_RCVTIMEO is one slice).
+        // The TLS handshake's every blocked read may take the whole timeout, not one slice.
         native.sockSetTimeouts(fd, timeoutMs, timeoutMs);
         if (tls === undefined) throw new Error(`expected TLS material for ${url.href}`);
         const name = tls.serverName ?? (url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname);
         const conn = native.tlsConnect(fd, tls.ca, tls.cert ?? null, tls.key ?? null, name, isIP(name) !== 0);
         if (typeof conn === 'number') throw new ConnectionError(`TLS with the source at ${url.href} failed: ${native.tlsError(null)} (${errnoName(conn)})`);
         ws.tls = conn;
-        native.sockSetTimeouts(fd, Math.max(1, Math.min(timeoutMs, 50)), timeoutMs);
       }
+      native.sockSetTimeouts(fd, Math.max(1, Math.min(timeoutMs, sliceMs)), timeoutMs);
       ws.handshake(url, timeoutMs);
       return ws;
     } catch (err) {
@@ -157,15 +160,6 @@ export class BlockingWebSocket {
     this.fd = -1;
   }
 
-  /**
-   * How long one blocked recv lasts before {@link receive} looks at its
-   * deadline again (and its caller at the session), and how long a blocked
-   * send may take before the connection counts as failed.
-   */
-  setTimeouts(recvSliceMs: number, sendMs: number): void {
-    if (!this.closed) this.native.sockSetTimeouts(this.fd, recvSliceMs, sendMs);
-  }
-
   get isClosed(): boolean {
     return this.closed;
   }
@@ -173,7 +167,7 @@ export class BlockingWebSocket {
   /**
    * The next binary message, waiting at most until `deadline`
    * (performance.now() ms), or without one for one receive slice (see
-   * {@link setTimeouts}); undefined when none came by then. The view is
+   * {@link connect}); undefined when none came by then. The view is
    * valid until the next call. Answers pings on the way. Throws a
    * ConnectionError when the connection ends, a ProtocolError on a frame
    * this client does not accept.
