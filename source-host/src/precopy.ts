@@ -402,6 +402,11 @@ export class Precopy {
     return result;
   }
 
+  /** The round a set's records carry: the stop-and-copy counts as the round after the last. */
+  private roundOf(phase: number): number {
+    return phase === PHASE.STOP_AND_COPY ? this.roundNumber + 1 : this.roundNumber;
+  }
+
   /**
    * Sends every page set in `set` (a round's pages), ascending, as runs of
    * consecutive pages (one frame each, up to MAX_PUSH_FRAME_BYTES) and zero
@@ -414,7 +419,7 @@ export class Precopy {
     const { totalPages, pageSize } = this.image.layout;
     const perFrame = maxPushPages(pageSize);
     const batchPages = Math.max(1, Math.floor(this.options.batchBytes / pageSize));
-    const round = phase === PHASE.STOP_AND_COPY ? this.roundNumber + 1 : this.roundNumber;
+    const round = this.roundOf(phase);
     this.remaining = pages;
     let sent = 0;
     let page = 0;
@@ -466,7 +471,7 @@ export class Precopy {
     const { totalPages, pageSize } = this.image.layout;
     const perRecord = maxPushRunPages(pageSize);
     const batchPages = Math.max(1, Math.floor(this.options.streamBatchBytes / pageSize));
-    const round = phase === PHASE.STOP_AND_COPY ? this.roundNumber + 1 : this.roundNumber;
+    const round = this.roundOf(phase);
     this.remaining = pages;
     let sent = 0;
     let page = 0;
