@@ -117,12 +117,19 @@ export const ERRNO = {
 
 /** pte states in the page table array. */
 export const PTE = {
+  /**
+   * Missing. A missing page's bytes are all zero, as no pte maps memory
+   * there: guest memory starts zeroed, a discard zeroes a page before it
+   * goes back to NONE, and so does copyRelease for bytes a cut stream left
+   * half written. ZEROPAGE and a fault on unregistered memory therefore
+   * write nothing (the kernel maps its zero page, or gives a zeroed one).
+   */
   NONE: 0,
   PRESENT: 1,
   /**
-   * Someone holds the page (the page table lock): a COPY or ZEROPAGE writing
-   * it, a fault on unregistered memory zero-filling it, or a discard zeroing
-   * it. Faults still see it missing.
+   * Someone holds the page (the page table lock): a COPY writing it, a
+   * ZEROPAGE or a fault on unregistered memory installing it, a discard or a
+   * release zeroing it. Faults still see it missing.
    */
   INSTALLING: 2,
 } as const;

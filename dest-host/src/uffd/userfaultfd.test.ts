@@ -300,8 +300,12 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     const f = setup();
     const { uffd, memory } = f;
     const ctx = openAll(f);
-    memory.store(2, 0, 0x5a5a5a5a); // junk in a missing page must not survive ZEROPAGE
-    memory.store(2, 100, 0x5a5a5a5a);
+    // Bytes a cut stream left in a page it had taken (claim, write, release)
+    // do not survive: a missing page holds zeros, so ZEROPAGE writes nothing.
+    expect(uffd.copyClaim(2, 1)).toBe(1);
+    memory.pagesBytes(2, 1).fill(0x5a);
+    uffd.copyRelease(2, 1);
+    expect(firstDifference(memory.pageBytes(2), new Uint8Array(PAGE))).toBe(-1);
     expect(uffd.zeropage(ctx, 2 * PAGE, PAGE)).toBe(PAGE);
     expect(uffd.isPresent(2)).toBe(true);
     expect(firstDifference(memory.pageBytes(2), new Uint8Array(PAGE))).toBe(-1);
@@ -314,14 +318,15 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     expect(firstDifference(memory.pageBytes(3), pageData(3))).toBe(-1);
     expect(uffd.zeropage(ctx, 2 * PAGE, PAGE)).toBe(-ERRNO.EEXIST);
 
-    // ZEROPAGE wakes this context's waiter like COPY does.
-    memory.store(7, 0, 0x1234567);
+    // ZEROPAGE wakes this context's waiter like COPY does; what page 7 held before its discard is gone.
+    expect(uffd.copy(ctx, 7 * PAGE, pageData(7), PAGE)).toBe(PAGE);
+    expect(uffd.discard(7 * PAGE, PAGE)).toBe(0);
     const t = startThread(f, 1, 7, false);
     expect(readMessage(uffd, ctx)).toEqual({ address: 7 * PAGE, flags: 0, tid: 1 });
     await settle();
     expect(uffd.zeropage(ctx, 7 * PAGE, PAGE)).toBe(PAGE);
     expect(await t.waitFor('resumed')).toEqual({ type: 'resumed', tid: 1, wakeups: 1, firstWord: 0 });
-    expect(uffd.counters()).toMatchObject({ zeropages: 2, copies: 1, eexist: 3, threadsWoken: 1 });
+    expect(uffd.counters()).toMatchObject({ zeropages: 2, copies: 2, eexist: 3, threadsWoken: 1, discards: 1 });
   });
 
   it('ZEROPAGE on 2 MiB pages fails with -EINVAL (hugetlb has no zero page); a COPY of zeros works', () => {
@@ -435,7 +440,9 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     const f = setup();
     const { uffd } = f;
     const ctx = openAll(f);
-    f.memory.store(6, 0, 0x5a5a5a5a); // a missing page's stale bytes never show
+    // What page 6 held before its discard never shows.
+    expect(uffd.copy(ctx, 6 * PAGE, pageData(6), PAGE)).toBe(PAGE);
+    expect(uffd.discard(6 * PAGE, PAGE)).toBe(0);
     const t = startThread(f, 1, 6, true);
     const other = startThread(f, 2, 12, false);
     expect([readMessage(uffd, ctx).tid, readMessage(uffd, ctx).tid].sort()).toEqual([1, 2]);
@@ -770,7 +777,9 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     const f = setup();
     const { uffd } = f;
     const ctx = openAll(f);
-    f.memory.store(5, 0, 0x5a5a5a5a); // stale bytes of the missing page do not show through
+    // What page 5 held before its discard does not show through.
+    expect(uffd.copy(ctx, 5 * PAGE, pageData(5), PAGE)).toBe(PAGE);
+    expect(uffd.discard(5 * PAGE, PAGE)).toBe(0);
     const t = startThread(f, 1, 5, true);
     expect(readMessage(uffd, ctx).tid).toBe(1);
     await settle();

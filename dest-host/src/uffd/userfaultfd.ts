@@ -355,8 +355,9 @@ export class Userfaultfd {
       // INSTALLING still reads as missing to faulting threads, which block;
       // they are woken below once the data is in and the pte PRESENT.
       if (Atomics.compareExchange(this.ptes, page, PTE.NONE, PTE.INSTALLING) !== PTE.NONE) break;
-      if (zero) this.memory.zeroPage(page);
-      else this.memory.writePage(page, src!, (page - first) * this.pageSize);
+      // A missing page's bytes are zero already (PTE.NONE): a ZEROPAGE, like
+      // the kernel's mapping of its zero page, writes nothing.
+      if (!zero) this.memory.writePage(page, src!, (page - first) * this.pageSize);
       // Seq-cst store: whoever sees PRESENT also sees the data written above.
       Atomics.store(this.ptes, page, PTE.PRESENT);
     }
@@ -417,7 +418,11 @@ export class Userfaultfd {
    * fault whose page has not come yet.
    */
   copyRelease(first: number, count: number): void {
-    for (let page = first; page < first + count; page++) Atomics.store(this.ptes, page, PTE.NONE);
+    for (let page = first; page < first + count; page++) {
+      // Still INSTALLING: the stream may have written part of it; a missing page holds zeros (PTE.NONE).
+      this.memory.zeroPage(page);
+      Atomics.store(this.ptes, page, PTE.NONE);
+    }
   }
 
   // ---------------------------------------------------------------- faulting side
@@ -609,12 +614,12 @@ export class Userfaultfd {
 
   /**
    * A fault no context takes: do_anonymous_page() installs a zero-filled
-   * page. Whoever moves the pte off NONE fills it; a thread finding it held
+   * page. A missing page's bytes are zero already (PTE.NONE), so whoever
+   * moves the pte off NONE only makes it present; a thread finding it held
    * (INSTALLING) waits a moment and the caller's retry looks again.
    */
   private faultUnregistered(page: number): void {
     if (Atomics.compareExchange(this.ptes, page, PTE.NONE, PTE.INSTALLING) === PTE.NONE) {
-      this.memory.zeroPage(page);
       Atomics.store(this.ptes, page, PTE.PRESENT);
       return;
     }
