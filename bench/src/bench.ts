@@ -180,8 +180,13 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   const isPush = (spec: RunSpec): boolean => spec === PUSH_RUN || spec === TLS_RUNS.push || spec === TRACE_RUNS.push;
   const memoryOf = (spec: RunSpec): number => (isPush(spec) ? options.pushMemoryBytes : options.memoryBytes);
   for (const spec of runSpecs) runSamples[spec.key] = [];
-  const throughputSpecs = options.throughputVcpus.flatMap((v) => BENCH_STRATEGIES.map((s) => ({ strategy: s, vcpus: v, spec: throughputRun(s, v, options.mibPerVcpu) })));
-  for (const t of throughputSpecs) runSamples[t.spec.key] = [];
+  const throughputSpecs = options.throughputVcpus.flatMap((v) =>
+    BENCH_STRATEGIES.map((s) => ({ strategy: s, vcpus: v, spec: throughputRun(s, v, options.mibPerVcpu), defaults: throughputRun(s, v, options.mibPerVcpu, 'defaults') })),
+  );
+  for (const t of throughputSpecs) {
+    runSamples[t.spec.key] = [];
+    runSamples[t.defaults.key] = [];
+  }
   runSamples[TRACE_RUNS.rate.key] = [];
 
   const native = await nativeBinary();
@@ -232,15 +237,17 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       });
     }
     for (const t of throughputSpecs) {
-      steps.push({
-        label: t.spec.label,
-        run: async () => {
-          const { figures } = await runMigration(t.spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
-          runSamples[t.spec.key]!.push(figures);
-          const c = figures.cpuPerFaultUs;
-          return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
-        },
-      });
+      for (const spec of [t.spec, t.defaults]) {
+        steps.push({
+          label: spec.label,
+          run: async () => {
+            const { figures } = await runMigration(spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
+            runSamples[spec.key]!.push(figures);
+            const c = figures.cpuPerFaultUs;
+            return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
+          },
+        });
+      }
       if (t.strategy === 'shared-uffd' && t.vcpus === options.throughputVcpus[0]) {
         steps.push({
           label: TRACE_RUNS.rate.label,
@@ -309,16 +316,24 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   }
   const phasesResult = phases.result();
   const toolRates = {} as ThroughputFigures['tool'];
+  const toolDefaults = {} as ThroughputFigures['toolDefaults'];
   const nativeRates = {} as Record<BenchStrategy, Record<string, RateFigures>>;
+  const rateOf = (key: string): RateFigures => ({ pagesPerSec: round3(med(key, (f) => f.pagesPerSec)), p50Us: med(key, (f) => f.p50Us), cpuPerFaultUs: cpuMed(key) });
   for (const s of BENCH_STRATEGIES) {
     toolRates[s] = {};
+    toolDefaults[s] = {};
     nativeRates[s] = {};
     for (const v of options.throughputVcpus) {
-      const key = throughputRun(s, v, options.mibPerVcpu).key;
-      toolRates[s][String(v)] = { pagesPerSec: round3(med(key, (f) => f.pagesPerSec)), p50Us: med(key, (f) => f.p50Us), cpuPerFaultUs: cpuMed(key) };
+      toolRates[s][String(v)] = rateOf(throughputRun(s, v, options.mibPerVcpu).key);
+      toolDefaults[s][String(v)] = rateOf(throughputRun(s, v, options.mibPerVcpu, 'defaults').key);
       const mine = nativeSamples.filter((n) => n.mode === NATIVE_COUNTERPART[s] && n.vcpus === v);
       if (mine.length > 0) {
-        nativeRates[s][String(v)] = { pagesPerSec: round3(median(mine.map((n) => n.pagesPerSec))), p50Us: round3(median(mine.map((n) => n.latencyUs.p50))) };
+        const rates = mine.map((n) => n.pagesPerSec);
+        nativeRates[s][String(v)] = {
+          pagesPerSec: round3(median(rates)),
+          p50Us: round3(median(mine.map((n) => n.latencyUs.p50))),
+          ...(mine.length > 1 ? { pagesPerSecRange: [round3(Math.min(...rates)), round3(Math.max(...rates))] as [number, number] } : {}),
+        };
       }
     }
   }
@@ -340,6 +355,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       vcpus: options.throughputVcpus,
       mibPerVcpu: options.mibPerVcpu,
       tool: toolRates,
+      toolDefaults,
       native: nativeUnavailable !== undefined ? { unavailable: nativeUnavailable } : nativeRates,
     },
     urgent: {

@@ -45,6 +45,8 @@ export interface TargetResult extends Target {
 export interface RateFigures {
   pagesPerSec: number;
   p50Us: number;
+  /** The native floor's runs: the lowest and highest rate of its repeats (its own spread, for ties). */
+  pagesPerSecRange?: [number, number];
   /** The tool's runs: CPU µs per fault of each process and thread group (medians; null: unknown here). */
   cpuPerFaultUs?: Record<CpuGroup, number | null>;
 }
@@ -54,8 +56,10 @@ export interface ThroughputFigures {
   /** vCPU counts, in the order run. */
   vcpus: number[];
   mibPerVcpu: number;
-  /** Per strategy, per vCPU count (a string key: JSON has no number keys). */
+  /** Per strategy, per vCPU count (a string key: JSON has no number keys): with --preempt, as the floor. */
   tool: Record<BenchStrategy, Record<string, RateFigures>>;
+  /** The same runs without --preempt (requested pages on the main channel): a figure, no target. */
+  toolDefaults: Record<BenchStrategy, Record<string, RateFigures>>;
   /** The native floor's counterpart of each strategy (NATIVE_COUNTERPART), or why there is none on this machine. */
   native: Record<BenchStrategy, Record<string, RateFigures>> | { unavailable: string };
 }
@@ -199,19 +203,36 @@ export function rankByRate(rates: Record<BenchStrategy, number>): BenchStrategy[
 /**
  * Pairs of strategies the tool orders otherwise than the native floor orders
  * their counterparts (Kendall's distance: 0 = the same ranking, 3 = reversed).
- * A pair the native floor ties is no inversion whichever way the tool orders it.
+ * A pair the native floor ties is no inversion whichever way the tool orders
+ * it: equal rates, or, given the floor's `ranges` (the lowest and highest rate
+ * of its repeats), ranges that overlap, as the floor's own runs then order
+ * the pair both ways.
  */
-export function rankingInversions(tool: Record<BenchStrategy, number>, native: Record<BenchStrategy, number>): number {
+export function rankingInversions(
+  tool: Record<BenchStrategy, number>,
+  native: Record<BenchStrategy, number>,
+  ranges?: Record<BenchStrategy, [number, number] | undefined>,
+): number {
   let inversions = 0;
   for (let i = 0; i < BENCH_STRATEGIES.length; i++) {
     for (let j = i + 1; j < BENCH_STRATEGIES.length; j++) {
       const a = BENCH_STRATEGIES[i]!;
       const b = BENCH_STRATEGIES[j]!;
+      const ra = ranges?.[a];
+      const rb = ranges?.[b];
+      if (ra && rb && ra[0] <= rb[1] && rb[0] <= ra[1]) continue;
       const n = Math.sign(native[a] - native[b]);
       if (n !== 0 && Math.sign(tool[a] - tool[b]) !== n) inversions++;
     }
   }
   return inversions;
+}
+
+/** The native floor's spread at one vCPU count (undefined where it ran once). */
+export function rangesAt(figures: Record<BenchStrategy, Record<string, RateFigures>>, vcpus: number): Record<BenchStrategy, [number, number] | undefined> {
+  const out = {} as Record<BenchStrategy, [number, number] | undefined>;
+  for (const s of BENCH_STRATEGIES) out[s] = figures[s][String(vcpus)]!.pagesPerSecRange;
+  return out;
 }
 
 /** The rates of every strategy at one vCPU count. */
@@ -237,7 +258,7 @@ export function ratios(f: BenchFigures): Ratios {
   if (nativeAvailable(t)) {
     for (const v of t.vcpus) {
       for (const s of BENCH_STRATEGIES) r[rateRatioName(s, v)] = sig4(t.tool[s][String(v)]!.pagesPerSec / t.native[s][String(v)]!.pagesPerSec);
-      r[rankingRatioName(v)] = rankingInversions(ratesAt(t.tool, v), ratesAt(t.native, v));
+      r[rankingRatioName(v)] = rankingInversions(ratesAt(t.tool, v), ratesAt(t.native, v), rangesAt(t.native, v));
     }
   }
   const pushTimeMs = (f.large.guestBytes / 1048576 / f.pushThroughputMiBs) * 1000;

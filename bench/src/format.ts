@@ -54,21 +54,24 @@ export function formatBench(r: BenchResult): string {
   lines.push('');
   const t = r.throughput;
   lines.push(
-    `demand paging rate: ${t.mibPerVcpu} MiB per vCPU, sequential, push off (no --preempt), against the native floor (C, real userfaultfd, loopback TCP)` +
+    `demand paging rate: ${t.mibPerVcpu} MiB per vCPU, sequential, push off, --preempt (each page back on the channel that asked, as in the floor), against the native floor (C, real userfaultfd, loopback TCP); without --preempt beside it` +
       ('unavailable' in t.native ? `; native floor unavailable: ${String(t.native.unavailable)}` : ''),
   );
-  const rows: string[][] = [['vCPUs', 'strategy', 'pages/s', 'p50 µs', 'native mode', 'native pages/s', 'native p50 µs', 'rate / native']];
+  const rows: string[][] = [['vCPUs', 'strategy', 'pages/s', 'p50 µs', 'no --preempt: pages/s', 'native mode', 'native pages/s (its runs)', 'native p50 µs', 'rate / native']];
   for (const v of t.vcpus) {
     for (const s of BENCH_STRATEGIES) {
       const tool = t.tool[s][String(v)]!;
+      const plain = t.toolDefaults[s][String(v)]!;
       const nat = nativeAvailable(t) ? t.native[s][String(v)] : undefined;
+      const range = nat?.pagesPerSecRange;
       rows.push([
         String(v),
         s,
         num(tool.pagesPerSec, 0),
         num(tool.p50Us),
+        num(plain.pagesPerSec, 0),
         NATIVE_COUNTERPART[s],
-        nat ? num(nat.pagesPerSec, 0) : 'n/a',
+        nat ? `${num(nat.pagesPerSec, 0)}${range ? ` (${num(range[0], 0)}-${num(range[1], 0)})` : ''}` : 'n/a',
         nat ? num(nat.p50Us) : 'n/a',
         nat ? num(tool.pagesPerSec / nat.pagesPerSec, 2) : 'n/a',
       ]);
@@ -77,8 +80,9 @@ export function formatBench(r: BenchResult): string {
   lines.push(table(rows));
   for (const v of t.vcpus) {
     const mine = rankByRate(ratesAt(t.tool, v)).join(' > ');
+    const plain = rankByRate(ratesAt(t.toolDefaults, v)).join(' > ');
     const theirs = nativeAvailable(t) ? rankByRate(ratesAt(t.native, v)).map((s) => NATIVE_COUNTERPART[s]).join(' > ') : 'n/a';
-    lines.push(`  ranking at ${v} vCPUs: tool ${mine}; native ${theirs}`);
+    lines.push(`  ranking at ${v} vCPUs: tool ${mine} (without --preempt ${plain}); native ${theirs} (a pair whose native runs overlap is a tie)`);
   }
   lines.push('');
   lines.push(

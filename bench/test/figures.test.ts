@@ -17,6 +17,18 @@ describe('the ranking of the strategies against the native floor', () => {
     expect(rankingInversions(rates(10, 10, 20), rates(80, 100, 200))).toBe(1);
   });
 
+  it("a pair whose native runs overlap is a tie: the floor's own repeats order it both ways", () => {
+    const native = rates(54.7, 55.4, 112);
+    // The tool puts shared-uffd first; the native medians say per-region, by 1 %.
+    expect(rankingInversions(rates(18, 17, 22), native)).toBe(1);
+    // The floor's runs: shared 53-57 k, per-region 54-56 k: they overlap, no inversion.
+    expect(rankingInversions(rates(18, 17, 22), native, { 'shared-uffd': [53, 57], 'per-thread-uffd': [54, 56], 'kvm-exit': [110, 114] })).toBe(0);
+    // Apart (shared 50-53 k, per-region 54-56 k): the order counts again.
+    expect(rankingInversions(rates(18, 17, 22), native, { 'shared-uffd': [50, 53], 'per-thread-uffd': [54, 56], 'kvm-exit': [110, 114] })).toBe(1);
+    // A strategy whose floor ran once has no range: its pairs count by the medians.
+    expect(rankingInversions(rates(18, 17, 22), native, { 'shared-uffd': undefined, 'per-thread-uffd': [54, 56], 'kvm-exit': [110, 114] })).toBe(1);
+  });
+
   it('ranks from the highest rate', () => {
     expect(rankByRate(rates(21.8, 8.6, 12))).toEqual(['shared-uffd', 'kvm-exit', 'per-thread-uffd']);
   });
