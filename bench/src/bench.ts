@@ -21,6 +21,7 @@ import {
 } from './figures.js';
 import { measureFloor, type FloorResult } from './floor.js';
 import {
+  LARGE_IDLE_PUSH_RUN,
   PUSH_RUN,
   RECOVERY_RUNS,
   TLS_RUNS,
@@ -188,6 +189,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     runSamples[t.defaults.key] = [];
   }
   runSamples[TRACE_RUNS.rate.key] = [];
+  runSamples[LARGE_IDLE_PUSH_RUN.key] = [];
 
   const native = await nativeBinary();
   let nativeUnavailable = 'unavailable' in native ? native.unavailable : undefined;
@@ -274,6 +276,14 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         },
       });
     }
+    steps.push({
+      label: `${LARGE_IDLE_PUSH_RUN.label} (${formatBytes(options.largeMemoryBytes)}, 1 vCPU)`,
+      run: async () => {
+        const { figures } = await runMigration(LARGE_IDLE_PUSH_RUN, options.largeMemoryBytes);
+        runSamples[LARGE_IDLE_PUSH_RUN.key]!.push(figures);
+        return `${figures.pushThroughputMiBs} MiB/s`;
+      },
+    });
     steps.push({
       label: `large guest (${formatBytes(options.largeMemoryBytes)}, ${options.largeVcpus} vCPUs): push, time, peak RSS`,
       run: async () => {
@@ -382,6 +392,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       elapsedMs: largeMed((l) => l.elapsedMs),
       wallMs: largeMed((l) => l.wallMs),
       pushThroughputMiBs: largeMed((l) => l.pushThroughputMiBs),
+      idlePushThroughputMiBs: med(LARGE_IDLE_PUSH_RUN.key, (f) => f.pushThroughputMiBs),
       destPeakRssBytes: largeMed((l) => l.destPeakRssBytes),
       sourcePeakRssBytes: largeMed((l) => l.sourcePeakRssBytes),
     },

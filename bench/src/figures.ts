@@ -104,6 +104,8 @@ export interface BenchFigures {
     /** The `npm start` process (the launcher, without the build), from spawn to exit. */
     wallMs: number;
     pushThroughputMiBs: number;
+    /** The idle push (one vCPU touching one page) of a guest of the same size (MiB/s). */
+    idlePushThroughputMiBs: number;
     destPeakRssBytes: number;
     sourcePeakRssBytes: number;
   };
@@ -179,6 +181,10 @@ export function ratioDefs(throughputVcpus: readonly number[], largeVcpus: number
       name: 'largePushOverIdlePush',
       meaning: `push throughput of the large guest with ${largeVcpus} faulting vCPUs / idle push throughput`,
       target: { kind: 'min', value: 0.6 },
+    },
+    {
+      name: 'largePushOverLargeIdlePush',
+      meaning: `the same / the idle push of a guest of the large guest's size: the faulting vCPUs' share apart from the size's, no target`,
     },
     { name: 'largeElapsedOverPushTime', meaning: 'large guest elapsed / (guest size / idle push throughput)', target: { kind: 'max', value: 1.3 } },
     { name: 'largeWallOverElapsed', meaning: 'large guest: whole npm start process (no build), start to exit / its elapsed', target: { kind: 'max', value: 1.3 } },
@@ -268,6 +274,7 @@ export function ratios(f: BenchFigures): Ratios {
     pushOverNetCeiling: sig4(f.pushThroughputMiBs / f.netCeiling.onreadMiBs),
     pushOverBulk: sig4(f.pushThroughputMiBs / f.floor.bulkMiBs),
     largePushOverIdlePush: sig4(f.large.pushThroughputMiBs / f.pushThroughputMiBs),
+    largePushOverLargeIdlePush: sig4(f.large.pushThroughputMiBs / f.large.idlePushThroughputMiBs),
     largeElapsedOverPushTime: sig4(f.large.elapsedMs / pushTimeMs),
     largeWallOverElapsed: sig4(f.large.wallMs / f.large.elapsedMs),
     destRssOverBudget: sig4(f.large.destPeakRssBytes / rssBudget(f.large.guestBytes)),

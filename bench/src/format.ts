@@ -122,6 +122,7 @@ export function formatBench(r: BenchResult): string {
     table([
       ['idle push throughput (MiB/s)', num(r.pushThroughputMiBs)],
       [`with ${r.large.vcpus} faulting vCPUs (the large guest below) (MiB/s)`, num(r.large.pushThroughputMiBs)],
+      [`idle push of a ${mib(r.large.guestBytes)} MiB guest, the large guest's size (MiB/s)`, num(r.large.idlePushThroughputMiBs)],
       ['net ceiling, onread (MiB/s)', num(r.netCeiling.onreadMiBs)],
       ['ws floor bulk throughput (MiB/s)', num(r.floor.bulkMiBs)],
     ]),

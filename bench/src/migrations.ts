@@ -118,6 +118,14 @@ export const PUSH_RUN: RunSpec = {
 };
 
 /**
+ * The idle push again at the large guest's size (a figure, no target): what
+ * the guest's size alone does to the push, with no vCPU faulting, to set the
+ * large guest's push beside. On a VM whose host backs guest memory lazily
+ * the first touch of gigabytes costs far more than of one.
+ */
+export const LARGE_IDLE_PUSH_RUN: RunSpec = { key: 'push:large', label: 'idle push of the large guest', args: PUSH_RUN.args };
+
+/**
  * Postcopy recovery, no target (the issue sets none): kvm-exit, 1 vCPU, random
  * workload, push on but capped at 400mbit so the migration is still under way
  * when the fault hits at a quarter of the guest's pages installed. `drop`: the

@@ -25,6 +25,7 @@ const RATIOS = [
   'pushOverNetCeiling',
   'pushOverBulk',
   'largePushOverIdlePush',
+  'largePushOverLargeIdlePush',
   'largeElapsedOverPushTime',
   'largeWallOverElapsed',
   'destRssOverBudget',
@@ -38,7 +39,7 @@ const RATIOS = [
   'precopyDowntimeOverLimit',
 ];
 /** Every ratio with a target (rankingInversions2 is one, and may be 0). */
-const TARGETED = RATIOS.filter((r) => !['sharedUffdP50OverFloor', 'urgentUnderCappedPushPreemptOverIdle'].includes(r)).concat('rankingInversions2');
+const TARGETED = RATIOS.filter((r) => !['sharedUffdP50OverFloor', 'urgentUnderCappedPushPreemptOverIdle', 'largePushOverLargeIdlePush'].includes(r)).concat('rankingInversions2');
 
 /** The built bench as a real process (the e2e tests' runner: killed and failed after TIMEOUT_MS). */
 function runBench(args: string[]): Promise<ProcessResult> {
@@ -82,6 +83,7 @@ describe('npm run bench (tiny)', () => {
       'large.elapsedMs',
       'large.wallMs',
       'large.pushThroughputMiBs',
+      'large.idlePushThroughputMiBs',
       'strategies.shared-uffd.p50',
       'strategies.shared-uffd.p99',
       'strategies.per-thread-uffd.p50',
