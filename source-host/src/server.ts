@@ -4,7 +4,6 @@ import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import {
   ChannelRole,
-  CpuMeter,
   HandshakeError,
   Keepalive,
   PROTOCOL_VERSION,
@@ -18,7 +17,6 @@ import {
   formatBytes,
   maxFrameBytes,
   type Message,
-  type SourceSummary,
 } from '@postcopy/shared';
 import { admit, generateSecret, tokensEqual, type AdmissionState } from './access.js';
 import { MigrationController, type ControllerOptions } from './controller.js';
@@ -206,8 +204,6 @@ export class SourceServer extends EventEmitter {
   private secretIssued: boolean;
   /** Times the main channel's keepalive found the destination silent. */
   keepaliveTimeouts = 0;
-  /** CPU of the migration, from its start (or this process's first resume) to finish: the summary's cpuUs. */
-  private cpu: CpuMeter | undefined;
 
   private constructor(
     readonly image: GuestImage,
