@@ -23,6 +23,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <node_api.h>
 #include <poll.h>
@@ -766,6 +767,58 @@ static napi_value js_sock_shutdown(napi_env env, napi_callback_info info) {
   return result_or_errno(env, shutdown((int)fd, SHUT_RDWR));
 }
 
+/* ------------------------------------------------------------ futexes */
+
+/* Word `index` of an Int32Array (on a SharedArrayBuffer), or NULL (a TypeError is pending). */
+static int32_t *int32_word(napi_env env, napi_value array, napi_value index) {
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  napi_value buffer;
+  size_t offset;
+  int64_t i;
+  if (napi_get_typedarray_info(env, array, &type, &length, &data, &buffer, &offset) != napi_ok || type != napi_int32_array) {
+    napi_throw_type_error(env, NULL, "expected an Int32Array");
+    return NULL;
+  }
+  if (!get_i64(env, index, &i)) return NULL;
+  if (i < 0 || (uint64_t)i >= length) {
+    napi_throw_range_error(env, NULL, "expected an index inside the array");
+    return NULL;
+  }
+  return (int32_t *)data + i;
+}
+
+/*
+ * futexWait(int32array, index, expected, timeoutMs) -> 0 woken | -EAGAIN
+ * (the word was not `expected`) | -ETIMEDOUT | -EINTR: FUTEX_WAIT_PRIVATE
+ * on the word, what Atomics.wait does without V8's process-wide mutex and
+ * condition variable (every thread of this process shares the mapping).
+ */
+static napi_value js_futex_wait(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int64_t expected;
+  double ms;
+  if (!get_args(env, info, 4, argv) || !get_i64(env, argv[2], &expected) || napi_get_value_double(env, argv[3], &ms) != napi_ok) return NULL;
+  int32_t *word = int32_word(env, argv[0], argv[1]);
+  if (word == NULL) return NULL;
+  if (!(ms >= 0)) ms = 0;
+  struct timespec ts = {(time_t)(ms / 1000), (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6)};
+  long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, (int32_t)expected, &ts, NULL, 0);
+  return make_i64(env, r == 0 ? 0 : -(int64_t)errno);
+}
+
+/* futexWake(int32array, index, count) -> threads woken | -errno: FUTEX_WAKE_PRIVATE. */
+static napi_value js_futex_wake(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t count;
+  if (!get_args(env, info, 3, argv) || !get_i64(env, argv[2], &count)) return NULL;
+  int32_t *word = int32_word(env, argv[0], argv[1]);
+  if (word == NULL) return NULL;
+  long r = syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, count > INT32_MAX ? INT32_MAX : (int32_t)count, NULL, NULL, 0);
+  return make_i64(env, r < 0 ? -(int64_t)errno : r);
+}
+
 #ifndef POSTCOPY_NO_TLS
 /* ------------------------------------------------------------ blocking TLS */
 
@@ -1096,6 +1149,8 @@ NAPI_MODULE_INIT() {
       {"sockSend", js_sock_send},
       {"sockRecv", js_sock_recv},
       {"sockShutdown", js_sock_shutdown},
+      {"futexWait", js_futex_wait},
+      {"futexWake", js_futex_wake},
 #ifndef POSTCOPY_NO_TLS
       {"tlsConnect", js_tls_connect},
       {"tlsSend", js_tls_send},

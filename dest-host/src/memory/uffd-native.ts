@@ -105,6 +105,10 @@ export interface UffdNative {
   sockRecv(fd: number, view: ArrayBufferView, offset: number, length: number): number;
   /** shutdown(2) both ways. */
   sockShutdown(fd: number): number;
+  /** FUTEX_WAIT_PRIVATE on word `index`: 0 woken, -EAGAIN (not `expected`), -ETIMEDOUT or -EINTR. */
+  futexWait(words: Int32Array, index: number, expected: number, timeoutMs: number): number;
+  /** FUTEX_WAKE_PRIVATE on word `index`: threads woken, or -errno. */
+  futexWake(words: Int32Array, index: number, count: number): number;
   /**
    * A TLS client handshake on a connected blocking socket (node's own
    * OpenSSL): the peer verified against `caPem` and `name` (an IP address

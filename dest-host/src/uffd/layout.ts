@@ -20,6 +20,8 @@ export const HEADER = {
   WAKE_CALLS: 9,
   THREADS_WOKEN: 10,
   DISCARDS: 11,
+  /** How threads sleep on SEQ and EVENTS words: 1 futex(2) through the addon, 0 Atomics.wait (see futex.ts). */
+  FUTEX: 12,
   LENGTH: 16,
 } as const;
 

@@ -6,10 +6,15 @@
  */
 import type { Worker } from 'node:worker_threads';
 import { makeLayout, makeMemslotLayout, startWorker, type GuestLayout } from '@postcopy/shared';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestMemory } from '../memory/guest-memory.js';
 import type { FaultingThreadData, FaultingThreadMessage } from './fixtures/faulting-thread.js';
+import { loadNativeFutex, type Futex } from './futex.js';
 import { ERRNO, MODE_DONTWAKE, MODE_WP, UFFD_PAGEFAULT_FLAG_WRITE, UffdMessage, Userfaultfd } from './userfaultfd.js';
+
+/** Every semantic below holds whichever way the threads sleep (futex.ts): the kernel's futex where the addon loads, and V8's Atomics. */
+const SLEEP_KINDS: Futex['kind'][] = loadNativeFutex() !== undefined ? ['futex', 'atomics'] : ['atomics'];
+let sleepKind: Futex['kind'] = 'atomics';
 
 const PAGE = 4096;
 const HUGE = 2 * 1024 * 1024;
@@ -141,7 +146,7 @@ interface Fixture {
 function setup(maxThreads = 4, maxContexts = 4): Fixture {
   const layout = makeLayout(16 * PAGE, PAGE);
   const memory = GuestMemory.create(layout, 1 << 30);
-  const uffd = Userfaultfd.create(memory, maxThreads, maxContexts);
+  const uffd = Userfaultfd.create(memory, maxThreads, maxContexts, sleepKind);
   return { layout, memory, uffd };
 }
 
@@ -205,7 +210,17 @@ async function expectStaysBlocked(uffd: Userfaultfd, ...threads: FaultingThread[
   }
 }
 
-describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
+describe.each(SLEEP_KINDS)('emulated userfaultfd, threads sleeping on %s: the kernel semantics of DESIGN.md', (kind) => {
+  beforeEach(() => {
+    sleepKind = kind;
+  });
+
+  it('sleeps and wakes the way its creator chose, in every thread that attaches', () => {
+    const f = setup();
+    expect(f.uffd.sleepKind).toBe(kind);
+    expect(new Userfaultfd(f.uffd.toBuffers(), f.memory).sleepKind).toBe(kind);
+  });
+
   it('COPY into a missing page copies len bytes and wakes this context\'s waiter on that page (only)', async () => {
     const f = setup();
     const { uffd, memory } = f;
@@ -332,7 +347,7 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
   it('ZEROPAGE on 2 MiB pages fails with -EINVAL (hugetlb has no zero page); a COPY of zeros works', () => {
     const layout = makeLayout(4 * HUGE, HUGE);
     const memory = GuestMemory.create(layout, 1 << 30);
-    const uffd = Userfaultfd.create(memory, 2, 1);
+    const uffd = Userfaultfd.create(memory, 2, 1, sleepKind);
     const ctx = uffd.open();
     expect(uffd.register(ctx, 0, layout.guestBytes)).toBe(0);
     expect(uffd.zeropage(ctx, HUGE, HUGE)).toBe(-ERRNO.EINVAL);
@@ -709,7 +724,7 @@ describe('emulated userfaultfd: the kernel semantics of DESIGN.md', () => {
     // guest memory is attached without buffers: nothing is allocated but the page table.
     const layout = makeLayout(4 * 1024 ** 3 + 4 * HUGE, HUGE);
     const memory = new GuestMemory({ layout, memslots: makeMemslotLayout(layout, 1 << 30), buffers: [] });
-    const uffd = Userfaultfd.create(memory, 4, 1);
+    const uffd = Userfaultfd.create(memory, 4, 1, sleepKind);
     const ctx = uffd.open();
     expect(uffd.register(ctx, 0, layout.guestBytes)).toBe(0);
     const f = { memory, uffd };

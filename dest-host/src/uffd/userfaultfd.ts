@@ -2,8 +2,10 @@
  * An emulated userfaultfd in shared memory, faithful to the Linux semantics
  * listed in DESIGN.md ("Emulated userfaultfd: the semantics to match"). Every
  * thread (vCPU, I/O thread, resolver, test thread) attaches to the same
- * buffers; faulting threads block with Atomics.wait on their own wait word and
- * are woken with Atomics.notify, so a blocked vCPU is really a blocked thread.
+ * buffers; faulting threads block on their own wait word and are woken on
+ * it, with the kernel's futex(2) through the uffd addon or with V8's
+ * Atomics.wait/notify (futex.ts: the creator's choice), so a blocked vCPU is
+ * really a blocked thread.
  *
  * The API follows the ioctls: open (userfaultfd(2) + UFFDIO_API), register
  * (UFFDIO_REGISTER, missing mode), unregister (UFFDIO_UNREGISTER), read
@@ -23,6 +25,7 @@
  * __wake_userfault, userfaultfd_register, userfaultfd_unregister,
  * userfaultfd_release) and mm/userfaultfd.c (mfill_atomic, find_dst_vma).
  */
+import { futexOfKind, loadNativeFutex, type Futex } from './futex.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import {
   CONTEXT,
@@ -77,9 +80,16 @@ export class Userfaultfd {
   private readonly maxContexts: number;
   private readonly pageSize: number;
   private readonly totalPages: number;
+  /** How threads sleep on SEQ and EVENTS words, and are woken (futex.ts). */
+  private readonly futex: Futex;
 
-  /** Creates the shared state ("the kernel") for `maxThreads` faulting threads and `maxContexts` contexts. */
-  static create(memory: GuestMemory, maxThreads: number, maxContexts: number): Userfaultfd {
+  /**
+   * Creates the shared state ("the kernel") for `maxThreads` faulting threads
+   * and `maxContexts` contexts. Its threads sleep and wake through `sleep`
+   * (futex.ts): by default the kernel's futex(2) where the uffd addon loads,
+   * else V8's Atomics.
+   */
+  static create(memory: GuestMemory, maxThreads: number, maxContexts: number, sleep: Futex['kind'] = loadNativeFutex()?.kind ?? 'atomics'): Userfaultfd {
     const control = new SharedArrayBuffer(controlLength(maxThreads, maxContexts) * 4);
     const ptes = new SharedArrayBuffer(memory.layout.totalPages * 4);
     const ctl = new Int32Array(control);
@@ -87,6 +97,7 @@ export class Userfaultfd {
     ctl[HEADER.MAX_CONTEXTS] = maxContexts;
     ctl[HEADER.PAGE_SIZE] = memory.layout.pageSize;
     ctl[HEADER.TOTAL_PAGES] = memory.layout.totalPages;
+    ctl[HEADER.FUTEX] = sleep === 'futex' ? 1 : 0;
     for (let tid = 0; tid < maxThreads; tid++) ctl[threadBase(tid) + THREAD.BOUND_CTX] = -1;
     return new Userfaultfd({ control, ptes }, memory);
   }
@@ -100,6 +111,12 @@ export class Userfaultfd {
     this.maxContexts = this.ctl[HEADER.MAX_CONTEXTS]!;
     this.pageSize = this.ctl[HEADER.PAGE_SIZE]!;
     this.totalPages = this.ctl[HEADER.TOTAL_PAGES]!;
+    this.futex = futexOfKind(this.ctl[HEADER.FUTEX] === 1 ? 'futex' : 'atomics');
+  }
+
+  /** How this emulation's threads sleep and wake (the creator's choice, the same in every thread). */
+  get sleepKind(): Futex['kind'] {
+    return this.futex.kind;
   }
 
   toBuffers(): UffdBuffers {
@@ -199,7 +216,7 @@ export class Userfaultfd {
     // Readers sleep on EVENTS: bumping it means a reader that saw OPEN = 1
     // just before this cannot go to sleep on a value that will never change.
     Atomics.add(this.ctl, base + CONTEXT.EVENTS, 1);
-    Atomics.notify(this.ctl, base + CONTEXT.EVENTS);
+    this.wakeReaders(base);
     // Producers waiting for room in a full queue give up on a closed context.
     Atomics.notify(this.ctl, base + CONTEXT.COUNT);
     this.wakeRange(ctx, 0, this.totalPages);
@@ -260,7 +277,7 @@ export class Userfaultfd {
       if (Atomics.load(this.ctl, base + CONTEXT.OPEN) === 0) return false;
       const left = deadline - performance.now();
       if (left <= 0) return false;
-      Atomics.wait(this.ctl, base + CONTEXT.EVENTS, events, left);
+      this.futex.wait(this.ctl, base + CONTEXT.EVENTS, events, left);
     }
   }
 
@@ -472,7 +489,7 @@ export class Userfaultfd {
       return;
     }
     while (Atomics.load(ctl, tb + THREAD.SEQ) === waiting) {
-      Atomics.wait(ctl, tb + THREAD.SEQ, waiting);
+      this.futex.wait(ctl, tb + THREAD.SEQ, waiting, Infinity);
     }
   }
 
@@ -657,11 +674,21 @@ export class Userfaultfd {
       // If the thread moved on since we loaded `seq`, the CAS fails and we
       // leave its newer fault alone.
       if (Atomics.compareExchange(ctl, tb + THREAD.SEQ, seq, seq + 1) === seq) {
-        Atomics.notify(ctl, tb + THREAD.SEQ);
+        this.futex.wake(ctl, tb + THREAD.SEQ);
         woken++;
       }
     }
     if (woken > 0) Atomics.add(ctl, HEADER.THREADS_WOKEN, woken);
+  }
+
+  /**
+   * Wakes every reader sleeping on the context's EVENTS word: read()'s on
+   * this.futex, readAsync()'s on Atomics.waitAsync (which only Atomics.notify
+   * reaches).
+   */
+  private wakeReaders(base: number): void {
+    this.futex.wake(this.ctl, base + CONTEXT.EVENTS);
+    if (this.futex.kind !== 'atomics') Atomics.notify(this.ctl, base + CONTEXT.EVENTS);
   }
 
   private enqueue(ctx: number, address: number, flags: number, tid: number, seq: number): void {
@@ -683,7 +710,7 @@ export class Userfaultfd {
         this.unlock(base);
         // wake_up_poll(&ctx->fd_wqh, EPOLLIN): every reader polling wakes.
         Atomics.add(ctl, base + CONTEXT.EVENTS, 1);
-        Atomics.notify(ctl, base + CONTEXT.EVENTS);
+        this.wakeReaders(base);
         return;
       }
       this.unlock(base);
