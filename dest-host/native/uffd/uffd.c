@@ -140,8 +140,8 @@ static int get_bytes(napi_env env, napi_value value, void **data, size_t *length
   return 0;
 }
 
-/* A typed array of a given kind with at least `min` elements. */
-static int get_typed(napi_env env, napi_value value, napi_typedarray_type want, size_t min, void **data) {
+/* A typed array of a given kind with at least `min` elements; `length` (may be NULL) gets its element count. */
+static int get_typed(napi_env env, napi_value value, napi_typedarray_type want, size_t min, void **data, size_t *length) {
   bool is_typed = false;
   if (napi_is_typedarray(env, value, &is_typed) != napi_ok) return 0;
   napi_typedarray_type type;
@@ -150,10 +150,12 @@ static int get_typed(napi_env env, napi_value value, napi_typedarray_type want, 
   size_t offset;
   if (!is_typed || napi_get_typedarray_info(env, value, &type, &count, data, &ab, &offset) != napi_ok ||
       type != want || count < min) {
-    throw_type(env, want == napi_float64_array ? "uffd.node: expected a Float64Array of the right length"
+    throw_type(env, want == napi_float64_array   ? "uffd.node: expected a Float64Array of the right length"
+                    : want == napi_int32_array ? "uffd.node: expected an Int32Array"
                                                : "uffd.node: expected a BigUint64Array of the right length");
     return 0;
   }
+  if (length != NULL) *length = count;
   return 1;
 }
 
@@ -298,7 +300,7 @@ static napi_value js_read_msg(napi_env env, napi_callback_info info) {
   int64_t fd;
   double *out;
   if (!get_args(env, info, 2, argv) || !get_i64(env, argv[0], &fd) ||
-      !get_typed(env, argv[1], napi_float64_array, MSG_FIELDS, (void **)&out))
+      !get_typed(env, argv[1], napi_float64_array, MSG_FIELDS, (void **)&out, NULL))
     return NULL;
   struct uffd_msg msg;
   memset(&msg, 0, sizeof msg);
@@ -324,7 +326,7 @@ static napi_value js_uffdio_api(napi_env env, napi_callback_info info) {
   int64_t fd, features;
   uint64_t *out;
   if (!get_args(env, info, 3, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &features) ||
-      !get_typed(env, argv[2], napi_biguint64_array, 2, (void **)&out))
+      !get_typed(env, argv[2], napi_biguint64_array, 2, (void **)&out, NULL))
     return NULL;
   struct uffdio_api api = {.api = UFFD_API, .features = (uint64_t)features, .ioctls = 0};
   int r = ioctl((int)fd, UFFDIO_API, &api);
@@ -340,7 +342,7 @@ static napi_value js_uffdio_register(napi_env env, napi_callback_info info) {
   uint64_t *out;
   if (!get_args(env, info, 5, argv) || !get_i64(env, argv[0], &fd) || !get_i64(env, argv[1], &start) ||
       !get_i64(env, argv[2], &len) || !get_i64(env, argv[3], &mode) ||
-      !get_typed(env, argv[4], napi_biguint64_array, 1, (void **)&out))
+      !get_typed(env, argv[4], napi_biguint64_array, 1, (void **)&out, NULL))
     return NULL;
   struct uffdio_register reg = {.range = {.start = (uint64_t)start, .len = (uint64_t)len}, .mode = (uint64_t)mode};
   int r = ioctl((int)fd, UFFDIO_REGISTER, &reg);
@@ -771,17 +773,10 @@ static napi_value js_sock_shutdown(napi_env env, napi_callback_info info) {
 
 /* Word `index` of an Int32Array (on a SharedArrayBuffer), or NULL (a TypeError is pending). */
 static int32_t *int32_word(napi_env env, napi_value array, napi_value index) {
-  napi_typedarray_type type;
-  size_t length;
   void *data;
-  napi_value buffer;
-  size_t offset;
+  size_t length;
   int64_t i;
-  if (napi_get_typedarray_info(env, array, &type, &length, &data, &buffer, &offset) != napi_ok || type != napi_int32_array) {
-    napi_throw_type_error(env, NULL, "expected an Int32Array");
-    return NULL;
-  }
-  if (!get_i64(env, index, &i)) return NULL;
+  if (!get_typed(env, array, napi_int32_array, 0, &data, &length) || !get_i64(env, index, &i)) return NULL;
   if (i < 0 || (uint64_t)i >= length) {
     napi_throw_range_error(env, NULL, "expected an index inside the array");
     return NULL;
