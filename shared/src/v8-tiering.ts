@@ -18,7 +18,7 @@ import { setFlagsFromString } from 'node:v8';
  * path anew, and in a short run that compiling competes with the faults
  * (TurboFan's threads: up to 60 % of two cores in a kvm-exit run's first
  * second at 8 vCPUs x 16 MiB). At 300 the compiler threads' CPU per fault
- * fell from 25-30 to 20-21 µs for per-thread-uffd (two isolates a vCPU).
+ * fell from 25-30 to 20-23 µs for per-thread-uffd (two isolates a vCPU).
  * Measured (8 and 16 vCPUs x 16 MiB, --no-push --preempt, interleaved pairs,
  * medians): per-thread-uffd at 8 vCPUs 16.9 k -> 18.5 k pages/s (3 pairs)
  * and 14.3 k -> 15.5 k (4 pairs), at 16 vCPUs 15.7 k -> 16.3 k (4 pairs);
