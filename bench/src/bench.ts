@@ -239,24 +239,17 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       });
     }
     for (const t of throughputSpecs) {
-      for (const spec of [t.spec, t.defaults]) {
+      // The --trace twin of a rate run goes right after it (the same options but --trace), before its no-preempt sibling.
+      const twin = t.strategy === 'shared-uffd' && t.vcpus === options.throughputVcpus[0] ? TRACE_RUNS.rate : undefined;
+      for (const spec of [t.spec, ...(twin ? [twin] : []), t.defaults]) {
         steps.push({
           label: spec.label,
           run: async () => {
             const { figures } = await runMigration(spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
             runSamples[spec.key]!.push(figures);
+            if (spec === twin) return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs`;
             const c = figures.cpuPerFaultUs;
             return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs, CPU per fault: source ${c.source ?? 'n/a'} µs, destination ${c.dest ?? 'n/a'} µs`;
-          },
-        });
-      }
-      if (t.strategy === 'shared-uffd' && t.vcpus === options.throughputVcpus[0]) {
-        steps.push({
-          label: TRACE_RUNS.rate.label,
-          run: async () => {
-            const { figures } = await runMigration(TRACE_RUNS.rate, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
-            runSamples[TRACE_RUNS.rate.key]!.push(figures);
-            return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs`;
           },
         });
       }
