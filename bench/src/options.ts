@@ -5,7 +5,8 @@ import { addBackendsOption, parseBackendsOptions, type BackendsOptions } from '.
 /** Option defaults in one literal (the `ws` convention). */
 export const BENCH_DEFAULTS = {
   memory: '256MiB',
-  repeat: '2',
+  // Three: a median of two is their mean, and one bad run on a shared VM moved a ratio 2x (kvm-exit p50 105.9 and 366.8 µs).
+  repeat: '3',
   floorRequests: '20000',
   bulkMib: '256',
   largeMemory: '4GiB',
