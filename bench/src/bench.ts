@@ -43,6 +43,7 @@ import type { BenchOptions } from './options.js';
 import { BackendsBench, type BackendsResult } from './backends.js';
 import { PhasesBench, type PhasesResult } from './phases.js';
 import { DevicesBench, type DevicesResult } from './devices.js';
+import { freePageReporting } from './machine.js';
 
 export interface FloorSample {
   p50Us: number;
@@ -54,7 +55,16 @@ export interface FloorSample {
 export interface BenchResult extends BenchFigures {
   bench: 'postcopy';
   date: string;
-  machine: { node: string; platform: string; arch: string; cpus: number; cpuModel: string; loadAverage1mAtStart: number };
+  machine: {
+    node: string;
+    platform: string;
+    arch: string;
+    cpus: number;
+    cpuModel: string;
+    loadAverage1mAtStart: number;
+    /** A VM whose freed memory goes back to its host (machine.ts): first touches then cost a host fault too. null: cannot tell. */
+    freePageReporting: boolean | null;
+  };
   /** The source tree measured: `git describe --always --dirty`, or `unknown` outside a checkout. */
   revision: string;
   options: {
@@ -396,7 +406,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   return {
     bench: 'postcopy',
     date: new Date().toISOString(),
-    machine: { node: process.version, platform: platform(), arch: arch(), cpus: cpuList.length, cpuModel: cpuList[0]?.model.trim() ?? 'unknown', loadAverage1mAtStart },
+    machine: { node: process.version, platform: platform(), arch: arch(), cpus: cpuList.length, cpuModel: cpuList[0]?.model.trim() ?? 'unknown', loadAverage1mAtStart, freePageReporting: freePageReporting() },
     revision: revision(),
     options: {
       memory: formatBytes(options.memoryBytes),

@@ -24,6 +24,12 @@ export function formatBench(r: BenchResult): string {
     `postcopy bench (${r.revision}): Node ${r.machine.node}, ${r.machine.platform}/${r.machine.arch}, ${r.machine.cpus} CPUs (${r.machine.cpuModel}), ` +
       `load average ${r.machine.loadAverage1mAtStart} at start`,
   );
+  if (r.machine.freePageReporting === true) {
+    lines.push(
+      'this VM reports free pages to its host (virtio-balloon free page reporting): memory freed more than about 2 s ago costs a fault in the host at its next first touch, ' +
+        'so the figures bound by first touches (push throughput, the large guest) move from run to run with what memory each run gets',
+    );
+  }
   lines.push(
     `guest ${o.memory}, repeat ${o.repeat} (figures are medians), floor ${o.floorRequests} round trips after ${o.floorWarmup} warm-up, bulk ${o.bulkMiB} MiB`,
   );

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runNode, type ProcessResult } from '../../e2e/test/run.js';
+import { freePageReporting } from '../src/machine.js';
 import { TINY_ARGS } from '../src/options.js';
 
 /** The built bench (`npm test` builds first; run `npm run build` before running this file alone). */
@@ -130,6 +131,12 @@ describe('npm run bench (tiny)', () => {
     const native = at(json, 'samples.native') as { mode: string; vcpus: number; pagesPerVcpu: number }[];
     expect(native.map((n) => n.mode).sort()).toEqual(['exit', 'per-region', 'shared']);
     for (const n of native) expect(n).toMatchObject({ vcpus: 2, pagesPerVcpu: 256 });
+    // Whether this VM hands freed memory back to its host is said, where it can be told, and printed when so.
+    const reporting = at(json, 'machine.freePageReporting');
+    expect([true, false, null]).toContain(reporting);
+    if (process.platform === 'linux') expect(reporting).toBe(freePageReporting());
+    if (reporting === true) expect(run.stdout).toContain('reports free pages to its host');
+    else expect(run.stdout).not.toContain('reports free pages to its host');
     // The whole process takes at least as long as the migration inside it.
     expect(at(json, 'large.wallMs') as number).toBeGreaterThan(at(json, 'large.elapsedMs') as number);
 
