@@ -6,7 +6,7 @@
  */
 import { pack } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
-import { REQUEST_BYTES, decode, decodeReplyFast, encode, encodeRequestInto, type DecodeLimits } from './codec.js';
+import { PAGE_REPLY_HEADER_BYTES, REQUEST_BYTES, decode, decodeReplyFast, encode, encodePageReplyHeaderInto, encodeRequestInto, pageReplyHeaderBytes, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout } from './layout.js';
 import { rng } from './random.js';
@@ -641,6 +641,36 @@ describe('the blocking fault channel fast paths', () => {
       const n = encodeRequestInto(out, id, page);
       expect(n).toBe(REQUEST_BYTES);
       expect(decode(out.subarray(0, n), { layout })).toEqual({ type: 'request', id, page });
+    }
+  });
+
+  it('a page reply header, followed by the bytes, is the reply encode() writes, for every id, page and page size', () => {
+    // bin 16 for 4 KiB, bin 32 for 2 MiB (the boundary: below).
+    expect([pageReplyHeaderBytes(65535), pageReplyHeaderBytes(65536)]).toEqual([15, 17]);
+    for (const pageSize of [4096, 2 * 1024 * 1024]) {
+      const big = makeLayout(64 * pageSize, pageSize);
+      const data = new Uint8Array(pageSize);
+      for (let i = 0; i < pageSize; i += 97) data[i] = (i >>> 3) & 0xff;
+      for (const [id, page] of [[1, 0], [127, 63], [65536, 1], [0xffffffff, 62]] as const) {
+        const head = new Uint8Array(3 + PAGE_REPLY_HEADER_BYTES);
+        const n = encodePageReplyHeaderInto(head, 3, id, page, pageSize);
+        expect(n).toBe(pageReplyHeaderBytes(pageSize));
+        expect(n).toBeLessThanOrEqual(PAGE_REPLY_HEADER_BYTES);
+        const frame = new Uint8Array(n + pageSize);
+        frame.set(head.subarray(3, 3 + n));
+        frame.set(data, n);
+        const want = { type: 'page', id, page, data };
+        // Compared field by field: a deep equality of 2 MiB of bytes takes longer than the test may.
+        const same = (got: Message | undefined): void => {
+          const reply = got as typeof want;
+          expect({ type: reply.type, id: reply.id, page: reply.page }).toEqual({ type: 'page', id, page });
+          expect(Buffer.compare(Buffer.from(reply.data), Buffer.from(data))).toBe(0);
+        };
+        same(decode(frame, { layout: big }));
+        same(decodeReplyFast(frame, big));
+        // What encode() writes decodes to the same reply (it may pick narrower integers).
+        same(decode(encode(want as Message), { layout: big }));
+      }
     }
   });
 

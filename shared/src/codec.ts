@@ -530,6 +530,51 @@ export function encodeRequestInto(out: Uint8Array, id: number, page: number): nu
 /** The length {@link encodeRequestInto} writes. */
 export const REQUEST_BYTES = 12;
 
+/** Bytes {@link encodePageReplyHeaderInto} writes at most. */
+export const PAGE_REPLY_HEADER_BYTES = 17;
+
+/** The length {@link encodePageReplyHeaderInto} writes before `dataBytes` bytes of a page. */
+export function pageReplyHeaderBytes(dataBytes: number): number {
+  return dataBytes < 0x10000 ? 15 : 17;
+}
+
+/**
+ * Writes what comes before a page's bytes in the reply `{ type: 'page',
+ * id, page, data }` of `dataBytes` bytes into `out` at `at` (room for
+ * {@link PAGE_REPLY_HEADER_BYTES}): the msgpack array [Page, id, page, bin]
+ * up to the bin's length, id and page as uint32, the bin's length as
+ * bin 16 or bin 32. Followed by the bytes themselves, it is a reply
+ * decode() and decodeReplyFast() read as encode() would have written it,
+ * and the bytes need not be copied behind it first (the source writes them
+ * from its image as they lie). Returns the length ({@link pageReplyHeaderBytes}).
+ */
+export function encodePageReplyHeaderInto(out: Uint8Array, at: number, id: number, page: number, dataBytes: number): number {
+  out[at] = 0x94;
+  out[at + 1] = MessageType.Page;
+  out[at + 2] = 0xce;
+  out[at + 3] = id >>> 24;
+  out[at + 4] = (id >>> 16) & 0xff;
+  out[at + 5] = (id >>> 8) & 0xff;
+  out[at + 6] = id & 0xff;
+  out[at + 7] = 0xce;
+  out[at + 8] = page >>> 24;
+  out[at + 9] = (page >>> 16) & 0xff;
+  out[at + 10] = (page >>> 8) & 0xff;
+  out[at + 11] = page & 0xff;
+  if (dataBytes < 0x10000) {
+    out[at + 12] = 0xc5;
+    out[at + 13] = dataBytes >>> 8;
+    out[at + 14] = dataBytes & 0xff;
+    return 15;
+  }
+  out[at + 12] = 0xc6;
+  out[at + 13] = dataBytes >>> 24;
+  out[at + 14] = (dataBytes >>> 16) & 0xff;
+  out[at + 15] = (dataBytes >>> 8) & 0xff;
+  out[at + 16] = dataBytes & 0xff;
+  return 17;
+}
+
 /** A msgpack unsigned integer at frame[at], up to uint32: its value (fastAt set past it), or -1 for any other encoding. */
 function readUint(frame: Uint8Array, at: number): number {
   const b = frame[at];

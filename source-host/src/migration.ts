@@ -15,6 +15,12 @@ export interface Channel {
    * pass of the event loop (a requested page on the main channel: see TurnCork).
    */
   send(frame: Uint8Array, sent?: (err?: Error) => void, batch?: 'turn' | 'poll'): void;
+  /**
+   * The reply `{ type: 'page', id, page, data }`, the same bytes as
+   * send(encode(...)) sends, without copying `data` into a frame first
+   * (server.ts's WsChannel); where absent, send(encode(...)) it is.
+   */
+  sendPage?(id: number, page: number, data: Uint8Array, batch?: 'turn' | 'poll'): void;
 }
 
 /**
@@ -188,7 +194,9 @@ export class SourceMigration {
       this.stats.repliesZero++;
       this.stats.pagesZero++;
     } else {
-      channel.send(encode({ type: 'page', id, page, data: this.image.pageBytes(page) }), undefined, batch);
+      const data = this.image.pageBytes(page);
+      if (channel.sendPage) channel.sendPage(id, page, data, batch);
+      else channel.send(encode({ type: 'page', id, page, data }), undefined, batch);
       this.stats.repliesPage++;
     }
     this.sentmap.mark(page);
