@@ -515,16 +515,24 @@ export function encodeRequestInto(out: Uint8Array, id: number, page: number): nu
   out[0] = 0x93;
   out[1] = MessageType.Request;
   out[2] = 0xce;
-  out[3] = id >>> 24;
-  out[4] = (id >>> 16) & 0xff;
-  out[5] = (id >>> 8) & 0xff;
-  out[6] = id & 0xff;
+  writeUint32BE(out, 3, id);
   out[7] = 0xce;
-  out[8] = page >>> 24;
-  out[9] = (page >>> 16) & 0xff;
-  out[10] = (page >>> 8) & 0xff;
-  out[11] = page & 0xff;
+  writeUint32BE(out, 8, page);
   return REQUEST_BYTES;
+}
+
+/** Writes `value` (0 to 2^32-1) at out[at..at+4), most significant byte first (network order, msgpack's and RFC 6455's). */
+export function writeUint32BE(out: Uint8Array, at: number, value: number): void {
+  out[at] = value >>> 24;
+  out[at + 1] = (value >>> 16) & 0xff;
+  out[at + 2] = (value >>> 8) & 0xff;
+  out[at + 3] = value & 0xff;
+}
+
+/** Writes `value` (0 to 65535) at out[at..at+2), most significant byte first. */
+export function writeUint16BE(out: Uint8Array, at: number, value: number): void {
+  out[at] = value >>> 8;
+  out[at + 1] = value & 0xff;
 }
 
 /** The length {@link encodeRequestInto} writes. */
@@ -552,26 +560,16 @@ export function encodePageReplyHeaderInto(out: Uint8Array, at: number, id: numbe
   out[at] = 0x94;
   out[at + 1] = MessageType.Page;
   out[at + 2] = 0xce;
-  out[at + 3] = id >>> 24;
-  out[at + 4] = (id >>> 16) & 0xff;
-  out[at + 5] = (id >>> 8) & 0xff;
-  out[at + 6] = id & 0xff;
+  writeUint32BE(out, at + 3, id);
   out[at + 7] = 0xce;
-  out[at + 8] = page >>> 24;
-  out[at + 9] = (page >>> 16) & 0xff;
-  out[at + 10] = (page >>> 8) & 0xff;
-  out[at + 11] = page & 0xff;
+  writeUint32BE(out, at + 8, page);
   if (dataBytes < 0x10000) {
     out[at + 12] = 0xc5;
-    out[at + 13] = dataBytes >>> 8;
-    out[at + 14] = dataBytes & 0xff;
+    writeUint16BE(out, at + 13, dataBytes);
     return 15;
   }
   out[at + 12] = 0xc6;
-  out[at + 13] = dataBytes >>> 24;
-  out[at + 14] = (dataBytes >>> 16) & 0xff;
-  out[at + 15] = (dataBytes >>> 8) & 0xff;
-  out[at + 16] = dataBytes & 0xff;
+  writeUint32BE(out, at + 13, dataBytes);
   return 17;
 }
 
