@@ -138,11 +138,16 @@ class WsChannel implements Channel {
    * image as it lies; under the turn's cork both leave in the same writev
    * as the other frames. ws.send takes one buffer, so encode() first copied
    * every page into msgpackr's (a kvm-exit run at 8 vCPUs: 6.6 % of the
-   * source's samples in that copy). The bytes on the wire are what ws.send
-   * of encode()'s buffer writes (ws-frame.ts, codec.ts's
-   * encodePageReplyHeaderInto), and ws writes each message to the socket
+   * source's samples in that copy). The frame is one ws's clients read
+   * like any other (ws-frame.ts), and its message decodes as encode()'s
+   * does (codec.ts's encodePageReplyHeaderInto, with uint32 where encode()
+   * may pick narrower integers). ws writes each message to the socket
    * whole when it neither compresses (perMessageDeflate is off) nor reads
-   * a Blob (never sent here), so its frames and ours never interleave.
+   * a Blob (never sent here), so its frames and ours never interleave. The
+   * page's bytes are read when the socket writes them, not now: pages are
+   * requested only after the switchover (the controller refuses earlier
+   * requests), when the guest no longer changes the image, which the push
+   * channel's records rely on too.
    */
   sendPage(id: number, page: number, data: Uint8Array, batch: 'turn' | 'poll' = 'turn'): void {
     const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES + PAGE_REPLY_HEADER_BYTES);
