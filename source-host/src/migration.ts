@@ -16,8 +16,8 @@ export interface Channel {
    */
   send(frame: Uint8Array, sent?: (err?: Error) => void, batch?: 'turn' | 'poll'): void;
   /**
-   * The reply `{ type: 'page', id, page, data }`, the same bytes as
-   * send(encode(...)) sends, without copying `data` into a frame first
+   * The reply `{ type: 'page', id, page, data }`, a frame that decodes as
+   * send(encode(...))'s does, without copying `data` into it first
    * (server.ts's WsChannel); where absent, send(encode(...)) it is.
    */
   sendPage?(id: number, page: number, data: Uint8Array, batch?: 'turn' | 'poll'): void;

@@ -4,7 +4,7 @@ import { FRAME_HEADER_BYTES, binaryFrameHeaderInto } from './ws-frame.js';
 
 /** What ws's own Sender puts before an unmasked, uncompressed, final binary frame of `length` bytes. */
 function wsHeader(length: number): Uint8Array {
-  // Sender.frame reads only the data's length for the header; a view of that length over a small buffer would not do, so give it a Buffer of that length lazily.
+  // Sender.frame (readOnly, unmasked) reads only the data's length for the header: a stand-in with that length, so no 4 GiB buffer is made.
   const data = { length, byteLength: length } as unknown as Buffer;
   const [header] = (Sender as unknown as { frame(d: Buffer, o: object): Buffer[] }).frame(data, { fin: true, rsv1: false, opcode: 0x02, mask: false, readOnly: true });
   return new Uint8Array(header!);
