@@ -1,5 +1,5 @@
 import { createHash, randomFillSync } from 'node:crypto';
-import { ConnectionError, ProtocolError } from '@postcopy/shared/net';
+import { ConnectionError, ProtocolError, writeUint16BE, writeUint32BE } from '@postcopy/shared/net';
 import { isIP } from 'node:net';
 import { errnoName, type TlsConnection, type UffdNative } from '../memory/uffd-native.js';
 import { MAX_REFUSAL_CHARS, printableRefusal } from './refusal.js';
@@ -283,16 +283,12 @@ export class BlockingWebSocket {
       at = 2;
     } else if (length < 65536) {
       h[1] = 0x80 | 126;
-      h[2] = length >>> 8;
-      h[3] = length & 0xff;
+      writeUint16BE(h, 2, length);
       at = 4;
     } else {
       h[1] = 0x80 | 127;
-      h.fill(0, 2, 6);
-      h[6] = length >>> 24;
-      h[7] = (length >>> 16) & 0xff;
-      h[8] = (length >>> 8) & 0xff;
-      h[9] = length & 0xff;
+      writeUint32BE(h, 2, 0);
+      writeUint32BE(h, 6, length);
       at = 10;
     }
     if (this.maskAt === this.masks.length) {
