@@ -13,6 +13,8 @@ export interface DestinationOptions {
   keepaliveMs: number;
   layout: GuestLayout;
   memslotBytes: number;
+  /** Pages each vCPU faults on in the warm-up before the guest runs (warm-up/warm-up.ts); 0 = none. */
+  warmUpPages: number;
   /** What guest memory and the userfaultfd are: `emulated`, or `uffd` (the kernel's). */
   memoryBackend: MemoryBackendName;
   strategy: StrategyName;

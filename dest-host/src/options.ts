@@ -42,6 +42,7 @@ export const DEST_DEFAULTS = {
   keepaliveMs: '10000',
   pushNice: '10',
   host: '127.0.0.1',
+  warmUpPages: '1024',
 } as const;
 
 /** Options of the run (the destination's, and the launcher's too). */
@@ -73,6 +74,11 @@ export function addRunOptions(cmd: Command): Command {
       )
         .choices(FAULT_CHANNEL_CHOICES)
         .default('auto'),
+    )
+    .option(
+      '--warm-up-pages <n>',
+      "before the guest runs, each vCPU faults on this many pages of scratch memory (at most its share of the guest, and 64 MiB in all), resolved by the same strategy from a local peer, so that every thread's JavaScript fault path is compiled before the run is measured (0 = no warm-up: the run's first faults then pay V8's compiling)",
+      DEST_DEFAULTS.warmUpPages,
     )
     .option('--preempt', "requested pages come back on their own channel, apart from pushed pages (QEMU's postcopy-preempt)")
     .option('--push-nice <n>', 'with --preempt, the nice value the main thread (then only pushed pages and control) runs at, above the guest threads, so that faults get the CPU first (0 = as the guest threads)', DEST_DEFAULTS.pushNice)
@@ -179,6 +185,7 @@ export function parseRunOptions(raw: Record<string, unknown>): RunOptions {
     pushChannel: raw.pushChannel !== false,
     faultChannel: parseChoice('--fault-channel', String(raw.faultChannel ?? 'auto'), FAULT_CHANNEL_CHOICES),
     preempt: raw.preempt === true,
+    warmUpPages: parseIntOption('--warm-up-pages', String(raw.warmUpPages ?? DEST_DEFAULTS.warmUpPages), 0, 1 << 20),
     pushNice: parseIntOption('--push-nice', String(raw.pushNice ?? DEST_DEFAULTS.pushNice), 0, 19),
     statusPort: raw.statusPort === undefined ? undefined : parseIntOption('--status-port', str('statusPort'), 0, 65535),
     watchdogMs: parseIntOption('--watchdog-ms', str('watchdogMs'), 100),

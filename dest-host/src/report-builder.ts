@@ -33,6 +33,7 @@ type RunSettings = Pick<
   | 'push'
   | 'preempt'
   | 'faultChannel'
+  | 'warmUp'
   | 'tls'
   | 'linkDelayUs'
   | 'linkBandwidthBps'
@@ -154,6 +155,7 @@ export function buildReportWithHistogram(inp: ReportInputs): { report: Report; h
     push: inp.push,
     preempt: inp.preempt,
     faultChannel: inp.faultChannel,
+    warmUp: inp.warmUp,
     tls: inp.tls,
     linkDelayUs: inp.linkDelayUs,
     linkBandwidthBps: inp.linkBandwidthBps,

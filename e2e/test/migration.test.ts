@@ -167,3 +167,28 @@ describe('guest layouts', () => {
     expect(report.qemu['postcopy-latency']).toBeGreaterThan(0);
   });
 });
+
+describe('the warm-up: every thread runs its fault path on scratch memory before the guest runs', () => {
+  for (const strategy of STRATEGIES) {
+    it(`${strategy}: each vCPU faults on its warm-up pages, and nothing of it reaches the run's books`, async () => {
+      const result = await migrate(['--strategy', strategy, '--workload', 'sequential', '--vcpus', '2', '--memory', '4MiB', '--no-push', '--warm-up-pages', '100']);
+      const report = expectVerified(result);
+      // Sequential: each vCPU touches each of its 100 scratch pages once, and each is a fault.
+      expect(report.warmUp.faults).toBe(200);
+      expect(report.warmUp.ms).toBeGreaterThan(0);
+      // The run's own faults and requests only: a scratch page asked of the source would break exactly-once.
+      expect(report.counters.faults).toBe(1024);
+      expect(report.counters.requests).toBe(report.counters.faults - report.counters.duplicateRequestsSuppressed);
+      expect(report.counters.pagesSentBySource).toBe(report.counters.pagesDemand);
+    });
+  }
+
+  it('is capped at each vCPU\'s share of the guest, and --warm-up-pages 0 turns it off', async () => {
+    const capped = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push']));
+    // The default 1024 a vCPU, but the guest has 256 pages: 128 each.
+    expect(capped.warmUp.faults).toBe(256);
+    const off = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '0']));
+    expect(off.warmUp).toEqual({ faults: 0, ms: 0 });
+    expect(off.counters.faults).toBe(256);
+  });
+});

@@ -86,6 +86,11 @@ export interface Report {
    * thread's event loop). See --fault-channel.
    */
   faultChannel: 'blocking' | 'event-loop';
+  /**
+   * The warm-up before the guest ran (--warm-up-pages): the vCPUs' faults
+   * on scratch memory, and how long it took. Not in any other figure.
+   */
+  warmUp: { faults: number; ms: number };
   /** The link ran over TLS (wss://). */
   tls: boolean;
   /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
@@ -233,6 +238,7 @@ export function formatReport(r: Report): string {
   lines.push(
     pad([
       ['elapsed', `${fmt(r.elapsedMs)} ms`],
+      ['warm-up before it (vCPU faults on scratch memory, ms)', r.warmUp?.faults ? `${r.warmUp.faults}, ${fmt(r.warmUp.ms)} ms` : 'none'],
       ['faults (vCPU / non-vCPU)', `${c.faults - c.nonVcpuFaults} / ${c.nonVcpuFaults}`],
       ['requests / replies', `${c.requests} / ${c.replies}`],
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],

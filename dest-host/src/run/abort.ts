@@ -21,12 +21,16 @@ export class Abort {
   }
 }
 
-/** Waits for one report of a given type from a worker (fails the run if the worker exits first). */
-export function expectReport<T extends WorkerReport['type']>(worker: Worker, type: T, label: string, abort: Abort): Promise<Extract<WorkerReport, { type: T }>> {
+/**
+ * Waits for one report of a given type from a worker (fails the run if the
+ * worker exits first); with `warmUp`, one of its warm-up's reports.
+ */
+export function expectReport<T extends WorkerReport['type']>(worker: Worker, type: T, label: string, abort: Abort, warmUp = false): Promise<Extract<WorkerReport, { type: T }>> {
   return abort.race(
     new Promise((resolve) => {
-      const onMessage = (m: WorkerReport): void => {
-        if (m.type !== type) return;
+      const onMessage = (report: WorkerReport): void => {
+        const m = warmUp ? (report.type === 'warm-up' ? report.report : undefined) : report;
+        if (m?.type !== type) return;
         worker.off('message', onMessage);
         worker.off('exit', onExit);
         resolve(m as Extract<WorkerReport, { type: T }>);

@@ -39,7 +39,8 @@ import { Abort } from './abort.js';
 import { DropInjector } from './drops.js';
 import { bitmapOf, exchangeSummary, namePagesThatDiffer } from './finish.js';
 import { digestReceived } from './digest.js';
-import { GuestThreads, type ResolverEnd } from './guest-threads.js';
+import { GuestThreads, type ResolverEnd, type WarmUpDone } from './guest-threads.js';
+import { WarmUp } from '../warm-up/warm-up.js';
 import { MainChannel } from './main-channel.js';
 
 /** How long the end of a run waits for its workers to exit before it leaves guest memory mapped. */
@@ -77,6 +78,9 @@ export class DestinationRun {
   private recovery!: Recovery;
   private session!: Session;
   private threads: GuestThreads | undefined;
+  /** The warm-up's scratch memory and peer: they stay until the end of the run (see warm-up.ts). */
+  private warmUp: WarmUp | undefined;
+  private warmUpDone: WarmUpDone | undefined;
   private watchdog: Watchdog | undefined;
   /** The watchdog runs while the guest does (a resume restarts it only then). */
   private watching = false;
@@ -468,6 +472,7 @@ export class DestinationRun {
       ignoreWord: this.precopyMode ? counterWord(options.layout.pageSize) : -1,
       epochOrigin: performance.timeOrigin,
     };
+    const warm = await this.startWarmUp(shared);
     this.threads = new GuestThreads({
       strategy: options.strategy,
       fault: guest.fault,
@@ -491,9 +496,45 @@ export class DestinationRun {
         this.connectionLost(label, new ConnectionError(message));
       },
       trace: this.trace !== undefined,
+      ...(warm ? { warmUp: warm.plan } : {}),
     });
+    if (warm !== undefined) {
+      const started = performance.now();
+      const watchdog = warm.watchdog(this.threads.watched(), this.options.watchdogMs, (err) => this.abort.fail(err));
+      watchdog.start();
+      try {
+        this.warmUpDone = await this.threads.warmUp();
+      } finally {
+        watchdog.stop();
+      }
+      // No thread faults on it any more; the peer and the memory go at the end (see warm-up.ts).
+      warm.releaseContexts();
+      this.trace?.phase('warm-up (the fault path on scratch memory)', started, performance.now());
+    }
     await this.threads.ready();
     this.watchdog = new Watchdog(guest.vmm, guest.memory, this.threads.watched(), options.watchdogMs, () => performance.now(), (err) => this.abort.fail(err));
+  }
+
+  /** The warm-up's scratch memory and peer (warm-up/warm-up.ts), unless --warm-up-pages 0. */
+  private async startWarmUp(shared: SharedState): Promise<WarmUp | undefined> {
+    const { options, guest } = this;
+    if (options.warmUpPages <= 0) return undefined;
+    this.warmUp = await WarmUp.start({
+      pagesPerVcpu: options.warmUpPages,
+      guestPages: options.layout.totalPages,
+      backend: options.memoryBackend,
+      pageSize: options.layout.pageSize,
+      memslotBytes: options.memslotBytes,
+      fault: guest.fault,
+      plan: guest.plan,
+      threadCount: guest.threadCount,
+      maxContexts: options.vcpus + 2,
+      image: shared.image,
+      ignoreWord: shared.ignoreWord,
+      workload: { name: options.workload, seed: options.seed, writeFraction: options.writeFraction },
+      endpoint: this.endpoint,
+    });
+    return this.warmUp;
   }
 
   // ------------------------------------------------------------ the migration
@@ -625,6 +666,7 @@ export class DestinationRun {
       cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolvers.map((r) => r.cpuUs) },
       preempt: options.preempt,
       faultChannel: this.endpoint.faultChannel,
+      warmUp: { faults: this.warmUpDone?.faults ?? 0, ms: Math.round(this.warmUpDone?.ms ?? 0) },
       mode: welcome.mode,
       tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,
@@ -719,11 +761,17 @@ export class DestinationRun {
     // Threads blocked in a real fault cannot be terminated: closing their
     // contexts wakes them (on zero pages: this run reports nothing).
     this.releaseContexts();
+    // The same for the warm-up's scratch memory (a run that failed during it).
+    this.warmUp?.releaseContexts();
     const workers = this.threads?.workers ?? [];
     const exited = await Promise.race([Promise.all(workers.map((w) => w.terminate())).then(() => true), sleep(WORKER_EXIT_MS).then(() => false)]);
+    await this.warmUp?.closePeer();
     // Unmapping memory a thread still runs on would kill the process: a thread
     // that did not exit keeps it mapped until the process ends.
-    if (exited) this.memory?.dispose();
+    if (exited) {
+      this.memory?.dispose();
+      this.warmUp?.dispose();
+    }
   }
 }
 

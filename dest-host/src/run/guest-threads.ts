@@ -7,7 +7,7 @@
  * reading and finish what they have in flight.
  */
 import type { Worker } from 'node:worker_threads';
-import { startWorker, type PageRange, type StrategyName, type WorkloadName } from '@postcopy/shared';
+import { startWorker, type PageRange, type StrategyName, type WorkloadName, type WorkloadSpec } from '@postcopy/shared';
 import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
 import type { ResolverTrace } from '../trace/thread-logs.js';
 import type { WatchedThread } from '../watchdog.js';
@@ -28,6 +28,24 @@ export interface GuestThreadsOptions {
   onChannelLost: (label: string, message: string, epoch: number) => void;
   /** --trace: every thread logs its faults and messages for the timeline. */
   trace: boolean;
+  /** The warm-up the vCPUs and resolvers run first (warm-up/warm-up.ts): see {@link GuestThreads.warmUp}. */
+  warmUp?: WarmUpPlan;
+}
+
+/** Scratch memory, its strategy's contexts and the local peer a warm-up runs on. */
+export interface WarmUpPlan {
+  shared: SharedState;
+  endpoint: SourceEndpoint;
+  /** The strategy's setup over the scratch memory: the same resolvers as the run's, in the same order. */
+  plan: StrategySetup;
+  workload: WorkloadSpec;
+}
+
+/** What the warm-up did. */
+export interface WarmUpDone {
+  /** Faults of every vCPU on scratch memory. */
+  faults: number;
+  ms: number;
 }
 
 /** What a resolver reports at its end. */
@@ -77,12 +95,27 @@ export class GuestThreads {
       worker.on('message', (m: WorkerReport) => {
         if (m.type === 'error') o.abort.fail(new Error(`${label}: ${m.message}`));
         else if (m.type === 'channel-lost') o.onChannelLost(label, m.message, m.epoch);
+        // The warm-up's peer is in this process: a lost connection to it is a failure, never the migration's pause.
+        else if (m.type === 'warm-up' && m.report.type === 'channel-lost') o.abort.fail(new Error(`${label}: warm-up: the connection to the warm-up peer was lost: ${m.report.message}`));
       });
       worker.on('error', (err) => o.abort.fail(new Error(`${label}: ${err.message}`)));
       return { worker, label };
     });
-    this.resolvers = o.plan.resolvers.map((spec) => {
-      const data: ResolverData = { label: spec.label, ctx: spec.ctx, owesWake: spec.owesWake, pageWait: spec.pageWait, state: o.shared, source: o.endpoint, trace: o.trace };
+    const warm = o.warmUp;
+    if (warm !== undefined && warm.plan.resolvers.map((r) => r.label).join() !== o.plan.resolvers.map((r) => r.label).join()) {
+      throw new Error(`expected the warm-up's resolvers to be the run's (${o.plan.resolvers.map((r) => r.label).join(', ')}), got ${warm.plan.resolvers.map((r) => r.label).join(', ')}`);
+    }
+    this.resolvers = o.plan.resolvers.map((spec, i) => {
+      const data: ResolverData = {
+        label: spec.label,
+        ctx: spec.ctx,
+        owesWake: spec.owesWake,
+        pageWait: spec.pageWait,
+        state: o.shared,
+        source: o.endpoint,
+        trace: o.trace,
+        ...(warm ? { warmUp: { state: warm.shared, source: warm.endpoint, ctx: warm.plan.resolvers[i]!.ctx, owesWake: warm.plan.resolvers[i]!.owesWake } } : {}),
+      };
       return { ...start('resolver-worker', data, spec.label), owesWake: spec.owesWake };
     });
     const guestThread = (kind: 'vcpu' | 'io', index: number): Thread => {
@@ -98,6 +131,7 @@ export class GuestThreads {
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
         trace: o.trace,
+        ...(warm && kind === 'vcpu' ? { warmUp: { state: warm.shared, source: warm.endpoint, workload: warm.workload, copyCtx: warm.plan.vcpuCopyCtx } } : {}),
       };
       return start('guest-thread-worker', data, kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`);
     };
@@ -107,6 +141,33 @@ export class GuestThreads {
       ...this.vcpus.map((_, v) => ({ slot: this.o.threads.vcpuSlot(v), name: `vCPU ${v}` })),
       ...this.ios.map((_, i) => ({ slot: this.o.threads.ioSlot(i), name: `I/O thread ${i}` })),
     ];
+    // Listening from the start: a thread says `ready` once it is set up, after its warm-up if it has one.
+    this.readied = Promise.all([...this.resolvers, ...this.vcpus, ...this.ios].map((t) => expectReport(t.worker, 'ready', t.label, this.o.abort))).then(() => {});
+    this.readied.catch(() => {});
+  }
+
+  private readonly readied: Promise<void>;
+
+  /**
+   * The warm-up: every vCPU runs its access pattern over scratch memory, its
+   * faults resolved by the same strategy's resolvers from the warm-up peer,
+   * with the same code as the run's; then the resolvers stop. Nothing of the
+   * run's memory, state or connections is touched. Call it before
+   * {@link ready}, with `warmUp` given.
+   */
+  async warmUp(): Promise<WarmUpDone> {
+    if (this.o.warmUp === undefined) throw new Error('expected a warm-up plan (GuestThreadsOptions.warmUp) for warmUp()');
+    const started = performance.now();
+    const { abort } = this.o;
+    const warmed = [...this.resolvers, ...this.vcpus];
+    await Promise.all(warmed.map((t) => expectReport(t.worker, 'ready', t.label, abort, true)));
+    const done = this.vcpus.map((t) => expectReport(t.worker, 'done', t.label, abort, true));
+    for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
+    const results = await Promise.all(done);
+    const stopped = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, abort, true));
+    for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
+    await Promise.all(stopped);
+    return { faults: results.reduce((n, r) => n + r.result.faults, 0), ms: performance.now() - started };
   }
 
   /**
@@ -153,8 +214,8 @@ export class GuestThreads {
   }
 
   /** Every thread connected and bound to guest memory. */
-  async ready(): Promise<void> {
-    await Promise.all([...this.resolvers, ...this.vcpus, ...this.ios].map((t) => expectReport(t.worker, 'ready', t.label, this.o.abort)));
+  ready(): Promise<void> {
+    return this.readied;
   }
 
   /** The threads the watchdog watches: every vCPU, I/O thread and device (the list grows as devices are added). */

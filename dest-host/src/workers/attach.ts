@@ -23,17 +23,30 @@ export function attach(state: SharedState): Attached {
   };
 }
 
-/** How a worker's fault channel follows the destination's session (recovery). */
-export function followSession(vmm: VmmState, source: SourceEndpoint): SessionFollowing {
+/** How a worker's fault channel follows the destination's session (recovery); a loss goes out through `say`. */
+export function followSession(vmm: VmmState, source: SourceEndpoint, say: Report = report): SessionFollowing {
   return {
     session: new Session(vmm.counters),
     reconnectTimeoutMs: source.reconnectTimeoutMs,
-    onLost: (err, epoch) => report({ type: 'channel-lost', epoch, message: err.message }),
+    onLost: (err, epoch) => say({ type: 'channel-lost', epoch, message: err.message }),
   };
 }
 
+/** How a worker tells the main thread: {@link report}, or a warm-up's wrapping of it. */
+export type Report = (message: WorkerReport, transfer?: ArrayBuffer[]) => void;
+
 export function report(message: WorkerReport, transfer: ArrayBuffer[] = []): void {
   parentPort!.postMessage(message, transfer);
+}
+
+/**
+ * A warm-up's report, wrapped. Copied, never transferred: a transfer
+ * detaches its ArrayBuffers, and the first detach in an isolate
+ * invalidates V8's ArrayBuffer-detaching protector, which throws away all
+ * the code optimized on typed arrays so far, the warm-up's whole point.
+ */
+export function warmUpReport(message: WorkerReport): void {
+  parentPort!.postMessage({ type: 'warm-up', report: message } satisfies WorkerReport);
 }
 
 export function nextCommand(): Promise<WorkerCommand> {

@@ -14,12 +14,31 @@ import { GuestPages } from '../memory/pages.js';
 import type { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
-import { attach, followSession, nextCommand, report, runWorker } from './attach.js';
+import { attach, followSession, nextCommand, report as reportToMain, runWorker, warmUpReport, type Report } from './attach.js';
 import { runGuestLoop } from './guest-loop.js';
 import type { GuestThreadData } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as GuestThreadData;
+  if (data.warmUp !== undefined) {
+    // The same code on scratch memory first, so that this isolate's fault
+    // path is compiled before the guest runs (warm-up/warm-up.ts).
+    const w = data.warmUp;
+    try {
+      await runThread({ ...data, state: w.state, source: w.source, workload: w.workload, copyCtx: w.copyCtx, trace: false }, warmUpReport, true);
+    } catch (err) {
+      throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  await runThread(data, reportToMain);
+});
+
+/**
+ * One run of this thread: bind, connect, `ready`, wait for `go`, touch its
+ * pages, `done`. A warm-up's channel and memory are left as they are (see
+ * warm-up/warm-up.ts).
+ */
+async function runThread(data: GuestThreadData, report: Report, warmUp = false): Promise<void> {
   const { memory, vmm, clockOffset } = attach(data.state);
   const thread = memory.bindThread(data.slot);
   // Before 'ready': resolvers map the ids in fault messages to fault queues with it.
@@ -29,7 +48,7 @@ runWorker(async () => {
   if (data.kind === 'vcpu' && data.delivery === 'memory-fault-exit') {
     // kvm-exit: the vCPU thread fetches its own pages on its own connection.
     const source = data.source!;
-    const options = { ...source, role: ChannelRole.Fault, channel: `vcpu${data.index}`, following: followSession(vmm, source) };
+    const options = { ...source, role: ChannelRole.Fault, channel: `vcpu${data.index}`, following: followSession(vmm, source, report) };
     const installer = new PageInstaller(memory, vmm);
     // Its run loop exited on this page: a page coming another way is waited for blocked, as the vCPU would be.
     const resolve = { ctx: data.copyCtx, dontWake: true, owesWake: false, pageWait: 'block' as const };
@@ -76,9 +95,11 @@ runWorker(async () => {
   });
   const result = { ...ran, cpuUs: cpu.spent().threadUs };
   if (data.kind !== 'vcpu') vmm.count(COUNTER.NON_VCPU_FAULTS, result.faults);
-  client?.close();
-  memory.dispose();
+  if (!warmUp) {
+    client?.close();
+    memory.dispose();
+  }
   const transfer = [result.intervals.buffer as ArrayBuffer];
   if (result.trace) transfer.push(result.trace.pages.buffer as ArrayBuffer, result.trace.flags.buffer as ArrayBuffer);
   report({ type: 'done', result }, transfer);
-});
+}

@@ -70,6 +70,25 @@ export interface GuestThreadData {
   dmaRanges?: PageRange[];
   /** --trace: log each fault's page, access and (kvm-exit) resolution for the timeline. */
   trace: boolean;
+  /** vCPUs: the warm-up this thread runs first, on scratch memory (see warm-up/warm-up.ts). */
+  warmUp?: GuestThreadWarmUp;
+}
+
+/** What a guest thread's warm-up runs on instead of the run's memory, source and workload. */
+export interface GuestThreadWarmUp {
+  state: SharedState;
+  source: SourceEndpoint;
+  workload: WorkloadSpec;
+  copyCtx: number;
+}
+
+/** What a resolver's warm-up serves instead of the run's context and source. */
+export interface ResolverWarmUp {
+  state: SharedState;
+  source: SourceEndpoint;
+  ctx: number;
+  /** The strategy's own duty (a testing-only skip of the run's is not the warm-up's). */
+  owesWake: boolean;
 }
 
 export interface ResolverData {
@@ -81,6 +100,8 @@ export interface ResolverData {
   source: SourceEndpoint;
   /** --trace: log each fault message and its resolution for the timeline. */
   trace: boolean;
+  /** The warm-up this resolver serves first, on scratch memory (see warm-up/warm-up.ts). */
+  warmUp?: ResolverWarmUp;
 }
 
 export interface GuestThreadResult {
@@ -104,7 +125,9 @@ export type WorkerReport =
   | { type: 'resolver-done'; messages: number; cpuUs: number | null; trace?: ResolverTrace }
   /** A fault channel's connection dropped while its session was current: the main thread pauses the migration. */
   | { type: 'channel-lost'; epoch: number; message: string }
-  | { type: 'error'; message: string; stack?: string };
+  | { type: 'error'; message: string; stack?: string }
+  /** A report of the thread's warm-up (the same kinds, about scratch memory: never the run's). */
+  | { type: 'warm-up'; report: WorkerReport };
 
 /**
  * Messages the main thread posts to workers: `go` starts the guest threads;

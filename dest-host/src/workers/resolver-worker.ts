@@ -16,7 +16,7 @@ import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { ERRNO, type FaultMessage } from '../memory/backend.js';
 import { ResolverLog } from '../trace/thread-logs.js';
 import { PageInstaller } from '../vmm/page-installer.js';
-import { attach, followSession, report, runWorker } from './attach.js';
+import { attach, followSession, report as reportToMain, runWorker, warmUpReport, type Report } from './attach.js';
 import type { ResolverData, WorkerCommand } from './protocol.js';
 
 /** How long a blocking resolver waits for a fault message before it lets its event loop run (ms). */
@@ -24,12 +24,32 @@ const IDLE_SLICE_MS = 20;
 
 runWorker(async () => {
   const data = workerData as ResolverData;
+  if (data.warmUp !== undefined) {
+    // The same code on a scratch context first, so that this isolate's
+    // fault path is compiled before the guest runs (warm-up/warm-up.ts).
+    const w = data.warmUp;
+    try {
+      await serve({ ...data, state: w.state, source: w.source, ctx: w.ctx, owesWake: w.owesWake, trace: false }, warmUpReport, true);
+    } catch (err) {
+      throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  await serve(data, reportToMain);
+});
+
+/**
+ * One run of this resolver: connect, `ready`, resolve its context's faults
+ * until `stop`, `resolver-done`. A warm-up's channel and memory are left as
+ * they are (see warm-up/warm-up.ts).
+ */
+async function serve(data: ResolverData, report: Report, warmUp = false): Promise<void> {
   const { memory, vmm, clockOffset } = attach(data.state);
   const stop = new AbortController();
-  parentPort!.on('message', (c: WorkerCommand) => {
+  const onCommand = (c: WorkerCommand): void => {
     if (c.type === 'stop') stop.abort();
-  });
-  const channelOptions = { ...data.source, role: ChannelRole.Fault, channel: data.label, following: followSession(vmm, data.source) };
+  };
+  parentPort!.on('message', onCommand);
+  const channelOptions = { ...data.source, role: ChannelRole.Fault, channel: data.label, following: followSession(vmm, data.source, report) };
   const installer = new PageInstaller(memory, vmm);
   const options = { ctx: data.ctx, dontWake: false, owesWake: data.owesWake, pageWait: data.pageWait };
   const pageSize = memory.layout.pageSize;
@@ -69,7 +89,7 @@ runWorker(async () => {
       const resolution = installer.resolveNow(channel, page, options);
       log?.add(t0, performance.now() + clockOffset, page, slot, resolution);
     }
-    channel.close();
+    if (!warmUp) channel.close();
     finish(messages, cpu);
     return;
   }
@@ -115,20 +135,20 @@ runWorker(async () => {
     }
   }
   if (inFlight > 0) await new Promise<void>((resolve) => (drained = resolve));
-  client.close();
+  if (!warmUp) client.close();
   if (failure) {
     memory.dispose();
-    parentPort!.removeAllListeners('message');
+    parentPort!.off('message', onCommand);
     throw failure;
   }
   finish(messages, cpu);
 
   /** The end both loops share: release guest memory, stop listening, report what was resolved. */
   function finish(messages: number, cpu: CpuMeter): void {
-    memory.dispose();
-    parentPort!.removeAllListeners('message');
+    if (!warmUp) memory.dispose();
+    parentPort!.off('message', onCommand);
     const cpuUs = cpu.spent().threadUs;
     const trace = log?.take();
     report({ type: 'resolver-done', messages, cpuUs, ...(trace ? { trace } : {}) }, trace ? [trace.times.buffer as ArrayBuffer, trace.info.buffer as ArrayBuffer] : []);
   }
-});
+}
