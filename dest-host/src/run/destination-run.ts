@@ -533,6 +533,7 @@ export class DestinationRun {
       ignoreWord: shared.ignoreWord,
       workload: { name: options.workload, seed: options.seed, writeFraction: options.writeFraction },
       endpoint: this.endpoint,
+      trace: this.trace !== undefined,
     });
     return this.warmUp;
   }

@@ -16,8 +16,9 @@
  *
  * What it runs: the same strategy (its setup over scratch memory of the
  * same backend: the same resolvers, contexts and wake duties), the same
- * workload over `pagesPerVcpu` pages a vCPU, the same fault channel kind,
- * against a local peer (peer.ts) that answers as the source does with the
+ * workload over `pagesPerVcpu` pages a vCPU, the same fault channel kind
+ * (and with --trace the same logging, whose logs are dropped), against a
+ * local peer (peer.ts) that answers as the source does with the
  * generator's pages. The vCPUs run it through to the end, the resolvers
  * stop and the scratch contexts close; only then do the threads connect to
  * the source for the run. The run's memory, state,
@@ -68,6 +69,11 @@ export interface WarmUpSpec {
   workload: { name: WorkloadName; seed: number; writeFraction: number };
   /** The run's endpoint: its timeouts and fault channel kind. */
   endpoint: SourceEndpoint;
+  /**
+   * --trace: the threads log their warm-up too (the logs are dropped), so
+   * that the logging is compiled with the rest instead of in the run.
+   */
+  trace: boolean;
 }
 
 export class WarmUp {
@@ -111,7 +117,7 @@ export class WarmUp {
       memory.dispose();
       throw err;
     }
-    const vmm = VmmState.create(totalPages, spec.threadCount, false);
+    const vmm = VmmState.create(totalPages, spec.threadCount, spec.trace);
     // The peer speaks plain ws:// (see above): no TLS material.
     const { tls: _tls, ...endpoint } = spec.endpoint;
     const plan: WarmUpPlan = {

@@ -49,6 +49,23 @@ export function warmUpReport(message: WorkerReport): void {
   parentPort!.postMessage({ type: 'warm-up', report: message } satisfies WorkerReport);
 }
 
+/**
+ * A worker's body with a warm-up: `warmUp` (when there is one) runs this
+ * thread's fault path on scratch memory, so that its isolate has compiled
+ * it before the guest runs; a failure there says it was the warm-up's.
+ * Then `run`, the run itself.
+ */
+export async function warmUpThenRun(warmUp: (() => Promise<void>) | undefined, run: () => Promise<void>): Promise<void> {
+  if (warmUp !== undefined) {
+    try {
+      await warmUp();
+    } catch (err) {
+      throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  await run();
+}
+
 export function nextCommand(): Promise<WorkerCommand> {
   return new Promise((resolve) => parentPort!.once('message', resolve));
 }

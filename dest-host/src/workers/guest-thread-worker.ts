@@ -14,23 +14,18 @@ import { GuestPages } from '../memory/pages.js';
 import type { PageClient } from '../net/page-client.js';
 import { PageInstaller } from '../vmm/page-installer.js';
 import { COUNTER } from '../vmm/state.js';
-import { attach, followSession, nextCommand, report as reportToMain, runWorker, warmUpReport, type Report } from './attach.js';
+import { attach, followSession, nextCommand, report as reportToMain, runWorker, warmUpReport, warmUpThenRun, type Report } from './attach.js';
 import { runGuestLoop } from './guest-loop.js';
 import type { GuestThreadData } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as GuestThreadData;
-  if (data.warmUp !== undefined) {
-    // The same code on scratch memory first, so that this isolate's fault
-    // path is compiled before the guest runs (warm-up/warm-up.ts).
-    const w = data.warmUp;
-    try {
-      await runThread({ ...data, state: w.state, source: w.source, workload: w.workload, copyCtx: w.copyCtx, trace: false }, warmUpReport, true);
-    } catch (err) {
-      throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
-    }
-  }
-  await runThread(data, reportToMain);
+  const w = data.warmUp;
+  // The same code on scratch memory first (warm-up/warm-up.ts).
+  await warmUpThenRun(
+    w && (() => runThread({ ...data, state: w.state, source: w.source, workload: w.workload, copyCtx: w.copyCtx }, warmUpReport, true)),
+    () => runThread(data, reportToMain),
+  );
 });
 
 /**

@@ -16,7 +16,7 @@ import { ChannelRole, CpuMeter } from '@postcopy/shared/core';
 import { ERRNO, type FaultMessage } from '../memory/backend.js';
 import { ResolverLog } from '../trace/thread-logs.js';
 import { PageInstaller } from '../vmm/page-installer.js';
-import { attach, followSession, report as reportToMain, runWorker, warmUpReport, type Report } from './attach.js';
+import { attach, followSession, report as reportToMain, runWorker, warmUpReport, warmUpThenRun, type Report } from './attach.js';
 import type { ResolverData, WorkerCommand } from './protocol.js';
 
 /** How long a blocking resolver waits for a fault message before it lets its event loop run (ms). */
@@ -24,17 +24,12 @@ const IDLE_SLICE_MS = 20;
 
 runWorker(async () => {
   const data = workerData as ResolverData;
-  if (data.warmUp !== undefined) {
-    // The same code on a scratch context first, so that this isolate's
-    // fault path is compiled before the guest runs (warm-up/warm-up.ts).
-    const w = data.warmUp;
-    try {
-      await serve({ ...data, state: w.state, source: w.source, ctx: w.ctx, owesWake: w.owesWake, trace: false }, warmUpReport, true);
-    } catch (err) {
-      throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
-    }
-  }
-  await serve(data, reportToMain);
+  const w = data.warmUp;
+  // The same code on a scratch context first (warm-up/warm-up.ts).
+  await warmUpThenRun(
+    w && (() => serve({ ...data, state: w.state, source: w.source, ctx: w.ctx, owesWake: w.owesWake }, warmUpReport, true)),
+    () => serve(data, reportToMain),
+  );
 });
 
 /**
