@@ -27,7 +27,7 @@ import { Session } from '../net/session.js';
 import { Recovery } from '../recovery.js';
 import { buildReportWithHistogram } from '../report-builder.js';
 import { startStatusServer } from '../status-server.js';
-import { STRATEGY_BY_NAME, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
+import { STRATEGY_BY_NAME, releaseSetup, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
 import { MAIN_KIND, MainLog } from '../trace/main-log.js';
 import { buildTimeline, type Timeline } from '../trace/timeline.js';
 import { PageInstaller } from '../vmm/page-installer.js';
@@ -179,7 +179,7 @@ export class DestinationRun {
     };
     // Precopy modes keep slots for the devices' DMA threads: the source names the devices only after start.
     const threadCount = options.vcpus + options.ioThreads + (this.precopyMode ? MAX_DEVICES : 0);
-    const memory = BACKEND_BY_NAME[options.memoryBackend].create({ layout, memslotBytes: options.memslotBytes, maxThreads: threadCount, maxContexts: options.vcpus + 2 });
+    const memory = BACKEND_BY_NAME[options.memoryBackend].create({ layout, memslotBytes: options.memslotBytes, maxThreads: threadCount, maxContexts: this.contextSlots });
     this.memory = memory;
     const vmm = VmmState.create(layout.totalPages, threadCount, this.trace !== undefined);
     const fault = STRATEGY_BY_NAME[options.strategy];
@@ -189,6 +189,11 @@ export class DestinationRun {
     const installer = new PageInstaller(memory, vmm, setup.ranges);
     const receiver = new PrecopyReceiver(memory, vmm, installer, options.skipDiscard === true);
     this.guest = { memory, vmm, fault, plan, threadCount, installer, receiver };
+  }
+
+  /** Contexts guest memory may open over its life (one per vCPU at most, and two more), the warm-up's alike. */
+  private get contextSlots(): number {
+    return this.options.vcpus + 2;
   }
 
   private get precopyMode(): boolean {
@@ -528,7 +533,7 @@ export class DestinationRun {
       fault: guest.fault,
       plan: guest.plan,
       threadCount: guest.threadCount,
-      maxContexts: options.vcpus + 2,
+      maxContexts: this.contextSlots,
       image: shared.image,
       ignoreWord: shared.ignoreWord,
       workload: { name: options.workload, seed: options.seed, writeFraction: options.writeFraction },
@@ -745,9 +750,7 @@ export class DestinationRun {
     const memory = this.memory;
     const setup = this.contexts;
     if (memory === undefined || setup === undefined) return;
-    const size = this.options.layout.pageSize;
-    for (const r of setup.ranges) memory.unregister(r.ctx, r.firstPage * size, (r.endPage - r.firstPage) * size);
-    for (const ctx of setup.contexts) memory.close(ctx);
+    releaseSetup(memory, setup);
     this.contexts = undefined;
   }
 

@@ -6,7 +6,7 @@ import { sharedUffd } from './shared-uffd.js';
 import type { FaultStrategy } from './strategy.js';
 
 export type { ContextRange, FaultStrategy, ResolverSpec, StrategySetup, ThreadPlan } from './strategy.js';
-export { rangeOf } from './strategy.js';
+export { rangeOf, releaseSetup } from './strategy.js';
 export { partitions } from './per-region-uffd.js';
 
 export const STRATEGY_BY_NAME: Record<StrategyName, FaultStrategy> = {

@@ -89,6 +89,16 @@ export function openRegistered(memory: BackendMemory, firstPage: number, endPage
   return ctx;
 }
 
+/**
+ * Undoes a strategy's setup: unregisters each range and closes every
+ * context (on the kernel that wakes any thread still blocked in one).
+ */
+export function releaseSetup(memory: BackendMemory, setup: StrategySetup): void {
+  const size = memory.layout.pageSize;
+  for (const r of setup.ranges) memory.unregister(r.ctx, r.firstPage * size, (r.endPage - r.firstPage) * size);
+  for (const ctx of setup.contexts) memory.close(ctx);
+}
+
 /** The range holding `page` (ranges in page order, covering the guest). */
 export function rangeOf(ranges: readonly ContextRange[], page: number): ContextRange {
   if (ranges.length === 1) return ranges[0]!;

@@ -42,7 +42,7 @@ import { makeLayout, type ImageSpec, type MemoryBackendName, type WorkloadName }
 import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 import type { WarmUpPlan } from '../run/guest-threads.js';
-import type { FaultStrategy, StrategySetup, ThreadPlan } from '../strategies/index.js';
+import { releaseSetup, type FaultStrategy, type StrategySetup, type ThreadPlan } from '../strategies/index.js';
 import { VmmState } from '../vmm/state.js';
 import { Watchdog, type WatchedThread } from '../watchdog.js';
 import type { SourceEndpoint } from '../workers/protocol.js';
@@ -113,7 +113,7 @@ export class WarmUp {
     try {
       peer = await WarmUpPeer.start(layout, spec.image);
     } catch (err) {
-      release(memory, setup);
+      releaseSetup(memory, setup);
       memory.dispose();
       throw err;
     }
@@ -137,14 +137,9 @@ export class WarmUp {
     return new Watchdog(this.vmm, this.memory, threads, timeoutMs, () => performance.now(), (err) => onStall(new Error(`warm-up: ${err.message}`, { cause: err })));
   }
 
-  /** Requests the peer answered. */
-  get answered(): number {
-    return this.peer.answered;
-  }
-
   /** Unregisters and closes the scratch contexts (which wakes any thread still blocked in one). Idempotent. */
   releaseContexts(): void {
-    if (this.setup !== undefined) release(this.memory, this.setup);
+    if (this.setup !== undefined) releaseSetup(this.memory, this.setup);
     this.setup = undefined;
   }
 
@@ -157,10 +152,4 @@ export class WarmUp {
   dispose(): void {
     this.memory.dispose();
   }
-}
-
-function release(memory: BackendMemory, setup: StrategySetup): void {
-  const size = memory.layout.pageSize;
-  for (const r of setup.ranges) memory.unregister(r.ctx, r.firstPage * size, (r.endPage - r.firstPage) * size);
-  for (const ctx of setup.contexts) memory.close(ctx);
 }
