@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { bitmapBytes, bitmapHas, bitmapSet, digestPages, digestSegmentCount, type PageSource } from './digest.js';
+import { SEGMENT_HASH_BYTES, SegmentHasher } from './segment-hash.js';
 import { DIGEST_STATE, digestPagesParallel, digestWork, runDigestWork } from './parallel-digest.js';
 import { startWorker } from './worker.js';
 
@@ -26,19 +27,31 @@ const helper = (memory: SharedArrayBuffer, extra: { include?: Uint8Array; die?: 
   startWorker(import.meta.url, 'fixtures/digest-helper', { workerData: { work, memory, ...extra } });
 
 describe('the memory digest', () => {
-  it('is SHA-256 over the SHA-256 of each segment of the selected pages, in order', () => {
+  it('is SHA-256 over the segment hash of each segment of the selected pages, in order', () => {
     const layout = { totalPages: 40, pageSize: PAGE };
     const { source } = guest(layout.totalPages, 5);
     const include = (page: number): boolean => page % 3 !== 0;
     const per = SEGMENT / PAGE;
-    const segments: Buffer[] = [];
+    const segments: Uint8Array[] = [];
+    const h = new SegmentHasher();
     for (let first = 0; first < layout.totalPages; first += per) {
-      const h = createHash('sha256');
+      h.reset();
       for (let page = first; page < Math.min(layout.totalPages, first + per); page++) if (include(page)) h.update(source.pageBytes(page));
-      segments.push(h.digest());
+      const out = new Uint8Array(SEGMENT_HASH_BYTES);
+      h.digestInto(out, 0);
+      segments.push(out);
     }
     expect(segments).toHaveLength(digestSegmentCount(layout, SEGMENT));
     expect(digestPages(source, layout, include, SEGMENT)).toBe(createHash('sha256').update(Buffer.concat(segments)).digest('hex'));
+  });
+
+  it('tells memories apart that differ in one word of one page', () => {
+    const layout = { totalPages: 40, pageSize: PAGE };
+    const { memory, source } = guest(layout.totalPages, 5);
+    const before = digestPages(source, layout, undefined, SEGMENT);
+    const words = new Uint32Array(memory);
+    words[17 * (PAGE / 4) + 301] = (words[17 * (PAGE / 4) + 301]! ^ 1) >>> 0;
+    expect(digestPages(source, layout, undefined, SEGMENT)).not.toBe(before);
   });
 
   it('hashes runs of adjacent pages as the pages one by one, and pages of separate buffers too', () => {
