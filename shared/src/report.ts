@@ -88,7 +88,10 @@ export interface Report {
   faultChannel: 'blocking' | 'event-loop';
   /**
    * The warm-up before the guest ran (--warm-up-pages): the vCPUs' faults
-   * on scratch memory, and how long it took. Not in any other figure.
+   * on scratch memory, and how long they took from every thread started
+   * and connected to the warm-up's peer until its resolvers stopped (the
+   * threads' start is the run's, with or without one). Not in any other
+   * figure.
    */
   warmUp: { faults: number; ms: number };
   /** The link ran over TLS (wss://). */
