@@ -62,6 +62,10 @@ describe('npm run bench (tiny)', () => {
     expect(run.code, `stdout:\n${run.stdout}\nstderr:\n${run.stderr}`).toBe(0);
     expect(existsSync(file)).toBe(true);
     const json: unknown = JSON.parse(readFileSync(file, 'utf8'));
+    // The net ceiling is measured right before the idle push it is held to (the same state of the machine's memory).
+    const started = run.stderr.split('\n').filter((line) => /^bench: \[\d+\/\d+\] .* \.\.\.$/.test(line)).map((line) => line.replace(/^bench: \[\d+\/\d+\] /, ''));
+    const push = started.indexOf('push throughput ...');
+    expect(started.slice(push - 2, push + 1)).toEqual(['net ceiling (onread, 4 MiB) ...', 'net ceiling (data, 4 MiB) ...', 'push throughput ...']);
 
     const figures = [
       'floor.roundTripUs.p50',
