@@ -47,7 +47,8 @@ const hasher = new SegmentHasher();
 
 /**
  * The segment hash (segment-hash.ts) of the selected pages of segment
- * `segment`, in page order, into `out` at `outOffset` ({@link SEGMENT_HASH_BYTES} bytes). Pages that lie next to each other in one
+ * `segment`, in page order, into `out` at `outOffset` ({@link
+ * SEGMENT_HASH_BYTES} bytes). Pages that lie next to each other in one
  * buffer are hashed as one run (the same bytes in the same order).
  */
 export function hashSegment(
@@ -62,8 +63,7 @@ export function hashSegment(
   const per = digestSegmentPages(layout.pageSize, segmentBytes);
   const first = segment * per;
   const end = Math.min(layout.totalPages, first + per);
-  const hash = hasher;
-  hash.reset();
+  hasher.reset();
   let run: Uint8Array | undefined;
   let runBytes = 0;
   for (let page = first; page < end; page++) {
@@ -73,12 +73,12 @@ export function hashSegment(
       runBytes += bytes.length;
       continue;
     }
-    if (run !== undefined) hash.update(new Uint8Array(run.buffer, run.byteOffset, runBytes));
+    if (run !== undefined) hasher.update(new Uint8Array(run.buffer, run.byteOffset, runBytes));
     run = bytes;
     runBytes = bytes.length;
   }
-  if (run !== undefined) hash.update(new Uint8Array(run.buffer, run.byteOffset, runBytes));
-  hash.digestInto(out, outOffset);
+  if (run !== undefined) hasher.update(new Uint8Array(run.buffer, run.byteOffset, runBytes));
+  hasher.digestInto(out, outOffset);
 }
 
 /** The digest from every segment's hash, in segment order (32 bytes each). */

@@ -76,7 +76,10 @@ export class SegmentHasher {
     const lanes = this.lanes;
     let a = lanes[0]!, b = lanes[1]!, c = lanes[2]!, d = lanes[3]!, e = lanes[4]!, f = lanes[5]!, g = lanes[6]!, h = lanes[7]!;
     const n = w.length;
-    // Eight independent chains, so the core overlaps their multiplies.
+    // Eight independent chains, so the core overlaps their multiplies;
+    // written out by hand (xxHash32's round each pair of lines): the same
+    // loop calling a round() helper hashed 1.34-1.97 GiB/s against
+    // 1.62-1.96 (six interleaved runs over 1 GiB each).
     for (let i = 0; i < n; i += 8) {
       a = (a + Math.imul(w[i]!, PRIME2)) | 0;
       a = Math.imul((a << 13) | (a >>> 19), PRIME1);
