@@ -505,13 +505,7 @@ export class DestinationRun {
     });
     if (warm !== undefined) {
       const started = performance.now();
-      const watchdog = warm.watchdog(this.threads.watched(), this.options.watchdogMs, (err) => this.abort.fail(err));
-      watchdog.start();
-      try {
-        this.warmUpDone = await this.threads.warmUp();
-      } finally {
-        watchdog.stop();
-      }
+      this.warmUpDone = await this.threads.warmUp(warm.watchdog(this.threads.watched(), this.options.watchdogMs, (err) => this.abort.fail(err)));
       // No thread faults on it any more; the peer and the memory go at the end (see warm-up.ts).
       warm.releaseContexts();
       this.trace?.phase('warm-up (the fault path on scratch memory)', started, performance.now());

@@ -155,8 +155,15 @@ export class GuestThreads {
    * with the same code as the run's; then the resolvers stop. Nothing of the
    * run's memory, state or connections is touched. Call it before
    * {@link ready}, with `warmUp` given.
+   *
+   * `watchdog` watches the vCPUs' warm-up alone: it starts once every
+   * warmed thread is ready, as the run's starts only once its threads are
+   * (their start, isolates booting and connecting, makes no progress a
+   * watchdog could see: on a loaded 2-core machine it took over 500 ms and
+   * failed runs with --watchdog-ms 500), and it stops once the vCPUs are
+   * done, before the resolvers are told to stop.
    */
-  async warmUp(): Promise<WarmUpDone> {
+  async warmUp(watchdog: { start(): void; stop(): void }): Promise<WarmUpDone> {
     if (this.o.warmUp === undefined) throw new Error('expected a warm-up plan (GuestThreadsOptions.warmUp) for warmUp()');
     const { abort } = this.o;
     const warmed = [...this.resolvers, ...this.vcpus];
@@ -164,8 +171,14 @@ export class GuestThreads {
     // Timed from here: the threads' start, before it, is the run's with or without a warm-up.
     const started = performance.now();
     const done = this.vcpus.map((t) => expectReport(t.worker, 'done', t.label, abort, true));
-    for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
-    const results = await Promise.all(done);
+    watchdog.start();
+    let results: Awaited<(typeof done)[number]>[];
+    try {
+      for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
+      results = await Promise.all(done);
+    } finally {
+      watchdog.stop();
+    }
     const stopped = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, abort, true));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
     await Promise.all(stopped);
