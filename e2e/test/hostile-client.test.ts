@@ -35,7 +35,7 @@ import {
   type Message,
   type Report,
 } from '@postcopy/shared';
-import { DEST, SOURCE, failedChecks, runNode, within } from './run.js';
+import { DEST, SOURCE, TEST_WARM_UP, failedChecks, runNode, within } from './run.js';
 
 const TOKEN = 'hostile-test-token';
 const MEMORY = '8MiB';
@@ -536,7 +536,7 @@ describe('a real migration completes verified while hostile clients hammer the s
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     const json = join(dir, 'report.json');
     const destStart = Date.now();
-    const dest = await runNode(DEST, ['--source', source.url, '--memory', MEMORY, '--vcpus', '2', ...run.dest, '--json', json], {
+    const dest = await runNode(DEST, ['--source', source.url, ...TEST_WARM_UP, '--memory', MEMORY, '--vcpus', '2', ...run.dest, '--json', json], {
       env: { POSTCOPY_TOKEN: TOKEN },
       timeoutMs: 40_000,
     });

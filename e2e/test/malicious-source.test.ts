@@ -29,7 +29,7 @@ import {
   type Welcome,
 } from '@postcopy/shared';
 import { GuestImage } from '@postcopy/source-host';
-import { DEST, runNode, type ProcessResult } from './run.js';
+import { DEST, TEST_WARM_UP, runNode, type ProcessResult } from './run.js';
 
 const GUEST_BYTES = 1024 * 1024;
 const PAGE_SIZE = 4096;
@@ -223,7 +223,7 @@ async function runAgainst(behaviour: Behaviour, extra: string[] = [], strategy =
   const preempt = extra.includes('--no-preempt') ? [] : ['--preempt'];
   const push = extra.includes('--push') ? [] : ['--no-push'];
   const args = [
-    '--source', source.url, '--token', 't', '--memory', '1MiB', '--vcpus', '1', '--strategy', strategy,
+    '--source', source.url, '--token', 't', ...TEST_WARM_UP, '--memory', '1MiB', '--vcpus', '1', '--strategy', strategy,
     ...preempt, ...push, '--watchdog-ms', '2000', '--connect-timeout-ms', '2000', '--json', json,
     ...extra.filter((a) => a !== '--no-preempt' && a !== '--push'),
   ];

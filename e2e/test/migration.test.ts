@@ -184,7 +184,7 @@ describe('the warm-up: every thread runs its fault path on scratch memory before
   }
 
   it('is capped at each vCPU\'s share of the guest, and --warm-up-pages 0 turns it off', async () => {
-    const capped = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push']));
+    const capped = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push'], undefined, { defaults: true }));
     // The default 1024 a vCPU, but the guest has 256 pages: 128 each.
     expect(capped.warmUp.faults).toBe(256);
     const off = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '0']));

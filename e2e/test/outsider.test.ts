@@ -28,7 +28,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, bitmapBytes, decode, encode, makeLayout, type Message, type Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, failedChecks, within } from './run.js';
+import { DEST, SOURCE, TEST_WARM_UP, failedChecks, within } from './run.js';
 
 const TOKEN = 'outsider-test-token';
 const MEMORY = '16MiB';
@@ -74,7 +74,7 @@ async function startSource(args: string[]): Promise<{ host: Host; url: string }>
 async function startDestUntil(url: string, args: string[], pages: number, json: string): Promise<Host> {
   let gotStatus!: (url: string) => void;
   const status = new Promise<string>((resolve) => (gotStatus = resolve));
-  const dest = startHost(DEST, ['--source', url, '--memory', MEMORY, '--status-port', '0', '--json', json, ...args], (line) => {
+  const dest = startHost(DEST, ['--source', url, ...TEST_WARM_UP, '--memory', MEMORY, '--status-port', '0', '--json', json, ...args], (line) => {
     const m = /^status (http:\/\/\S+)$/.exec(line);
     if (m) gotStatus(m[1]!);
   });

@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, failedChecks, migrate, runNode } from './run.js';
+import { DEST, SOURCE, TEST_WARM_UP, failedChecks, migrate, runNode } from './run.js';
 
 /** A recovered run: verified, every pause resumed, exactly-once intact. */
 function expectRecovered(result: Awaited<ReturnType<typeof migrate>>, pauses: number): Report {
@@ -137,7 +137,7 @@ async function startSource(args: string[]): Promise<{ host: Host; url: string }>
 async function startDestUntil(url: string, args: string[], pages: number): Promise<Host & { status: string }> {
   let resolveStatus!: (url: string) => void;
   const statusUrl = new Promise<string>((resolve) => (resolveStatus = resolve));
-  const dest = startHost(DEST, ['--source', url, '--status-port', '0', ...args], (line) => {
+  const dest = startHost(DEST, ['--source', url, ...TEST_WARM_UP, '--status-port', '0', ...args], (line) => {
     const m = /^status (http:\/\/\S+)$/.exec(line);
     if (m) resolveStatus(m[1]!);
   });

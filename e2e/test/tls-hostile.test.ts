@@ -17,7 +17,7 @@ import { connect as tlsConnect } from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { decode, rng, type Message, type Report } from '@postcopy/shared';
-import { DEST, failedChecks, runNode } from './run.js';
+import { DEST, TEST_WARM_UP, failedChecks, runNode } from './run.js';
 import {
   MEMORY,
   TOKEN,
@@ -140,7 +140,7 @@ async function migrateAgainst(source: SourceHost): Promise<{ code: number | null
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const json = join(dir, 'report.json');
   const startedAt = Date.now();
-  const r = await runNode(DEST, ['--source', source.url, '--memory', MEMORY, '--vcpus', '2', '--workload', 'random', ...destTls(certs), '--json', json], {
+  const r = await runNode(DEST, ['--source', source.url, ...TEST_WARM_UP, '--memory', MEMORY, '--vcpus', '2', '--workload', 'random', ...destTls(certs), '--json', json], {
     env: { POSTCOPY_TOKEN: TOKEN },
     timeoutMs: 40_000,
   });

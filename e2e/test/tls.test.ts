@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { STRATEGIES, type Report } from '@postcopy/shared';
 import { exitCode } from '../src/launcher.js';
-import { DEST, SOURCE, expectVerified, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
+import { DEST, SOURCE, TEST_WARM_UP, expectVerified, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
 import {
   MEMORY,
   TOKEN,
@@ -64,7 +64,7 @@ interface DestResult extends ProcessResult {
 /** A real destination process against `url` (8 MiB, 2 vCPUs), with `args` (TLS options among them). */
 async function runDest(url: string, args: string[]): Promise<DestResult> {
   const json = join(tmpDir(), 'report.json');
-  const result = await runNode(DEST, ['--source', url, '--memory', MEMORY, '--vcpus', '2', '--json', json, ...args], {
+  const result = await runNode(DEST, ['--source', url, ...TEST_WARM_UP, '--memory', MEMORY, '--vcpus', '2', '--json', json, ...args], {
     env: { POSTCOPY_TOKEN: TOKEN },
     timeoutMs: 30_000,
   });
