@@ -6,6 +6,8 @@ import { formatBytes, parseSize } from './sizes.js';
 
 const WORDS = 4096 / 4;
 const spec: ImageSpec = { seed: 42, zeroFraction: 0 };
+/** Page 5's first words at seed 42 (word 0 is the page index), as protocol version 10 makes them. */
+const PINNED = [5, 129370192, 2623236585, 432206770, 2525449881, 288426702];
 
 function page(s: ImageSpec, index: number, words = WORDS): Uint32Array {
   const out = new Uint32Array(words);
@@ -74,6 +76,54 @@ describe('fillPage / verifyPage', () => {
     expect(verifyPage(zeros, 5, z)).toBe(33);
     // A zero page where content was expected.
     expect(verifyPage(spec, 17, new Uint32Array(WORDS))).toBe(0);
+  });
+});
+
+describe('the generator\'s four lanes', () => {
+  const xorshift = (x: number): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
+
+  it('word i + 4 is xorshift32 of word i: four independent lanes', () => {
+    for (const index of [3, 77, 65_535]) {
+      const p = page(spec, index);
+      for (let i = 1; i + 4 < WORDS; i++) expect(p[i + 4]).toBe(xorshift(p[i]!));
+      // The lanes are not one sequence: the next word is not the xorshift of the one before.
+      expect(p[2]).not.toBe(xorshift(p[1]!));
+    }
+  });
+
+  it('a length that is not a multiple of four words is the same words as a page\'s first ones, and verifies', () => {
+    const whole = page(spec, 21);
+    for (let n = 1; n <= 13; n++) {
+      const short = page(spec, 21, n);
+      expect(Array.from(short)).toEqual(Array.from(whole.subarray(0, n)));
+      expect(verifyPage(spec, 21, short)).toBe(-1);
+      for (let w = 1; w < n; w++) {
+        const bad = short.slice();
+        bad[w] = bad[w]! ^ 0x80000000;
+        expect(verifyPage(spec, 21, bad)).toBe(w);
+        // The ignored word is the one word not compared.
+        expect(verifyPage(spec, 21, bad, w)).toBe(-1);
+      }
+    }
+  });
+
+  it('verifyPage names the first bad word of four checked at once, past the ignored one', () => {
+    const data = page(spec, 33);
+    data[602] = data[602]! ^ 4;
+    data[601] = data[601]! ^ 4;
+    expect(verifyPage(spec, 33, data)).toBe(601);
+    expect(verifyPage(spec, 33, data, 601)).toBe(602);
+    data[602] = data[602]! ^ 4;
+    expect(verifyPage(spec, 33, data, 601)).toBe(-1);
+  });
+
+  it('is pinned: the content of protocol version 10 (a change to it needs a new version)', () => {
+    expect(Array.from(page(spec, 5).subarray(0, 6))).toEqual(PINNED);
   });
 });
 

@@ -24,25 +24,76 @@ export function isZeroPage(spec: ImageSpec, page: number): boolean {
   return mix(spec.seed ^ 0x5a5a5a5a, page) / 4294967296 < spec.zeroFraction;
 }
 
+/** Seeds of the lanes after the first (the first is the page's own mix of the seed). */
+const LANE_1 = 0x243f6a88;
+const LANE_2 = 0x85a308d3;
+const LANE_3 = 0x13198a2e;
+
 /**
  * Writes page `page`'s content into `out` (pageSize bytes starting at a
  * 4-byte-aligned offset of a view). Never allocates.
+ *
+ * Four xorshift32 lanes, each seeded from (seed, page) on its own: word i
+ * is lane i mod 4's next. One lane's words each wait for the one before
+ * (three shifts and three xors in a chain); four independent chains let
+ * the CPU run them side by side. Measured on the 2-core development VM,
+ * one lane and four interleaved in one process, two runs (medians): a
+ * 64 MiB buffer filled at 1.44 and 2.01 GiB/s against 1.22 and 1.32, and
+ * verified at 1.27 and 1.74 against 1.02 and 1.32; 1 MiB in cache, as a
+ * page just installed is, filled at 1.67 and 2.19 against 1.28 and 1.45,
+ * verified at 1.36 and 1.76 against 0.98 and 1.21. It runs in the
+ * source's image build and at every first touch on the destination
+ * (protocol version 10: the content of version 9 was one lane's).
  */
 export function fillPage(spec: ImageSpec, page: number, out: Uint32Array): void {
   if (isZeroPage(spec, page)) {
     out.fill(0);
     return;
   }
-  // xorshift32; a zero state would stick, so force a bit.
-  let x = mix(spec.seed, page) | 1;
-  for (let i = 0; i < out.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x;
+  // A zero xorshift state would stick: force a bit in each lane.
+  let a = mix(spec.seed, page) | 1;
+  let b = mix(spec.seed ^ LANE_1, page) | 1;
+  let c = mix(spec.seed ^ LANE_2, page) | 1;
+  let d = mix(spec.seed ^ LANE_3, page) | 1;
+  const n = out.length;
+  const body = n & ~3;
+  let i = 0;
+  for (; i < body; i += 4) {
+    a ^= a << 13;
+    b ^= b << 13;
+    c ^= c << 13;
+    d ^= d << 13;
+    a ^= a >>> 17;
+    b ^= b >>> 17;
+    c ^= c >>> 17;
+    d ^= d >>> 17;
+    a ^= a << 5;
+    b ^= b << 5;
+    c ^= c << 5;
+    d ^= d << 5;
+    out[i] = a;
+    out[i + 1] = b;
+    out[i + 2] = c;
+    out[i + 3] = d;
+  }
+  // A length not a multiple of four words (a device state's chunk may be): the lanes go on in order.
+  if (i < n) {
+    a ^= a << 13;
+    a ^= a >>> 17;
+    out[i] = a ^ (a << 5);
+  }
+  if (i + 1 < n) {
+    b ^= b << 13;
+    b ^= b >>> 17;
+    out[i + 1] = b ^ (b << 5);
+  }
+  if (i + 2 < n) {
+    c ^= c << 13;
+    c ^= c >>> 17;
+    out[i + 2] = c ^ (c << 5);
   }
   // The first word names the page: a page installed at the wrong index is caught at once.
-  out[0] = page;
+  if (n > 0) out[0] = page;
 }
 
 /**
@@ -57,13 +108,61 @@ export function verifyPage(spec: ImageSpec, page: number, data: Uint32Array, ign
     for (let i = 0; i < data.length; i++) if (data[i] !== 0 && i !== ignoreWord) return i;
     return -1;
   }
-  if (data[0] !== page && ignoreWord !== 0) return 0;
-  let x = mix(spec.seed, page) | 1;
-  for (let i = 0; i < data.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    if (i > 0 && i !== ignoreWord && data[i] !== x >>> 0) return i;
+  if (data.length > 0 && data[0] !== page && ignoreWord !== 0) return 0;
+  let a = mix(spec.seed, page) | 1;
+  let b = mix(spec.seed ^ LANE_1, page) | 1;
+  let c = mix(spec.seed ^ LANE_2, page) | 1;
+  let d = mix(spec.seed ^ LANE_3, page) | 1;
+  const n = data.length;
+  const body = n & ~3;
+  let i = 0;
+  for (; i < body; i += 4) {
+    a ^= a << 13;
+    b ^= b << 13;
+    c ^= c << 13;
+    d ^= d << 13;
+    a ^= a >>> 17;
+    b ^= b >>> 17;
+    c ^= c >>> 17;
+    d ^= d >>> 17;
+    a ^= a << 5;
+    b ^= b << 5;
+    c ^= c << 5;
+    d ^= d << 5;
+    // One branch for four words; which of them differs (word 0 and the ignored word aside) only once one does.
+    if (((data[i]! ^ a) | (data[i + 1]! ^ b) | (data[i + 2]! ^ c) | (data[i + 3]! ^ d)) !== 0) {
+      const bad = firstBad(data, i, a, b, c, d, ignoreWord);
+      if (bad !== -1) return bad;
+    }
   }
+  // A length not a multiple of four words: the lanes go on in order, as in fillPage.
+  if (i < n) {
+    a ^= a << 13;
+    a ^= a >>> 17;
+    a ^= a << 5;
+  }
+  if (i + 1 < n) {
+    b ^= b << 13;
+    b ^= b >>> 17;
+    b ^= b << 5;
+  }
+  if (i + 2 < n) {
+    c ^= c << 13;
+    c ^= c >>> 17;
+    c ^= c << 5;
+  }
+  return i < n ? firstBad(data, i, a, b, c, d, ignoreWord) : -1;
+}
+
+/** The first of the (up to) four words from `i` that differs from its lane's, skipping word 0 and `ignoreWord`; -1 when none does. */
+function firstBad(data: Uint32Array, i: number, a: number, b: number, c: number, d: number, ignoreWord: number): number {
+  if (badWord(data, i, a, ignoreWord)) return i;
+  if (badWord(data, i + 1, b, ignoreWord)) return i + 1;
+  if (badWord(data, i + 2, c, ignoreWord)) return i + 2;
+  if (badWord(data, i + 3, d, ignoreWord)) return i + 3;
   return -1;
+}
+
+function badWord(data: Uint32Array, w: number, expected: number, ignoreWord: number): boolean {
+  return w < data.length && w !== 0 && w !== ignoreWord && data[w] !== expected >>> 0;
 }

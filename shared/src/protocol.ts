@@ -48,8 +48,11 @@ import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
  * Version 9: each segment's hash is the eight-lane hash of segment-hash.ts
  * instead of SHA-256 (twice as fast); the digest over the segment hashes
  * stays SHA-256. A version-8 peer's digest would never match.
+ * Version 10: the page content generator (content.ts) runs four xorshift32
+ * lanes instead of one, so a page's content differs from version 9's: a
+ * version-9 peer's pages would fail every content check.
  */
-export const PROTOCOL_VERSION = 9;
+export const PROTOCOL_VERSION = 10;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
