@@ -171,14 +171,9 @@ export class GuestThreads {
     // Timed from here: the threads' start, before it, is the run's with or without a warm-up.
     const started = performance.now();
     const done = this.vcpus.map((t) => expectReport(t.worker, 'done', t.label, abort, true));
+    for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
     watchdog.start();
-    let results: Awaited<(typeof done)[number]>[];
-    try {
-      for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
-      results = await Promise.all(done);
-    } finally {
-      watchdog.stop();
-    }
+    const results = await Promise.all(done).finally(() => watchdog.stop());
     const stopped = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, abort, true));
     for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
     await Promise.all(stopped);
