@@ -173,8 +173,10 @@ describe('the warm-up: every thread runs its fault path on scratch memory before
     it(`${strategy}: each vCPU faults on its warm-up pages, and nothing of it reaches the run's books`, async () => {
       const result = await migrate(['--strategy', strategy, '--workload', 'sequential', '--vcpus', '2', '--memory', '4MiB', '--no-push', '--warm-up-pages', '100']);
       const report = expectVerified(result);
-      // Sequential: each vCPU touches each of its 100 scratch pages once, and each is a fault.
+      // Sequential: each vCPU touches each of its 100 scratch pages once, and each is a fault:
+      // 50 in each of two rounds, on scratch memory of their own.
       expect(report.warmUp.faults).toBe(200);
+      expect(report.warmUp.rounds).toBe(2);
       expect(report.warmUp.ms).toBeGreaterThan(0);
       // The run's own faults and requests only: a scratch page asked of the source would break exactly-once.
       expect(report.counters.faults).toBe(1024);
@@ -183,13 +185,16 @@ describe('the warm-up: every thread runs its fault path on scratch memory before
     });
   }
 
-  it('is capped at each vCPU\'s share of the guest, and --warm-up-pages 0 turns it off', async () => {
+  it('is capped at each vCPU\'s share of the guest, and one page a vCPU is one round, --warm-up-pages 0 turns it off', async () => {
     const capped = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push'], undefined, { defaults: true }));
     // The default 1024 a vCPU, but the guest has 256 pages: 128 each.
     expect(capped.warmUp.faults).toBe(256);
     const off = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '0']));
-    expect(off.warmUp).toEqual({ faults: 0, ms: 0 });
+    expect(off.warmUp).toEqual({ faults: 0, ms: 0, rounds: 0 });
     expect(off.counters.faults).toBe(256);
+    // A page a vCPU cannot be halved: one round.
+    const one = expectVerified(await migrate(['--strategy', 'shared-uffd', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '1']));
+    expect(one.warmUp).toMatchObject({ faults: 2, rounds: 1 });
   });
 
   it('its watchdog starts once every thread is ready: their start is no stall, even at --watchdog-ms 100', async () => {

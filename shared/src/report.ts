@@ -91,9 +91,10 @@ export interface Report {
    * on scratch memory, and how long they took from every thread started
    * and connected to the warm-up's peer until its resolvers stopped (the
    * threads' start is the run's, with or without one). Not in any other
-   * figure.
+   * figure. `rounds`: each with objects of its own (dest-host's
+   * warm-up/warm-up.ts says why); 0 without a warm-up.
    */
-  warmUp: { faults: number; ms: number };
+  warmUp: { faults: number; ms: number; rounds: number };
   /** The link ran over TLS (wss://). */
   tls: boolean;
   /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
@@ -241,7 +242,7 @@ export function formatReport(r: Report): string {
   lines.push(
     pad([
       ['elapsed', `${fmt(r.elapsedMs)} ms`],
-      ['warm-up before it (vCPU faults on scratch memory, ms)', r.warmUp?.faults ? `${r.warmUp.faults}, ${fmt(r.warmUp.ms)} ms` : 'none'],
+      ['warm-up before it (vCPU faults on scratch memory, ms)', r.warmUp?.faults ? `${r.warmUp.faults} in ${r.warmUp.rounds} rounds, ${fmt(r.warmUp.ms)} ms` : 'none'],
       ['faults (vCPU / non-vCPU)', `${c.faults - c.nonVcpuFaults} / ${c.nonVcpuFaults}`],
       ['requests / replies', `${c.requests} / ${c.replies}`],
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],

@@ -501,11 +501,11 @@ export class DestinationRun {
         this.connectionLost(label, new ConnectionError(message));
       },
       trace: this.trace !== undefined,
-      ...(warm ? { warmUp: warm.plan } : {}),
+      ...(warm ? { warmUp: warm.plans } : {}),
     });
     if (warm !== undefined) {
       const started = performance.now();
-      this.warmUpDone = await this.threads.warmUp(warm.watchdog(this.threads.watched(), this.options.watchdogMs, (err) => this.abort.fail(err)));
+      this.warmUpDone = await this.threads.warmUp(warm.watchdogs(this.threads.watched(), this.options.watchdogMs, (err) => this.abort.fail(err)));
       // No thread faults on it any more; the peer and the memory go at the end (see warm-up.ts).
       warm.releaseContexts();
       this.trace?.phase('warm-up (the fault path on scratch memory)', started, performance.now());
@@ -666,7 +666,7 @@ export class DestinationRun {
       cpu: { dest: { processUs: results.cpu.processUs, mainThreadUs: results.cpu.threadUs }, resolvers: resolvers.map((r) => r.cpuUs) },
       preempt: options.preempt,
       faultChannel: this.endpoint.faultChannel,
-      warmUp: { faults: this.warmUpDone?.faults ?? 0, ms: Math.round(this.warmUpDone?.ms ?? 0) },
+      warmUp: { faults: this.warmUpDone?.faults ?? 0, ms: Math.round(this.warmUpDone?.ms ?? 0), rounds: this.warmUpDone?.rounds ?? 0 },
       mode: welcome.mode,
       tls: options.source.startsWith('wss:'),
       linkDelayUs: welcome.linkDelayUs,

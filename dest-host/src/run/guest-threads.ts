@@ -28,11 +28,11 @@ export interface GuestThreadsOptions {
   onChannelLost: (label: string, message: string, epoch: number) => void;
   /** --trace: every thread logs its faults and messages for the timeline. */
   trace: boolean;
-  /** The warm-up the vCPUs and resolvers run first (warm-up/warm-up.ts): see {@link GuestThreads.warmUp}. */
-  warmUp?: WarmUpPlan;
+  /** The warm-up's rounds the vCPUs and resolvers run first (warm-up/warm-up.ts): see {@link GuestThreads.warmUp}. */
+  warmUp?: WarmUpPlan[];
 }
 
-/** Scratch memory, its strategy's contexts and the local peer a warm-up runs on. */
+/** Scratch memory, its strategy's contexts and the local peer a warm-up's round runs on. */
 export interface WarmUpPlan {
   shared: SharedState;
   endpoint: SourceEndpoint;
@@ -43,9 +43,11 @@ export interface WarmUpPlan {
 
 /** What the warm-up did. */
 export interface WarmUpDone {
-  /** Faults of every vCPU on scratch memory. */
+  /** Faults of every vCPU on scratch memory, in all rounds. */
   faults: number;
-  /** From every thread ready (started, connected to the peer) to the resolvers stopped. */
+  /** Rounds run (see warm-up/warm-up.ts). */
+  rounds: number;
+  /** From every thread ready for the first round (started, connected to its peer) to the resolvers stopped after the last. */
   ms: number;
 }
 
@@ -103,8 +105,10 @@ export class GuestThreads {
       return { worker, label };
     });
     const warm = o.warmUp;
-    if (warm !== undefined && warm.plan.resolvers.map((r) => r.label).join() !== o.plan.resolvers.map((r) => r.label).join()) {
-      throw new Error(`expected the warm-up's resolvers to be the run's (${o.plan.resolvers.map((r) => r.label).join(', ')}), got ${warm.plan.resolvers.map((r) => r.label).join(', ')}`);
+    for (const round of warm ?? []) {
+      if (round.plan.resolvers.map((r) => r.label).join() !== o.plan.resolvers.map((r) => r.label).join()) {
+        throw new Error(`expected the warm-up's resolvers to be the run's (${o.plan.resolvers.map((r) => r.label).join(', ')}), got ${round.plan.resolvers.map((r) => r.label).join(', ')}`);
+      }
     }
     this.resolvers = o.plan.resolvers.map((spec, i) => {
       const data: ResolverData = {
@@ -115,7 +119,7 @@ export class GuestThreads {
         state: o.shared,
         source: o.endpoint,
         trace: o.trace,
-        ...(warm ? { warmUp: { state: warm.shared, source: warm.endpoint, ctx: warm.plan.resolvers[i]!.ctx, owesWake: warm.plan.resolvers[i]!.owesWake } } : {}),
+        ...(warm ? { warmUp: warm.map((w) => ({ state: w.shared, source: w.endpoint, ctx: w.plan.resolvers[i]!.ctx, owesWake: w.plan.resolvers[i]!.owesWake })) } : {}),
       };
       return { ...start('resolver-worker', data, spec.label), owesWake: spec.owesWake };
     });
@@ -132,7 +136,7 @@ export class GuestThreads {
         source: o.endpoint,
         copyCtx: o.plan.vcpuCopyCtx,
         trace: o.trace,
-        ...(warm && kind === 'vcpu' ? { warmUp: { state: warm.shared, source: warm.endpoint, workload: warm.workload, copyCtx: warm.plan.vcpuCopyCtx } } : {}),
+        ...(warm && kind === 'vcpu' ? { warmUp: warm.map((w) => ({ state: w.shared, source: w.endpoint, workload: w.workload, copyCtx: w.plan.vcpuCopyCtx })) } : {}),
       };
       return start('guest-thread-worker', data, kind === 'vcpu' ? `vCPU ${index}` : `I/O thread ${index}`);
     };
@@ -150,34 +154,51 @@ export class GuestThreads {
   private readonly readied: Promise<void>;
 
   /**
-   * The warm-up: every vCPU runs its access pattern over scratch memory, its
-   * faults resolved by the same strategy's resolvers from the warm-up peer,
-   * with the same code as the run's; then the resolvers stop. Nothing of the
-   * run's memory, state or connections is touched. Call it before
-   * {@link ready}, with `warmUp` given.
+   * The warm-up, round by round: every vCPU runs its access pattern over the
+   * round's scratch memory, its faults resolved by the same strategy's
+   * resolvers from the round's peer, with the same code as the run's; then
+   * the resolvers stop, and the next round begins. Nothing of the run's
+   * memory, state or connections is touched. Call it before {@link ready},
+   * with `warmUp` given.
    *
-   * `watchdog` watches the vCPUs' warm-up alone: it starts once every
-   * warmed thread is ready, as the run's starts only once its threads are
-   * (their start, isolates booting and connecting, makes no progress a
-   * watchdog could see: on a loaded 2-core machine it took over 500 ms and
-   * failed runs with --watchdog-ms 500), and it stops once the vCPUs are
-   * done, before the resolvers are told to stop.
+   * `watchdogs` (one a round) watch the vCPUs' warm-up alone: each starts
+   * once every warmed thread is ready for its round, as the run's starts
+   * only once its threads are (their start, isolates booting and
+   * connecting, makes no progress a watchdog could see: on a loaded 2-core
+   * machine it took over 500 ms and failed runs with --watchdog-ms 500), and
+   * it stops once the vCPUs are done, before the resolvers are told to stop.
    */
-  async warmUp(watchdog: { start(): void; stop(): void }): Promise<WarmUpDone> {
-    if (this.o.warmUp === undefined) throw new Error('expected a warm-up plan (GuestThreadsOptions.warmUp) for warmUp()');
+  async warmUp(watchdogs: readonly { start(): void; stop(): void }[]): Promise<WarmUpDone> {
+    const rounds = this.o.warmUp;
+    if (rounds === undefined) throw new Error('expected a warm-up plan (GuestThreadsOptions.warmUp) for warmUp()');
+    if (watchdogs.length !== rounds.length) throw new Error(`expected a watchdog for each of the warm-up's ${rounds.length} rounds, got ${watchdogs.length}`);
     const { abort } = this.o;
     const warmed = [...this.resolvers, ...this.vcpus];
-    await Promise.all(warmed.map((t) => expectReport(t.worker, 'ready', t.label, abort, true)));
-    // Timed from here: the threads' start, before it, is the run's with or without a warm-up.
-    const started = performance.now();
-    const done = this.vcpus.map((t) => expectReport(t.worker, 'done', t.label, abort, true));
-    for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
-    watchdog.start();
-    const results = await Promise.all(done).finally(() => watchdog.stop());
-    const stopped = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, abort, true));
-    for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
-    await Promise.all(stopped);
-    return { faults: results.reduce((n, r) => n + r.result.faults, 0), ms: performance.now() - started };
+    const readyForRound = (): Promise<unknown> => {
+      const ready = Promise.all(warmed.map((t) => expectReport(t.worker, 'ready', t.label, abort, true)));
+      // A round that fails leaves the next one's wait unawaited: its rejection is the same failure.
+      ready.catch(() => {});
+      return ready;
+    };
+    let ready = readyForRound();
+    let started: number | undefined;
+    let faults = 0;
+    for (const [round, watchdog] of watchdogs.entries()) {
+      await ready;
+      // Listening for the next round's `ready` before this round ends: a thread says it as soon as its round is done.
+      if (round + 1 < watchdogs.length) ready = readyForRound();
+      // Timed from here: the threads' start, before it, is the run's with or without a warm-up.
+      started ??= performance.now();
+      const done = this.vcpus.map((t) => expectReport(t.worker, 'done', t.label, abort, true));
+      for (const t of this.vcpus) t.worker.postMessage({ type: 'go' });
+      watchdog.start();
+      const results = await Promise.all(done).finally(() => watchdog.stop());
+      const stopped = this.resolvers.map((r) => expectReport(r.worker, 'resolver-done', r.label, abort, true));
+      for (const r of this.resolvers) r.worker.postMessage({ type: 'stop' });
+      await Promise.all(stopped);
+      faults += results.reduce((n, r) => n + r.result.faults, 0);
+    }
+    return { faults, ms: started === undefined ? 0 : performance.now() - started, rounds: watchdogs.length };
   }
 
   /**

@@ -19,9 +19,10 @@
  * workload over `pagesPerVcpu` pages a vCPU, the same fault channel kind
  * (and with --trace the same logging, whose logs are dropped), against a
  * local peer (peer.ts) that answers as the source does with the
- * generator's pages. The vCPUs run it through to the end, the resolvers
- * stop and the scratch contexts close; only then do the threads connect to
- * the source for the run. The run's memory, state,
+ * generator's pages, in two rounds (see {@link WarmUp}). The vCPUs run
+ * each round through to the end, the resolvers stop; after the last the
+ * scratch contexts close, and only then do the threads connect to the
+ * source for the run. The run's memory, state,
  * connections and counters are never touched, so every exactly-once check
  * holds as without it. I/O threads and devices' DMA threads do not warm up.
  * Over TLS the warm-up still speaks plain ws:// (the peer has no
@@ -76,7 +77,89 @@ export interface WarmUpSpec {
   trace: boolean;
 }
 
+/**
+ * The warm-up's rounds: each vCPU's pages split in two, each round on
+ * scratch memory, contexts, state and a peer of its own, and each thread
+ * runs its fault path once a round with new objects (channel, installer,
+ * memory views, session). Why two: V8 optimizes on what a function has seen,
+ * and the first set of objects is not the last. Code compiled in one round
+ * depends on its objects' maps (a field's type is recorded as the class of
+ * its first value; a function called once is optimized only on its loop,
+ * OSR) and is thrown away when other objects come: in a one-round warm-up
+ * that happened at the run's start, and each isolate compiled its fault path
+ * again while the guest ran (kvm-exit, 8 vCPUs x 16 MiB, --trace-opt: the
+ * channel's request, replyTo and the guest loop deoptimized on "code
+ * dependencies" as the run's objects were made; perf: V8's compiler threads
+ * busy the run's first 0.8-1.3 s, up to a core of two). The second round
+ * takes that step instead, and the run finds its code compiled for objects
+ * of both kinds. Halves, so that --warm-up-pages still says how many faults.
+ *
+ * Measured (8 vCPUs x 16 MiB, --no-push --preempt, sequential, pairs
+ * interleaved with the one-round warm-up, a VM with 20 % steal): kvm-exit,
+ * 8 pairs, median 18.4 k -> 20.2 k pages/s, the compiler threads' CPU a
+ * fault (the report's `destOther`) 12.6-16.9 -> 6.4-11.0 µs; shared-uffd,
+ * 3 pairs, 13.3-15.6 k -> 13.9-16.5 k, each pair better, destOther
+ * 17.8-23.4 -> 10.4-13.3 µs. The warm-up itself takes longer (kvm-exit at
+ * 8 vCPUs 0.79-1.07 -> 1.08-1.15 s): the compiling moved into it.
+ */
 export class WarmUp {
+  private constructor(private readonly rounds: WarmUpRound[]) {}
+
+  /** Pages each vCPU of `spec` faults on in its warm-up, over all rounds. */
+  static pagesPerVcpu(spec: Pick<WarmUpSpec, 'pagesPerVcpu' | 'guestPages' | 'pageSize' | 'plan'>): number {
+    const vcpus = spec.plan.vcpus;
+    return Math.max(1, Math.min(spec.pagesPerVcpu, Math.floor(MAX_WARM_UP_BYTES / spec.pageSize / vcpus), Math.floor(spec.guestPages / vcpus)));
+  }
+
+  /** Each round's pages a vCPU: `pages` in two halves (one round when there is a single page). */
+  static roundPages(pages: number): number[] {
+    return pages < 2 ? [pages] : [Math.ceil(pages / 2), Math.floor(pages / 2)];
+  }
+
+  static async start(spec: WarmUpSpec): Promise<WarmUp> {
+    const started = await Promise.allSettled(WarmUp.roundPages(WarmUp.pagesPerVcpu(spec)).map((pages) => WarmUpRound.start(spec, pages)));
+    const rounds = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
+    const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    if (failed !== undefined) {
+      for (const r of rounds) r.releaseContexts();
+      await Promise.all(rounds.map((r) => r.closePeer()));
+      for (const r of rounds) r.dispose();
+      throw failed.reason;
+    }
+    return new WarmUp(rounds);
+  }
+
+  /** What the threads run on, round by round. */
+  get plans(): WarmUpPlan[] {
+    return this.rounds.map((r) => r.plan);
+  }
+
+  /**
+   * A watchdog over each round's threads (not started): a warm-up that
+   * stops making progress fails the run, as the run's own watchdog would.
+   */
+  watchdogs(threads: readonly WatchedThread[], timeoutMs: number, onStall: (err: Error) => void): Watchdog[] {
+    return this.rounds.map((r) => r.watchdog(threads, timeoutMs, onStall));
+  }
+
+  /** Unregisters and closes every round's scratch contexts (which wakes any thread still blocked in one). Idempotent. */
+  releaseContexts(): void {
+    for (const r of this.rounds) r.releaseContexts();
+  }
+
+  /** Stops the peers, cutting the warm-up's connections (at the end of the run). */
+  async closePeer(): Promise<void> {
+    await Promise.all(this.rounds.map((r) => r.closePeer()));
+  }
+
+  /** Unmaps the scratch memory: only once no thread runs on it (the threads have exited). */
+  dispose(): void {
+    for (const r of this.rounds) r.dispose();
+  }
+}
+
+/** One round: its scratch memory, the strategy's setup over it, its state and its peer. */
+class WarmUpRound {
   private setup: StrategySetup | undefined;
 
   private constructor(
@@ -89,15 +172,9 @@ export class WarmUp {
     this.setup = setup;
   }
 
-  /** Pages each vCPU of `spec` faults on in its warm-up. */
-  static pagesPerVcpu(spec: Pick<WarmUpSpec, 'pagesPerVcpu' | 'guestPages' | 'pageSize' | 'plan'>): number {
+  static async start(spec: WarmUpSpec, pagesPerVcpu: number): Promise<WarmUpRound> {
     const vcpus = spec.plan.vcpus;
-    return Math.max(1, Math.min(spec.pagesPerVcpu, Math.floor(MAX_WARM_UP_BYTES / spec.pageSize / vcpus), Math.floor(spec.guestPages / vcpus)));
-  }
-
-  static async start(spec: WarmUpSpec): Promise<WarmUp> {
-    const vcpus = spec.plan.vcpus;
-    const totalPages = WarmUp.pagesPerVcpu(spec) * vcpus;
+    const totalPages = pagesPerVcpu * vcpus;
     const layout = makeLayout(totalPages * spec.pageSize, spec.pageSize);
     const memory = BACKEND_BY_NAME[spec.backend].create({ layout, memslotBytes: spec.memslotBytes, maxThreads: spec.threadCount, maxContexts: spec.maxContexts });
     let setup: StrategySetup;
@@ -126,29 +203,22 @@ export class WarmUp {
       plan: setup,
       workload: { name: spec.workload.name, totalPages, vcpus, seed: spec.workload.seed, accesses: 0, writeFraction: spec.workload.writeFraction },
     };
-    return new WarmUp(plan, memory, vmm, peer, setup);
+    return new WarmUpRound(plan, memory, vmm, peer, setup);
   }
 
-  /**
-   * A watchdog over the warm-up's threads (not started): a warm-up that
-   * stops making progress fails the run, as the run's own watchdog would.
-   */
   watchdog(threads: readonly WatchedThread[], timeoutMs: number, onStall: (err: Error) => void): Watchdog {
     return new Watchdog(this.vmm, this.memory, threads, timeoutMs, () => performance.now(), (err) => onStall(new Error(`warm-up: ${err.message}`, { cause: err })));
   }
 
-  /** Unregisters and closes the scratch contexts (which wakes any thread still blocked in one). Idempotent. */
   releaseContexts(): void {
     if (this.setup !== undefined) releaseSetup(this.memory, this.setup);
     this.setup = undefined;
   }
 
-  /** Stops the peer, cutting the warm-up's connections (at the end of the run). */
   closePeer(): Promise<void> {
     return this.peer.close();
   }
 
-  /** Unmaps the scratch memory: only once no thread runs on it (the threads have exited). */
   dispose(): void {
     this.memory.dispose();
   }

@@ -50,15 +50,15 @@ export function warmUpReport(message: WorkerReport): void {
 }
 
 /**
- * A worker's body with a warm-up: `warmUp` (when there is one) runs this
- * thread's fault path on scratch memory, so that its isolate has compiled
- * it before the guest runs; a failure there says it was the warm-up's.
- * Then `run`, the run itself.
+ * A worker's body with a warm-up: each of `rounds` (none without a warm-up)
+ * runs this thread's fault path on scratch memory, so that its isolate has
+ * compiled it before the guest runs; a failure there says it was the
+ * warm-up's. Then `run`, the run itself.
  */
-export async function warmUpThenRun(warmUp: (() => Promise<void>) | undefined, run: () => Promise<void>): Promise<void> {
-  if (warmUp !== undefined) {
+export async function warmUpThenRun(rounds: readonly (() => Promise<void>)[], run: () => Promise<void>): Promise<void> {
+  for (const round of rounds) {
     try {
-      await warmUp();
+      await round();
     } catch (err) {
       throw new Error(`warm-up: ${(err as Error).message}`, { cause: err });
     }

@@ -20,10 +20,9 @@ import type { GuestThreadData } from './protocol.js';
 
 runWorker(async () => {
   const data = workerData as GuestThreadData;
-  const w = data.warmUp;
   // The same code on scratch memory first (warm-up/warm-up.ts).
   await warmUpThenRun(
-    w && (() => runThread({ ...data, state: w.state, source: w.source, workload: w.workload, copyCtx: w.copyCtx }, warmUpReport, true)),
+    (data.warmUp ?? []).map((w) => () => runThread({ ...data, state: w.state, source: w.source, workload: w.workload, copyCtx: w.copyCtx }, warmUpReport, true)),
     () => runThread(data, reportToMain),
   );
 });

@@ -70,11 +70,11 @@ export interface GuestThreadData {
   dmaRanges?: PageRange[];
   /** --trace: log each fault's page, access and (kvm-exit) resolution for the timeline. */
   trace: boolean;
-  /** vCPUs: the warm-up this thread runs first, on scratch memory (see warm-up/warm-up.ts). */
-  warmUp?: GuestThreadWarmUp;
+  /** vCPUs: the warm-up's rounds this thread runs first, each on scratch memory of its own (see warm-up/warm-up.ts). */
+  warmUp?: GuestThreadWarmUp[];
 }
 
-/** What a guest thread's warm-up runs on instead of the run's memory, source and workload. */
+/** What a guest thread's warm-up round runs on instead of the run's memory, source and workload. */
 export interface GuestThreadWarmUp {
   state: SharedState;
   source: SourceEndpoint;
@@ -82,7 +82,7 @@ export interface GuestThreadWarmUp {
   copyCtx: number;
 }
 
-/** What a resolver's warm-up serves instead of the run's context and source. */
+/** What a resolver's warm-up round serves instead of the run's context and source. */
 export interface ResolverWarmUp {
   state: SharedState;
   source: SourceEndpoint;
@@ -100,8 +100,8 @@ export interface ResolverData {
   source: SourceEndpoint;
   /** --trace: log each fault message and its resolution for the timeline. */
   trace: boolean;
-  /** The warm-up this resolver serves first, on scratch memory (see warm-up/warm-up.ts). */
-  warmUp?: ResolverWarmUp;
+  /** The warm-up's rounds this resolver serves first, each on scratch memory of its own (see warm-up/warm-up.ts). */
+  warmUp?: ResolverWarmUp[];
 }
 
 export interface GuestThreadResult {

@@ -24,10 +24,9 @@ const IDLE_SLICE_MS = 20;
 
 runWorker(async () => {
   const data = workerData as ResolverData;
-  const w = data.warmUp;
   // The same code on a scratch context first (warm-up/warm-up.ts).
   await warmUpThenRun(
-    w && (() => serve({ ...data, state: w.state, source: w.source, ctx: w.ctx, owesWake: w.owesWake }, warmUpReport, true)),
+    (data.warmUp ?? []).map((w) => () => serve({ ...data, state: w.state, source: w.source, ctx: w.ctx, owesWake: w.owesWake }, warmUpReport, true)),
     () => serve(data, reportToMain),
   );
 });
