@@ -6,7 +6,7 @@
  */
 import { pack } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
-import { PAGE_REPLY_HEADER_BYTES, REQUEST_BYTES, decode, decodeReplyFast, encode, encodePageReplyHeaderInto, encodeRequestInto, pageReplyHeaderBytes, type DecodeLimits } from './codec.js';
+import { PAGE_REPLY_HEADER_BYTES, REQUEST_BYTES, decode, decodeReplyFast, decodeRequestFast, encode, encodePageReplyHeaderInto, encodeRequestInto, pageReplyHeaderBytes, type DecodeLimits } from './codec.js';
 import { ProtocolError } from './errors.js';
 import { makeLayout } from './layout.js';
 import { rng } from './random.js';
@@ -705,5 +705,39 @@ describe('the blocking fault channel fast paths', () => {
     }
     expect(() => decode(bad[0]!, { layout })).toThrow(ProtocolError);
     expect(() => decode(bad[1]!, { layout })).toThrow(/expected 4096 bytes/);
+  });
+
+  it('decodeRequestFast gives what decode() gives for every request, whatever the integers\' widths', () => {
+    const random = rng(11);
+    const frame = new Uint8Array(REQUEST_BYTES);
+    for (let i = 0; i < 500; i++) {
+      const id = Math.floor(random() * 0xffffffff) >>> (Math.floor(random() * 4) * 8);
+      const page = Math.floor(random() * layout.totalPages) >>> Math.floor(random() * 8);
+      // encode() picks the narrowest integers, the blocking channel uint32 ones.
+      for (const bytes of [encode({ type: 'request', id, page }), frame.subarray(0, encodeRequestInto(frame, id, page))]) {
+        const fast = decodeRequestFast(bytes, layout);
+        expect(fast).toEqual({ type: 'request', id, page });
+        expect(fast).toEqual(decode(bytes, { layout }));
+      }
+    }
+  });
+
+  it('decodeRequestFast leaves everything else to decode(), which says what is wrong', () => {
+    const bad: Uint8Array[] = [
+      encode({ type: 'request', id: 1, page: layout.totalPages }), // a page past the guest
+      pack([MessageType.Request, 1, 2, 3]), // a field too many
+      pack([MessageType.Request, 1]), // a field short
+      pack([MessageType.Request, -1, 2]), // a negative id
+      pack([MessageType.Request, 1, 2.5]), // not an integer
+      pack([MessageType.Request, 0x100000000, 2]), // an id past uint32
+      new Uint8Array([...encode({ type: 'request', id: 1, page: 2 }), 0]), // a byte after the message
+      encode({ type: 'zero-page', id: 1, page: 2 }), // not a request
+      new Uint8Array([0x93]), // cut short
+    ];
+    for (const frame of bad) {
+      expect(decodeRequestFast(frame, layout)).toBeUndefined();
+    }
+    expect(() => decode(bad[0]!, { layout })).toThrow(ProtocolError);
+    expect(() => decode(bad[3]!, { layout })).toThrow(ProtocolError);
   });
 });

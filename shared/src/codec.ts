@@ -599,6 +599,22 @@ function readUint(frame: Uint8Array, at: number): number {
 let fastAt = 0;
 
 /**
+ * decode() of a request ([Request, id, page], integers of any msgpack width
+ * up to uint32), for the source's hot path: without msgpackr, with the same
+ * checks (id a uint32, page inside the guest, nothing after the page).
+ * Anything else, valid or not, gives undefined: the caller then calls
+ * decode(), which gives the message or says what is wrong with it.
+ */
+export function decodeRequestFast(frame: Uint8Array, layout: GuestLayout): Message | undefined {
+  if (frame[0] !== 0x93 || frame[1] !== MessageType.Request) return undefined;
+  const id = readUint(frame, 2);
+  if (id < 0) return undefined;
+  const page = readUint(frame, fastAt);
+  if (page < 0 || page >= layout.totalPages || fastAt !== frame.length) return undefined;
+  return { type: 'request', id, page };
+}
+
+/**
  * decode() of a reply to a request, for the shapes the source sends
  * ([Page, id, page, bin] and [ZeroPage | AlreadySent | SentOnMain, id, page])
  * without msgpackr, with the same checks (id a uint32, page inside the

@@ -13,6 +13,7 @@ import {
   ProtocolError,
   TurnCork,
   decode,
+  decodeRequestFast,
   encode,
   encodePageReplyHeaderInto,
   formatBytes,
@@ -418,7 +419,9 @@ export class SourceServer extends EventEmitter {
         if (!channel.isOpen || channel.rejected) return;
         try {
           if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
-          const message = decode(data, channel.role === undefined ? {} : { layout: this.image.layout });
+          // A request (the hot path) without msgpackr; anything else, or a request it does not take, through decode().
+          const layout = this.image.layout;
+          const message = (channel.role !== undefined ? decodeRequestFast(data, layout) : undefined) ?? decode(data, channel.role === undefined ? {} : { layout });
           this.dispatch(channel, message);
         } catch (err) {
           this.reject(channel, err as Error);
