@@ -6,6 +6,7 @@ import {
   addDeviceOptions,
   addImageOptions,
   addLinkOptions,
+  addWarmUpOption,
   addPrecopyOptions,
   deviceSourceArgs,
   parseDeviceOptions,
@@ -21,6 +22,7 @@ export function launcherCommand(): Command {
   const cmd = new Command('postcopy')
     .description('Runs a two-process local postcopy migration (source host + destination host on 127.0.0.1) and prints its report.');
   addImageOptions(cmd);
+  addWarmUpOption(cmd);
   addLinkOptions(cmd);
   addPrecopyOptions(cmd);
   // The devices go to the source; --mdev-types to both hosts (each creates or checks instances of its own types).
@@ -32,8 +34,8 @@ export function launcherCommand(): Command {
   return cmd;
 }
 
-/** Options the source takes: the image, and the emulated link (applied at the source). */
-const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'linkDelayUs', 'linkBandwidth', 'maxPostcopyBandwidth'] as const;
+/** Options the source takes: the image, its warm-up, and the emulated link (applied at the source). */
+const SOURCE_FLAGS = ['memory', 'pageSize', 'seed', 'zeroFraction', 'warmUpRequests', 'linkDelayUs', 'linkBandwidth', 'maxPostcopyBandwidth'] as const;
 /** Of those, the ones the destination must also know (the layout) or uses itself (the seed). */
 const SHARED_FLAGS = ['memory', 'pageSize', 'seed'] as const;
 /** The destination's options the source takes too. */

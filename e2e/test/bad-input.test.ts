@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocketServer } from 'ws';
 import { MessageType, PROTOCOL_VERSION } from '@postcopy/shared';
 import { pack } from 'msgpackr';
-import { DEST, LAUNCHER, SOURCE, runNode } from './run.js';
+import { DEST, LAUNCHER, SOURCE, TEST_SOURCE_WARM_UP, runNode } from './run.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 
@@ -14,7 +14,7 @@ afterEach(async () => {
 
 /** Starts a real source process on an ephemeral port; resolves with its URL. */
 function startSource(args: string[], token = 'secret'): Promise<{ url: string; child: ChildProcess }> {
-  const child = spawn(process.execPath, [SOURCE, '--port', '0', ...args], { env: { ...process.env, POSTCOPY_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [SOURCE, '--port', '0', ...TEST_SOURCE_WARM_UP, ...args], { env: { ...process.env, POSTCOPY_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] });
   cleanups.push(() => void child.kill('SIGKILL'));
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('source did not listen')), 20_000);

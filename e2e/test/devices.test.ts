@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, LAUNCHER, SOURCE, expectVerified, migrate, runNode } from './run.js';
+import { DEST, LAUNCHER, SOURCE, TEST_SOURCE_WARM_UP, expectVerified, migrate, runNode } from './run.js';
 
 const cleanups: (() => void)[] = [];
 afterEach(() => {
@@ -147,7 +147,7 @@ describe('devices, end to end', () => {
       return file;
     };
     const env = { ...process.env, POSTCOPY_TOKEN: 'devices-test-token' };
-    const source: ChildProcess = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', '8MiB', '--mode', 'precopy', '--mdev-types', catalog('1.4'), '--device', 'gpu0:type=nvgpu-1Q'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const source: ChildProcess = spawn(process.execPath, [SOURCE, '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', '8MiB', '--mode', 'precopy', '--mdev-types', catalog('1.4'), '--device', 'gpu0:type=nvgpu-1Q'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     cleanups.push(() => source.kill('SIGKILL'));
     let sourceStderr = '';
     source.stderr!.on('data', (d: Buffer) => (sourceStderr += d.toString()));

@@ -35,7 +35,7 @@ import {
   type Message,
   type Report,
 } from '@postcopy/shared';
-import { DEST, SOURCE, TEST_WARM_UP, failedChecks, runNode, within } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, TEST_WARM_UP, failedChecks, runNode, within } from './run.js';
 
 const TOKEN = 'hostile-test-token';
 const MEMORY = '8MiB';
@@ -60,7 +60,7 @@ interface SourceProcess {
 
 /** Starts a real source process (built CLI, ephemeral port, token in the environment); resolves once it listens. */
 async function startSource(args: string[] = []): Promise<SourceProcess> {
-  const child = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', MEMORY, '--handshake-timeout-ms', '600000', ...args], {
+  const child = spawn(process.execPath, [SOURCE, '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', MEMORY, '--handshake-timeout-ms', '600000', ...args], {
     env: { ...process.env, POSTCOPY_TOKEN: TOKEN },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -184,6 +184,8 @@ class FakeSource {
       peakRssBytes: 0,
       repliesUndeliverable: 0,
       keepaliveTimeouts: 0,
+      warmUpRequests: 0,
+      warmUpMs: 0,
       migration: {
         setupTimeMs: 0, totalTimeMs: 0, downtimeMs: 0, expectedDowntimeMs: 0, downtimeLimitMs: 300, switchoverReason: 'none',
         rounds: 0, dirtySyncCount: 0, pagesSent: 0, pagesResent: 0, bytes: 0, dirtyPagesRate: 0, throttlePercent: 0, perRound: [], discardPages: 0, discardRanges: 0,

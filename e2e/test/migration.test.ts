@@ -178,19 +178,26 @@ describe('the warm-up: every thread runs its fault path on scratch memory before
       expect(report.warmUp.faults).toBe(200);
       expect(report.warmUp.rounds).toBe(2);
       expect(report.warmUp.ms).toBeGreaterThan(0);
-      // The run's own faults and requests only: a scratch page asked of the source would break exactly-once.
+      // The source warmed up too (the tests' 64 requests), on a scratch server of its own.
+      expect(report.warmUp.sourceRequests).toBe(64);
+      // The run's own faults and requests only: a scratch page asked of the source would break exactly-once,
+      // and a warm-up request counted by the migration's source would break replies-equal-requests.
       expect(report.counters.faults).toBe(1024);
       expect(report.counters.requests).toBe(report.counters.faults - report.counters.duplicateRequestsSuppressed);
       expect(report.counters.pagesSentBySource).toBe(report.counters.pagesDemand);
     });
   }
 
-  it('is capped at each vCPU\'s share of the guest, and one page a vCPU is one round, --warm-up-pages 0 turns it off', async () => {
+  it('is capped at each vCPU\'s share of the guest, and one page a vCPU is one round, --warm-up-pages and --warm-up-requests 0 turn it off', async () => {
     const capped = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push'], undefined, { defaults: true }));
     // The default 1024 a vCPU, but the guest has 256 pages: 128 each.
     expect(capped.warmUp.faults).toBe(256);
-    const off = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '0']));
-    expect(off.warmUp).toEqual({ faults: 0, ms: 0, rounds: 0 });
+    // The source's default, whatever the guest's size (its scratch image is its own).
+    expect(capped.warmUp.sourceRequests).toBe(2048);
+    expect(capped.warmUp.sourceMs).toBeGreaterThan(0);
+    expect(capped.counters.requests).toBe(capped.counters.faults - capped.counters.duplicateRequestsSuppressed);
+    const off = expectVerified(await migrate(['--strategy', 'kvm-exit', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '0', '--warm-up-requests', '0']));
+    expect(off.warmUp).toEqual({ faults: 0, ms: 0, rounds: 0, sourceRequests: 0, sourceMs: 0 });
     expect(off.counters.faults).toBe(256);
     // A page a vCPU cannot be halved: one round.
     const one = expectVerified(await migrate(['--strategy', 'shared-uffd', '--vcpus', '2', '--memory', '1MiB', '--no-push', '--warm-up-pages', '1']));

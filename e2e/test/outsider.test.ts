@@ -28,7 +28,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { ChannelRole, MessageType, PROTOCOL_VERSION, bitmapBytes, decode, encode, makeLayout, type Message, type Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, TEST_WARM_UP, failedChecks, within } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, TEST_WARM_UP, failedChecks, within } from './run.js';
 
 const TOKEN = 'outsider-test-token';
 const MEMORY = '16MiB';
@@ -66,7 +66,7 @@ function startHost(script: string, args: string[], onLine?: (line: string) => vo
 }
 
 async function startSource(args: string[]): Promise<{ host: Host; url: string }> {
-  const host = startHost(SOURCE, ['--host', '127.0.0.1', '--port', '0', '--memory', MEMORY, ...args]);
+  const host = startHost(SOURCE, ['--host', '127.0.0.1', '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', MEMORY, ...args]);
   return { host, url: await listeningUrl(host.child, host.exit, 'the source', 20_000, host.stderr) };
 }
 

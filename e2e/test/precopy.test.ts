@@ -16,7 +16,7 @@ import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import { STRATEGIES, type Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, expectVerified, failedChecks, migrate, runNode } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, expectVerified, failedChecks, migrate, runNode } from './run.js';
 
 
 /** A small guest on a slowed link: precopy rounds take long enough for the guest to dirty pages during each. */
@@ -238,6 +238,7 @@ describe('the source\'s control endpoint', () => {
     dirs.push(dir);
     // Precopy would go on for a long time: a slow link and many rounds before the switch.
     const source = startHost(SOURCE, [
+      ...TEST_SOURCE_WARM_UP,
       '--host', '127.0.0.1', '--port', '0', '--memory', '8MiB', '--mode', 'hybrid', '--postcopy-after-rounds', '1000', '--link-bandwidth', '20mbit', '--control-port', '0',
       '--device', 'nic0:tracking=device,state=1MiB,pre-copy',
     ]);
@@ -289,7 +290,7 @@ describe('the source\'s control endpoint', () => {
   });
 
   it('in postcopy mode migrate-start-postcopy answers 409 with the state', { timeout: 30_000 }, async () => {
-    const source = startHost(SOURCE, ['--host', '127.0.0.1', '--port', '0', '--memory', '4MiB', '--control-port', '0']);
+    const source = startHost(SOURCE, ['--host', '127.0.0.1', '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', '4MiB', '--control-port', '0']);
     await listeningUrl(source.child, source.exit, 'the source', 20_000, source.stderr);
     const control = (await source.line(/^control (http:\/\/\S+)$/))[1]!;
     const res = await fetch(`${control}/migrate-start-postcopy`, { method: 'POST' });

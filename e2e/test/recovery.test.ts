@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { DEST, SOURCE, TEST_WARM_UP, failedChecks, migrate, runNode } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, TEST_WARM_UP, failedChecks, migrate, runNode } from './run.js';
 
 /** A recovered run: verified, every pause resumed, exactly-once intact. */
 function expectRecovered(result: Awaited<ReturnType<typeof migrate>>, pauses: number): Report {
@@ -129,7 +129,7 @@ function startHost(script: string, args: string[], onLine?: (line: string, strea
 }
 
 async function startSource(args: string[]): Promise<{ host: Host; url: string }> {
-  const host = startHost(SOURCE, ['--host', '127.0.0.1', ...args]);
+  const host = startHost(SOURCE, ['--host', '127.0.0.1', ...TEST_SOURCE_WARM_UP, ...args]);
   return { host, url: await listeningUrl(host.child, exitCode(host.child), 'the source', 20_000, host.stderr) };
 }
 

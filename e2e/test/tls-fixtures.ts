@@ -14,7 +14,7 @@ import WebSocket from 'ws';
 import { ChannelRole, PROTOCOL_VERSION, decode, encode, type Message } from '@postcopy/shared';
 import { makeCa, makeLeaf, type KeyPair } from '../src/certs.js';
 import { exitCode, listeningUrl } from '../src/launcher.js';
-import { SOURCE, within } from './run.js';
+import { SOURCE, TEST_SOURCE_WARM_UP, within } from './run.js';
 
 export { within };
 
@@ -106,7 +106,7 @@ export interface SourceHost {
  * stop function at once, so the caller's cleanup runs on every path.
  */
 export async function startSource(args: string[], register: (stop: () => Promise<void>) => void): Promise<SourceHost> {
-  const child = spawn(process.execPath, [SOURCE, '--port', '0', '--memory', MEMORY, ...args], {
+  const child = spawn(process.execPath, [SOURCE, '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', MEMORY, ...args], {
     env: { ...process.env, POSTCOPY_TOKEN: TOKEN },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

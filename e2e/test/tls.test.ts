@@ -22,7 +22,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { STRATEGIES, type Report } from '@postcopy/shared';
 import { exitCode } from '../src/launcher.js';
-import { DEST, SOURCE, TEST_WARM_UP, expectVerified, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, TEST_WARM_UP, expectVerified, failedChecks, migrate, runNode, type ProcessResult } from './run.js';
 import {
   MEMORY,
   TOKEN,
@@ -258,7 +258,7 @@ describe('bad TLS files and options: exit 2 naming the option and the file, befo
     expect(r.stdout).not.toMatch(/listening|verified/);
   }
   const sourceRun = (args: string[]): Promise<ProcessResult> =>
-    runNode(SOURCE, ['--port', '0', '--memory', MEMORY, ...args], { env: { POSTCOPY_TOKEN: TOKEN }, timeoutMs: 15_000 });
+    runNode(SOURCE, ['--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', MEMORY, ...args], { env: { POSTCOPY_TOKEN: TOKEN }, timeoutMs: 15_000 });
   // Nothing listens on port 1: a destination that got past its options would say "cannot reach", not exit 2.
   const destRun = (source: string, args: string[]): Promise<ProcessResult> =>
     runNode(DEST, ['--source', source, '--memory', MEMORY, ...args], { env: { POSTCOPY_TOKEN: TOKEN }, timeoutMs: 15_000 });

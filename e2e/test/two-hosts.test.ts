@@ -24,7 +24,7 @@ import type { Report } from '@postcopy/shared';
 import { makeRunCertificates } from '../src/certs.js';
 import { exitCode, listeningUrl } from '../src/launcher.js';
 import { makeHostPair, ip, netnsExists, removeHostPair, setLink, spawnNodeIn, type HostPair } from './netns.js';
-import { DEST, SOURCE, failedChecks, within } from './run.js';
+import { DEST, SOURCE, TEST_SOURCE_WARM_UP, failedChecks, within } from './run.js';
 
 const MEMORY = '16MiB';
 const TOTAL_PAGES = (16 * 1024 * 1024) / 4096;
@@ -211,7 +211,7 @@ async function startMigration(sourceArgs: string[], destArgs: string[]): Promise
     net.sourceNs,
     SOURCE,
     [
-      ...['--host', net.sourceAddr, '--port', '0', '--memory', MEMORY],
+      ...['--host', net.sourceAddr, '--port', '0', ...TEST_SOURCE_WARM_UP, '--memory', MEMORY],
       ...['--tls-cert', certs.source.cert, '--tls-key', certs.source.key, '--tls-ca', certs.ca, '--tls-verify-peer'],
       ...sourceArgs,
     ],

@@ -118,7 +118,7 @@ function invalidity(m: Message, limits: DecodeLimits): string | undefined {
       const counters = [
         m.requests, m.replies, m.repliesPage, m.repliesZero, m.repliesAlreadySent, m.pagesSent,
         m.pagesPushed, m.pagesZero, m.pagesSentTwice, m.sentNotReceived, m.receivedNotSent, m.peakRssBytes,
-        m.repliesUndeliverable, m.keepaliveTimeouts, m.cpuUs,
+        m.repliesUndeliverable, m.keepaliveTimeouts, m.warmUpRequests, m.warmUpMs, m.cpuUs,
       ];
       if (!counters.every(isCount)) return 'summary counters';
       const g = m.migration;
@@ -338,6 +338,8 @@ function messageArb(layout: GuestLayout): fc.Arbitrary<Message> {
       peakRssBytes: count,
       repliesUndeliverable: count,
       keepaliveTimeouts: count,
+      warmUpRequests: count,
+      warmUpMs: count,
       migration: migrationArb,
       cpuUs: count,
       cpuMainThreadUs: fc.option(count, { nil: null }),
@@ -408,7 +410,7 @@ const edgyString: fc.Arbitrary<string> = fc.oneof(
 
 const summaryKeys = [
   'requests', 'replies', 'repliesPage', 'repliesZero', 'repliesAlreadySent', 'pagesSent', 'pagesPushed',
-  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'cpuUs', 'cpuMainThreadUs', 'digestOfReceived', '__proto__',
+  'pagesZero', 'pagesSentTwice', 'sentNotReceived', 'receivedNotSent', 'peakRssBytes', 'repliesUndeliverable', 'keepaliveTimeouts', 'warmUpRequests', 'warmUpMs', 'cpuUs', 'cpuMainThreadUs', 'digestOfReceived', '__proto__',
 ] as const;
 
 /** Any value a field might hold: scalars near the bounds, bytes, strings, and nested junk. */

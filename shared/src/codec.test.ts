@@ -53,6 +53,8 @@ const summary: Summary = {
   peakRssBytes: 123 * 1024 * 1024,
   repliesUndeliverable: 2,
   keepaliveTimeouts: 1,
+  warmUpRequests: 2048,
+  warmUpMs: 491,
   migration: {
     setupTimeMs: 1.5,
     totalTimeMs: 812.25,

@@ -34,6 +34,8 @@ const SUMMARY_FIELDS = [
   'peakRssBytes',
   'repliesUndeliverable',
   'keepaliveTimeouts',
+  'warmUpRequests',
+  'warmUpMs',
   'cpuUs',
 ] as const satisfies readonly (keyof SourceSummary)[];
 

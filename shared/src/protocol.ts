@@ -52,7 +52,7 @@ import type { DeviceMessage, DevicesSummary } from './devices/wire.js';
  * lanes instead of one, so a page's content differs from version 9's: a
  * version-9 peer's pages would fail every content check.
  */
-export const PROTOCOL_VERSION = 10;
+export const PROTOCOL_VERSION = 11;
 
 /**
  * A migration's secret: 32 random bytes as 64 lowercase hex digits (QEMU's
@@ -269,6 +269,9 @@ export interface SourceSummary {
   repliesUndeliverable: number;
   /** Times the source's keepalive found the destination's main channel silent and cut it. */
   keepaliveTimeouts: number;
+  /** The source's warm-up before it listened (source-host's warm-up.ts): requests it answered for a scratch image, and how long it took (ms, whole). */
+  warmUpRequests: number;
+  warmUpMs: number;
   /**
    * CPU time of the source process (user + system, every thread) from the
    * migration's start (or, for a source restarted with --resume, its resume)

@@ -92,9 +92,11 @@ export interface Report {
    * and connected to the warm-up's peer until its resolvers stopped (the
    * threads' start is the run's, with or without one). Not in any other
    * figure. `rounds`: each with objects of its own (dest-host's
-   * warm-up/warm-up.ts says why); 0 without a warm-up.
+   * warm-up/warm-up.ts says why); 0 without a warm-up. `sourceRequests`,
+   * `sourceMs`: the source's own warm-up before it listened (source-host's
+   * warm-up.ts), the requests it answered for a scratch image and its time.
    */
-  warmUp: { faults: number; ms: number; rounds: number };
+  warmUp: { faults: number; ms: number; rounds: number; sourceRequests: number; sourceMs: number };
   /** The link ran over TLS (wss://). */
   tls: boolean;
   /** The emulated link: one-way delay (µs) and bandwidth (bits/s, 0 = unlimited). */
@@ -243,6 +245,7 @@ export function formatReport(r: Report): string {
     pad([
       ['elapsed', `${fmt(r.elapsedMs)} ms`],
       ['warm-up before it (vCPU faults on scratch memory, ms)', r.warmUp?.faults ? `${r.warmUp.faults} in ${r.warmUp.rounds} rounds, ${fmt(r.warmUp.ms)} ms` : 'none'],
+      ['source warm-up before it listened (requests, ms)', r.warmUp?.sourceRequests ? `${r.warmUp.sourceRequests}, ${fmt(r.warmUp.sourceMs)} ms` : 'none'],
       ['faults (vCPU / non-vCPU)', `${c.faults - c.nonVcpuFaults} / ${c.nonVcpuFaults}`],
       ['requests / replies', `${c.requests} / ${c.replies}`],
       ['duplicate requests suppressed', String(c.duplicateRequestsSuppressed)],

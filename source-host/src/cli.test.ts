@@ -43,7 +43,7 @@ afterEach(() => {
 });
 
 function startSource(args: string[]): SourceProcess {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, '--memory', '256KiB', '--token', 'secret', ...args], {
+  const child = spawn(process.execPath, ['--import', 'tsx', CLI, '--memory', '256KiB', '--token', 'secret', '--warm-up-requests', '16', ...args], {
     cwd: ROOT,
     env: { ...process.env, TSX_TSCONFIG_PATH: tsconfig },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { exitOnUsageError, tuneV8Tiering, runCli } from '@postcopy/shared';
+import { warmUpSource } from './warm-up.js';
 import { GuestImage } from './image.js';
 import { readSecretFile, writeSecretFile } from './access.js';
 import { startControlServer } from './control-server.js';
@@ -23,7 +24,11 @@ async function main(): Promise<number> {
   for (const warning of options.devices.warnings) process.stderr.write(`source: warning: ${warning}\n`);
   // Read before the image is built: a bad file is a usage error, at once.
   const inherited = options.resume && options.secretFile !== undefined ? readSecretFile(options.secretFile) : undefined;
-  const image = await GuestImage.build(options.layout, options.image);
+  // The warm-up's scratch server runs while the image is built (by worker threads for a large guest), and closes before the migration's listens.
+  const [image, warmUp] = await Promise.all([
+    GuestImage.build(options.layout, options.image),
+    options.warmUpRequests > 0 ? warmUpSource({ requests: options.warmUpRequests, pageSize: options.layout.pageSize, image: options.image }) : undefined,
+  ]);
   const server = await SourceServer.listen(image, {
     host: options.host,
     port: options.port,
@@ -35,6 +40,7 @@ async function main(): Promise<number> {
     resumeTimeoutMs: options.resumeTimeoutMs,
     maxConnections: options.maxConnections,
     keepaliveMs: options.keepaliveMs,
+    ...(warmUp !== undefined ? { warmUp } : {}),
     unsafeUnboundChannels: options.unsafeUnboundChannels,
     mode: options.precopy.mode,
     ...options.precopy.controller,

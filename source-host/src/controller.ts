@@ -322,7 +322,7 @@ export class MigrationController extends EventEmitter {
   }
 
   /** `finish`: once queued answers have gone out, the summary. */
-  finish(main: Channel, receivedmap: Uint8Array, keepaliveTimeouts: () => number): void {
+  finish(main: Channel, receivedmap: Uint8Array, keepaliveTimeouts: () => number, warmUp: { requests: number; ms: number } = { requests: 0, ms: 0 }): void {
     if (this.lifecycle.isPaused) throw new ProtocolError(`expected resume: the migration is paused (${this.pauseCause()}), got finish`);
     if (this.lifecycle.beforeSwitchover || this.state === 'setup') throw new ProtocolError(`expected finish only once the guest runs on the destination, got it in state ${this.state}`);
     // The migration's CPU ends here: what follows (the digest of the received pages) is the check's.
@@ -336,6 +336,8 @@ export class MigrationController extends EventEmitter {
       const summary: SourceSummary = {
         ...this.migration.summarize(receivedmap, digestOfReceived),
         keepaliveTimeouts: keepaliveTimeouts(),
+        warmUpRequests: warmUp.requests,
+        warmUpMs: Math.round(warmUp.ms),
         migration: this.figures(),
         cpuUs: cpu.processUs,
         cpuMainThreadUs: cpu.threadUs,

@@ -451,7 +451,7 @@ export class SourceMigration {
    * digest what it received (`digestOfReceived` from {@link digestOfReceived};
    * hashed here on one thread without it).
    */
-  summarize(receivedmap: Uint8Array, digestOfReceived?: string): Omit<SourceSummary, 'keepaliveTimeouts' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
+  summarize(receivedmap: Uint8Array, digestOfReceived?: string): Omit<SourceSummary, 'keepaliveTimeouts' | 'warmUpRequests' | 'warmUpMs' | 'migration' | 'cpuUs' | 'cpuMainThreadUs' | 'devices'> {
     const total = this.image.layout.totalPages;
     let sentNotReceived = 0;
     let receivedNotSent = 0;

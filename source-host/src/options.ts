@@ -33,6 +33,7 @@ export const SOURCE_DEFAULTS = {
   resumeTimeoutMs: String(SERVER_DEFAULTS.resumeTimeoutMs),
   maxConnections: String(SERVER_DEFAULTS.maxConnections),
   keepaliveMs: String(SERVER_DEFAULTS.keepaliveMs),
+  warmUpRequests: '2048',
   tlsVerifyPeer: false,
 } as const;
 
@@ -54,6 +55,8 @@ export interface SourceOptions {
   maxConnections: number;
   /** Cut a silent main channel after this long (0 = never). */
   keepaliveMs: number;
+  /** Requests the source answers for a scratch image of its own before it listens (warm-up.ts); 0 = none. */
+  warmUpRequests: number;
   /** wss:// with these; undefined for plain ws://. */
   tls: ListenerTls | undefined;
   /** Warnings about the TLS files (a certificate outside its validity). */
@@ -102,6 +105,15 @@ export function addImageOptions(cmd: Command): Command {
     .option('--zero-fraction <f>', 'share of guest pages that are all zero (sent as zero-page notices)', SOURCE_DEFAULTS.zeroFraction);
 }
 
+/** The source's warm-up (warm-up.ts): on the source's command and on `npm start`'s. */
+export function addWarmUpOption(cmd: Command): Command {
+  return cmd.option(
+    '--warm-up-requests <n>',
+    "before the source listens, it answers this many requests for a scratch image from a client of its own on loopback (two rounds), so that V8 has compiled its request path before the run is measured (0 = none)",
+    SOURCE_DEFAULTS.warmUpRequests,
+  );
+}
+
 export function sourceCommand(): Command {
   const cmd = new Command('source')
     .description('postcopy source host: owns the guest image, answers page requests, pushes the rest')
@@ -114,6 +126,7 @@ export function sourceCommand(): Command {
     .option('--max-connections <n>', 'connections open at once at most; one more is refused (ERR_POSTCOPY_BUSY) and the source keeps serving', SOURCE_DEFAULTS.maxConnections)
     .option('--secret-file <path>', "write the migration's secret here (owner-only); with --resume, read the secret of the migration to resume from it")
     .option('--keepalive-ms <ms>', 'ping the destination; cut its main channel (a pause) when it says nothing for this long, as a dead link sends no reset (0 = never)', SOURCE_DEFAULTS.keepaliveMs);
+  addWarmUpOption(cmd);
   addTlsOptions(cmd);
   cmd.addOption(new Option('--unsafe-unbound-channels', "testing only: admit fault channels that do not present the migration's secret (shows what an outsider with the token does to a migration)").default(false));
   addPrecopyOptions(cmd);
@@ -174,6 +187,7 @@ export function parseSourceOptions(raw: Record<string, string>): SourceOptions {
     resumeTimeoutMs: parseIntOption('--resume-timeout-ms', String(raw.resumeTimeoutMs ?? SOURCE_DEFAULTS.resumeTimeoutMs), 10, 3_600_000),
     maxConnections: parseIntOption('--max-connections', String(raw.maxConnections ?? SOURCE_DEFAULTS.maxConnections), 1, 65_536),
     keepaliveMs: parseIntOption('--keepalive-ms', String(raw.keepaliveMs ?? SOURCE_DEFAULTS.keepaliveMs), 0, 3_600_000),
+    warmUpRequests: parseIntOption('--warm-up-requests', String(raw.warmUpRequests ?? SOURCE_DEFAULTS.warmUpRequests), 0, 1 << 20),
     ...parseSourceTls(raw),
     secretFile: parseSecretFile(raw),
     unsafeUnboundChannels: (raw.unsafeUnboundChannels as unknown) === true,

@@ -49,6 +49,8 @@ export interface SourceServerOptions {
   loseDirtyBitsEvery?: number;
   /** The guest's assigned devices (devices/). */
   devices?: ControllerOptions['devices'];
+  /** The source's warm-up before this server listened (warm-up.ts), for the summary. */
+  warmUp?: { requests: number; ms: number };
   /** A peer that has not completed its hello within this time is sent an error and dropped (default 10 s). */
   handshakeTimeoutMs?: number;
   /** The emulated link between the hosts (delay, bandwidth), applied here in both directions. */
@@ -522,7 +524,7 @@ export class SourceServer extends EventEmitter {
         return;
       case 'finish':
         main('finish');
-        this.controller.finish(channel, message.receivedmap, () => this.keepaliveTimeouts);
+        this.controller.finish(channel, message.receivedmap, () => this.keepaliveTimeouts, this.options.warmUp);
         return;
       case 'running':
         main('running');
