@@ -16,7 +16,7 @@ import { preflightMemoryBackend } from '@postcopy/dest-host';
 import type { Command } from 'commander';
 import { measureBackendFloor, type BackendFloorResult } from './backend-floor.js';
 import { parseChoiceList } from './list-options.js';
-import { runMigration, type RunSpec } from './migrations.js';
+import { runMigration, type RunSpec, type RunWarmUp } from './migrations.js';
 import type { Step } from './steps.js';
 
 /** Median; with an even count, the mean of the two middle values. */
@@ -112,6 +112,7 @@ export class BackendsBench {
   constructor(
     options: BackendsOptions,
     private readonly memoryBytes: number,
+    private readonly warmUp: RunWarmUp = {},
   ) {
     let unavailable: string | undefined;
     if (options.memoryBackends.includes('uffd')) {
@@ -155,7 +156,7 @@ export class BackendsBench {
           steps.push({
             label: spec.label,
             run: async () => {
-              const { report } = await runMigration(spec, this.memoryBytes);
+              const { report } = await runMigration(spec, this.memoryBytes, this.warmUp);
               (this.runSamples[spec.key] ??= []).push({ p50Us: report.latencyUs.p50, p99Us: report.latencyUs.p99, rate: report.demandPagingRate.overall });
               return `p50 ${report.latencyUs.p50.toFixed(1)} µs, p99 ${report.latencyUs.p99.toFixed(1)} µs, ${(report.demandPagingRate.overall / 1000).toFixed(1)} k pages/s over ${report.counters.faults} faults`;
             },

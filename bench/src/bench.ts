@@ -207,10 +207,10 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
   if (nativeUnavailable) progress(`native floor unavailable, its ratios are skipped: ${nativeUnavailable}`);
 
   const steps: Step[] = [];
-  const backends = new BackendsBench(options.backends, options.memoryBytes);
+  const backends = new BackendsBench(options.backends, options.memoryBytes, options.warmUp);
   if (backends.note) progress(backends.note);
-  const phases = new PhasesBench(options.memoryBytes);
-  const devices = options.deviceSection ? new DevicesBench(options.memoryBytes) : undefined;
+  const phases = new PhasesBench(options.memoryBytes, options.warmUp);
+  const devices = options.deviceSection ? new DevicesBench(options.memoryBytes, options.warmUp) : undefined;
   for (let r = 0; r < options.repeat; r++) {
     steps.push(...backends.steps());
     steps.push(...phases.steps());
@@ -242,7 +242,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       steps.push({
         label: spec.label,
         run: async () => {
-          const { figures } = await runMigration(spec, memoryOf(spec));
+          const { figures } = await runMigration(spec, memoryOf(spec), options.warmUp);
           runSamples[spec.key]!.push(figures);
           if (figures.recovery) {
             const rec = figures.recovery;
@@ -261,7 +261,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         steps.push({
           label: spec.label,
           run: async () => {
-            const { figures } = await runMigration(spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu));
+            const { figures } = await runMigration(spec, throughputMemoryBytes(t.vcpus, options.mibPerVcpu), options.warmUp);
             runSamples[spec.key]!.push(figures);
             if (spec === twin) return `${(figures.pagesPerSec / 1000).toFixed(1)} k pages/s, p50 ${figures.p50Us.toFixed(1)} µs`;
             const c = figures.cpuPerFaultUs;
@@ -288,7 +288,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     steps.push({
       label: `${LARGE_IDLE_PUSH_RUN.label} (${formatBytes(options.largeMemoryBytes)}, 1 vCPU)`,
       run: async () => {
-        const { figures } = await runMigration(LARGE_IDLE_PUSH_RUN, options.largeMemoryBytes);
+        const { figures } = await runMigration(LARGE_IDLE_PUSH_RUN, options.largeMemoryBytes, options.warmUp);
         runSamples[LARGE_IDLE_PUSH_RUN.key]!.push(figures);
         return `${figures.pushThroughputMiBs} MiB/s`;
       },
@@ -296,7 +296,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
     steps.push({
       label: `large guest (${formatBytes(options.largeMemoryBytes)}, ${options.largeVcpus} vCPUs): push, time, peak RSS`,
       run: async () => {
-        const { report, figures, wallMs } = await runMigrationProcess(largeRun(options.largeVcpus), options.largeMemoryBytes);
+        const { report, figures, wallMs } = await runMigrationProcess(largeRun(options.largeVcpus), options.largeMemoryBytes, options.warmUp);
         const sample = { ...figures, wallMs, destPeakRssBytes: report.memory.destPeakRssBytes, sourcePeakRssBytes: report.memory.sourcePeakRssBytes };
         largeSamples.push(sample);
         const mib = (b: number): string => formatBytes(Math.round(b / 1048576) * 1048576);

@@ -14,21 +14,22 @@ import { dirname, resolve } from 'node:path';
 import { Command } from 'commander';
 import { exitOnUsageError, formatBytes, parseIntOption, parseSize, runCli } from '@postcopy/shared';
 import { DevicesBench, formatDevices } from './devices.js';
+import { addWarmUpOptions, parseWarmUpOptions } from './options.js';
 import { runSteps } from './steps.js';
 
 async function main(): Promise<number> {
-  const cmd = new Command('postcopy-bench-devices')
+  const cmd = addWarmUpOptions(new Command('postcopy-bench-devices')
     .description('Migrates the same guest and device with tracking=device, tracking=iommu, all-dirty and skip-precopy; prints total time, downtime (RAM and device parts) and the dirty-tracking cost per sync.')
     .option('--memory <size>', 'guest memory of each migration run', '64MiB')
     .option('--repeat <n>', 'runs of each variant (interleaved); the median is reported', '1')
-    .option('--json <path>', 'also write the results as JSON to this file')
+    .option('--json <path>', 'also write the results as JSON to this file'))
     .exitOverride(exitOnUsageError);
   cmd.parse(process.argv);
   const raw = cmd.opts<Record<string, unknown>>();
   const memoryBytes = parseSize('--memory', String(raw.memory));
   const repeat = parseIntOption('--repeat', String(raw.repeat), 1, 1000);
   const json = typeof raw.json === 'string' ? resolve(raw.json) : undefined;
-  const bench = new DevicesBench(memoryBytes);
+  const bench = new DevicesBench(memoryBytes, parseWarmUpOptions(raw));
   process.stderr.write(`bench-devices: guest ${formatBytes(memoryBytes)}, repeat ${repeat}\n`);
   const steps = Array.from({ length: repeat }, () => bench.steps()).flat();
   await runSteps(steps, (line) => process.stderr.write(`bench-devices: ${line}\n`));

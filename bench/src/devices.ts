@@ -8,7 +8,7 @@
  * from bench.ts (a small hook), as the phases and memory-backends sections are.
  */
 import type { Report } from '@postcopy/shared';
-import { runMigration, type RunSpec } from './migrations.js';
+import { runMigration, type RunSpec, type RunWarmUp } from './migrations.js';
 import type { Step } from './steps.js';
 
 export const DEVICE_VARIANTS = ['tracking=device', 'tracking=iommu', 'all-dirty', 'skip-precopy'] as const;
@@ -93,7 +93,10 @@ function sample(report: Report): DeviceFigures {
 export class DevicesBench {
   private readonly samples = new Map<DeviceVariant, DeviceFigures[]>(DEVICE_VARIANTS.map((v) => [v, []]));
 
-  constructor(private readonly memoryBytes: number) {}
+  constructor(
+    private readonly memoryBytes: number,
+    private readonly warmUp: RunWarmUp = {},
+  ) {}
 
   /** One repeat: each variant once. */
   steps(): Step[] {
@@ -102,7 +105,7 @@ export class DevicesBench {
       return {
         label: spec.label,
         run: async () => {
-          const { report } = await runMigration(spec, this.memoryBytes);
+          const { report } = await runMigration(spec, this.memoryBytes, this.warmUp);
           const s = sample(report);
           this.samples.get(variant)!.push(s);
           return `total ${s.totalTimeMs.toFixed(0)} ms, downtime ${s.downtimeMs.toFixed(1)} ms (RAM ${s.downtimeRamMs.toFixed(1)}, device ${s.downtimeDeviceMs.toFixed(1)}), ${s.rounds} round(s), ${s.provider} ${s.bitmapBytesPerSync.toFixed(0)} bitmap bytes and ${s.pagesDirtyPerSync.toFixed(0)} pages per sync`;

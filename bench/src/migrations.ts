@@ -156,10 +156,27 @@ export function injectAtPages(memoryBytes: number): number {
   return Math.floor(memoryBytes / BENCH_PAGE_BYTES / 4);
 }
 
-/** A run's full `npm start` options, without `--json`: its args, `--inject` for a recovery run, and `--memory`. */
-export function runArgs(spec: RunSpec, memoryBytes: number): string[] {
+/**
+ * The warm-ups the bench's runs ask for: `pages` the destination's
+ * (--warm-up-pages), `requests` the source's (--warm-up-requests); each
+ * absent is the tool's default, what a user's run gets.
+ */
+export interface RunWarmUp {
+  pages?: number;
+  requests?: number;
+}
+
+/** A run's full `npm start` options, without `--json`: its args, `--inject` for a recovery run, `--memory`, and the warm-ups asked for. */
+export function runArgs(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): string[] {
   const inject = spec.inject === undefined ? [] : ['--inject', `${spec.inject}@${injectAtPages(memoryBytes)}`];
-  return [...spec.args, ...inject, '--memory', formatBytes(memoryBytes)];
+  return [
+    ...spec.args,
+    ...inject,
+    '--memory',
+    formatBytes(memoryBytes),
+    ...(warmUp.pages !== undefined ? ['--warm-up-pages', String(warmUp.pages)] : []),
+    ...(warmUp.requests !== undefined ? ['--warm-up-requests', String(warmUp.requests)] : []),
+  ];
 }
 
 /**
@@ -196,8 +213,8 @@ export function largeRun(vcpus: number): RunSpec {
 }
 
 /** The full `npm start` command line of a run, to reproduce it by hand. */
-export function commandLine(spec: RunSpec, memoryBytes: number): string {
-  return `npm start -- ${runArgs(spec, memoryBytes).join(' ')}`;
+export function commandLine(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): string {
+  return `npm start -- ${runArgs(spec, memoryBytes, warmUp).join(' ')}`;
 }
 
 /**
@@ -205,19 +222,19 @@ export function commandLine(spec: RunSpec, memoryBytes: number): string {
  * and returns its report. A run that fails (a check, a crash, the watchdog) is
  * an error of the bench.
  */
-export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<{ report: Report; figures: RunFigures }> {
+export async function runMigration(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): Promise<{ report: Report; figures: RunFigures }> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const json = join(dir, 'report.json');
   try {
     const cmd = launcherCommand().exitOverride();
-    cmd.parse([...runArgs(spec, memoryBytes), '--json', json, ...(spec.trace ? ['--trace', join(dir, 'run.trace.json')] : [])], { from: 'user' });
+    cmd.parse([...runArgs(spec, memoryBytes, warmUp), '--json', json, ...(spec.trace ? ['--trace', join(dir, 'run.trace.json')] : [])], { from: 'user' });
     const { sourceArgs, destArgs, killSourceAt, tls, host } = splitArgs(cmd.opts());
     // Piped: the destination's printed report is not wanted (the JSON is), its stderr's end comes back on failure.
     const result = await launch({ sourceArgs, destArgs, killSourceAt, tls, host, destStdio: 'pipe' });
     if (result.code !== 0) {
       throw new Error(
         `${spec.label}: the migration exited with code ${result.code} (destination ${result.destCode}, source ${result.sourceCode}); ` +
-          `reproduce with: ${commandLine(spec, memoryBytes)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
+          `reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
       );
     }
     return checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
@@ -232,18 +249,18 @@ export async function runMigration(spec: RunSpec, memoryBytes: number): Promise<
  * timed from its spawn to its exit (`wallMs`: the source's image, both hosts'
  * start, the migration, the digests and teardown).
  */
-export async function runMigrationProcess(spec: RunSpec, memoryBytes: number): Promise<{ report: Report; figures: RunFigures; wallMs: number }> {
+export async function runMigrationProcess(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): Promise<{ report: Report; figures: RunFigures; wallMs: number }> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const json = join(dir, 'report.json');
   try {
     const started = performance.now();
-    const child = spawn(process.execPath, [LAUNCHER_CLI, ...runArgs(spec, memoryBytes), '--json', json], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(process.execPath, [LAUNCHER_CLI, ...runArgs(spec, memoryBytes, warmUp), '--json', json], { stdio: ['ignore', 'ignore', 'pipe'] });
     let tail = '';
     child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-4000)));
     const code = await exitCode(child);
     const wallMs = performance.now() - started;
     if (code !== 0) {
-      throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${commandLine(spec, memoryBytes)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
+      throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
     }
     const checked = checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
     return { ...checked, wallMs };

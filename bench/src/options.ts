@@ -1,6 +1,7 @@
 import { Command } from 'commander';
 import { UsageError, formatBytes, parseChoice, parseIntOption, parseSize } from '@postcopy/shared';
 import { addBackendsOption, parseBackendsOptions, type BackendsOptions } from './backends.js';
+import type { RunWarmUp } from './migrations.js';
 
 /** Option defaults in one literal (the `ws` convention). */
 export const BENCH_DEFAULTS = {
@@ -45,16 +46,36 @@ export interface BenchOptions {
   backends: BackendsOptions;
   /** The devices section (devices.ts). */
   deviceSection: boolean;
+  /** The warm-ups every migration run asks for (the tool's defaults where absent). */
+  warmUp: RunWarmUp;
+}
+
+/**
+ * The two hosts' warm-ups of the bench's runs, on each of its commands:
+ * by default the tool's own, what a user's run gets; smaller makes a quick
+ * bench (its test) quicker.
+ */
+export function addWarmUpOptions(cmd: Command): Command {
+  return cmd
+    .option('--warm-up-pages <n>', "each run's destination warm-up, pages a vCPU (npm start's --warm-up-pages; default: the tool's)")
+    .option('--warm-up-requests <n>', "each run's source warm-up, requests (npm start's --warm-up-requests; default: the tool's)");
+}
+
+export function parseWarmUpOptions(raw: Record<string, unknown>): RunWarmUp {
+  return {
+    ...(raw.warmUpPages !== undefined ? { pages: parseIntOption('--warm-up-pages', String(raw.warmUpPages), 0, 1 << 20) } : {}),
+    ...(raw.warmUpRequests !== undefined ? { requests: parseIntOption('--warm-up-requests', String(raw.warmUpRequests), 0, 1 << 20) } : {}),
+  };
 }
 
 /** The whole code path in seconds (the bench's own test runs this). */
 export const TINY_ARGS = [
   '--memory', '4MiB', '--repeat', '1', '--floor-requests', '200', '--bulk-mib', '4', '--large-memory', '16MiB', '--large-vcpus', '2',
-  '--throughput-vcpus', '2', '--mib-per-vcpu', '1', '--net-mib', '4', '--push-memory', '4MiB',
+  '--throughput-vcpus', '2', '--mib-per-vcpu', '1', '--net-mib', '4', '--push-memory', '4MiB', '--warm-up-pages', '64', '--warm-up-requests', '64',
 ] as const;
 
 export function benchCommand(): Command {
-  return addBackendsOption(benchCommandWithoutBackends());
+  return addWarmUpOptions(addBackendsOption(benchCommandWithoutBackends()));
 }
 
 function benchCommandWithoutBackends(): Command {
@@ -101,6 +122,7 @@ export function parseBenchOptions(raw: Record<string, unknown>): BenchOptions {
     json: typeof raw.json === 'string' ? raw.json : undefined,
     backends: parseBackendsOptions(raw),
     deviceSection: parseChoice('--device-section', String(raw.deviceSection ?? 'on'), ['on', 'off'] as const) === 'on',
+    warmUp: parseWarmUpOptions(raw),
   };
 }
 

@@ -8,7 +8,7 @@
  * hook), as the memory-backends section is.
  */
 import { MIGRATION_MODES, type MigrationMode, type Report } from '@postcopy/shared';
-import { runMigration, type RunSpec } from './migrations.js';
+import { runMigration, type RunSpec, type RunWarmUp } from './migrations.js';
 import type { Step } from './steps.js';
 
 /** Pages per second each source vCPU dirties in these runs: low enough that precopy converges on loopback. */
@@ -65,7 +65,10 @@ function sample(report: Report): PhaseSample {
 export class PhasesBench {
   private readonly samples = new Map<MigrationMode, PhaseSample[]>(MIGRATION_MODES.map((m) => [m, []]));
 
-  constructor(private readonly memoryBytes: number) {}
+  constructor(
+    private readonly memoryBytes: number,
+    private readonly warmUp: RunWarmUp = {},
+  ) {}
 
   /** One repeat: each mode once. */
   steps(): Step[] {
@@ -74,7 +77,7 @@ export class PhasesBench {
       return {
         label: spec.label,
         run: async () => {
-          const { report } = await runMigration(spec, this.memoryBytes);
+          const { report } = await runMigration(spec, this.memoryBytes, this.warmUp);
           const s = sample(report);
           this.samples.get(mode)!.push(s);
           return `total ${s.totalTimeMs.toFixed(0)} ms, downtime ${s.downtimeMs.toFixed(1)} ms${mode === 'postcopy' ? '' : `, ${s.rounds} round(s), round 1 at ${s.round1MiBs.toFixed(1)} MiB/s, switchover ${s.switchover}`}`;

@@ -23,7 +23,7 @@ describe('the memory-backends section of the bench', () => {
 
   it('runs every strategy on both backends, prints the ratios emulated / uffd and the local floors, and writes them as JSON', { timeout: 120_000 }, async () => {
     const file = join(dir, 'backends.json');
-    const run = await runNode(CLI, ['--memory', '2MiB', '--json', file], { timeoutMs: 110_000 });
+    const run = await runNode(CLI, ['--memory', '2MiB', '--warm-up-pages', '64', '--warm-up-requests', '64', '--json', file], { timeoutMs: 110_000 });
     expect(run.code, `stdout:\n${run.stdout}\nstderr:\n${run.stderr}`).toBe(0);
     const r = JSON.parse(readFileSync(file, 'utf8')) as BackendsResult;
     const backends = linux ? ['emulated', 'uffd'] : ['emulated'];

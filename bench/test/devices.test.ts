@@ -20,7 +20,7 @@ describe('the devices section of the bench', () => {
 
   it('migrates the same guest and device under each tracking and policy, and prints and writes the figures', { timeout: 90_000 }, async () => {
     const file = join(dir, 'devices.json');
-    const run = await runNode(CLI, ['--memory', '4MiB', '--json', file], { timeoutMs: 85_000 });
+    const run = await runNode(CLI, ['--memory', '4MiB', '--warm-up-pages', '64', '--warm-up-requests', '64', '--json', file], { timeoutMs: 85_000 });
     expect(run.code, `stdout:\n${run.stdout}\nstderr:\n${run.stderr}`).toBe(0);
     const r = JSON.parse(readFileSync(file, 'utf8')) as DevicesResult;
     expect(r.rangeBytes).toBe(512 * 1024);

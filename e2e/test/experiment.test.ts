@@ -11,7 +11,7 @@ import { experimentCommand, parseExperimentOptions, rawOptions, validateMatrix }
 import { formatSpread, median, spread } from '../src/experiment/summary.js';
 import { linearScale, logScale } from '../src/experiment/svg.js';
 import { launcherCommand, splitArgs } from '../src/options.js';
-import { runNode } from './run.js';
+import { TEST_SOURCE_WARM_UP, TEST_WARM_UP, runNode } from './run.js';
 
 const EXPERIMENT = fileURLToPath(new URL('../dist/experiment/cli.js', import.meta.url));
 
@@ -178,7 +178,7 @@ describe('scales', () => {
 describe('a tiny real sweep through the built CLI', () => {
   it('2 strategies × 2 vCPU counts: every file, a long-format CSV, one plot per figure, nothing external', async () => {
     const out = tempDir();
-    const r = await runNode(EXPERIMENT, ['--strategies', 'shared-uffd,kvm-exit', '--vcpus', '1,2', '--memory', '4MiB', '--no-push', '--repeat', '1', '--out', out], { timeoutMs: 50_000 });
+    const r = await runNode(EXPERIMENT, ['--strategies', 'shared-uffd,kvm-exit', '--vcpus', '1,2', '--memory', '4MiB', '--no-push', '--repeat', '1', ...TEST_WARM_UP, ...TEST_SOURCE_WARM_UP, '--out', out], { timeoutMs: 50_000 });
     expect(r.code, r.stderr).toBe(0);
     // Piped: no progress lines.
     expect(r.stderr).not.toMatch(/run \d+\/\d+/);
@@ -236,7 +236,7 @@ describe('a tiny real sweep through the built CLI', () => {
     // Without the owed WAKE, per-thread-uffd leaves a vCPU blocked on a shared page; kvm-exit owes none.
     const r = await runNode(
       EXPERIMENT,
-      ['--strategies', 'per-thread-uffd,kvm-exit', '--workload', 'shared-hot', '--vcpus', '4', '--memory', '4MiB', '--no-push', '--unsafe-skip-owed-wake', '--watchdog-ms', '500', '--out', out],
+      ['--strategies', 'per-thread-uffd,kvm-exit', '--workload', 'shared-hot', '--vcpus', '4', '--memory', '4MiB', '--no-push', '--unsafe-skip-owed-wake', '--watchdog-ms', '500', ...TEST_WARM_UP, ...TEST_SOURCE_WARM_UP, '--out', out],
       { timeoutMs: 50_000 },
     );
     expect(r.code).toBe(1);

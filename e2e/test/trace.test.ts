@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Report } from '@postcopy/shared';
 import { FAULT_RESOLUTIONS, type TraceDocument } from '@postcopy/dest-host';
-import { DEST, LAUNCHER, expectVerified, migrate, runNode, within } from './run.js';
+import { DEST, LAUNCHER, TEST_SOURCE_WARM_UP, TEST_WARM_UP, expectVerified, migrate, runNode, within } from './run.js';
 
 const EXPERIMENT = fileURLToPath(new URL('../dist/experiment/cli.js', import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), 'postcopy-trace-e2e-'));
@@ -155,7 +155,7 @@ describe('--trace: the run as a Chrome trace-event timeline', () => {
   it('npm run experiment -- --trace DIR: one timeline per run, named after it', async () => {
     const out = join(dir, 'sweep');
     const traces = join(dir, 'sweep-traces');
-    const r = await runNode(EXPERIMENT, ['--strategies', 'kvm-exit,shared-uffd', '--memory', '4MiB', '--vcpus', '1', '--no-push', '--out', out, '--trace', traces], { timeoutMs: 60_000 });
+    const r = await runNode(EXPERIMENT, ['--strategies', 'kvm-exit,shared-uffd', '--memory', '4MiB', '--vcpus', '1', '--no-push', ...TEST_WARM_UP, ...TEST_SOURCE_WARM_UP, '--out', out, '--trace', traces], { timeoutMs: 60_000 });
     expect(r.code, r.stderr).toBe(0);
     expect(readdirSync(traces).sort()).toEqual(['strategy=kvm-exit_r1.trace.json', 'strategy=shared-uffd_r1.trace.json']);
     for (const strategy of ['kvm-exit', 'shared-uffd']) {
