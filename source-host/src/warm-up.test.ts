@@ -18,6 +18,10 @@ describe("the source's warm-up", () => {
     expect(done.ms).toBeGreaterThan(0);
   });
 
+  it('says a failure was the warm-up\'s, and how to turn it off', { timeout: 30_000 }, async () => {
+    await expect(warmUpSource({ requests: 4, pageSize: 3000, image: { seed: 1, zeroFraction: 0.1 } })).rejects.toThrow(/^warm-up on 127\.0\.0\.1 failed \(--warm-up-requests 0 turns it off\): /);
+  });
+
   it('with fewer requests than channels, opens only as many channels as it has pages', { timeout: 30_000 }, async () => {
     expect(await warmUpSource({ requests: 3, pageSize: 4096, image: { seed: 1, zeroFraction: 0.1 } })).toMatchObject({ requests: 3, rounds: 2 });
   });

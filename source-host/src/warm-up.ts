@@ -78,12 +78,21 @@ export function warmUpRounds(requests: number, pageSize: number): number[] {
   return pages < 2 ? [pages] : [Math.ceil(pages / 2), Math.floor(pages / 2)];
 }
 
-/** Runs the source's warm-up (see above); resolves once every round's server has closed. */
+/**
+ * Runs the source's warm-up (see above); resolves once every round's server
+ * has closed. A failure says it was the warm-up's, on loopback (a network
+ * namespace whose `lo` is down cannot run it), and how to turn it off.
+ */
 export async function warmUpSource(spec: SourceWarmUpSpec): Promise<SourceWarmUpDone> {
   const started = performance.now();
   const rounds = warmUpRounds(spec.requests, spec.pageSize);
   let requests = 0;
-  for (const pages of rounds) requests += await warmUpRound(pages, spec);
+  try {
+    for (const pages of rounds) requests += await warmUpRound(pages, spec);
+  } catch (err) {
+    const message = (err as Error).message.replace(/^warm-up: /, '');
+    throw new Error(`warm-up on 127.0.0.1 failed (--warm-up-requests 0 turns it off): ${message}`, { cause: err });
+  }
   return { requests, rounds: rounds.length, ms: performance.now() - started };
 }
 
