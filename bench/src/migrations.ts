@@ -237,7 +237,7 @@ export async function runMigration(spec: RunSpec, memoryBytes: number, warmUp: R
           `reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
       );
     }
-    return checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
+    return checkedFigures(spec, memoryBytes, warmUp, JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -262,7 +262,7 @@ export async function runMigrationProcess(spec: RunSpec, memoryBytes: number, wa
     if (code !== 0) {
       throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
     }
-    const checked = checkedFigures(spec, memoryBytes, JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
+    const checked = checkedFigures(spec, memoryBytes, warmUp, JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
     return { ...checked, wallMs };
   } finally {
     rmSync(dir, { recursive: true, force: true });
@@ -270,10 +270,10 @@ export async function runMigrationProcess(spec: RunSpec, memoryBytes: number, wa
 }
 
 /** A run's figures from its report, once its checks (and a recovery run's one pause) hold. */
-function checkedFigures(spec: RunSpec, memoryBytes: number, report: Report, sourceKills: number): { report: Report; figures: RunFigures } {
+function checkedFigures(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp, report: Report, sourceKills: number): { report: Report; figures: RunFigures } {
   if (!report.verified) {
     const failed = report.checks.filter((c) => !c.ok).map((c) => c.name);
-    throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes)}`);
+    throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes, warmUp)}`);
   }
   const figures: RunFigures = {
     p50Us: report.latencyUs.p50,
@@ -291,7 +291,7 @@ function checkedFigures(spec: RunSpec, memoryBytes: number, report: Report, sour
       throw new Error(
         `${spec.label}: expected 1 pause and 1 resume from --inject ${spec.inject}@${injectAtPages(memoryBytes)}, ` +
           `got ${rec.pauses} pause${rec.pauses === 1 ? '' : 's'} and ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'} ` +
-          `(${sourceKills} source kill${sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes)}`,
+          `(${sourceKills} source kill${sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes, warmUp)}`,
       );
     }
     figures.recovery = {
