@@ -36,3 +36,16 @@ export function tuneV8Tiering(execArgv: readonly string[] = process.execArgv): v
     if (!execArgv.some((a) => given(a) || given(a.replace(/_/g, '-')))) setFlagsFromString(flag);
   }
 }
+
+/**
+ * How both hosts' warm-ups split their work (dest-host's warm-up/warm-up.ts,
+ * source-host's warm-up.ts): in two rounds, each run on objects of its own.
+ * V8 records a field's type as the class of its first value and throws
+ * away code that depends on it when another comes; the second round's
+ * objects take that step, not the run's. `n` in two halves, the larger
+ * first; a single unit is one round, none is none.
+ */
+export function warmUpRoundSizes(n: number): number[] {
+  if (n <= 0) return [];
+  return n < 2 ? [n] : [Math.ceil(n / 2), Math.floor(n / 2)];
+}

@@ -43,6 +43,7 @@ import {
   isZeroPage,
   makeLayout,
   verifyPage,
+  warmUpRoundSizes,
   type ChannelRoleCode,
   type ImageSpec,
   type Message,
@@ -71,11 +72,9 @@ export interface SourceWarmUpDone {
   ms: number;
 }
 
-/** Each round's requests: `requests` (capped by the scratch image's size) in two halves, one round for a single request. */
+/** Each round's requests: `requests`, capped by the scratch images' size, in two rounds (warmUpRoundSizes). */
 export function warmUpRounds(requests: number, pageSize: number): number[] {
-  const pages = Math.max(0, Math.min(requests, Math.floor((2 * MAX_WARM_UP_BYTES) / pageSize)));
-  if (pages === 0) return [];
-  return pages < 2 ? [pages] : [Math.ceil(pages / 2), Math.floor(pages / 2)];
+  return warmUpRoundSizes(Math.min(requests, Math.floor((2 * MAX_WARM_UP_BYTES) / pageSize)));
 }
 
 /**

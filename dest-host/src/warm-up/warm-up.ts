@@ -39,7 +39,7 @@
  *
  * --warm-up-pages 0 turns it off.
  */
-import { makeLayout, type ImageSpec, type MemoryBackendName, type WorkloadName } from '@postcopy/shared';
+import { makeLayout, warmUpRoundSizes, type ImageSpec, type MemoryBackendName, type WorkloadName } from '@postcopy/shared';
 import type { BackendMemory } from '../memory/backend.js';
 import { BACKEND_BY_NAME } from '../memory/backends.js';
 import type { WarmUpPlan } from '../run/guest-threads.js';
@@ -111,13 +111,8 @@ export class WarmUp {
     return Math.max(1, Math.min(spec.pagesPerVcpu, Math.floor(MAX_WARM_UP_BYTES / spec.pageSize / vcpus), Math.floor(spec.guestPages / vcpus)));
   }
 
-  /** Each round's pages a vCPU: `pages` in two halves (one round when there is a single page). */
-  static roundPages(pages: number): number[] {
-    return pages < 2 ? [pages] : [Math.ceil(pages / 2), Math.floor(pages / 2)];
-  }
-
   static async start(spec: WarmUpSpec): Promise<WarmUp> {
-    const started = await Promise.allSettled(WarmUp.roundPages(WarmUp.pagesPerVcpu(spec)).map((pages) => WarmUpRound.start(spec, pages)));
+    const started = await Promise.allSettled(warmUpRoundSizes(WarmUp.pagesPerVcpu(spec)).map((pages) => WarmUpRound.start(spec, pages)));
     const rounds = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
     const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
     if (failed !== undefined) {
