@@ -108,12 +108,12 @@ async function warmUpRound(pages: number, spec: SourceWarmUpSpec): Promise<numbe
       timer = setTimeout(() => reject(new Error(`warm-up: a round of ${pages} requests took over ${ROUND_TIMEOUT_MS} ms`)), ROUND_TIMEOUT_MS);
     });
     const round = async (): Promise<number> => {
-      const open = (role: ChannelRoleCode, channel: string, secret: string): Promise<Peer> => Peer.open(server.url, { token, role, channel, secret, guestBytes: layout.guestBytes, pageSize: layout.pageSize }, sockets);
+      const open = (role: ChannelRoleCode, channel: string, secret: string) => Peer.open(server.url, { token, role, channel, secret, guestBytes: layout.guestBytes, pageSize: layout.pageSize }, sockets);
       const main = await open(ChannelRole.Main, 'warm-up-main', '');
+      main.peer.send(encode({ type: 'start', push: false, preempt: true }));
       const secret = main.welcome.secret;
-      main.send(encode({ type: 'start', push: false, preempt: true }));
       const channels = await Promise.all(Array.from({ length: Math.min(WARM_UP_CHANNELS, pages) }, (_, c) => open(ChannelRole.Fault, `warm-up${c}`, secret)));
-      const answered = await Promise.all(channels.map((ch, c) => ch.askFor(c, channels.length, pages, c % 2 === 0, spec.image)));
+      const answered = await Promise.all(channels.map(({ peer }, c) => peer.askFor(c, channels.length, pages, c % 2 === 0, spec.image, spec.pageSize)));
       return answered.reduce((a, b) => a + b, 0);
     };
     return await Promise.race([round(), timeout]);
@@ -140,44 +140,35 @@ class Peer {
   private waiting: { resolve: (m: Message) => void; reject: (err: Error) => void } | undefined;
   private failure: Error | undefined;
 
-  private constructor(
-    private readonly ws: WebSocket,
-    readonly welcome: Extract<Message, { type: 'welcome' }>,
-  ) {}
+  private constructor(private readonly ws: WebSocket) {}
 
-  static async open(url: string, hello: Hello, sockets: WebSocket[]): Promise<Peer> {
+  /**
+   * Connects, says hello and returns the channel with the welcome it got.
+   * Every message, the welcome first, goes through the inbox; a close or an
+   * error fails what is awaited, then and later.
+   */
+  static async open(url: string, hello: Hello, sockets: WebSocket[]): Promise<{ peer: Peer; welcome: Extract<Message, { type: 'welcome' }> }> {
     const ws = new WebSocket(url, { perMessageDeflate: false });
     sockets.push(ws);
-    const first = new Promise<Message>((resolve, reject) => {
-      ws.once('message', (data: Buffer) => {
-        try {
-          resolve(decode(data));
-        } catch (err) {
-          reject(err as Error);
-        }
-      });
-      ws.once('error', reject);
-      ws.once('close', (code, reason) => reject(new Error(`warm-up: the scratch server closed ${hello.channel} (${code} ${reason.toString()})`)));
+    const peer = new Peer(ws);
+    const layout = makeLayout(hello.guestBytes, hello.pageSize);
+    ws.on('message', (data: Buffer) => {
+      try {
+        peer.deliver(decode(data, { layout }));
+      } catch (err) {
+        peer.fail(err as Error);
+      }
     });
+    ws.on('error', (err) => peer.fail(err));
+    ws.on('close', (code, reason) => peer.fail(new Error(`warm-up: the scratch server closed ${hello.channel} (${code} ${reason.toString()})`)));
     await new Promise<void>((resolve, reject) => {
       ws.once('open', resolve);
       ws.once('error', reject);
     });
     ws.send(encode({ type: 'hello', protocolVersion: PROTOCOL_VERSION, ...hello }));
-    const welcome = await first;
+    const welcome = await peer.next();
     if (welcome.type !== 'welcome') throw new Error(`warm-up: expected the scratch server's welcome on ${hello.channel}, got ${welcome.type === 'error' ? `an error: ${welcome.message}` : welcome.type}`);
-    const peer = new Peer(ws, welcome);
-    ws.removeAllListeners('message');
-    ws.removeAllListeners('close');
-    ws.on('message', (data: Buffer) => {
-      try {
-        peer.deliver(decode(data, { layout: makeLayout(hello.guestBytes, hello.pageSize) }));
-      } catch (err) {
-        peer.fail(err as Error);
-      }
-    });
-    ws.on('close', (code, reason) => peer.fail(new Error(`warm-up: the scratch server closed ${hello.channel} (${code} ${reason.toString()})`)));
-    return peer;
+    return { peer, welcome };
   }
 
   send(frame: Uint8Array): void {
@@ -188,9 +179,9 @@ class Peer {
    * Asks for pages `first`, `first + stride`, ... below `pages`, each once
    * the last is answered; checks each reply. Returns the requests answered.
    */
-  async askFor(first: number, stride: number, pages: number, fixedWidth: boolean, image: ImageSpec): Promise<number> {
+  async askFor(first: number, stride: number, pages: number, fixedWidth: boolean, image: ImageSpec, pageSize: number): Promise<number> {
     const frame = new Uint8Array(REQUEST_BYTES);
-    const words = new Uint32Array(this.welcome.pageSize / 4);
+    const words = new Uint32Array(pageSize / 4);
     const bytes = new Uint8Array(words.buffer);
     let id = 0;
     for (let page = first; page < pages; page += stride) {
@@ -208,7 +199,7 @@ class Peer {
     return id;
   }
 
-  private next(): Promise<Message> {
+  next(): Promise<Message> {
     const m = this.inbox.shift();
     if (m !== undefined) return Promise.resolve(m);
     if (this.failure !== undefined) return Promise.reject(this.failure);
