@@ -421,9 +421,9 @@ export class SourceServer extends EventEmitter {
         if (!channel.isOpen || channel.rejected) return;
         try {
           if (!isBinary) throw new ProtocolError(`expected binary frames, got a text frame`);
-          // A request (the hot path) without msgpackr; anything else, or a request it does not take, through decode().
+          // After the hello, a request (the hot path) without msgpackr; anything else, or a request it does not take, through decode().
           const layout = this.image.layout;
-          const message = (channel.role !== undefined ? decodeRequestFast(data, layout) : undefined) ?? decode(data, channel.role === undefined ? {} : { layout });
+          const message = channel.role === undefined ? decode(data) : (decodeRequestFast(data, layout) ?? decode(data, { layout }));
           this.dispatch(channel, message);
         } catch (err) {
           this.reject(channel, err as Error);
