@@ -113,15 +113,16 @@ export class WarmUp {
 
   static async start(spec: WarmUpSpec): Promise<WarmUp> {
     const started = await Promise.allSettled(warmUpRoundSizes(WarmUp.pagesPerVcpu(spec)).map((pages) => WarmUpRound.start(spec, pages)));
-    const rounds = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
+    const warmUp = new WarmUp(started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : [])));
     const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
     if (failed !== undefined) {
-      for (const r of rounds) r.releaseContexts();
-      await Promise.all(rounds.map((r) => r.closePeer()));
-      for (const r of rounds) r.dispose();
+      // The rounds that did start go as the run's end would take them (no thread runs on them yet).
+      warmUp.releaseContexts();
+      await warmUp.closePeer();
+      warmUp.dispose();
       throw failed.reason;
     }
-    return new WarmUp(rounds);
+    return warmUp;
   }
 
   /** What the threads run on, round by round. */
