@@ -214,7 +214,11 @@ export function largeRun(vcpus: number): RunSpec {
 
 /** The full `npm start` command line of a run, to reproduce it by hand. */
 export function commandLine(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): string {
-  return `npm start -- ${runArgs(spec, memoryBytes, warmUp).join(' ')}`;
+  return npmStart(runArgs(spec, memoryBytes, warmUp));
+}
+
+function npmStart(args: readonly string[]): string {
+  return `npm start -- ${args.join(' ')}`;
 }
 
 /**
@@ -225,19 +229,20 @@ export function commandLine(spec: RunSpec, memoryBytes: number, warmUp: RunWarmU
 export async function runMigration(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): Promise<{ report: Report; figures: RunFigures }> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const json = join(dir, 'report.json');
+  const args = runArgs(spec, memoryBytes, warmUp);
   try {
     const cmd = launcherCommand().exitOverride();
-    cmd.parse([...runArgs(spec, memoryBytes, warmUp), '--json', json, ...(spec.trace ? ['--trace', join(dir, 'run.trace.json')] : [])], { from: 'user' });
+    cmd.parse([...args, '--json', json, ...(spec.trace ? ['--trace', join(dir, 'run.trace.json')] : [])], { from: 'user' });
     const { sourceArgs, destArgs, killSourceAt, tls, host } = splitArgs(cmd.opts());
     // Piped: the destination's printed report is not wanted (the JSON is), its stderr's end comes back on failure.
     const result = await launch({ sourceArgs, destArgs, killSourceAt, tls, host, destStdio: 'pipe' });
     if (result.code !== 0) {
       throw new Error(
         `${spec.label}: the migration exited with code ${result.code} (destination ${result.destCode}, source ${result.sourceCode}); ` +
-          `reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
+          `reproduce with: ${npmStart(args)}${result.stderrTail ? `\n${result.stderrTail}` : ''}`,
       );
     }
-    return checkedFigures(spec, memoryBytes, warmUp, JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
+    return checkedFigures(spec, memoryBytes, npmStart(args), JSON.parse(readFileSync(json, 'utf8')) as Report, result.sourceKills);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -252,28 +257,29 @@ export async function runMigration(spec: RunSpec, memoryBytes: number, warmUp: R
 export async function runMigrationProcess(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp = {}): Promise<{ report: Report; figures: RunFigures; wallMs: number }> {
   const dir = mkdtempSync(join(tmpdir(), 'postcopy-bench-'));
   const json = join(dir, 'report.json');
+  const args = runArgs(spec, memoryBytes, warmUp);
   try {
     const started = performance.now();
-    const child = spawn(process.execPath, [LAUNCHER_CLI, ...runArgs(spec, memoryBytes, warmUp), '--json', json], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(process.execPath, [LAUNCHER_CLI, ...args, '--json', json], { stdio: ['ignore', 'ignore', 'pipe'] });
     let tail = '';
     child.stderr!.on('data', (d: Buffer) => (tail = (tail + d.toString()).slice(-4000)));
     const code = await exitCode(child);
     const wallMs = performance.now() - started;
     if (code !== 0) {
-      throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${commandLine(spec, memoryBytes, warmUp)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
+      throw new Error(`${spec.label}: the migration exited with code ${code}; reproduce with: ${npmStart(args)}${tail.trim() ? `\n${tail.trim()}` : ''}`);
     }
-    const checked = checkedFigures(spec, memoryBytes, warmUp, JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
+    const checked = checkedFigures(spec, memoryBytes, npmStart(args), JSON.parse(readFileSync(json, 'utf8')) as Report, 0);
     return { ...checked, wallMs };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-/** A run's figures from its report, once its checks (and a recovery run's one pause) hold. */
-function checkedFigures(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp, report: Report, sourceKills: number): { report: Report; figures: RunFigures } {
+/** A run's figures from its report, once its checks (and a recovery run's one pause) hold; `reproduce`: its command line, for the errors. */
+function checkedFigures(spec: RunSpec, memoryBytes: number, reproduce: string, report: Report, sourceKills: number): { report: Report; figures: RunFigures } {
   if (!report.verified) {
     const failed = report.checks.filter((c) => !c.ok).map((c) => c.name);
-    throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${commandLine(spec, memoryBytes, warmUp)}`);
+    throw new Error(`${spec.label}: the run's checks failed (${failed.join(', ')}); reproduce with: ${reproduce}`);
   }
   const figures: RunFigures = {
     p50Us: report.latencyUs.p50,
@@ -291,7 +297,7 @@ function checkedFigures(spec: RunSpec, memoryBytes: number, warmUp: RunWarmUp, r
       throw new Error(
         `${spec.label}: expected 1 pause and 1 resume from --inject ${spec.inject}@${injectAtPages(memoryBytes)}, ` +
           `got ${rec.pauses} pause${rec.pauses === 1 ? '' : 's'} and ${rec.resumes} resume${rec.resumes === 1 ? '' : 's'} ` +
-          `(${sourceKills} source kill${sourceKills === 1 ? '' : 's'}); reproduce with: ${commandLine(spec, memoryBytes, warmUp)}`,
+          `(${sourceKills} source kill${sourceKills === 1 ? '' : 's'}); reproduce with: ${reproduce}`,
       );
     }
     figures.recovery = {
