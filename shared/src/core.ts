@@ -19,3 +19,4 @@ export * from './names.js';
 export * from './precopy.js';
 export * from './guest/workloads.js';
 export * from './devices/dma-pattern.js';
+export * from './addon.js';

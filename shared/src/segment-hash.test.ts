@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { SEGMENT_HASH_BYTES, SEGMENT_HASH_STRIPE, SegmentHasher } from './segment-hash.js';
+import { loadAddon } from './addon.js';
+import { SEGMENT_HASH_BYTES, SEGMENT_HASH_STRIPE, SegmentHasher, type SegmentHashCode } from './segment-hash.js';
 
-function hashOf(...runs: Uint8Array[]): string {
-  const h = new SegmentHasher();
+function hashWith(code: SegmentHashCode, ...runs: Uint8Array[]): string {
+  const h = new SegmentHasher(code);
   for (const run of runs) h.update(run);
   const out = new Uint8Array(SEGMENT_HASH_BYTES);
   h.digestInto(out, 0);
@@ -15,7 +16,12 @@ function aligned(bytes: Uint8Array): Uint8Array {
   return new Uint8Array(bytes);
 }
 
-describe('SegmentHasher', () => {
+// Every test runs on both: the addon's lanes (where it is built: on Linux
+// with a compiler, as in CI) and the TypeScript loop (a host without it).
+describe.each(['auto', 'js'] as const)('SegmentHasher (%s)', (code) => {
+  const hashOf = (...runs: Uint8Array[]): string => hashWith(code, ...runs);
+  const SegmentHasherOf = (): SegmentHasher => new SegmentHasher(code);
+
   it('gives the protocol\u2019s hash (version 9): both hosts must agree on these bytes', () => {
     // A fixed input whose hash pins the algorithm: lanes, primes, seeds, the
     // rounds folded in, the avalanche and the byte order. A change here is a
@@ -32,7 +38,7 @@ describe('SegmentHasher', () => {
     const whole = hashOf(bytes);
     expect(hashOf(bytes.subarray(0, SEGMENT_HASH_STRIPE), bytes.subarray(SEGMENT_HASH_STRIPE))).toBe(whole);
     expect(hashOf(bytes.subarray(0, 40 * SEGMENT_HASH_STRIPE), bytes.subarray(40 * SEGMENT_HASH_STRIPE, 41 * SEGMENT_HASH_STRIPE), bytes.subarray(41 * SEGMENT_HASH_STRIPE))).toBe(whole);
-    const h = new SegmentHasher();
+    const h = SegmentHasherOf();
     h.update(aligned(randomBytes(SEGMENT_HASH_STRIPE)));
     h.reset();
     h.update(bytes);
@@ -59,9 +65,56 @@ describe('SegmentHasher', () => {
   });
 
   it('refuses runs that are not whole stripes at aligned offsets', () => {
-    const h = new SegmentHasher();
+    const h = SegmentHasherOf();
     expect(() => h.update(new Uint8Array(SEGMENT_HASH_STRIPE + 4))).toThrow(`expected a run of a multiple of ${SEGMENT_HASH_STRIPE} bytes, got ${SEGMENT_HASH_STRIPE + 4}`);
     expect(() => h.update(new Uint8Array(new ArrayBuffer(SEGMENT_HASH_STRIPE + 2), 2, SEGMENT_HASH_STRIPE))).toThrow('expected a run at a 4-byte aligned offset, got 2');
+  });
+});
+
+describe('SegmentHasher on the addon', () => {
+  const addon = loadAddon<{ hashLanes(lanes: Int32Array, data: Uint8Array, forceScalar?: boolean): string }>();
+
+  it('runs the addon\u2019s lanes wherever the addon is built, and the loop with `js`', () => {
+    // The root build builds the addon on Linux with a compiler; a test run without it is a build that failed.
+    expect(addon.ok, addon.ok ? '' : addon.reason).toBe(process.platform === 'linux');
+    expect(new SegmentHasher().isNative).toBe(addon.ok);
+    expect(new SegmentHasher('js').isNative).toBe(false);
+  });
+
+  it('gives the loop\u2019s hash, word for word, over runs of every size and split, on shared memory too', () => {
+    // Lengths from one stripe to 1 MiB and one more stripe, as whole runs and
+    // as two runs split anywhere on a stripe; the bytes on a SharedArrayBuffer
+    // (guest memory and the source's image are) at an offset.
+    for (const stripes of [1, 2, 7, 8, 9, 127, 4096, 32769]) {
+      const sab = new SharedArrayBuffer(stripes * SEGMENT_HASH_STRIPE + 64);
+      const bytes = new Uint8Array(sab, 64, stripes * SEGMENT_HASH_STRIPE);
+      bytes.set(randomBytes(bytes.length));
+      const loop = hashWith('js', bytes);
+      expect(hashWith('auto', bytes), `${stripes} stripes`).toBe(loop);
+      const cut = Math.floor(stripes / 3) * SEGMENT_HASH_STRIPE;
+      expect(hashWith('auto', bytes.subarray(0, cut), bytes.subarray(cut)), `${stripes} stripes cut at ${cut}`).toBe(loop);
+    }
+  });
+
+  it.runIf(addon.ok)('gives the same lanes from its AVX2 register and its scalar chains', () => {
+    if (!addon.ok) return;
+    const bytes = new Uint8Array(randomBytes(4096 * SEGMENT_HASH_STRIPE));
+    const fast = new Int32Array(8).fill(7);
+    const scalar = new Int32Array(8).fill(7);
+    const code = addon.native.hashLanes(fast, bytes);
+    expect(addon.native.hashLanes(scalar, bytes, true)).toBe('scalar');
+    expect(['avx2', 'scalar']).toContain(code);
+    expect(Array.from(fast)).toEqual(Array.from(scalar));
+    expect(Array.from(fast)).not.toEqual(new Array(8).fill(7));
+  });
+
+  it.runIf(addon.ok)('refuses, natively too, runs that are not whole stripes or not aligned', () => {
+    if (!addon.ok) return;
+    const lanes = new Int32Array(8);
+    expect(() => addon.native.hashLanes(lanes, new Uint8Array(SEGMENT_HASH_STRIPE + 4))).toThrow('expected a 4-byte aligned run of a multiple of 32 bytes');
+    expect(() => addon.native.hashLanes(lanes, new Uint8Array(new ArrayBuffer(SEGMENT_HASH_STRIPE + 2), 2, SEGMENT_HASH_STRIPE))).toThrow('expected a 4-byte aligned run');
+    expect(() => addon.native.hashLanes(new Int32Array(4), new Uint8Array(SEGMENT_HASH_STRIPE))).toThrow(TypeError);
+    expect(lanes.every((l) => l === 0)).toBe(true);
   });
 });
 

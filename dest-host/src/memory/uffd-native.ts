@@ -1,22 +1,13 @@
 /**
- * The uffd addon (dest-host/native/uffd/uffd.c), typed, loaded once per
- * thread, with the reason when it cannot be.
+ * The uffd addon (dest-host/native/uffd/uffd.c), typed; shared/src/addon.ts
+ * loads it once per thread, with the reason when it cannot be.
  *
  * The addon is one thin function per system call or ioctl returning what the
- * kernel returned (a result, or -errno); this file only loads it and names
- * its fields. What the results mean is decided in uffd-backend.ts.
- *
- * It is built by the root `build` script (dest-host/native/uffd/build.mjs),
- * which records in build/status.json why it did not build where it could not
- * (not Linux, no compiler, no Node headers). Both this file's location in
- * src/ (tests) and in dist/ (built) are two levels below dest-host/, so the
- * same relative path finds it.
+ * kernel returned (a result, or -errno); this file only names its fields.
+ * What the results mean is decided in uffd-backend.ts.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
-import { fileURLToPath } from 'node:url';
-import { BackendUnavailableError } from '@postcopy/shared/core';
+import { BackendUnavailableError, loadAddon, type AddonLoad } from '@postcopy/shared/core';
 
 /** Field indices of the Float64Array `readMsg` fills (MSG_* in uffd.c). */
 export const MSG_FIELD = {
@@ -138,16 +129,11 @@ export interface UffdPoller {
   readonly __uffdPoller: never;
 }
 
-export type NativeLoad = { ok: true; native: UffdNative } | { ok: false; reason: string };
-
-const addonDir = new URL('../../native/uffd/build/', import.meta.url);
-
-let loaded: NativeLoad | undefined;
+export type NativeLoad = AddonLoad<UffdNative>;
 
 /** Loads the addon in this thread (once), or says why it cannot be. */
 export function loadUffdNative(): NativeLoad {
-  loaded ??= load();
-  return loaded;
+  return loadAddon<UffdNative>();
 }
 
 /** The addon, or a {@link BackendUnavailableError} saying why it is not there. */
@@ -155,32 +141,6 @@ export function requireUffdNative(): UffdNative {
   const load = loadUffdNative();
   if (!load.ok) throw new BackendUnavailableError('uffd', `the uffd memory backend is unavailable: ${load.reason}`);
   return load.native;
-}
-
-function load(): NativeLoad {
-  if (process.platform !== 'linux') {
-    return { ok: false, reason: `userfaultfd(2) is Linux only, and this is ${process.platform}; use --memory-backend emulated` };
-  }
-  const path = fileURLToPath(new URL('uffd.node', addonDir));
-  if (!existsSync(path)) {
-    return { ok: false, reason: `the addon was not built (${path} is missing): ${buildStatusReason()}` };
-  }
-  try {
-    return { ok: true, native: createRequire(import.meta.url)(path) as UffdNative };
-  } catch (err) {
-    return { ok: false, reason: `the addon ${path} failed to load: ${(err as Error).message}` };
-  }
-}
-
-function buildStatusReason(): string {
-  const statusPath = fileURLToPath(new URL('status.json', addonDir));
-  try {
-    const status = JSON.parse(readFileSync(statusPath, 'utf8')) as { built?: boolean; reason?: string };
-    if (status.built === false && typeof status.reason === 'string') return `the build said: ${status.reason}`;
-  } catch {
-    // no status: the build step never ran
-  }
-  return 'run `npm run build` (it builds dest-host/native/uffd with the machine\'s C compiler and Node\'s headers)';
 }
 
 const errnoNames = new Map<number, string>();
