@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { fillPage, isZeroPage, verifyPage, type ImageSpec } from './content.js';
+import { loadAddon } from './addon.js';
+import { fillPage, fillPages, isZeroPage, verifyPage, type ImageSpec } from './content.js';
 import { UsageError } from './errors.js';
 import { makeLayout, makeMemslotLayout } from './layout.js';
 import { formatBytes, parseSize } from './sizes.js';
@@ -253,5 +254,51 @@ describe('makeMemslotLayout', () => {
     expect(usageError(() => makeMemslotLayout(layout, 4096 + 1))).toContain('--memslot-size: expected a multiple of the page size 4KiB');
     const big = makeLayout(2 * 1024 ** 3, 4096);
     expect(usageError(() => makeMemslotLayout(big, 2 * 1024 ** 3))).toContain('--memslot-size: expected at most 1GiB, got 2GiB');
+  });
+});
+
+describe('fillPages', () => {
+  const addon = loadAddon<{ fillPages(seed: number, zeroFraction: number, firstPage: number, pageWords: number, out: Uint32Array): number }>();
+
+  it('gives what fillPage gives page by page, natively as in the loop, over seeds, zero fractions, page sizes and indices', () => {
+    const cases: Array<{ seed: number; zeroFraction: number; first: number; words: number; pages: number }> = [
+      { seed: 42, zeroFraction: 0, first: 0, words: WORDS, pages: 64 },
+      { seed: 1, zeroFraction: 0.1, first: 1000, words: WORDS, pages: 256 },
+      { seed: 0xffffffff, zeroFraction: 0.5, first: 2 ** 31 - 3, words: WORDS, pages: 8 },
+      { seed: 0x80000001, zeroFraction: 1, first: 7, words: WORDS, pages: 4 },
+      { seed: 7, zeroFraction: 0.25, first: 2 ** 32 - 5, words: 6, pages: 5 },
+      { seed: 9, zeroFraction: 0, first: 3, words: 1, pages: 9 },
+      { seed: 9, zeroFraction: 0, first: 3, words: 7, pages: 9 },
+      { seed: 123, zeroFraction: 0, first: 5, words: 2 * 1024 * 1024 / 4, pages: 2 },
+    ];
+    for (const c of cases) {
+      const s: ImageSpec = { seed: c.seed, zeroFraction: c.zeroFraction };
+      const expected = new Uint32Array(c.words * c.pages);
+      for (let k = 0; k < c.pages; k++) fillPage(s, c.first + k, expected.subarray(k * c.words, (k + 1) * c.words));
+      for (const code of ['auto', 'js'] as const) {
+        const out = new Uint32Array(c.words * c.pages).fill(0xdeadbeef);
+        fillPages(s, c.first, out, c.words, code);
+        expect(same(out, expected), `${code} ${JSON.stringify(c)}`).toBe(true);
+      }
+      if (addon.ok) {
+        // The addon itself, not a path that might fall back to the loop.
+        const out = new Uint32Array(new SharedArrayBuffer(c.words * c.pages * 4));
+        expect(addon.native.fillPages(c.seed >>> 0, c.zeroFraction, c.first, c.words, out)).toBe(c.pages);
+        expect(same(out, expected), `addon ${JSON.stringify(c)}`).toBe(true);
+      }
+    }
+  });
+
+  it('runs the addon\u2019s generator wherever the addon is built', () => {
+    expect(addon.ok, addon.ok ? '' : addon.reason).toBe(process.platform === 'linux');
+  });
+
+  it('refuses what is not whole pages, in the loop and natively', () => {
+    expect(() => fillPages(spec, 0, new Uint32Array(10), 4)).toThrow('expected whole pages of 4 words, got 10 words');
+    expect(() => fillPages(spec, 0, new Uint32Array(10), 0)).toThrow(RangeError);
+    if (!addon.ok) return;
+    expect(() => addon.native.fillPages(1, 0, 0, 4, new Uint32Array(10))).toThrow('fillPages: expected whole pages');
+    expect(() => addon.native.fillPages(1, 0, 2 ** 32 - 1, 4, new Uint32Array(8))).toThrow('at page indices below 2^32');
+    expect(() => addon.native.fillPages(1, 0, 0, 4, new Int32Array(8) as unknown as Uint32Array)).toThrow('expected a Uint32Array');
   });
 });

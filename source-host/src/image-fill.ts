@@ -3,31 +3,37 @@
  * marks) and the filling of its pages from the generator: light, for the
  * image's worker threads (image-worker.ts), which import nothing else.
  */
-import { fillPage, type GuestLayout, type ImageSpec } from '@postcopy/shared/core';
+import { fillPages, type GuestLayout, type ImageSpec } from '@postcopy/shared/core';
 import type { PageSource } from '@postcopy/shared/digest';
 
 /**
  * Fills pages [first, end) of the image with the generator's content and marks
  * the zero ones (by their content, as QEMU's buffer_is_zero). Returns how many
- * were zero.
+ * were zero. Each chunk's share goes to the generator in one call (fillPages:
+ * the addon's where it loads).
  */
 export function fillImagePages(layout: GuestLayout, spec: ImageSpec, chunks: readonly Uint8Array[], zero: Uint8Array, pagesPerChunk: number, first: number, end: number): number {
   const words = layout.pageSize >>> 2;
   let zeroPages = 0;
-  for (let page = first; page < end; page++) {
-    const chunk = chunks[Math.floor(page / pagesPerChunk)]!;
-    const view = new Uint32Array(chunk.buffer, chunk.byteOffset + (page % pagesPerChunk) * layout.pageSize, words);
-    fillPage(spec, page, view);
-    if (isAllZero(view)) {
-      zero[page] = 1;
-      zeroPages++;
+  for (let page = first; page < end; ) {
+    const c = Math.floor(page / pagesPerChunk);
+    const chunk = chunks[c]!;
+    const runEnd = Math.min(end, (c + 1) * pagesPerChunk);
+    const view = new Uint32Array(chunk.buffer, chunk.byteOffset + (page - c * pagesPerChunk) * layout.pageSize, (runEnd - page) * words);
+    fillPages(spec, page, view, words);
+    for (let k = 0; page + k < runEnd; k++) {
+      if (isAllZero(view, k * words, words)) {
+        zero[page + k] = 1;
+        zeroPages++;
+      }
     }
+    page = runEnd;
   }
   return zeroPages;
 }
 
-function isAllZero(words: Uint32Array): boolean {
-  for (let i = 0; i < words.length; i++) if (words[i] !== 0) return false;
+function isAllZero(words: Uint32Array, from: number, count: number): boolean {
+  for (let i = from; i < from + count; i++) if (words[i] !== 0) return false;
   return true;
 }
 

@@ -152,6 +152,7 @@ static int get_typed(napi_env env, napi_value value, napi_typedarray_type want, 
       type != want || count < min) {
     throw_type(env, want == napi_float64_array   ? "uffd.node: expected a Float64Array of the right length"
                     : want == napi_int32_array ? "uffd.node: expected an Int32Array"
+                    : want == napi_uint32_array ? "uffd.node: expected a Uint32Array"
                                                : "uffd.node: expected a BigUint64Array of the right length");
     return 0;
   }
@@ -860,6 +861,79 @@ static napi_value js_hash_lanes(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* ------------------------------------------------------------ page content */
+
+/*
+ * The page content generator of shared/src/content.ts (protocol version
+ * 10), natively, for the source's image build: the same mix (splitmix32's
+ * avalanche of seed and page), the same zero pages, and four xorshift32
+ * (13, 17, 5) lanes, word i lane i mod 4's next, word 0 the page's index.
+ * JavaScript's Math.imul and >>> are these uint32_t operations;
+ * content.test.ts compares the two over seeds, pages and lengths.
+ */
+static uint32_t content_mix(uint32_t seed, uint32_t page) {
+  uint32_t h = seed ^ ((page + 0x9e3779b9u) * 0x85ebca6bu);
+  h = (h ^ (h >> 16)) * 0x7feb352du;
+  h = (h ^ (h >> 15)) * 0x846ca68bu;
+  return h ^ (h >> 16);
+}
+
+static uint32_t content_xorshift32(uint32_t x) {
+  x ^= x << 13;
+  x ^= x >> 17;
+  return x ^ (x << 5);
+}
+
+static void content_fill_page(uint32_t seed, double zero_fraction, uint32_t page, uint32_t *out, size_t n) {
+  if (zero_fraction > 0 && (double)content_mix(seed ^ 0x5a5a5a5au, page) / 4294967296.0 < zero_fraction) {
+    memset(out, 0, n * 4);
+    return;
+  }
+  uint32_t a = content_mix(seed, page) | 1, b = content_mix(seed ^ 0x243f6a88u, page) | 1;
+  uint32_t c = content_mix(seed ^ 0x85a308d3u, page) | 1, d = content_mix(seed ^ 0x13198a2eu, page) | 1;
+  size_t body = n & ~(size_t)3, i = 0;
+  for (; i < body; i += 4) {
+    a = content_xorshift32(a);
+    b = content_xorshift32(b);
+    c = content_xorshift32(c);
+    d = content_xorshift32(d);
+    out[i] = a;
+    out[i + 1] = b;
+    out[i + 2] = c;
+    out[i + 3] = d;
+  }
+  if (i < n) out[i] = content_xorshift32(a);
+  if (i + 1 < n) out[i + 1] = content_xorshift32(b);
+  if (i + 2 < n) out[i + 2] = content_xorshift32(c);
+  if (n > 0) out[0] = page;
+}
+
+/*
+ * fillPages(seed, zeroFraction, firstPage, pageWords, out) -> pages filled:
+ * pages firstPage, firstPage + 1, ... into `out` (a Uint32Array of a whole
+ * number of pages of pageWords words), as content.ts's fillPage would.
+ * `seed` is the spec's seed as a uint32 (JavaScript's ToUint32), pages
+ * below 2^32.
+ */
+static napi_value js_fill_pages(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int64_t seed, first, page_words;
+  double zero_fraction;
+  void *out;
+  size_t words;
+  if (!get_args(env, info, 5, argv) || !get_i64(env, argv[0], &seed) || napi_get_value_double(env, argv[1], &zero_fraction) != napi_ok ||
+      !get_i64(env, argv[2], &first) || !get_i64(env, argv[3], &page_words) || !get_typed(env, argv[4], napi_uint32_array, 0, &out, &words))
+    return NULL;
+  if (page_words <= 0 || words % (size_t)page_words != 0 || first < 0 || first + (int64_t)(words / (size_t)page_words) > (int64_t)UINT32_MAX + 1) {
+    napi_throw_range_error(env, NULL, "fillPages: expected whole pages of pageWords words, at page indices below 2^32");
+    return NULL;
+  }
+  size_t pages = words / (size_t)page_words;
+  for (size_t k = 0; k < pages; k++)
+    content_fill_page((uint32_t)seed, zero_fraction, (uint32_t)(first + (int64_t)k), (uint32_t *)out + k * (size_t)page_words, (size_t)page_words);
+  return make_i64(env, (int64_t)pages);
+}
+
 /* ------------------------------------------------------------ futexes */
 
 /* Word `index` of an Int32Array (on a SharedArrayBuffer), or NULL (a TypeError is pending). */
@@ -1222,6 +1296,7 @@ NAPI_MODULE_INIT() {
       {"munmap", js_munmap},
       {"madvise", js_madvise},
       {"hashLanes", js_hash_lanes},
+      {"fillPages", js_fill_pages},
       {"externalArrayBuffer", js_external_arraybuffer},
       {"userfaultfd", js_userfaultfd},
       {"userfaultfdIocNew", js_userfaultfd_ioc_new},
