@@ -6,7 +6,8 @@
  * records in build/status.json why it did not build where it could not (not
  * Linux, no compiler, no Node headers). The destination types it in full
  * (dest-host/src/memory/uffd-native.ts); both hosts' digests use its hash
- * lanes where it loads (segment-hash.ts). This file lies two levels below
+ * lanes (segment-hash.ts) and the source's image build its page generator
+ * (content.ts) where it loads. This file lies two levels below
  * the repository in src/ (tests) and in dist/ (built), so the same relative
  * path finds the addon.
  */
@@ -24,6 +25,16 @@ let loaded: AddonLoad<unknown> | undefined;
 export function loadAddon<T>(): AddonLoad<T> {
   loaded ??= load();
   return loaded as AddonLoad<T>;
+}
+
+/**
+ * The addon where it loads and has function `name`, else undefined: the
+ * TypeScript fallbacks (an addon built before the function existed has
+ * none, and the fallback serves).
+ */
+export function addonWith<T>(name: keyof T & string): T | undefined {
+  const load = loadAddon<Record<string, unknown>>();
+  return load.ok && typeof load.native[name] === 'function' ? (load.native as T) : undefined;
 }
 
 function load(): AddonLoad<unknown> {

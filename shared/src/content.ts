@@ -5,7 +5,7 @@
  * it needs to cross the wire.
  */
 
-import { loadAddon } from './addon.js';
+import { addonWith } from './addon.js';
 
 export interface ImageSpec {
   readonly seed: number;
@@ -99,29 +99,19 @@ interface ContentNative {
 /** How fillPages runs: the addon's generator where it loads (`auto`), or fillPage's loop. */
 export type ContentCode = 'auto' | 'js';
 
-let native: ContentNative | null | undefined;
-
-function contentNative(): ContentNative | undefined {
-  if (native === undefined) {
-    const load = loadAddon<Partial<ContentNative>>();
-    // An addon built before fillPages existed has none: the loop serves.
-    native = load.ok && typeof load.native.fillPages === 'function' ? (load.native as ContentNative) : null;
-  }
-  return native ?? undefined;
-}
-
 /**
  * Pages firstPage, firstPage + 1, ... into `out`, a whole number of pages of
  * `pageWords` words each: what fillPage gives page by page. Where the addon
  * loads its generator does it (the same function word for word,
  * content.test.ts compares them), which the source's image build uses:
- * 4 GiB filled in about 0.3 CPU-seconds against about 2 in this file's
- * loop (see the README's bench section).
+ * GuestImage.build of 4 GiB took 1.52-1.55 s against 1.82-1.85 with this
+ * file's loop (user time 1.9-2.0 CPU-seconds against 2.4-2.5; see the
+ * README's bench section).
  */
 export function fillPages(spec: ImageSpec, firstPage: number, out: Uint32Array, pageWords: number, code: ContentCode = 'auto'): void {
   if (pageWords <= 0 || out.length % pageWords !== 0) throw new RangeError(`expected whole pages of ${pageWords} words, got ${out.length} words`);
   const pages = out.length / pageWords;
-  const addon = code === 'auto' && firstPage + pages <= 2 ** 32 ? contentNative() : undefined;
+  const addon = code === 'auto' && firstPage + pages <= 2 ** 32 ? addonWith<ContentNative>('fillPages') : undefined;
   if (addon !== undefined) {
     addon.fillPages(spec.seed >>> 0, spec.zeroFraction, firstPage, pageWords, out);
     return;
