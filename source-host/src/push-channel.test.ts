@@ -1,6 +1,8 @@
+import { createServer } from 'node:http';
+import { connect, type AddressInfo, type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { PUSH_RECORD, pushRecordHeader } from '@postcopy/shared';
+import { PUSH_RECORD, PUSH_UPGRADE, pushRecordHeader } from '@postcopy/shared';
 import { SourcePushChannel } from './push-channel.js';
 
 /** A socket that records what is written, and whether it was corked then. */
@@ -76,5 +78,33 @@ describe('SourcePushChannel writes', () => {
     expect(socket.uncorks).toBe(0);
     expect(socket.writes.map((w) => w.corked)).toEqual([false, false, false]);
     expect(socket.writes.map((w) => w.bytes)).toEqual([pushRecordHeader(PUSH_RECORD.PAGES, 8, 2), Buffer.from(pages), pushRecordHeader(PUSH_RECORD.ZERO, 10, 1)]);
+  });
+});
+
+describe('SourcePushChannel closing', () => {
+  it('closes when the destination ends its side (a FIN alone, on an HTTP server\'s half-open upgraded socket)', async () => {
+    const server = createServer();
+    const opened = new Promise<SourcePushChannel>((resolve) =>
+      server.on('upgrade', (_req, socket: Duplex, head: Buffer) => resolve(new SourcePushChannel(socket, head, () => {}, () => {}))),
+    );
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const client = connect((server.address() as AddressInfo).port, '127.0.0.1');
+    try {
+      client.write(`GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: ${PUSH_UPGRADE}\r\nConnection: Upgrade\r\n\r\n`);
+      // Read everything the source sent (the 101), so that closing sends a FIN and no reset.
+      await new Promise((resolve) => client.once('data', resolve));
+      const channel = await opened;
+      expect((channel.socket as Socket).allowHalfOpen).toBe(true);
+      client.end();
+      const closed = await Promise.race([channel.closed.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 5000))]);
+      expect(closed).toBe(true);
+      expect(channel.isOpen).toBe(false);
+    } finally {
+      client.destroy();
+      // The upgraded socket is no longer the HTTP server's to close.
+      void opened.then((channel) => channel.socket.destroy());
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+    }
   });
 });

@@ -48,6 +48,13 @@ export class SourcePushChannel implements PushStream {
     this.corks = (socket as { encrypted?: boolean }).encrypted !== true;
     this.closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.on('error', () => socket.destroy());
+    // The destination says nothing after its hello, so its end of the stream
+    // is the channel's: Node's HTTP server hands upgraded sockets over with
+    // allowHalfOpen set, and a FIN alone (a destination that read all it was
+    // sent, then closed) would leave this side open, never closed, until a
+    // write failed. Precopy waiting on its SYNC writes nothing, and would
+    // never learn that its push channel was gone.
+    socket.on('end', () => socket.destroy());
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${PUSH_UPGRADE}\r\nConnection: Upgrade\r\n\r\n`);
     socket.on('data', (chunk: Buffer) => this.read(chunk));
     if (head.length > 0) this.read(head);
