@@ -3,6 +3,7 @@ import { connect, type AddressInfo, type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { PUSH_RECORD, PUSH_UPGRADE, pushRecordHeader } from '@postcopy/shared';
+import { within } from './fixtures/within.js';
 import { SourcePushChannel } from './push-channel.js';
 
 /** A socket that records what is written, and whether it was corked then. */
@@ -96,8 +97,7 @@ describe('SourcePushChannel closing', () => {
       const channel = await opened;
       expect((channel.socket as Socket).allowHalfOpen).toBe(true);
       client.end();
-      const closed = await Promise.race([channel.closed.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 5000))]);
-      expect(closed).toBe(true);
+      await within(channel.closed, 5000, 'the push channel to close after the destination ended its side');
       expect(channel.isOpen).toBe(false);
     } finally {
       client.destroy();

@@ -3,6 +3,7 @@ import { createConnection, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import WebSocket from 'ws';
 import { ChannelRole, PROTOCOL_VERSION, PUSH_HEADER_BYTES, PUSH_RECORD, PUSH_UPGRADE, bitmapBytes, bitmapSet, decode, decodePushRecordHeader, encode, lengthPrefixed, makeLayout, type Message } from '@postcopy/shared';
+import { within } from './fixtures/within.js';
 import { GuestImage } from './image.js';
 import { SourceServer, type SourceServerOptions } from './server.js';
 
@@ -167,16 +168,6 @@ async function expectRefused(peer: Peer, code: string, message: string | RegExp,
     else expect(last.message).toMatch(message);
   }
   expect(closed.code).toBe(close);
-}
-
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise.finally(() => clearTimeout(timer)),
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-    }),
-  ]);
 }
 
 async function waitFor(predicate: () => boolean, what: string, ms = 5000): Promise<void> {
