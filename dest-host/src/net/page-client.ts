@@ -6,9 +6,12 @@ import {
   ConnectionError,
   Keepalive,
   ProtocolError,
+  REQUEST_BYTES,
   TurnCork,
   decode,
+  decodeReplyFast,
   encode,
+  encodeRequestInto,
   explainTlsError,
   makeLayout,
   maxDestFrameBytes,
@@ -362,7 +365,11 @@ export class PageClient {
       this.pending.set(id, { page, sent: live, resolve, reject });
       if (live) {
         this.cork!.hold();
-        ws.send(encode({ type: 'request', id, page }));
+        // The request frame without msgpackr, as the blocking channel writes it; a fresh
+        // buffer, as ws may queue it unmasked and uncopied (an all-zero mask) until the cork's write.
+        const frame = Buffer.allocUnsafe(REQUEST_BYTES);
+        encodeRequestInto(frame, id, page);
+        ws.send(frame);
       }
     });
   }
@@ -394,7 +401,8 @@ export class PageClient {
   private receive(data: Buffer): void {
     let message: Message;
     try {
-      message = decode(data, { layout: this.layout });
+      // A reply (the hot path) without msgpackr; anything else, or a reply it does not take, through decode().
+      message = decodeReplyFast(data, this.layout) ?? decode(data, { layout: this.layout });
     } catch (err) {
       this.abort(err as Error);
       return;

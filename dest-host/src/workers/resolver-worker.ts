@@ -111,7 +111,11 @@ async function serve(data: ResolverData, report: Report, warmUp = false): Promis
   };
   let messages = 0;
   for (;;) {
-    const r = await memory.readAsync(data.ctx, msg, stop.signal);
+    // A message already queued is taken without a promise (the emulation's
+    // readAsync allocates an abort listener and a race per call); the queue
+    // holds at most one fault a thread, so this never starves the loop.
+    let r = stop.signal.aborted ? -ERRNO.EINTR : memory.tryRead(data.ctx, msg);
+    if (r === -ERRNO.EAGAIN) r = await memory.readAsync(data.ctx, msg, stop.signal);
     if (r === -ERRNO.EINTR || r === -ERRNO.EBADF || failure !== undefined) break; // stopped, or the context closed
     if (r !== 0) throw new Error(`expected a fault message from userfaultfd context ${data.ctx}, got errno ${-r}`);
     const slot = accept();
