@@ -13,6 +13,7 @@
 import type { PageRange } from '@postcopy/shared';
 import type { BackendMemory } from '../memory/backend.js';
 import { GuestPages } from '../memory/pages.js';
+import { copyIntoShared } from '../memory/guest-memory.js';
 import type { PageInstaller } from './page-installer.js';
 import { COUNTER, ORIGIN, type VmmState } from './state.js';
 
@@ -43,7 +44,7 @@ export class PrecopyReceiver {
       if (this.vmm.isReceived(p)) {
         // Here already: the guest dirtied it on the source since; overwrite it.
         const target = this.pages.pageBytes(p);
-        if (data) target.set(data.subarray((p - first) * size, (p - first + 1) * size));
+        if (data) copyIntoShared(target, 0, data.subarray((p - first) * size, (p - first + 1) * size));
         else target.fill(0);
         this.vmm.count(COUNTER.PRECOPY_REWRITES);
         p++;
