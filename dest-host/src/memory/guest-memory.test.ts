@@ -3,28 +3,28 @@ import { describe, expect, it } from 'vitest';
 import { makeLayout } from '@postcopy/shared/core';
 import { GuestMemory, allocateMemslot, copyIntoShared } from './guest-memory.js';
 
-/** Sizes of this process's mappings, in bytes, as /proc/self/maps lists them. */
-function mappingSizes(): number[] {
+/** How many of this process's mappings (/proc/self/maps) are `bytes` long. */
+function mappingsOfSize(bytes: number): number {
   return readFileSync('/proc/self/maps', 'utf8')
     .split('\n')
     .filter((line) => line.length > 0)
-    .map((line) => {
+    .filter((line) => {
       const [start, end] = line.split(' ')[0]!.split('-');
-      return Number(BigInt(`0x${end}`) - BigInt(`0x${start}`));
-    });
+      return Number(BigInt(`0x${end}`) - BigInt(`0x${start}`)) === bytes;
+    }).length;
 }
 
 describe('allocateMemslot', () => {
   it('maps a memslot of a multiple of 64 KiB on its own, page-aligned: a mapping of exactly its size, not a calloc chunk one page larger', () => {
     // An odd size no other mapping of the test process is likely to have.
     const bytes = 37 * 65536;
-    const before = mappingSizes().filter((s) => s === bytes).length;
-    const beforeCalloc = mappingSizes().filter((s) => s === bytes + 4096).length;
+    const before = mappingsOfSize(bytes);
+    const beforeCalloc = mappingsOfSize(bytes + 4096);
     const slot = allocateMemslot(bytes);
     expect(slot).toBeInstanceOf(SharedArrayBuffer);
     expect(slot.byteLength).toBe(bytes);
-    expect(mappingSizes().filter((s) => s === bytes).length).toBe(before + 1);
-    expect(mappingSizes().filter((s) => s === bytes + 4096).length).toBe(beforeCalloc);
+    expect(mappingsOfSize(bytes)).toBe(before + 1);
+    expect(mappingsOfSize(bytes + 4096)).toBe(beforeCalloc);
     // Zeroed, writable, and shared like any SharedArrayBuffer.
     const words = new Int32Array(slot);
     expect(words.every((w) => w === 0)).toBe(true);
@@ -40,10 +40,10 @@ describe('allocateMemslot', () => {
 
   it('is what GuestMemory.create gives every memslot', () => {
     const bytes = 21 * 65536;
-    const before = mappingSizes().filter((s) => s === bytes).length;
+    const before = mappingsOfSize(bytes);
     const memory = GuestMemory.create(makeLayout(3 * bytes, 4096), bytes);
     expect(memory.buffers.map((b) => b.byteLength)).toEqual([bytes, bytes, bytes]);
-    expect(mappingSizes().filter((s) => s === bytes).length).toBe(before + 3);
+    expect(mappingsOfSize(bytes)).toBe(before + 3);
   });
 });
 

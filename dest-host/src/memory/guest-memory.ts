@@ -136,7 +136,7 @@ export class GuestMemory implements PageSource {
 let alignedScratch = new Uint8Array(0);
 
 /**
- * `target.set(src, offset)` for a `target` over a SharedArrayBuffer. V8
+ * `target.set(src, offset)`, for a `target` over a SharedArrayBuffer above all. V8
  * copies into shared memory with relaxed atomics (`relaxed_memmove`, src/base/
  * atomicops.h): 8 bytes at a time when source and destination are both 8-byte
  * aligned, otherwise one byte at a time for the whole length. A page in a reply
@@ -147,7 +147,8 @@ let alignedScratch = new Uint8Array(0);
  * buffers), then from there: 0.24 µs for both copies.
  */
 export function copyIntoShared(target: Uint8Array, offset: number, src: Uint8Array): void {
-  if (((src.byteOffset | (target.byteOffset + offset)) & 7) === 0) {
+  // Unshared memory (the uffd backend's mapping, which precopy rewrites reach too) is copied with memmove.
+  if (!(target.buffer instanceof SharedArrayBuffer) || ((src.byteOffset | (target.byteOffset + offset)) & 7) === 0) {
     target.set(src, offset);
     return;
   }
