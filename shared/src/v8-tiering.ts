@@ -42,10 +42,16 @@ export function tuneV8Tiering(execArgv: readonly string[] = process.execArgv): v
  * source-host's warm-up.ts): in two rounds, each run on objects of its own.
  * V8 records a field's type as the class of its first value and throws
  * away code that depends on it when another comes; the second round's
- * objects take that step, not the run's. `n` in two halves, the larger
- * first; a single unit is one round, none is none.
+ * objects take that step, not the run's. `n` in two, the first round
+ * `firstShare` of it (rounded up, at least one unit), the second the rest;
+ * a single unit is one round, none is none. Halves by default (the
+ * source's); the destination gives its first round a quarter (see
+ * DEST_FIRST_ROUND_SHARE in dest-host's warm-up/warm-up.ts).
  */
-export function warmUpRoundSizes(n: number): number[] {
+export function warmUpRoundSizes(n: number, firstShare = 0.5): number[] {
+  if (!(firstShare > 0 && firstShare < 1)) throw new RangeError(`expected the first warm-up round's share between 0 and 1, got ${firstShare}`);
   if (n <= 0) return [];
-  return n < 2 ? [n] : [Math.ceil(n / 2), Math.floor(n / 2)];
+  if (n < 2) return [n];
+  const first = Math.min(n - 1, Math.max(1, Math.ceil(n * firstShare)));
+  return [first, n - first];
 }
