@@ -52,6 +52,7 @@ export function warmUpRoundSizes(n: number, firstShare = 0.5): number[] {
   if (!(firstShare > 0 && firstShare < 1)) throw new RangeError(`expected the first warm-up round's share between 0 and 1, got ${firstShare}`);
   if (n <= 0) return [];
   if (n < 2) return [n];
-  const first = Math.min(n - 1, Math.max(1, Math.ceil(n * firstShare)));
+  // ceil of a positive share of n >= 2 is at least 1; n - 1 leaves the second round one.
+  const first = Math.min(n - 1, Math.ceil(n * firstShare));
   return [first, n - first];
 }

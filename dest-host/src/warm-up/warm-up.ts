@@ -87,9 +87,9 @@ export interface WarmUpSpec {
  * the first round, thrown away at the second round's start ("code
  * dependencies", every resolver at once) and optimized again only in the
  * run, with runs at 8 vCPUs optimizing 122 to 139 functions while the guest
- * ran. With a quarter first, those three
- * are compiled again within the second round, and the run optimizes 84 to 88
- * (per-thread-uffd at 8 vCPUs; kvm-exit 48 -> 41, shared-uffd 69 -> 55).
+ * ran. With a quarter first, those three are compiled again within the
+ * second round, and the run optimizes 84 to 88 (per-thread-uffd at 8 vCPUs;
+ * kvm-exit 48 -> 41, shared-uffd 69 -> 55).
  * Measured (per-thread-uffd, 16 vCPUs x 16 MiB, --no-push --preempt,
  * sequential, 5 interleaved pairs): compiler threads' CPU a fault (the
  * report's destOther) 10.2-13.0 -> 7.8-9.7 µs, median rate 17.8 k -> 18.9 k
