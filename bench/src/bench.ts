@@ -38,7 +38,15 @@ import {
   type RunSpec,
 } from './migrations.js';
 import { NATIVE_COUNTERPART, buildNativeFloor, runNativeFloorBinary, type NativeFloorResult } from './native-floor.js';
-import { NET_RECEIVE_MODES, measureNetCeiling, type NetCeilingResult } from './net-ceiling.js';
+import type { NetSenderMemory } from './net-ceiling-layout.js';
+import { measureNetCeiling, type NetCeilingResult, type NetReceiveMode } from './net-ceiling.js';
+
+/** The net ceiling's measurements in the order they run: the ceiling itself (onread, sender stream) last, right before the idle push. */
+const NET_STEPS: readonly { receive: NetReceiveMode; sender: NetSenderMemory }[] = [
+  { receive: 'onread', sender: 'image' },
+  { receive: 'data', sender: 'stream' },
+  { receive: 'onread', sender: 'stream' },
+];
 import type { BenchOptions } from './options.js';
 import { BackendsBench, type BackendsResult } from './backends.js';
 import { PhasesBench, type PhasesResult } from './phases.js';
@@ -116,8 +124,9 @@ export const METHOD = {
   push: "npm start -- --strategy kvm-exit --vcpus 1 --accesses 1 --zero-fraction 0 --memory P (push on; P = --push-memory): the report's pushThroughputMiBs (pushed page bytes / run time)",
   netCeiling:
     "the net ceiling (net-ceiling.ts): a sender process streams the floor's image over one net connection on 127.0.0.1, this process copies every read into a fresh SharedArrayBuffer " +
-    "(the stream's size, at most 1 GiB), timed from connect to the last byte, content checked. onread (net.connect's onread: reads into one reused buffer) is the ceiling, " +
-    "the most Node's sockets carry with the one copy into guest memory the destination must make; 'data' events (a new buffer a read, how ws reads) are a figure",
+    "(the stream's size, at most 1 GiB), timed from connect to the last byte, content checked. The sender sends from memory of that size it filled first, as a source host holds the guest " +
+    "(sender stream). onread (net.connect's onread: reads into one reused buffer) from it is the ceiling, the most Node's sockets carry with the one copy into guest memory the destination must make; " +
+    "'data' events (a new buffer a read, how ws reads) and onread from the 16 MiB image alone (sender image: only the receiver touches fresh memory) are figures",
   throughput:
     'npm start -- --strategy S --vcpus N --memory (N x M)MiB --no-push --workload sequential (no --preempt, as a new user runs it): the report\'s demandPagingRate.overall; ' +
     "against the native floor (bench/native/fault-floor.c, built with the machine's compiler: the real userfaultfd, loopback TCP, N vCPU threads each reading " +
@@ -223,15 +232,16 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
         return `p50 ${f.roundTripUs.p50.toFixed(1)} µs, p99 ${f.roundTripUs.p99.toFixed(1)} µs, bulk ${f.bulkMiBs.toFixed(1)} MiB/s`;
       },
     });
-    // The net ceiling goes right before the idle push it is held to: on this
-    // VM a first touch costs more the longer ago memory was freed (free page
-    // reporting), so the two are measured in the same state of the machine.
+    // The net ceiling goes right before the idle push it is held to, the
+    // figures before it: on this VM a first touch costs more the longer ago
+    // memory was freed (free page reporting), so the two are measured in the
+    // same state of the machine.
     const netSteps: Step[] = [];
-    for (const receive of NET_RECEIVE_MODES) {
+    for (const { receive, sender } of NET_STEPS) {
       netSteps.push({
-        label: `net ceiling (${receive}, ${options.netMiB} MiB)`,
+        label: `net ceiling (${receive}, sender ${sender}, ${options.netMiB} MiB)`,
         run: async () => {
-          const n = await measureNetCeiling({ mib: options.netMiB, receive });
+          const n = await measureNetCeiling({ mib: options.netMiB, receive, sender });
           netSamples.push(n);
           return `${n.mibPerSec} MiB/s`;
         },
@@ -356,7 +366,8 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       }
     }
   }
-  const netMedian = (receive: string): number => sig4(median(netSamples.filter((n) => n.receive === receive).map((n) => n.mibPerSec)));
+  const netMedian = (receive: NetReceiveMode, sender: NetSenderMemory): number =>
+    sig4(median(netSamples.filter((n) => n.receive === receive && n.sender === sender).map((n) => n.mibPerSec)));
   const largeMed = (pick: (l: BenchResult['samples']['large'][number]) => number): number => round3(median(largeSamples.map(pick)));
   const figures: BenchFigures = {
     precopy: {
@@ -368,7 +379,7 @@ export async function runBench(options: BenchOptions, progress: Progress = () =>
       roundTripUs: { p50: round3(median(floorSamples.map((f) => f.p50Us))), p99: round3(median(floorSamples.map((f) => f.p99Us))) },
       bulkMiBs: sig4(median(floorSamples.map((f) => f.bulkMiBs))),
     },
-    netCeiling: { mib: options.netMiB, onreadMiBs: netMedian('onread'), dataMiBs: netMedian('data') },
+    netCeiling: { mib: options.netMiB, onreadMiBs: netMedian('onread', 'stream'), dataMiBs: netMedian('data', 'stream'), onreadImageMiBs: netMedian('onread', 'image') },
     strategies,
     throughput: {
       vcpus: options.throughputVcpus,

@@ -68,10 +68,12 @@ export interface BenchFigures {
   floor: { roundTripUs: P50P99; bulkMiBs: number };
   /**
    * The ceiling of Node's own sockets (net-ceiling.ts): a `net` stream between
-   * two Node processes received into a SharedArrayBuffer, with `onread` (the
-   * ceiling) and with `'data'` events (what `ws` reads with; a figure).
+   * two Node processes received into a SharedArrayBuffer, sent from memory of
+   * the stream's size: with `onread` (the ceiling) and with `'data'` events
+   * (what `ws` reads with; a figure); and with `onread` from the sender's 16
+   * MiB image alone (a figure: only the receiver touches fresh memory).
    */
-  netCeiling: { mib: number; onreadMiBs: number; dataMiBs: number };
+  netCeiling: { mib: number; onreadMiBs: number; dataMiBs: number; onreadImageMiBs: number };
   /** Fault latency per strategy (µs): 1 vCPU, sequential, push off, --preempt; with the run's CPU µs per fault. */
   strategies: Record<BenchStrategy, P50P99 & { cpuPerFaultUs: Record<CpuGroup, number | null> }>;
   throughput: ThroughputFigures;

@@ -2,9 +2,11 @@
 /**
  * The net ceiling's sender process: the least a source host can do to move
  * bytes with Node's own `net`. One TCP connection on 127.0.0.1 (TCP_NODELAY),
- * `--bytes` of the stream (net-ceiling-layout.ts) written as slices of one
- * prebuilt image (no copy, no encoding), waiting for `drain` whenever the
- * socket's buffer is full; then `end`.
+ * `--bytes` of the stream (net-ceiling-layout.ts) written as slices of what
+ * it sends from (no copy, no encoding; `--memory stream`, the default: a
+ * buffer of the receiver's size it fills first, as a source host holds guest
+ * memory; `--memory image`: the 16 MiB image), waiting for `drain` whenever
+ * the socket's buffer is full; then `end`.
  *
  * Prints `listening tcp://127.0.0.1:PORT`, serves one connection, and exits 0
  * once it has closed; exits when its stdin closes (the bench went away) or on
@@ -12,8 +14,8 @@
  * offset, to prove the receiver's content check fails.
  */
 import { createServer, type AddressInfo, type Socket } from 'node:net';
-import { USAGE_EXIT_CODE, UsageError, parseIntOption } from '@postcopy/shared';
-import { NET_IMAGE_BYTES, NET_WRITE_BYTES, netImage } from './net-ceiling-layout.js';
+import { USAGE_EXIT_CODE, UsageError, describe, parseIntOption } from '@postcopy/shared';
+import { NET_SENDER_MEMORY, NET_WRITE_BYTES, netSenderSource, type NetSenderMemory } from './net-ceiling-layout.js';
 
 function argValue(name: string): string | undefined {
   const i = process.argv.indexOf(name);
@@ -36,14 +38,14 @@ function drain(socket: Socket): Promise<void> {
   });
 }
 
-async function stream(socket: Socket, image: Buffer, bytes: number, corruptAt: number | undefined): Promise<void> {
+async function stream(socket: Socket, source: Buffer, bytes: number, corruptAt: number | undefined): Promise<void> {
   let sent = 0;
   while (sent < bytes) {
-    const offset = sent % NET_IMAGE_BYTES;
-    const length = Math.min(NET_WRITE_BYTES, bytes - sent, NET_IMAGE_BYTES - offset);
-    let chunk = image.subarray(offset, offset + length);
+    const offset = sent % source.length;
+    const length = Math.min(NET_WRITE_BYTES, bytes - sent, source.length - offset);
+    let chunk = source.subarray(offset, offset + length);
     if (corruptAt !== undefined && corruptAt >= sent && corruptAt < sent + length) {
-      chunk = Buffer.from(chunk); // a private copy: the image stays right
+      chunk = Buffer.from(chunk); // a private copy: the source stays right
       chunk[corruptAt - sent]! ^= 0xff;
     }
     sent += length;
@@ -58,7 +60,11 @@ async function main(): Promise<void> {
   const bytes = parseIntOption('--bytes', bytesText, 1);
   const corruptText = argValue('--corrupt-at');
   const corruptAt = corruptText === undefined ? undefined : parseIntOption('--corrupt-at', corruptText, 0, bytes - 1);
-  const image = netImage();
+  const memoryText = argValue('--memory') ?? 'stream';
+  if (!(NET_SENDER_MEMORY as readonly string[]).includes(memoryText)) {
+    throw new UsageError(`--memory: expected one of ${NET_SENDER_MEMORY.join(', ')}, got ${describe(memoryText)}`);
+  }
+  const source = netSenderSource(bytes, memoryText as NetSenderMemory);
   let served = false;
   const server = createServer({ noDelay: true }, (socket) => {
     if (served) {
@@ -69,7 +75,7 @@ async function main(): Promise<void> {
     server.close();
     socket.on('error', (err) => process.stderr.write(`net-ceiling-sender: ${err.message}\n`));
     socket.on('close', () => process.exit(0));
-    stream(socket, image, bytes, corruptAt).catch((err: unknown) => {
+    stream(socket, source, bytes, corruptAt).catch((err: unknown) => {
       process.stderr.write(`net-ceiling-sender: ${(err as Error).message}\n`);
       process.exit(1);
     });

@@ -14,8 +14,12 @@
  *
  * The SharedArrayBuffer is fresh (the stream's size, at most 1 GiB), so the
  * copy also pays the first touch of its pages, as a migration's guest memory
- * does. Timed from `connect` to the last byte copied; after that, the whole
- * SharedArrayBuffer is compared with what the sender must have sent.
+ * does. The sender sends from memory of the same size it filled first
+ * (`sender: 'stream'`, the ceiling), as a source host holds the guest, or
+ * from a 16 MiB image (`'image'`, a figure): see net-ceiling-layout.ts for
+ * why it matters on this VM. Timed from `connect` to the last byte copied;
+ * after that, the whole SharedArrayBuffer is compared with what the sender
+ * must have sent.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect, type NetConnectOpts, type Socket } from 'node:net';
@@ -24,7 +28,7 @@ import { fileURLToPath } from 'node:url';
 import { CheckError, UsageError, describe } from '@postcopy/shared';
 import { exitCode } from './child-exit.js';
 import { FloorRunError, FloorTimeoutError } from './errors.js';
-import { NET_IMAGE_BYTES, NET_READ_BYTES, netImage, netSabBytes } from './net-ceiling-layout.js';
+import { NET_IMAGE_BYTES, NET_READ_BYTES, NET_SENDER_MEMORY, netImage, netSabBytes, type NetSenderMemory } from './net-ceiling-layout.js';
 
 /** The built sender, found from src/ and dist/ alike (tests import src/). */
 export const NET_CEILING_SENDER = fileURLToPath(new URL('../dist/net-ceiling-sender.js', import.meta.url));
@@ -36,8 +40,9 @@ export type NetReceiveMode = (typeof NET_RECEIVE_MODES)[number];
 export const NET_CEILING_DEFAULTS = {
   mib: 1024,
   receive: 'onread',
+  sender: 'stream',
   timeoutMs: 120_000,
-} as const satisfies { mib: number; receive: NetReceiveMode; timeoutMs: number };
+} as const satisfies { mib: number; receive: NetReceiveMode; sender: NetSenderMemory; timeoutMs: number };
 
 const START_TIMEOUT_MS = 30_000;
 const STOP_GRACE_MS = 2_000;
@@ -46,6 +51,8 @@ export interface NetCeilingOptions {
   /** MiB streamed (default 1024). */
   mib?: number;
   receive?: NetReceiveMode;
+  /** What the sender sends from (default `stream`: memory of the receiver's size). */
+  sender?: NetSenderMemory;
   /** The whole measurement, the sender's start included; then everything is torn down (default 120 s). */
   timeoutMs?: number;
   /** Testing only: the sender flips the stream byte at this offset (the content check must fail). */
@@ -58,7 +65,10 @@ export interface NetCeilingOptions {
 export interface NetCeilingResult {
   floor: 'net';
   receive: NetReceiveMode;
+  sender: NetSenderMemory;
   bytes: number;
+  /** Size of what the sender sent from. */
+  senderBytes: number;
   /** Size of the SharedArrayBuffer the stream was copied into. */
   sabBytes: number;
   elapsedMs: number;
@@ -78,8 +88,8 @@ interface Sender {
 }
 
 /** Starts the sender at once; `port` resolves when it listens (within `timeoutMs`). */
-function startSender(bytes: number, corruptAt: number | undefined, timeoutMs: number, onSpawn: ((pid: number) => void) | undefined): Sender {
-  const args = [NET_CEILING_SENDER, '--bytes', String(bytes)];
+function startSender(bytes: number, memory: NetSenderMemory, corruptAt: number | undefined, timeoutMs: number, onSpawn: ((pid: number) => void) | undefined): Sender {
+  const args = [NET_CEILING_SENDER, '--bytes', String(bytes), '--memory', memory];
   if (corruptAt !== undefined) args.push('--corrupt-at', String(corruptAt));
   const child = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
@@ -196,9 +206,10 @@ export function verifyNetStream(sab: SharedArrayBuffer, image: Buffer): void {
   }
 }
 
-function checkOptions(mib: number, receive: string, timeoutMs: number): void {
+function checkOptions(mib: number, receive: string, sender: string, timeoutMs: number): void {
   if (!Number.isInteger(mib) || mib < 1 || mib > 1_048_576) throw new UsageError(`expected mib from 1 to 1048576, got ${describe(mib)}`);
   if (!(NET_RECEIVE_MODES as readonly string[]).includes(receive)) throw new UsageError(`expected receive ${NET_RECEIVE_MODES.join(' or ')}, got ${describe(receive)}`);
+  if (!(NET_SENDER_MEMORY as readonly string[]).includes(sender)) throw new UsageError(`expected sender ${NET_SENDER_MEMORY.join(' or ')}, got ${describe(sender)}`);
   if (!Number.isInteger(timeoutMs) || timeoutMs < 1) throw new UsageError(`expected timeoutMs >= 1, got ${describe(timeoutMs)}`);
 }
 
@@ -206,8 +217,9 @@ function checkOptions(mib: number, receive: string, timeoutMs: number): void {
 export async function measureNetCeiling(options: NetCeilingOptions = {}): Promise<NetCeilingResult> {
   const mib = options.mib ?? NET_CEILING_DEFAULTS.mib;
   const mode = options.receive ?? NET_CEILING_DEFAULTS.receive;
+  const sender = options.sender ?? NET_CEILING_DEFAULTS.sender;
   const timeoutMs = options.timeoutMs ?? NET_CEILING_DEFAULTS.timeoutMs;
-  checkOptions(mib, mode, timeoutMs);
+  checkOptions(mib, mode, sender, timeoutMs);
   options.signal?.throwIfAborted();
   const bytes = mib * 1024 ** 2;
   const sab = new SharedArrayBuffer(netSabBytes(bytes));
@@ -216,20 +228,22 @@ export async function measureNetCeiling(options: NetCeilingOptions = {}): Promis
   let onAbort: (() => void) | undefined;
   // Anything that ends the measurement early rejects this; the finally below tears down.
   const stopped = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new FloorTimeoutError(`expected the net ceiling (${mib} MiB, ${mode}) to finish within ${timeoutMs} ms, got no result`)), timeoutMs);
+    timer = setTimeout(() => reject(new FloorTimeoutError(`expected the net ceiling (${mib} MiB, ${mode}, sender ${sender}) to finish within ${timeoutMs} ms, got no result`)), timeoutMs);
     onAbort = () => reject(new FloorRunError('the net ceiling was aborted'));
     options.signal?.addEventListener('abort', onAbort, { once: true });
   });
   stopped.catch(() => {});
-  const sender = startSender(bytes, options.corruptAt, START_TIMEOUT_MS, options.onSpawn);
+  const child = startSender(bytes, sender, options.corruptAt, START_TIMEOUT_MS, options.onSpawn);
   try {
-    const port = await Promise.race([sender.port, stopped]);
+    const port = await Promise.race([child.port, stopped]);
     const got = await Promise.race([receive(port, bytes, sab, mode, (s) => (socket = s)), stopped]);
     verifyNetStream(sab, netImage());
     return {
       floor: 'net',
       receive: mode,
+      sender,
       bytes,
+      senderBytes: sender === 'stream' ? sab.byteLength : NET_IMAGE_BYTES,
       sabBytes: sab.byteLength,
       elapsedMs: Math.round(got.elapsedMs * 1000) / 1000,
       mibPerSec: Math.round((mib / (got.elapsedMs / 1000)) * 10) / 10,
@@ -241,6 +255,6 @@ export async function measureNetCeiling(options: NetCeilingOptions = {}): Promis
     clearTimeout(timer);
     if (onAbort) options.signal?.removeEventListener('abort', onAbort);
     socket?.destroy();
-    await sender.stop();
+    await child.stop();
   }
 }

@@ -65,7 +65,12 @@ describe('npm run bench (tiny)', () => {
     // The net ceiling is measured right before the idle push it is held to (the same state of the machine's memory).
     const started = run.stderr.split('\n').filter((line) => /^bench: \[\d+\/\d+\] .* \.\.\.$/.test(line)).map((line) => line.replace(/^bench: \[\d+\/\d+\] /, ''));
     const push = started.indexOf('push throughput ...');
-    expect(started.slice(push - 2, push + 1)).toEqual(['net ceiling (onread, 4 MiB) ...', 'net ceiling (data, 4 MiB) ...', 'push throughput ...']);
+    expect(started.slice(push - 3, push + 1)).toEqual([
+      'net ceiling (onread, sender image, 4 MiB) ...',
+      'net ceiling (data, sender stream, 4 MiB) ...',
+      'net ceiling (onread, sender stream, 4 MiB) ...',
+      'push throughput ...',
+    ]);
 
     const figures = [
       'floor.roundTripUs.p50',
@@ -73,6 +78,7 @@ describe('npm run bench (tiny)', () => {
       'floor.bulkMiBs',
       'netCeiling.onreadMiBs',
       'netCeiling.dataMiBs',
+      'netCeiling.onreadImageMiBs',
       'throughput.tool.shared-uffd.2.pagesPerSec',
       'throughput.tool.per-thread-uffd.2.pagesPerSec',
       'throughput.tool.kvm-exit.2.pagesPerSec',
