@@ -44,11 +44,11 @@ export function tuneV8Tiering(execArgv: readonly string[] = process.execArgv): v
  * away code that depends on it when another comes; the second round's
  * objects take that step, not the run's. `n` in two, the first round
  * `firstShare` of it (rounded up, at least one unit), the second the rest;
- * a single unit is one round, none is none. Halves by default (the
- * source's); the destination gives its first round a quarter (see
- * DEST_FIRST_ROUND_SHARE in dest-host's warm-up/warm-up.ts).
+ * a single unit is one round, none is none. Both hosts give the first round
+ * a quarter (DEST_FIRST_ROUND_SHARE in dest-host's warm-up/warm-up.ts,
+ * SOURCE_FIRST_ROUND_SHARE in source-host's warm-up.ts).
  */
-export function warmUpRoundSizes(n: number, firstShare = 0.5): number[] {
+export function warmUpRoundSizes(n: number, firstShare: number): number[] {
   if (!(firstShare > 0 && firstShare < 1)) throw new RangeError(`expected the first warm-up round's share between 0 and 1, got ${firstShare}`);
   if (n <= 0) return [];
   if (n < 2) return [n];

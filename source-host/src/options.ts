@@ -109,7 +109,7 @@ export function addImageOptions(cmd: Command): Command {
 export function addWarmUpOption(cmd: Command): Command {
   return cmd.option(
     '--warm-up-requests <n>',
-    "before the source listens, it answers this many requests for a scratch image from a client of its own on loopback (two rounds), so that V8 has compiled its request path before the run is measured (0 = none)",
+    "before the source listens, it answers this many requests for a scratch image from a client of its own on loopback (two rounds: a quarter, then the rest), so that V8 has compiled its request path before the run is measured (0 = none)",
     SOURCE_DEFAULTS.warmUpRequests,
   );
 }

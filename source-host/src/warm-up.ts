@@ -14,7 +14,8 @@
  * side up likewise (dest-host's warm-up/warm-up.ts), for the same reason a
  * native VMM's code is compiled before its guest starts.
  *
- * What it runs, in two rounds (each with a server, image and connections of
+ * What it runs, in two rounds (a quarter of the requests, then the rest:
+ * SOURCE_FIRST_ROUND_SHARE; each with a server, image and connections of
  * its own: V8 records a field's type as the class of its first value and
  * throws away code that depends on it when another comes, so the second
  * round's objects, not the run's, take that step): a SourceServer over a
@@ -60,7 +61,7 @@ export const MAX_WARM_UP_BYTES = 32 * 1024 * 1024;
 const ROUND_TIMEOUT_MS = 30_000;
 
 export interface SourceWarmUpSpec {
-  /** Requests in all, over both rounds. */
+  /** Requests in all, over both rounds (fewer where a round's scratch image is full). */
   requests: number;
   pageSize: number;
   image: ImageSpec;
@@ -72,9 +73,28 @@ export interface SourceWarmUpDone {
   ms: number;
 }
 
-/** Each round's requests: `requests`, capped by the scratch images' size, in two rounds (warmUpRoundSizes). */
+/**
+ * The first round's share of the requests, as the destination's
+ * (DEST_FIRST_ROUND_SHARE in dest-host's warm-up/warm-up.ts): the first
+ * round only shows V8 the first objects, and the second must compile again
+ * what their replacement throws away. With halves, the source (kvm-exit,
+ * 8 vCPUs x 16 MiB, --no-push --preempt, `--trace-opt` on the source, three
+ * interleaved pairs) compiled 52-56 functions after `listening`, at
+ * 19.9-20.1 µs of CPU a fault, 33.1-34.5 k pages/s; with a quarter first
+ * 42-50, 18.7-19.1 µs, 35.4-36.9 k, each pair better. Shared-uffd at 8 and
+ * per-thread-uffd at 16 vCPUs (two pairs each): 50-62 against 62-68
+ * compiled in the run, one pair even, rates within their noise.
+ */
+export const SOURCE_FIRST_ROUND_SHARE = 0.25;
+
+/**
+ * Each round's requests: `requests` in two rounds (warmUpRoundSizes, the
+ * first SOURCE_FIRST_ROUND_SHARE of them), each capped by its scratch
+ * image's size (MAX_WARM_UP_BYTES).
+ */
 export function warmUpRounds(requests: number, pageSize: number): number[] {
-  return warmUpRoundSizes(Math.min(requests, Math.floor((2 * MAX_WARM_UP_BYTES) / pageSize)));
+  const perRound = Math.floor(MAX_WARM_UP_BYTES / pageSize);
+  return warmUpRoundSizes(requests, SOURCE_FIRST_ROUND_SHARE).map((n) => Math.min(n, perRound));
 }
 
 /**
