@@ -40,6 +40,11 @@ import {
 import { NATIVE_COUNTERPART, buildNativeFloor, runNativeFloorBinary, type NativeFloorResult } from './native-floor.js';
 import type { NetSenderMemory } from './net-ceiling-layout.js';
 import { measureNetCeiling, type NetCeilingResult, type NetReceiveMode } from './net-ceiling.js';
+import type { BenchOptions } from './options.js';
+import { BackendsBench, type BackendsResult } from './backends.js';
+import { PhasesBench, type PhasesResult } from './phases.js';
+import { DevicesBench, type DevicesResult } from './devices.js';
+import { freePageReporting } from './machine.js';
 
 /** The net ceiling's measurements in the order they run: the ceiling itself (onread, sender stream) last, right before the idle push. */
 const NET_STEPS: readonly { receive: NetReceiveMode; sender: NetSenderMemory }[] = [
@@ -47,11 +52,6 @@ const NET_STEPS: readonly { receive: NetReceiveMode; sender: NetSenderMemory }[]
   { receive: 'data', sender: 'stream' },
   { receive: 'onread', sender: 'stream' },
 ];
-import type { BenchOptions } from './options.js';
-import { BackendsBench, type BackendsResult } from './backends.js';
-import { PhasesBench, type PhasesResult } from './phases.js';
-import { DevicesBench, type DevicesResult } from './devices.js';
-import { freePageReporting } from './machine.js';
 
 export interface FloorSample {
   p50Us: number;

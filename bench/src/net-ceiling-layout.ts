@@ -49,6 +49,11 @@ export function netSabBytes(bytes: number): number {
   return Math.min(bytes, NET_MAX_SAB_BYTES);
 }
 
+/** The size of what the sender of a stream of `bytes` sends from (netSenderSource). */
+export function netSenderBytes(bytes: number, memory: NetSenderMemory): number {
+  return memory === 'stream' ? netSabBytes(bytes) : NET_IMAGE_BYTES;
+}
+
 /**
  * What the sender of a stream of `bytes` sends from: stream byte `o` is its
  * byte `o % length`. With `stream`, its length is the receiver's (whole images
@@ -57,7 +62,7 @@ export function netSabBytes(bytes: number): number {
 export function netSenderSource(bytes: number, memory: NetSenderMemory): Buffer {
   const image = netImage();
   if (memory === 'image') return image;
-  const source = Buffer.allocUnsafeSlow(netSabBytes(bytes));
+  const source = Buffer.allocUnsafeSlow(netSenderBytes(bytes, memory));
   for (let at = 0; at < source.length; at += NET_IMAGE_BYTES) image.copy(source, at, 0, Math.min(NET_IMAGE_BYTES, source.length - at));
   return source;
 }

@@ -28,7 +28,7 @@ import { fileURLToPath } from 'node:url';
 import { CheckError, UsageError, describe } from '@postcopy/shared';
 import { exitCode } from './child-exit.js';
 import { FloorRunError, FloorTimeoutError } from './errors.js';
-import { NET_IMAGE_BYTES, NET_READ_BYTES, NET_SENDER_MEMORY, netImage, netSabBytes, type NetSenderMemory } from './net-ceiling-layout.js';
+import { NET_IMAGE_BYTES, NET_READ_BYTES, NET_SENDER_MEMORY, netImage, netSabBytes, netSenderBytes, type NetSenderMemory } from './net-ceiling-layout.js';
 
 /** The built sender, found from src/ and dist/ alike (tests import src/). */
 export const NET_CEILING_SENDER = fileURLToPath(new URL('../dist/net-ceiling-sender.js', import.meta.url));
@@ -243,7 +243,7 @@ export async function measureNetCeiling(options: NetCeilingOptions = {}): Promis
       receive: mode,
       sender,
       bytes,
-      senderBytes: sender === 'stream' ? sab.byteLength : NET_IMAGE_BYTES,
+      senderBytes: netSenderBytes(bytes, sender),
       sabBytes: sab.byteLength,
       elapsedMs: Math.round(got.elapsedMs * 1000) / 1000,
       mibPerSec: Math.round((mib / (got.elapsedMs / 1000)) * 10) / 10,
